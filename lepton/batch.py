@@ -1,0 +1,69 @@
+"""The runner's input for one step, built from the scheduler's decisions (numpy, no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lepton.scheduler import SchedulerOutput
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """Flat tokens of all scheduled sequences plus the indices the paged step graph needs.
+
+    S = scheduled sequences, T = tokens this step, Q = most tokens of one sequence this step,
+    B = longest block table. All int64.
+    """
+
+    input_ids: np.ndarray  # [T] token ids, sequence after sequence
+    positions: np.ndarray  # [T] position of each token in its sequence
+    token_index: np.ndarray  # [S, Q] flat token of (sequence, slot); padding repeats the last token
+    token_slot: np.ndarray  # [T] index of each token in the padded [S * Q] layout
+    query_lens: np.ndarray  # [S] tokens of each sequence in this step
+    context_lens: np.ndarray  # [S] tokens in the cache after this step (past + this step)
+    block_tables: np.ndarray  # [S, B] block ids, padded with 0 (masked)
+    slot_mapping: np.ndarray  # [T] pool slot (block * block_size + offset) each new K/V goes to
+    logits_indices: np.ndarray  # [L] flat tokens whose logits are sampled, in scheduled order
+    sample_request_ids: tuple[str, ...]  # [L] the request each logits row belongs to
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def build_model_input(output: SchedulerOutput, block_size: int) -> ModelInput:
+    """Lay out the step's tokens and index tensors from the scheduled sequences."""
+    items = output.scheduled
+    query_lens = np.array([it.num_new_tokens for it in items], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(query_lens)[:-1]]).astype(np.int64)
+    max_q = int(query_lens.max())
+    max_blocks = max(len(it.block_table) for it in items)
+    input_ids, positions, slots, tables = [], [], [], np.zeros((len(items), max_blocks), np.int64)
+    for row, it in enumerate(items):
+        first, last = it.num_computed_tokens, it.num_computed_tokens + it.num_new_tokens
+        input_ids.append(it.seq.all_token_ids[first:last])
+        pos = np.arange(first, last, dtype=np.int64)
+        positions.append(pos)
+        table = np.asarray(it.block_table, dtype=np.int64)
+        tables[row, : len(table)] = table
+        slots.append(table[pos // block_size] * block_size + pos % block_size)
+    offsets = np.minimum(np.arange(max_q, dtype=np.int64)[None, :], query_lens[:, None] - 1)
+    token_index = starts[:, None] + offsets
+    token_slot = np.concatenate(
+        [row * max_q + np.arange(n, dtype=np.int64) for row, n in enumerate(query_lens)]
+    )
+    sampled = [row for row, it in enumerate(items) if it.sample]
+    return ModelInput(
+        input_ids=np.concatenate([np.asarray(ids, np.int64) for ids in input_ids]),
+        positions=np.concatenate(positions),
+        token_index=token_index,
+        token_slot=token_slot,
+        query_lens=query_lens,
+        context_lens=np.array([it.num_computed_tokens + it.num_new_tokens for it in items], np.int64),
+        block_tables=tables,
+        slot_mapping=np.concatenate(slots),
+        logits_indices=(starts + query_lens - 1)[sampled],
+        sample_request_ids=tuple(items[row].seq.request_id for row in sampled),
+    )

@@ -1,0 +1,139 @@
+"""Engine configuration: one typed, validated object built once from flags or config.pbtxt."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from lepton.errors import ConfigError
+
+RUNNERS = ("torch",)
+DTYPES = ("float32", "bfloat16")
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache: block geometry and how much memory the pools may take."""
+
+    block_size: int = 16  # tokens per KV block
+    kv_cache_memory_bytes: int = 512 << 20  # K and V pools of all layers together
+    enable_prefix_caching: bool = True
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits."""
+
+    max_num_batched_tokens: int = 512  # tokens computed in one step, prefill chunks and decodes
+    max_num_seqs: int = 64  # sequences running at once
+    max_queue_size: int = 256  # waiting requests before new ones are refused as busy
+    enable_chunked_prefill: bool = True
+    policy: str = "fcfs"  # "fcfs", or "priority" (lower SamplingParams.priority first)
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """How the model is executed."""
+
+    runner: str = "torch"
+    dtype: str = "float32"  # compute and KV cache dtype
+    num_threads: int = 0  # intra-op threads; 0 = all cores
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs; each component reads its own sub-config."""
+
+    model_dir: Path
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    max_model_len: int = 0  # 0 = the model's max_position_embeddings
+    default_max_tokens: int = 128  # when a request names no max_tokens
+
+    def __post_init__(self) -> None:
+        _positive(self.cache, "block_size", "kv_cache_memory_bytes")
+        _positive(self.scheduler, "max_num_batched_tokens", "max_num_seqs", "max_queue_size")
+        _choice("runner", self.runner.runner, RUNNERS)
+        _choice("dtype", self.runner.dtype, DTYPES)
+        _choice("policy", self.scheduler.policy, SCHEDULING_POLICIES)
+        if self.runner.num_threads < 0:
+            raise ConfigError(f"num_threads: must be >= 0, got {self.runner.num_threads}")
+        if self.max_model_len < 0 or self.default_max_tokens < 1:
+            raise ConfigError("max_model_len must be >= 0 and default_max_tokens >= 1")
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, Any], base_dir: Path | None = None) -> "EngineConfig":
+        """Build from flat string parameters (config.pbtxt or CLI); unknown keys are an error."""
+        params = dict(params)
+        if "model_dir" not in params:
+            raise ConfigError("model_dir: required parameter is missing")
+        model_dir = Path(str(params.pop("model_dir"))).expanduser()
+        if not model_dir.is_absolute() and base_dir is not None:
+            model_dir = base_dir / model_dir
+        sections = {"cache": CacheConfig, "scheduler": SchedulerConfig, "runner": RunnerConfig}
+        values: dict[str, dict[str, Any]] = {name: {} for name in sections}
+        top: dict[str, Any] = {}
+        top_fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in sections}
+        for key, raw in params.items():
+            owner = next((n for n, c in sections.items() if key in _field_types(c)), None)
+            if owner is not None:
+                values[owner][key] = _convert(key, raw, _field_types(sections[owner])[key])
+            elif key in top_fields and key != "model_dir":
+                top[key] = _convert(key, raw, _field_types(cls)[key])
+            else:
+                known = sorted({k for c in sections.values() for k in _field_types(c)} | set(top_fields))
+                raise ConfigError(f"unknown parameter {key!r}; known parameters: {', '.join(known)}")
+        return cls(
+            model_dir=model_dir.resolve(),
+            **{name: sections[name](**values[name]) for name in sections},
+            **top,
+        )
+
+
+def _field_types(cls) -> dict[str, type]:
+    hints = {"int": int, "bool": bool, "str": str, "float": float}
+    return {f.name: hints.get(str(f.type), str) for f in dataclasses.fields(cls)}
+
+
+def _convert(key: str, raw: Any, kind: type) -> Any:
+    text = str(raw).strip()
+    try:
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if kind is int:
+            return int(_bytes_suffix(text))
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {text!r}") from None
+
+
+_SIZE = re.compile(r"^(\d+)\s*([kmg])?(?:i?b)?$", re.IGNORECASE)
+
+
+def _bytes_suffix(text: str) -> int:
+    """Parse an integer with an optional K/M/G (binary) suffix: '512M' -> 536870912."""
+    match = _SIZE.match(text)
+    if match is None:
+        raise ValueError(text)
+    scale = {None: 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[(match.group(2) or "").lower() or None]
+    return int(match.group(1)) * scale
+
+
+def _positive(section: Any, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) < 1:
+            raise ConfigError(f"{name}: must be >= 1, got {getattr(section, name)}")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}: must be one of {', '.join(allowed)}, got {value!r}")

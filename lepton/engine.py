@@ -1,0 +1,191 @@
+"""The engine: add_request / step / abort over scheduler, runner, sampler and detokenizer."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from lepton.batch import build_model_input
+from lepton.block_manager import KVCacheManager
+from lepton.config import EngineConfig
+from lepton.detokenizer import IncrementalDetokenizer
+from lepton.errors import ConfigError, InvalidRequest
+from lepton.model_folder import ModelFolder
+from lepton.runners.torch_runner import TorchRunner
+from lepton.sampler import SamplingInput, make_generator, sample
+from lepton.sampling_params import SamplingParams
+from lepton.scheduler import Scheduler
+from lepton.sequence import FinishReason, Sequence
+from lepton.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request; text and token_ids are the new part only."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: FinishReason | None
+    num_input_tokens: int
+    num_output_tokens: int
+    logprobs: list = field(default_factory=list)  # per new token: [(id, logprob), ...] when asked
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for metrics; counters only grow."""
+
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, tokens found
+    num_preemptions: int
+    prompt_tokens: int  # prompt tokens of admitted requests
+    generated_tokens: int
+
+
+@dataclass(eq=False)
+class _Request:
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+    generator: object  # torch.Generator, or None when greedy
+
+
+class LLMEngine:
+    """A model, its KV cache and a scheduler; driven by one thread calling step()."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        folder = ModelFolder.open(config.model_dir)
+        self.tokenizer = Tokenizer.from_folder(folder)
+        self.runner = TorchRunner(folder, config)
+        model_len = self.runner.model_config.max_position_embeddings
+        self.max_model_len = min(config.max_model_len or model_len, model_len)
+        self.kv_cache = KVCacheManager(
+            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+        )
+        if self.runner.num_blocks * config.cache.block_size < self.max_model_len:
+            raise ConfigError(
+                f"kv_cache_memory_bytes: {self.runner.num_blocks} blocks cannot hold one sequence "
+                f"of max_model_len {self.max_model_len}; raise it or lower max_model_len"
+            )
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        self._requests: dict[str, _Request] = {}
+        self._prompt_tokens = 0
+        self._generated_tokens = 0
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> int:
+        """Validate against the model's limits and queue; returns the prompt's token count."""
+        if request_id in self._requests:
+            raise InvalidRequest("request_id", f"{request_id!r} is already running")
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not token_ids or (isinstance(prompt, str) and not prompt.strip()):
+            raise InvalidRequest("text_input", "the prompt is empty")
+        vocab = self.runner.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise InvalidRequest("prompt_token_ids", f"token ids must be in [0, {vocab})")
+        if len(token_ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequest(
+                "max_tokens",
+                f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"model's context of {self.max_model_len} tokens",
+            )
+        seq = Sequence(request_id, token_ids, params, max_total_tokens=self.max_model_len)
+        detok = IncrementalDetokenizer(
+            self.tokenizer.backend, token_ids, skip_special_tokens=params.skip_special_tokens,
+            stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output,
+        )
+        generator = None if params.greedy else make_generator(params.seed)
+        self.scheduler.add(seq)  # raises ServerBusy when the queue is full
+        self._requests[request_id] = _Request(seq, detok, generator)
+        self._prompt_tokens += len(token_ids)
+        return len(token_ids)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free its blocks at once; None if it is not known."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.scheduler.finish(req.seq, FinishReason.CANCELLED)
+        return self._output(req, "", [], FinishReason.CANCELLED)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    def stats(self) -> EngineStats:
+        kv = self.kv_cache
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=self.scheduler.num_waiting,
+            kv_blocks_used=kv.num_used_blocks, kv_blocks_total=kv.num_blocks,
+            prefix_cache_queries=kv.prefix_cache_queries, prefix_cache_hits=kv.prefix_cache_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens=self._prompt_tokens, generated_tokens=self._generated_tokens,
+        )
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model, sample, and return one output per request that got a token."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        batch = build_model_input(sched, self.config.cache.block_size)
+        logits = self.runner.execute(batch)
+        rows = [self._sampling_input(self._requests[rid]) for rid in batch.sample_request_ids]
+        result = sample(logits, rows)
+        sampled = dict(zip(batch.sample_request_ids, result.token_ids))
+        self.scheduler.update(sched, sampled)
+        self._generated_tokens += len(sampled)
+        outputs = []
+        for rid, token_id, logprobs in zip(batch.sample_request_ids, result.token_ids, result.logprobs):
+            outputs.append(self._after_token(self._requests[rid], token_id, logprobs))
+        return outputs
+
+    def _sampling_input(self, req: _Request) -> SamplingInput:
+        seq = req.seq
+        return SamplingInput(
+            params=seq.params, prompt_token_ids=seq.prompt_token_ids,
+            output_token_ids=seq.output_token_ids, generator=req.generator,
+            eos_token_ids=self.tokenizer.eos_token_ids,
+        )
+
+    def _after_token(self, req: _Request, token_id: int, logprobs) -> RequestOutput:
+        seq, params = req.seq, req.seq.params
+        text = req.detokenizer.add_tokens([token_id])
+        reason = self._finish_reason(req, token_id)
+        if reason is not None:
+            if req.detokenizer.stopped_by is None:
+                text += req.detokenizer.flush()
+            self.scheduler.finish(seq, reason)
+            del self._requests[seq.request_id]
+        return self._output(req, text, [token_id], reason, [logprobs] if logprobs else [])
+
+    def _finish_reason(self, req: _Request, token_id: int) -> FinishReason | None:
+        seq, params = req.seq, req.seq.params
+        if req.detokenizer.stopped_by is not None:
+            return FinishReason.STOP
+        if seq.num_output_tokens >= params.min_tokens:
+            if token_id in params.stop_token_ids:
+                return FinishReason.STOP
+            if not params.ignore_eos and token_id in self.tokenizer.eos_token_ids:
+                return FinishReason.STOP
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= seq.max_total_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    @staticmethod
+    def _output(req: _Request, text: str, token_ids: list[int], reason, logprobs=()) -> RequestOutput:
+        return RequestOutput(
+            request_id=req.seq.request_id, text=text, token_ids=token_ids,
+            finished=reason is not None, finish_reason=reason,
+            num_input_tokens=req.seq.num_prompt_tokens,
+            num_output_tokens=req.seq.num_output_tokens, logprobs=list(logprobs),
+        )

@@ -1,0 +1,216 @@
+"""Llama-family decoder (Llama, Qwen2, Mistral) computing one engine step over a paged KV cache.
+
+One call computes the tokens of several sequences at once (prefill chunks and decode tokens
+together). Past K/V are gathered from per-layer block pools through each sequence's block table;
+the step's own K/V are returned for the caller to write into the pools, so the graph never
+writes a pool and exports to ONNX as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lepton.errors import ModelFolderError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture numbers the step graph needs, read from config.json."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool  # q/k/v projections carry biases (Qwen2)
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "ModelConfig":
+        """Parse a Llama / Qwen2 / Mistral config.json dict."""
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ModelFolderError(f"hidden_act {cfg.get('hidden_act')!r} is not supported (silu only)")
+        num_heads = cfg["num_attention_heads"]
+        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+        max_pos = cfg.get("max_position_embeddings", 2048)
+        if window is not None and window < max_pos and cfg["model_type"] == "mistral":
+            raise ModelFolderError(
+                f"sliding_window {window} is smaller than max_position_embeddings {max_pos}; "
+                "sliding-window attention is not supported"
+            )
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", cfg["model_type"] == "qwen2")),
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, q_size, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv_size, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False)
+        self.scale = cfg.head_dim ** -0.5
+
+    def forward(self, x, cos, sin, batch: "StepIndex", k_pool, v_pool):
+        num_tokens = x.shape[0]
+        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        out = paged_attention(q, k, v, k_pool, v_pool, batch, self.scale)
+        return self.o_proj(out), k, v
+
+
+@dataclass
+class StepIndex:
+    """Index tensors of one step, shared by all layers (see `make_step_index`)."""
+
+    token_index: torch.Tensor  # [S, Q] flat token of each (sequence, query slot); padding -> 0
+    token_slot: torch.Tensor  # [T] position of each flat token in the [S * Q] padded layout
+    block_tables: torch.Tensor  # [S, B]
+    mask: torch.Tensor  # [S, Q, B * block_size + Q] True where a query may attend a key
+
+
+def make_step_index(token_index, token_slot, query_lens, context_lens, block_tables, block_size: int):
+    """Attention mask over [past keys from the pool | this step's keys], per sequence."""
+    max_q = token_index.shape[1]
+    num_past = block_tables.shape[1] * block_size
+    past_lens = (context_lens - query_lens).unsqueeze(1).unsqueeze(2)  # [S, 1, 1]
+    key_pos = torch.arange(num_past, device=block_tables.device).view(1, 1, -1)
+    past_mask = (key_pos < past_lens).expand(-1, max_q, -1)
+    q_slot = torch.arange(max_q, device=block_tables.device)
+    causal = q_slot.view(1, -1, 1) >= q_slot.view(1, 1, -1)  # [1, Q, Q]
+    new_valid = q_slot.view(1, 1, -1) < query_lens.view(-1, 1, 1)  # [S, 1, Q]
+    mask = torch.cat([past_mask, causal & new_valid], dim=2)
+    return StepIndex(token_index, token_slot, block_tables, mask)
+
+
+def paged_attention(q, k, v, k_pool, v_pool, batch: StepIndex, scale: float) -> torch.Tensor:
+    """Causal attention of this step's queries over pooled past K/V plus this step's K/V."""
+    num_seqs, max_q = batch.token_index.shape
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    group = q.shape[1] // num_kv_heads
+    past_k = k_pool[batch.block_tables].flatten(1, 2)  # [S, B * bs, KVH, D]
+    past_v = v_pool[batch.block_tables].flatten(1, 2)
+    keys = torch.cat([past_k, k[batch.token_index]], dim=1)  # [S, K, KVH, D]
+    values = torch.cat([past_v, v[batch.token_index]], dim=1)
+    queries = q[batch.token_index].view(num_seqs, max_q, num_kv_heads, group, head_dim)
+    scores = torch.einsum("sqhgd,skhd->shgqk", queries, keys) * scale
+    scores = scores.masked_fill(~batch.mask.view(num_seqs, 1, 1, max_q, -1), float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
+    out = torch.einsum("shgqk,skhd->sqhgd", probs, values)
+    return out.reshape(num_seqs * max_q, -1)[batch.token_slot]
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, batch, k_pool, v_pool):
+        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, batch, k_pool, v_pool)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k, v
+
+
+class Backbone(nn.Module):
+    """`model.*` of the HF checkpoint: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class PagedCausalLM(nn.Module):
+    """The whole model as one step function over flat tokens and per-layer K/V pools."""
+
+    def __init__(self, cfg: ModelConfig, block_size: int) -> None:
+        super().__init__()
+        self.cfg, self.block_size = cfg, block_size
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("cos_cache", torch.empty(0), persistent=False)
+        self.register_buffer("sin_cache", torch.empty(0), persistent=False)
+
+    def set_rope(self, inv_freq: torch.Tensor, attention_scaling: float) -> None:
+        """Precompute cos/sin tables for every position up to max_position_embeddings."""
+        positions = torch.arange(self.cfg.max_position_embeddings, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq.float())
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos_cache = emb.cos() * attention_scaling
+        self.sin_cache = emb.sin() * attention_scaling
+
+    def forward(self, input_ids, positions, token_index, token_slot, query_lens, context_lens,
+                block_tables, logits_indices, k_pools: list[torch.Tensor], v_pools: list[torch.Tensor]):
+        """Logits at logits_indices [L, V] and this step's K/V, stacked [layers, T, KVH, D]."""
+        batch = make_step_index(token_index, token_slot, query_lens, context_lens, block_tables, self.block_size)
+        x = self.model.embed_tokens(input_ids)
+        cos = self.cos_cache[positions].unsqueeze(1).to(x.dtype)
+        sin = self.sin_cache[positions].unsqueeze(1).to(x.dtype)
+        new_k, new_v = [], []
+        for layer, k_pool, v_pool in zip(self.model.layers, k_pools, v_pools):
+            x, k, v = layer(x, cos, sin, batch, k_pool, v_pool)
+            new_k.append(k)
+            new_v.append(v)
+        x = self.model.norm(x[logits_indices])
+        logits = self.lm_head(x).float()
+        return logits, torch.stack(new_k), torch.stack(new_v)

@@ -1,0 +1,129 @@
+"""Triton request tensors <-> engine requests: pure functions, no Triton import.
+
+Two request styles are accepted, as real clients send them:
+- vLLM-backend style (genai-perf `--backend vllm`): `text_input`, `stream`,
+  `sampling_parameters` (a JSON object as a string), `exclude_input_in_output`;
+- tensor style (TensorRT-LLM ensemble): `max_tokens`, `temperature`, `top_p`, `top_k`, `seed`,
+  `stop`, `min_tokens`, `ignore_eos` as tensors of their own.
+Precedence: a field given as its own tensor overrides the same key in `sampling_parameters`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from lepton.errors import InvalidRequest
+from lepton.sampling_params import FIELD_NAMES, SamplingParams
+
+MAX_PROMPT_BYTES = 1 << 20
+# NOTE: tensor-style inputs and the SamplingParams field each one sets.
+TENSOR_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "min_tokens", "ignore_eos")
+INT_FIELDS = {"max_tokens", "top_k", "seed", "min_tokens", "logprobs", "priority"}
+FLOAT_FIELDS = {"temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"}
+TUPLE_FIELDS = {"stop", "stop_token_ids"}
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """A parsed, validated request, ready for the engine."""
+
+    prompt: str
+    params: SamplingParams
+    stream: bool
+    exclude_input_in_output: bool
+
+
+def convert_request(inputs: Mapping[str, np.ndarray], default_max_tokens: int) -> GenerateRequest:
+    """Parse input tensors (name -> numpy array) into a GenerateRequest or raise InvalidRequest."""
+    prompt = _text(inputs, "text_input")
+    if prompt is None:
+        raise InvalidRequest("text_input", "required input is missing")
+    if not prompt.strip():
+        raise InvalidRequest("text_input", "the prompt is empty")
+    fields = _sampling_parameters(inputs.get("sampling_parameters"))
+    for name in TENSOR_FIELDS:
+        if name in inputs:
+            fields[name] = _tensor_value(name, inputs[name])
+    fields.setdefault("max_tokens", default_max_tokens)
+    return GenerateRequest(
+        prompt=prompt,
+        params=SamplingParams(**fields),
+        stream=_bool(inputs, "stream", False),
+        exclude_input_in_output=_bool(inputs, "exclude_input_in_output", False),
+    )
+
+
+def _text(inputs: Mapping[str, np.ndarray], name: str) -> str | None:
+    if name not in inputs:
+        return None
+    values = inputs[name].reshape(-1)
+    if values.size != 1:
+        raise InvalidRequest(name, f"expected exactly one string, got {values.size}")
+    raw = values[0]
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogatepass")
+    if len(raw) > MAX_PROMPT_BYTES:
+        raise InvalidRequest(name, f"at most {MAX_PROMPT_BYTES} bytes, got {len(raw)}")
+    try:
+        return bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(name, f"is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
+def _bool(inputs: Mapping[str, np.ndarray], name: str, default: bool) -> bool:
+    if name not in inputs:
+        return default
+    values = inputs[name].reshape(-1)
+    if values.size != 1 or values.dtype != np.bool_:
+        raise InvalidRequest(name, "expected one BOOL value")
+    return bool(values[0])
+
+
+def _sampling_parameters(array: np.ndarray | None) -> dict:
+    if array is None:
+        return {}
+    text = _text({"sampling_parameters": array}, "sampling_parameters")
+    try:
+        data = json.loads(text) if text and text.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest("sampling_parameters", f"invalid JSON: {exc.msg} at char {exc.pos}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("sampling_parameters", "must be a JSON object")
+    unknown = sorted(set(data) - FIELD_NAMES)
+    if unknown:
+        raise InvalidRequest(
+            "sampling_parameters",
+            f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(FIELD_NAMES))}",
+        )
+    return {key: _json_value(key, value) for key, value in data.items()}
+
+
+def _json_value(key: str, value):
+    # NOTE: JSON numbers are checked by SamplingParams; only shapes are normalized here.
+    if key == "stop" and isinstance(value, str):
+        return (value,)
+    if key in TUPLE_FIELDS:
+        if not isinstance(value, list):
+            raise InvalidRequest(key, "must be a list")
+        return tuple(value)
+    if key in FLOAT_FIELDS and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _tensor_value(name: str, array: np.ndarray):
+    values = array.reshape(-1)
+    if name == "stop":
+        return tuple(_text({name: np.array([v], dtype=object)}, name) for v in values)
+    if values.size != 1:
+        raise InvalidRequest(name, f"expected exactly one value, got {values.size}")
+    value = values[0].item() if hasattr(values[0], "item") else values[0]
+    if name in INT_FIELDS and isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    if name in FLOAT_FIELDS and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value

@@ -1,0 +1,54 @@
+"""Runs the paged step model with PyTorch; owns the K/V pools, allocated once at start."""
+
+from __future__ import annotations
+
+import torch
+
+from lepton.batch import ModelInput
+from lepton.config import EngineConfig
+from lepton.errors import ConfigError
+from lepton.model_folder import ModelFolder
+from lepton.models.loader import load_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class TorchRunner:
+    """Model weights plus per-layer K and V block pools of shape [num_blocks, block_size, KVH, D]."""
+
+    def __init__(self, folder: ModelFolder, config: EngineConfig) -> None:
+        if config.runner.num_threads:
+            torch.set_num_threads(config.runner.num_threads)
+        self.dtype = DTYPES[config.runner.dtype]
+        self.block_size = config.cache.block_size
+        self.model = load_model(folder, self.dtype, self.block_size)
+        cfg = self.model.cfg
+        self.model_config = cfg
+        bytes_per_block = 2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim
+        bytes_per_block *= torch.finfo(self.dtype).bits // 8
+        self.num_blocks = config.cache.kv_cache_memory_bytes // bytes_per_block
+        if self.num_blocks < 1:
+            raise ConfigError(
+                f"kv_cache_memory_bytes: {config.cache.kv_cache_memory_bytes} bytes hold no KV block "
+                f"of {bytes_per_block} bytes; raise it"
+            )
+        shape = (self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        # NOTE: zero-filled so masked-out slots never hold NaN (0 * NaN would poison attention).
+        self.k_pools = [torch.zeros(shape, dtype=self.dtype) for _ in range(cfg.num_layers)]
+        self.v_pools = [torch.zeros(shape, dtype=self.dtype) for _ in range(cfg.num_layers)]
+
+    @torch.inference_mode()
+    def execute(self, batch: ModelInput) -> torch.Tensor:
+        """Compute one step, write its K/V into the pools, return float32 logits [L, vocab]."""
+        t = {name: torch.from_numpy(getattr(batch, name)) for name in (
+            "input_ids", "positions", "token_index", "token_slot", "query_lens",
+            "context_lens", "block_tables", "logits_indices")}
+        logits, new_k, new_v = self.model(
+            t["input_ids"], t["positions"], t["token_index"], t["token_slot"], t["query_lens"],
+            t["context_lens"], t["block_tables"], t["logits_indices"], self.k_pools, self.v_pools,
+        )
+        slots = torch.from_numpy(batch.slot_mapping)
+        for layer, (k_pool, v_pool) in enumerate(zip(self.k_pools, self.v_pools)):
+            k_pool.view(-1, *k_pool.shape[2:]).index_copy_(0, slots, new_k[layer])
+            v_pool.view(-1, *v_pool.shape[2:]).index_copy_(0, slots, new_v[layer])
+        return logits

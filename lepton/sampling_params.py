@@ -1,0 +1,96 @@
+"""Per-request sampling and stopping parameters, validated once at the door."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from lepton.errors import InvalidRequest
+
+# NOTE: limits that do not depend on the model; the context limit is checked by the engine.
+MAX_TOP_K = 1 << 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_LOGPROBS = 20
+MAX_SEED = (1 << 63) - 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What to sample and when to stop, for one request (vLLM's field names)."""
+
+    max_tokens: int = 16  # new tokens to generate at most
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0  # nucleus mass kept, in (0, 1]
+    top_k: int = 0  # 0 means no top-k cut
+    min_p: float = 0.0  # drop tokens below min_p * max prob
+    repetition_penalty: float = 1.0  # > 1 discourages tokens seen in prompt or output
+    presence_penalty: float = 0.0  # subtracted once from logits of tokens already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
+    seed: int | None = None  # makes sampling reproducible whatever else is batched
+    stop: tuple[str, ...] = ()  # stop strings, cut from the output
+    stop_token_ids: tuple[int, ...] = ()  # extra token ids that end generation
+    include_stop_str_in_output: bool = False
+    min_tokens: int = 0  # eos and stops are ignored until this many tokens exist
+    ignore_eos: bool = False  # keep generating past eos (until max_tokens or a stop)
+    logprobs: int | None = None  # top-n logprobs to return per generated token
+    skip_special_tokens: bool = True
+    priority: int = 0  # lower value is scheduled first; ties are first-come first-served
+
+    def __post_init__(self) -> None:
+        _check_int("max_tokens", self.max_tokens, low=1)
+        _check_float("temperature", self.temperature, low=0.0, high=100.0)
+        _check_float("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        _check_int("top_k", self.top_k, low=0, high=MAX_TOP_K)
+        _check_float("min_p", self.min_p, low=0.0, high=1.0)
+        _check_float("repetition_penalty", self.repetition_penalty, low=0.0, high=100.0, low_open=True)
+        _check_float("presence_penalty", self.presence_penalty, low=-2.0, high=2.0)
+        _check_float("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0)
+        if self.seed is not None:
+            _check_int("seed", self.seed, low=0, high=MAX_SEED)
+        _check_int("min_tokens", self.min_tokens, low=0)
+        if self.min_tokens > self.max_tokens:
+            raise InvalidRequest(
+                "min_tokens", f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}"
+            )
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
+        _check_int("priority", self.priority, low=-(1 << 31), high=(1 << 31) - 1)
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequest("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        for s in self.stop:
+            if not isinstance(s, str) or not s or len(s) > MAX_STOP_STRING_CHARS:
+                raise InvalidRequest(
+                    "stop", f"each stop string must be 1..{MAX_STOP_STRING_CHARS} characters, got {s!r}"
+                )
+        for t in self.stop_token_ids:
+            _check_int("stop_token_ids", t, low=0)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def replace(self, **changes) -> "SamplingParams":
+        return dataclasses.replace(self, **changes)
+
+
+FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+
+
+def _check_int(name: str, value, low: int | None = None, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(name, f"must be an integer, got {value!r}")
+    if low is not None and value < low:
+        raise InvalidRequest(name, f"must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise InvalidRequest(name, f"must be <= {high}, got {value}")
+
+
+def _check_float(name: str, value, low: float, high: float, low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise InvalidRequest(name, f"must be a number, got {value!r}")
+    if value < low or (low_open and value == low):
+        bound = f"> {low}" if low_open else f">= {low}"
+        raise InvalidRequest(name, f"must be {bound}, got {value}")
+    if value > high:
+        raise InvalidRequest(name, f"must be <= {high}, got {value}")

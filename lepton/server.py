@@ -1,0 +1,224 @@
+"""Start a real `tritonserver` (from the nvidia-pytriton wheel) on Lepton's model repository.
+
+Used by `make serve` and by the end-to-end tests, so both run the same server the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf import text_format
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SOURCE_REPOSITORY = PROJECT_ROOT / "model_repository"
+MODEL_NAME = "lepton"
+
+
+def triton_home() -> Path:
+    """The tritonserver install carried by the nvidia-pytriton wheel."""
+    import pytriton
+
+    return Path(pytriton.__file__).resolve().parent / "tritonserver"
+
+
+@dataclass
+class ServerOptions:
+    """Where to listen and what to serve."""
+
+    model_dir: Path
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    engine_parameters: dict[str, str] = field(default_factory=dict)  # config.pbtxt overrides
+    work_dir: Path | None = None  # where the served repository copy goes; default build/triton/<http_port>
+    log_verbose: int = 0
+
+
+def prepare_repository(options: ServerOptions) -> Path:
+    """Copy model_repository/ to work_dir with the engine parameters written into config.pbtxt."""
+    from tritonclient.grpc import model_config_pb2
+
+    work_dir = options.work_dir or PROJECT_ROOT / "build" / "triton" / str(options.http_port)
+    repo = work_dir / "model_repository"
+    shutil.rmtree(repo, ignore_errors=True)
+    shutil.copytree(SOURCE_REPOSITORY, repo, ignore=shutil.ignore_patterns("__pycache__"))
+    config_file = repo / MODEL_NAME / "config.pbtxt"
+    config = text_format.Parse(config_file.read_text(), model_config_pb2.ModelConfig())
+    overrides = {"model_dir": str(Path(options.model_dir).resolve()), **options.engine_parameters}
+    for key, value in overrides.items():
+        config.parameters[key].string_value = str(value)
+    config_file.write_text(text_format.MessageToString(config))
+    return repo
+
+
+def server_environment() -> dict[str, str]:
+    """PATH and LD_LIBRARY_PATH so the Python backend stub runs this interpreter's packages."""
+    env = dict(os.environ)
+    # NOTE: the stub links the system libpython; the interpreter's own LIBDIR must come first or
+    # threading breaks (`_thread.RLock` has no `_recursion_count`), see docs/platform.md.
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, env.get("LD_LIBRARY_PATH", "")) if p)
+    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+    return env
+
+
+def server_command(options: ServerOptions, repo: Path) -> list[str]:
+    home = triton_home()
+    return [
+        str(home / "bin" / "tritonserver"),
+        f"--model-repository={repo}",
+        f"--backend-directory={home / 'backends'}",
+        f"--http-address={options.host}", f"--http-port={options.http_port}",
+        f"--grpc-address={options.host}", f"--grpc-port={options.grpc_port}",
+        f"--metrics-address={options.host}", f"--metrics-port={options.metrics_port}",
+        "--allow-gpu-metrics=false",
+        "--exit-on-error=true",
+        f"--log-verbose={options.log_verbose}",
+    ]
+
+
+class TritonServer:
+    """A tritonserver child process; a context manager that waits for readiness and stops it."""
+
+    def __init__(self, options: ServerOptions, log_file: Path | None = None) -> None:
+        self.options = options
+        self.log_file = log_file
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.options.host}:{self.options.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.options.host}:{self.options.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.options.host}:{self.options.metrics_port}/metrics"
+
+    def start(self, timeout: float = 180.0) -> "TritonServer":
+        repo = prepare_repository(self.options)
+        out = open(self.log_file, "w") if self.log_file else None
+        self.process = subprocess.Popen(
+            server_command(self.options, repo), env=server_environment(),
+            stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True,
+        )
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"http://{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with code {self.process.returncode}{self._log_hint()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s{self._log_hint()}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGINT (Triton's graceful shutdown), then SIGKILL if it lingers."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def _log_hint(self) -> str:
+        return f"; see {self.log_file}" if self.log_file else ""
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _parse_args(argv: list[str] | None):
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m lepton.server",
+        description="Serve a local Llama / Qwen2 / Mistral folder with tritonserver and the Lepton engine.",
+    )
+    parser.add_argument("--model", type=Path, required=True, help="local Hugging Face model folder")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind HTTP, gRPC and metrics to (default: loopback)")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="engine parameter written into config.pbtxt (repeatable), e.g. max_num_seqs=16")
+    parser.add_argument("--log-verbose", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lepton.config import EngineConfig
+    from lepton.model_folder import ModelFolder
+
+    args = _parse_args(argv)
+    params = dict(item.split("=", 1) for item in args.param if "=" in item)
+    if len(params) != len(args.param):
+        sys.exit("error: --param takes KEY=VALUE")
+    ModelFolder.open(args.model)  # fail here, with a clear message, before starting the server
+    EngineConfig.from_parameters({"model_dir": str(args.model), **params})
+    options = ServerOptions(
+        model_dir=args.model, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port, engine_parameters=params, log_verbose=args.log_verbose,
+    )
+    server = TritonServer(options)
+    started = time.monotonic()
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # docker stop / timeout: stop cleanly
+    try:
+        server.start()
+        print(_ready_banner(server, time.monotonic() - started), flush=True)
+        server.process.wait()
+        return server.process.returncode or 0
+    except KeyboardInterrupt:
+        print("\nstopping tritonserver ...", flush=True)
+        return 0
+    finally:
+        server.stop()
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _ready_banner(server: TritonServer, seconds: float) -> str:
+    http, grpc = server.http_url, server.grpc_url
+    return f"""
+Lepton is ready ({seconds:.1f} s): model '{MODEL_NAME}' serving {server.options.model_dir}
+  HTTP {http}   gRPC {grpc}   metrics {server.metrics_url}
+
+  curl -s http://{http}/v2/models/{MODEL_NAME}/generate -d '{{"text_input": "The quick brown fox", "max_tokens": 32}}'
+  curl -sN http://{http}/v2/models/{MODEL_NAME}/generate_stream -d '{{"text_input": "Hello", "max_tokens": 32, "stream": true}}'
+  .venv/bin/python -m client generate "The quick brown fox" --stream --protocol grpc --url {grpc}
+  .venv/bin/python -m client health --url {http}
+
+Ctrl-C stops the server."""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""The engine loop: a background thread that owns the engine and streams outputs to sinks.
+
+Front ends (Triton's model.py) call `submit` and `shutdown` from any thread; only the loop thread
+touches the engine, so the engine and its bookkeeping need no locks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Callable, Protocol
+
+from lepton.engine import EngineStats, LLMEngine, RequestOutput
+from lepton.errors import LeptonError
+from lepton.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class OutputSink(Protocol):
+    """Where one request's outputs go (a Triton response sender, a test's list)."""
+
+    def send(self, output: RequestOutput) -> None: ...
+
+    def send_error(self, error: Exception) -> None: ...
+
+    def is_cancelled(self) -> bool: ...
+
+
+class EngineLoop:
+    """Runs engine.step() while there is work; admits and cancels requests between steps."""
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        on_stats: Callable[[EngineStats], None] | None = None,
+        stats_interval_s: float = 0.05,
+    ) -> None:
+        self.engine = engine
+        self._on_stats = on_stats
+        self._stats_interval_s = stats_interval_s
+        self._stats_published_at = 0.0
+        self._inbox: deque[tuple[str, str, SamplingParams, OutputSink]] = deque()
+        self._sinks: dict[str, OutputSink] = {}
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="lepton-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, request_id: str, prompt: str, params: SamplingParams, sink: OutputSink) -> None:
+        """Queue a request; its outputs (or its error) arrive at sink from the loop thread."""
+        with self._wake:
+            self._inbox.append((request_id, prompt, params, sink))
+            self._wake.notify()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Cancel everything in flight and stop the thread."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._sinks)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                if not (self._inbox or self._sinks or self._stopping):
+                    self._publish_stats(force=True)  # NOTE: idle: the last snapshot must be exact
+                while not (self._inbox or self._sinks or self._stopping):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                arrivals = list(self._inbox)
+                self._inbox.clear()
+            self._admit(arrivals)
+            self._reap_cancelled()
+            if self._sinks:
+                self._step()
+            self._publish_stats(force=False)
+        self._abort_all()
+
+    def _publish_stats(self, force: bool) -> None:
+        now = time.monotonic()
+        if self._on_stats is None or (not force and now - self._stats_published_at < self._stats_interval_s):
+            return
+        self._stats_published_at = now
+        try:
+            self._on_stats(self.engine.stats())
+        except Exception:  # NOTE: metrics must never take the engine down
+            logger.exception("publishing engine stats failed")
+
+    def _admit(self, arrivals) -> None:
+        for request_id, prompt, params, sink in arrivals:
+            try:
+                self.engine.add_request(request_id, prompt, params)
+            except LeptonError as exc:
+                sink.send_error(exc)
+                continue
+            self._sinks[request_id] = sink
+
+    def _reap_cancelled(self) -> None:
+        for request_id, sink in list(self._sinks.items()):
+            if sink.is_cancelled():
+                self._deliver(self.engine.abort(request_id))
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # NOTE: a failed step fails its requests, not the server
+            logger.exception("engine step failed")
+            for request_id, sink in list(self._sinks.items()):
+                self.engine.abort(request_id)
+                self._sinks.pop(request_id)
+                sink.send_error(exc)
+            return
+        for output in outputs:
+            self._deliver(output)
+
+    def _deliver(self, output: RequestOutput | None) -> None:
+        if output is None:
+            return
+        sink = self._sinks.get(output.request_id)
+        if output.finished:
+            self._sinks.pop(output.request_id, None)
+        if sink is None:
+            return
+        try:
+            sink.send(output)
+        except Exception:  # the client went away; its request is aborted on the next check
+            logger.exception("sending output of %s failed", output.request_id)
+            if not output.finished:
+                self._deliver(self.engine.abort(output.request_id))
+
+    def _abort_all(self) -> None:
+        for request_id in list(self._sinks):
+            self._deliver(self.engine.abort(request_id))

@@ -1,0 +1,137 @@
+"""Triton Python backend (decoupled) for Lepton: translates requests and hands them to the engine."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from lepton.config import EngineConfig
+from lepton.engine import EngineStats, LLMEngine, RequestOutput
+from lepton.errors import ErrorKind, InvalidRequest, describe
+from lepton.protocol import convert_request
+from lepton.serving import EngineLoop
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.logger = pb_utils.Logger
+        model_config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(model_config):
+            raise pb_utils.TritonModelException("the lepton model must be decoupled")
+        params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
+        model_dir = Path(args["model_repository"])
+        self.config = EngineConfig.from_parameters(params, base_dir=model_dir)
+        self.metrics = Metrics()
+        self.engine_loop = EngineLoop(LLMEngine(self.config), on_stats=self.metrics.publish)
+        self.logger.log_info(f"lepton: serving {self.config.model_dir}")
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            inputs = {t.name(): t.as_numpy() for t in request.inputs()}
+            try:
+                parsed = convert_request(inputs, self.config.default_max_tokens)
+            except InvalidRequest as exc:
+                sender.send(pb_utils.InferenceResponse(error=_error(exc)), flags=FINAL)
+                continue
+            request_id = f"{request.request_id() or 'req'}-{uuid.uuid4().hex[:12]}"
+            self.engine_loop.submit(request_id, parsed.prompt, parsed.params, TritonSink(request, sender, parsed))
+        return None
+
+    def finalize(self):
+        self.engine_loop.shutdown()
+
+
+class Metrics:
+    """EngineStats as Triton custom metrics on the metrics port (lepton_* families)."""
+
+    GAUGES = {
+        "num_running": "Requests running (holding KV blocks)",
+        "num_waiting": "Requests waiting for admission",
+        "kv_blocks_used": "KV cache blocks in use",
+        "kv_blocks_total": "KV cache blocks in the pool",
+    }
+    COUNTERS = {
+        "prefix_cache_queries": "Prompt tokens looked up in the prefix cache",
+        "prefix_cache_hits": "Prompt tokens found in the prefix cache",
+        "num_preemptions": "Sequences preempted (recomputed later)",
+        "prompt_tokens": "Prompt tokens of admitted requests",
+        "generated_tokens": "Generated tokens",
+    }
+
+    def __init__(self) -> None:
+        self.families = []  # NOTE: a MetricFamily must outlive its Metric objects
+
+        def metric(name, doc, kind):
+            self.families.append(pb_utils.MetricFamily(name=f"lepton_{name}", description=doc, kind=kind))
+            return self.families[-1].Metric(labels={})
+
+        gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
+        self.gauges = {k: metric(k, d, gauge) for k, d in self.GAUGES.items()}
+        self.counters = {k: metric(f"{k}_total", d, counter) for k, d in self.COUNTERS.items()}
+        self.usage = metric("kv_cache_usage", "Fraction of KV cache blocks in use", gauge)
+        self.last = {k: 0 for k in self.COUNTERS}
+
+    def publish(self, stats: EngineStats) -> None:
+        for name, gauge in self.gauges.items():
+            gauge.set(getattr(stats, name))
+        self.usage.set(stats.kv_blocks_used / max(stats.kv_blocks_total, 1))
+        for name, counter in self.counters.items():
+            value = getattr(stats, name)
+            counter.increment(value - self.last[name])
+            self.last[name] = value
+
+
+class TritonSink:
+    """Sends one request's outputs as Triton responses: deltas when streaming, else one response."""
+
+    def __init__(self, request, sender, parsed) -> None:
+        self.request, self.sender, self.stream = request, sender, parsed.stream
+        self.text = "" if parsed.stream or parsed.exclude_input_in_output else parsed.prompt
+
+    def is_cancelled(self) -> bool:
+        return self.sender.is_cancelled()
+
+    def send(self, output: RequestOutput) -> None:
+        if self.stream:
+            if output.text or output.finished:
+                self.sender.send(_response(output.text, output), flags=FINAL if output.finished else 0)
+            return
+        self.text += output.text
+        if output.finished:
+            self.sender.send(_response(self.text, output), flags=FINAL)
+
+    def send_error(self, error: Exception) -> None:
+        self.sender.send(pb_utils.InferenceResponse(error=_error(error)), flags=FINAL)
+
+
+def _response(text: str, output: RequestOutput):
+    reason = str(output.finish_reason) if output.finish_reason else ""
+    return pb_utils.InferenceResponse(output_tensors=[
+        pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
+        pb_utils.Tensor("finish_reason", np.array([reason.encode("utf-8")], dtype=np.object_)),
+        pb_utils.Tensor("num_input_tokens", np.array([output.num_input_tokens], dtype=np.int32)),
+        pb_utils.Tensor("num_output_tokens", np.array([output.num_output_tokens], dtype=np.int32)),
+    ])
+
+
+
+
+def _triton_error(kind: ErrorKind, message: str):
+    # NOTE: pb_utils.TritonError exists only once the stub runs a model, not at import time.
+    codes = {
+        ErrorKind.INVALID: pb_utils.TritonError.INVALID_ARG,
+        ErrorKind.BUSY: pb_utils.TritonError.UNAVAILABLE,
+        ErrorKind.INTERNAL: pb_utils.TritonError.INTERNAL,
+    }
+    return pb_utils.TritonError(message, codes[kind])
+
+
+def _error(exc: Exception):
+    return _triton_error(*describe(exc))

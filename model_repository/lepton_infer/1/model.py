@@ -1,0 +1,47 @@
+"""Triton Python backend (not decoupled) for plain `infer`: forwards to `lepton` and returns one response.
+
+HTTP `/infer` and gRPC `ModelInfer` do not accept decoupled models, so this model hands the
+request to the decoupled `lepton` model through BLS and returns its single, whole completion.
+"""
+
+from __future__ import annotations
+
+import triton_python_backend_utils as pb_utils
+
+from lepton.errors import ErrorKind, kind_of_message
+
+TARGET_MODEL = "lepton"
+OUTPUTS = ["text_output", "finish_reason", "num_input_tokens", "num_output_tokens"]
+
+
+def _triton_error(kind: ErrorKind, message: str):
+    # NOTE: pb_utils.TritonError exists only once the stub runs a model, not at import time.
+    codes = {
+        ErrorKind.INVALID: pb_utils.TritonError.INVALID_ARG,
+        ErrorKind.BUSY: pb_utils.TritonError.UNAVAILABLE,
+        ErrorKind.INTERNAL: pb_utils.TritonError.INTERNAL,
+    }
+    return pb_utils.TritonError(message, codes[kind])
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [self._forward(request) for request in requests]
+
+    def _forward(self, request):
+        bls = pb_utils.InferenceRequest(
+            model_name=TARGET_MODEL, inputs=request.inputs(), requested_output_names=OUTPUTS,
+        )
+        result = None
+        for response in bls.exec(decoupled=True):
+            if response.has_error():
+                # NOTE: BLS hands every error back as INTERNAL; the code is recovered from the message.
+                message = response.error().message()
+                return pb_utils.InferenceResponse(error=_triton_error(kind_of_message(message), message))
+            if response.output_tensors():
+                result = response
+        if result is None:
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError("lepton returned no output"))
+        return pb_utils.InferenceResponse(
+            output_tensors=[pb_utils.get_output_tensor_by_name(result, name) for name in OUTPUTS]
+        )

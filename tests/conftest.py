@@ -1,0 +1,50 @@
+"""Shared fixtures: the demo model folder and one real tritonserver per test session."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from lepton.server import PROJECT_ROOT, ServerOptions, TritonServer
+
+DEMO_MODEL = PROJECT_ROOT / "build" / "models" / "demo"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir() -> Path:
+    """The demo model; built here when `make test` did not build it already."""
+    if not (DEMO_MODEL / "config.json").is_file():
+        from export.demo_model import build_demo_model
+
+        build_demo_model(DEMO_MODEL)
+    return DEMO_MODEL
+
+
+@pytest.fixture(scope="session")
+def server(demo_model_dir, tmp_path_factory) -> TritonServer:
+    """A real tritonserver on free loopback ports serving the demo model."""
+    work_dir = tmp_path_factory.mktemp("triton")
+    options = ServerOptions(
+        model_dir=demo_model_dir,
+        http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+        work_dir=work_dir,
+        # NOTE: a small queue so the "server busy" test can fill it without a long wait.
+        engine_parameters={"max_queue_size": "8", "max_num_seqs": "16", "kv_cache_memory_bytes": "64M"},
+    )
+    log_file = work_dir / "tritonserver.log"
+    triton = TritonServer(options, log_file=log_file)
+    try:
+        triton.start()
+    except Exception:
+        print(log_file.read_text()[-5000:] if log_file.exists() else "(no log)")
+        raise
+    yield triton
+    triton.stop()
