@@ -50,6 +50,9 @@ class KVCacheManager:
         # NOTE: cache[h].block_hash == h for every entry, and every hashed block is an entry.
         self._cache: dict[int, KVBlock] = {}
         self._seqs: dict[str, _SeqState] = {}
+        # NOTE: blocks registered in the cache during the current step: their K/V are written only
+        # when the step's forward pass ends, so no other sequence may read them before mark_computed().
+        self._pending: set[int] = set()
         self.prefix_cache_queries = 0  # tokens looked up in the prefix cache
         self.prefix_cache_hits = 0  # tokens found in the prefix cache
 
@@ -86,13 +89,29 @@ class KVCacheManager:
         for i in range(max_blocks):
             parent = hash_block_tokens(parent, token_ids[i * bs : (i + 1) * bs])
             block = self._cache.get(parent)
-            if block is None:
+            if block is None or block.block_id in self._pending:
                 break
             blocks.append(block)
         num_tokens = len(blocks) * bs
         self.prefix_cache_queries += len(token_ids)
         self.prefix_cache_hits += num_tokens
         return blocks, num_tokens
+
+    def pending_prefix(self, token_ids: Sequence[int], num_cached_tokens: int) -> bool:
+        """Whether the block after the cached prefix is being computed by another sequence this step."""
+        bs = self.block_size
+        index = num_cached_tokens // bs
+        if not self.enable_prefix_caching or (index + 1) * bs > len(token_ids) - 1:
+            return False
+        parent: int | None = None
+        for i in range(index + 1):
+            parent = hash_block_tokens(parent, token_ids[i * bs : (i + 1) * bs])
+        block = self._cache.get(parent)
+        return block is not None and block.block_id in self._pending
+
+    def mark_computed(self) -> None:
+        """The step's forward pass wrote its K/V: blocks registered during it become hittable."""
+        self._pending.clear()
 
     def can_allocate(self, num_blocks: int) -> bool:
         """Whether num_blocks new blocks can be taken from the free list now."""
@@ -219,4 +238,5 @@ class KVCacheManager:
             if block.block_hash is None and hashes[i] not in self._cache:
                 block.block_hash = hashes[i]
                 self._cache[hashes[i]] = block
+                self._pending.add(block.block_id)
         seq.block_hashes = hashes

@@ -48,6 +48,7 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens: int  # prompt tokens of admitted requests
     generated_tokens: int
+    computed_tokens: int  # tokens run through the model (prefix-cache hits are not computed)
 
 
 @dataclass(eq=False)
@@ -79,6 +80,7 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self._prompt_tokens = 0
         self._generated_tokens = 0
+        self._computed_tokens = 0
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> int:
         """Validate against the model's limits and queue; returns the prompt's token count."""
@@ -130,6 +132,7 @@ class LLMEngine:
             prefix_cache_queries=kv.prefix_cache_queries, prefix_cache_hits=kv.prefix_cache_hits,
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens=self._prompt_tokens, generated_tokens=self._generated_tokens,
+            computed_tokens=self._computed_tokens,
         )
 
     def step(self) -> list[RequestOutput]:
@@ -144,6 +147,7 @@ class LLMEngine:
         sampled = dict(zip(batch.sample_request_ids, result.token_ids))
         self.scheduler.update(sched, sampled)
         self._generated_tokens += len(sampled)
+        self._computed_tokens += sched.num_batched_tokens
         outputs = []
         for rid, token_id, logprobs in zip(batch.sample_request_ids, result.token_ids, result.logprobs):
             outputs.append(self._after_token(self._requests[rid], token_id, logprobs))

@@ -54,8 +54,14 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence; a full queue refuses it at once."""
-        if len(self.waiting) >= self.config.max_queue_size:
-            raise ServerBusy(f"server busy: {len(self.waiting)} requests waiting (max_queue_size)")
+        # NOTE: sequences that the next step can admit (free running seats) do not count as queued,
+        # so a burst of arrivals is not refused while seats are free.
+        free_seats = max(0, self.config.max_num_seqs - len(self.running))
+        if len(self.waiting) >= self.config.max_queue_size + free_seats:
+            raise ServerBusy(
+                f"server busy: {len(self.waiting)} requests waiting "
+                f"(max_queue_size {self.config.max_queue_size}, {len(self.running)} running); retry later"
+            )
         self._push_waiting(seq)
 
     def _push_waiting(self, seq: Sequence) -> None:
@@ -100,6 +106,8 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0][1]
             cached_blocks, num_cached = self.kv_cache.get_computed_blocks(seq.all_token_ids)
+            if self.kv_cache.pending_prefix(seq.all_token_ids, num_cached):
+                break  # NOTE: its next blocks are computed this very step; admit it next step, as hits
             num_new = self._num_new_tokens(seq, num_cached, budget)
             if num_new == 0:
                 break
@@ -158,6 +166,7 @@ class Scheduler:
 
     def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> None:
         """After the step: advance computed counts and append the sampled tokens."""
+        self.kv_cache.mark_computed()
         for item in output.scheduled:
             seq = item.seq
             if seq.status is not SequenceStatus.RUNNING:

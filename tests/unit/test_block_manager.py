@@ -21,15 +21,22 @@ def _free_order(m: KVCacheManager) -> list[int]:
     return list(m._free)
 
 
+def _alloc(m: KVCacheManager, *args, **kwargs) -> list[int] | None:
+    """allocate_slots, then the step's forward pass ends (its blocks become hittable)."""
+    table = m.allocate_slots(*args, **kwargs)
+    m.mark_computed()
+    return table
+
+
 def _prefill(m: KVCacheManager, seq_id: str, tokens: list[int]) -> list[int] | None:
     """Look up the prefix cache, then allocate the rest of the prompt, as the scheduler does."""
     blocks, num_hit = m.get_computed_blocks(tokens)
-    return m.allocate_slots(seq_id, tokens, 0, len(tokens) - num_hit, blocks)
+    return _alloc(m, seq_id, tokens, 0, len(tokens) - num_hit, blocks)
 
 
 def _decode(m: KVCacheManager, seq_id: str, tokens: list[int]) -> list[int] | None:
     """One decode step: the last token of tokens is the one computed now."""
-    return m.allocate_slots(seq_id, tokens, len(tokens) - 1, 1)
+    return _alloc(m, seq_id, tokens, len(tokens) - 1, 1)
 
 
 def _chain(tokens: list[int], num_blocks: int) -> list[int]:
@@ -55,8 +62,8 @@ def _check_invariants(m: KVCacheManager) -> None:
 
 def test_first_allocations_take_ids_in_order() -> None:
     m = KVCacheManager(num_blocks=10, block_size=BS)
-    assert m.allocate_slots("a", list(range(10)), 0, 10) == [0, 1, 2]
-    assert m.allocate_slots("b", list(range(100, 105)), 0, 5) == [3, 4]
+    assert _alloc(m, "a", list(range(10)), 0, 10) == [0, 1, 2]
+    assert _alloc(m, "b", list(range(100, 105)), 0, 5) == [3, 4]
     assert m.get_block_table("a") == [0, 1, 2]
     assert m.get_block_table("b") == [3, 4]
     assert m.get_block_table("unknown") == []
@@ -70,7 +77,7 @@ def test_first_allocations_take_ids_in_order() -> None:
 def test_decode_grows_table_only_at_block_boundaries() -> None:
     m = KVCacheManager(num_blocks=8, block_size=BS)
     tokens = [10, 11, 12, 13]
-    assert m.allocate_slots("a", tokens, 0, 4) == [0]
+    assert _alloc(m, "a", tokens, 0, 4) == [0]
     expected_tables = {5: [0, 1], 6: [0, 1], 7: [0, 1], 8: [0, 1], 9: [0, 1, 2]}
     for n in range(5, 10):
         tokens.append(10 + n)
@@ -81,7 +88,7 @@ def test_decode_grows_table_only_at_block_boundaries() -> None:
 def test_blocks_are_registered_exactly_when_full() -> None:
     m = KVCacheManager(num_blocks=8, block_size=BS)
     tokens = [1, 2, 3]
-    m.allocate_slots("a", tokens, 0, 3)
+    _alloc(m, "a", tokens, 0, 3)
     block0 = _blocks(m)[0]
     assert block0.block_hash is None
     tokens.append(4)
@@ -99,20 +106,20 @@ def test_blocks_are_registered_exactly_when_full() -> None:
 
 def test_free_appends_tail_first_and_pins_next_allocation_order() -> None:
     m = KVCacheManager(num_blocks=10, block_size=BS)
-    m.allocate_slots("a", list(range(10)), 0, 10)
-    m.allocate_slots("b", list(range(100, 105)), 0, 5)
+    _alloc(m, "a", list(range(10)), 0, 10)
+    _alloc(m, "b", list(range(100, 105)), 0, 5)
     m.free("a")
     assert _free_order(m) == [5, 6, 7, 8, 9, 2, 1, 0]
     m.free("b")
     assert _free_order(m) == [5, 6, 7, 8, 9, 2, 1, 0, 4, 3]
     assert m.num_free_blocks == 10 and m.num_used_blocks == 0 and m.usage == 0.0
     tokens = list(range(1000, 1040))
-    assert m.allocate_slots("c", tokens, 0, 40) == [5, 6, 7, 8, 9, 2, 1, 0, 4, 3]
+    assert _alloc(m, "c", tokens, 0, 40) == [5, 6, 7, 8, 9, 2, 1, 0, 4, 3]
 
 
 def test_free_is_idempotent() -> None:
     m = KVCacheManager(num_blocks=4, block_size=BS)
-    m.allocate_slots("a", list(range(6)), 0, 6)
+    _alloc(m, "a", list(range(6)), 0, 6)
     m.free("a")
     m.free("a")
     m.free("never-seen")
@@ -133,7 +140,7 @@ def test_prefix_hit_reuses_cached_blocks_and_counts_tokens() -> None:
     assert m.prefix_cache_queries == 28
     assert m.prefix_cache_hits == 8
     assert m.prefix_cache_hit_rate == pytest.approx(8 / 28)
-    assert m.allocate_slots("b", b, 0, len(b) - num_tokens, blocks) == [0, 1, 4, 5]
+    assert _alloc(m, "b", b, 0, len(b) - num_tokens, blocks) == [0, 1, 4, 5]
     assert _free_order(m) == [6, 7, 8, 9, 3, 2]
     assert [blk.ref_cnt for blk in blocks] == [1, 1]
     assert _blocks(m)[2].block_hash == _chain(a, 3)[2]  # a's third block stays cached
@@ -182,12 +189,12 @@ def test_lazy_lru_eviction_takes_least_recently_freed_first() -> None:
     assert _free_order(m) == [1, 0, 3, 2]
     assert len(m._cache) == 4
     # one new block: a's tail block (1) is the least recently freed, so it is evicted
-    assert m.allocate_slots("c", [200, 201, 202], 0, 3) == [1]
+    assert _alloc(m, "c", [200, 201, 202], 0, 3) == [1]
     assert _blocks(m)[1].block_hash is None
     assert [blk.block_id for blk in m.get_computed_blocks(a + [9])[0]] == [0]
     assert [blk.block_id for blk in m.get_computed_blocks(b + [9])[0]] == [2, 3]
     # next new block evicts a's head block; a now misses entirely
-    assert m.allocate_slots("d", [300], 0, 1) == [0]
+    assert _alloc(m, "d", [300], 0, 1) == [0]
     assert m.get_computed_blocks(a + [9]) == ([], 0)
     assert len(m._cache) == 2
     _check_invariants(m)
@@ -216,11 +223,11 @@ def test_touching_shared_blocks_counts_references() -> None:
 
 def test_out_of_blocks_returns_none_and_changes_nothing() -> None:
     m = KVCacheManager(num_blocks=3, block_size=BS)
-    assert m.allocate_slots("a", list(range(8)), 0, 8) == [0, 1]
-    assert m.allocate_slots("b", list(range(50, 59)), 0, 9) is None
+    assert _alloc(m, "a", list(range(8)), 0, 8) == [0, 1]
+    assert _alloc(m, "b", list(range(50, 59)), 0, 9) is None
     assert m.get_block_table("b") == []
     assert m.num_free_blocks == 1
-    assert m.allocate_slots("b", list(range(50, 54)), 0, 4) == [2]
+    assert _alloc(m, "b", list(range(50, 54)), 0, 4) == [2]
     # decode of a needs a third block: none left
     tokens = list(range(8)) + [8]
     assert _decode(m, "a", tokens) is None
@@ -234,12 +241,12 @@ def test_out_of_blocks_does_not_touch_computed_blocks() -> None:
     prompt = list(range(9))
     _prefill(m, "a", prompt)
     m.free("a")
-    assert m.allocate_slots("x", [100, 101, 102, 103], 0, 4) == [2]
+    assert _alloc(m, "x", [100, 101, 102, 103], 0, 4) == [2]
     assert _free_order(m) == [1, 0]
     longer = prompt[:8] + [20, 21, 22, 23, 24]  # 2 cached blocks + 2 new ones needed
     blocks, num_tokens = m.get_computed_blocks(longer)
     assert [b.block_id for b in blocks] == [0, 1]
-    assert m.allocate_slots("b", longer, 0, len(longer) - num_tokens, blocks) is None
+    assert _alloc(m, "b", longer, 0, len(longer) - num_tokens, blocks) is None
     assert _free_order(m) == [1, 0]
     assert [b.ref_cnt for b in blocks] == [0, 0]
     assert m.get_block_table("b") == []
@@ -265,9 +272,9 @@ def test_duplicate_content_concurrent_sequences_keep_cache_consistent() -> None:
     prompt = list(range(9))
     assert m.get_computed_blocks(prompt) == ([], 0)
     assert m.get_computed_blocks(prompt) == ([], 0)
-    assert m.allocate_slots("a", prompt, 0, 9) == [0, 1, 2]
+    assert _alloc(m, "a", prompt, 0, 9) == [0, 1, 2]
     b_tokens = list(prompt)
-    assert m.allocate_slots("b", b_tokens, 0, 9) == [3, 4, 5]
+    assert _alloc(m, "b", b_tokens, 0, 9) == [3, 4, 5]
     hashes = _chain(prompt, 2)
     assert [b.block_hash for b in _blocks(m)[:6]] == [hashes[0], hashes[1], None, None, None, None]
     m.free("a")
@@ -278,9 +285,9 @@ def test_duplicate_content_concurrent_sequences_keep_cache_consistent() -> None:
     assert [b.block_id for b in m.get_computed_blocks(b_tokens + [53])[0]] == [0, 1, 5]
     m.free("b")
     assert _free_order(m) == [6, 7, 2, 1, 0, 5, 4, 3]
-    assert m.allocate_slots("d", list(range(100, 112)), 0, 12) == [6, 7, 2]
+    assert _alloc(m, "d", list(range(100, 112)), 0, 12) == [6, 7, 2]
     assert [b.block_id for b in m.get_computed_blocks(b_tokens + [53])[0]] == [0, 1, 5]
-    assert m.allocate_slots("e", list(range(200, 208)), 0, 8) == [1, 0]
+    assert _alloc(m, "e", list(range(200, 208)), 0, 8) == [1, 0]
     assert m.get_computed_blocks(b_tokens + [53]) == ([], 0)
     _check_invariants(m)
     m.free("d")
@@ -361,17 +368,17 @@ def test_allocate_slots_rejects_programming_errors() -> None:
     m = KVCacheManager(num_blocks=8, block_size=BS)
     prompt = list(range(9))
     with pytest.raises(ValueError, match="num_new_tokens"):
-        m.allocate_slots("a", prompt, 0, -1)
+        _alloc(m, "a", prompt, 0, -1)
     with pytest.raises(ValueError, match="num_computed_tokens"):
-        m.allocate_slots("a", prompt, 3, 1)
+        _alloc(m, "a", prompt, 3, 1)
     with pytest.raises(ValueError, match="token_ids"):
-        m.allocate_slots("a", prompt, 0, 10)
-    m.allocate_slots("a", prompt, 0, 9)
+        _alloc(m, "a", prompt, 0, 10)
+    _alloc(m, "a", prompt, 0, 9)
     with pytest.raises(ValueError, match="num_computed_tokens"):
-        m.allocate_slots("a", prompt + [9], 8, 1)
+        _alloc(m, "a", prompt + [9], 8, 1)
     blocks, _ = m.get_computed_blocks(prompt)
     with pytest.raises(ValueError, match="new_computed_blocks"):
-        m.allocate_slots("a", prompt + [9], 9, 0, blocks)
+        _alloc(m, "a", prompt + [9], 9, 0, blocks)
     assert m.get_block_table("a") == [0, 1, 2]
 
 
@@ -382,7 +389,20 @@ def test_allocate_slots_rejects_stale_computed_blocks() -> None:
     m.free("a")
     blocks, num_tokens = m.get_computed_blocks(prompt)
     assert [b.block_id for b in blocks] == [0]
-    m.allocate_slots("x", [100, 101, 102, 103, 104], 0, 5)  # evicts block 0 and reuses it
+    _alloc(m, "x", [100, 101, 102, 103, 104], 0, 5)  # evicts block 0 and reuses it
     with pytest.raises(ValueError, match="new_computed_blocks"):
-        m.allocate_slots("b", prompt, 0, len(prompt) - num_tokens, blocks)
+        _alloc(m, "b", prompt, 0, len(prompt) - num_tokens, blocks)
     assert m.get_block_table("b") == []
+
+
+def test_blocks_computed_this_step_are_not_hit_until_marked_computed() -> None:
+    m = KVCacheManager(num_blocks=10, block_size=BS)
+    tokens = list(range(9))
+    m.allocate_slots("a", tokens, 0, 9)
+    # NOTE: a's two full blocks are registered but their K/V are written only after the step.
+    assert m.get_computed_blocks(tokens) == ([], 0)
+    assert m.pending_prefix(tokens, 0)
+    m.mark_computed()
+    blocks, num = m.get_computed_blocks(tokens)
+    assert [b.block_id for b in blocks] == [0, 1] and num == 8
+    assert not m.pending_prefix(tokens, 8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from pathlib import Path
 
@@ -41,7 +42,8 @@ class TritonPythonModel:
                 sender.send(pb_utils.InferenceResponse(error=_error(exc)), flags=FINAL)
                 continue
             request_id = f"{request.request_id() or 'req'}-{uuid.uuid4().hex[:12]}"
-            self.engine_loop.submit(request_id, parsed.prompt, parsed.params, TritonSink(request, sender, parsed))
+            sink = TritonSink(sender, parsed, self.metrics)
+            self.engine_loop.submit(request_id, parsed.prompt, parsed.params, sink)
         return None
 
     def finalize(self):
@@ -63,20 +65,25 @@ class Metrics:
         "num_preemptions": "Sequences preempted (recomputed later)",
         "prompt_tokens": "Prompt tokens of admitted requests",
         "generated_tokens": "Generated tokens",
+        "computed_tokens": "Tokens run through the model (prefix-cache hits excluded)",
     }
 
     def __init__(self) -> None:
         self.families = []  # NOTE: a MetricFamily must outlive its Metric objects
-
-        def metric(name, doc, kind):
-            self.families.append(pb_utils.MetricFamily(name=f"lepton_{name}", description=doc, kind=kind))
-            return self.families[-1].Metric(labels={})
-
         gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
-        self.gauges = {k: metric(k, d, gauge) for k, d in self.GAUGES.items()}
-        self.counters = {k: metric(f"{k}_total", d, counter) for k, d in self.COUNTERS.items()}
-        self.usage = metric("kv_cache_usage", "Fraction of KV cache blocks in use", gauge)
+        self.gauges = {k: self._metric(k, d, gauge) for k, d in self.GAUGES.items()}
+        self.counters = {k: self._metric(f"{k}_total", d, counter) for k, d in self.COUNTERS.items()}
+        self.usage = self._metric("kv_cache_usage", "Fraction of KV cache blocks in use", gauge)
         self.last = {k: 0 for k in self.COUNTERS}
+        histogram = pb_utils.MetricFamily.HISTOGRAM
+        self.ttft = self._metric("time_to_first_token_seconds", "Request arrival to first token", histogram,
+                                 buckets=[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30])
+        self.itl = self._metric("inter_token_latency_seconds", "Time between generated tokens", histogram,
+                                buckets=[0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1])
+
+    def _metric(self, name, doc, kind, **options):
+        self.families.append(pb_utils.MetricFamily(name=f"lepton_{name}", description=doc, kind=kind))
+        return self.families[-1].Metric(labels={}, **options)
 
     def publish(self, stats: EngineStats) -> None:
         for name, gauge in self.gauges.items():
@@ -91,14 +98,16 @@ class Metrics:
 class TritonSink:
     """Sends one request's outputs as Triton responses: deltas when streaming, else one response."""
 
-    def __init__(self, request, sender, parsed) -> None:
-        self.request, self.sender, self.stream = request, sender, parsed.stream
+    def __init__(self, sender, parsed, metrics: Metrics) -> None:
+        self.sender, self.stream, self.metrics = sender, parsed.stream, metrics
         self.text = "" if parsed.stream or parsed.exclude_input_in_output else parsed.prompt
+        self.last_time, self.num_tokens = time.monotonic(), 0
 
     def is_cancelled(self) -> bool:
         return self.sender.is_cancelled()
 
     def send(self, output: RequestOutput) -> None:
+        self._observe(output)
         if self.stream:
             if output.text or output.finished:
                 self.sender.send(_response(output.text, output), flags=FINAL if output.finished else 0)
@@ -106,6 +115,17 @@ class TritonSink:
         self.text += output.text
         if output.finished:
             self.sender.send(_response(self.text, output), flags=FINAL)
+
+    def _observe(self, output: RequestOutput) -> None:
+        new_tokens = output.num_output_tokens - self.num_tokens
+        if new_tokens <= 0:
+            return
+        now = time.monotonic()
+        if self.num_tokens == 0:
+            self.metrics.ttft.observe(now - self.last_time)
+        else:
+            self.metrics.itl.observe((now - self.last_time) / new_tokens)
+        self.last_time, self.num_tokens = now, output.num_output_tokens
 
     def send_error(self, error: Exception) -> None:
         self.sender.send(pb_utils.InferenceResponse(error=_error(error)), flags=FINAL)

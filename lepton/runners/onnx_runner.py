@@ -1,0 +1,134 @@
+"""Runs an exported step graph with ONNX Runtime; owns the K/V pools, allocated once at start."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from export.manifest import MANIFEST_FILE, Manifest
+from lepton.batch import ModelInput
+from lepton.config import EngineConfig
+from lepton.errors import ConfigError, ModelFolderError
+from lepton.model_folder import ModelFolder
+
+INDEX_INPUTS = (
+    "input_ids", "positions", "token_index", "token_slot", "query_lens",
+    "context_lens", "block_tables", "logits_indices",
+)
+OUTPUTS = ("logits", "new_k", "new_v")
+
+
+def open_export_folder(path: str | Path) -> ModelFolder:
+    """Check an export folder (manifest, graph, config, tokenizer) and describe it as a ModelFolder."""
+    path = Path(path).expanduser().resolve()
+    manifest = Manifest.load(path / MANIFEST_FILE)
+    for name in (manifest.model_file, "config.json", "tokenizer.json"):
+        if not (path / name).is_file():
+            raise ModelFolderError(f"{path}: export folder has no {name}; export it again")
+    config = json.loads((path / "config.json").read_text())
+    # NOTE: weight_files is empty: the weights live inside the graph, never in a pickle.
+    return ModelFolder(path=path, config=config, weight_files=(), tokenizer_file=path / "tokenizer.json")
+
+
+def make_session(model_file: Path, num_threads: int) -> ort.InferenceSession:
+    """A CPU session: intra-op threads from the config (0 = all cores), sequential execution."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = num_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxRunner:
+    """An ONNX Runtime session plus per-layer K and V pools [num_blocks, block_size, KVH, D]."""
+
+    def __init__(self, folder: ModelFolder | str | Path, config: EngineConfig) -> None:
+        path = folder.path if isinstance(folder, ModelFolder) else Path(folder)
+        self.manifest = Manifest.load(path / MANIFEST_FILE)
+        self.model_config = self.manifest.model_config
+        self.block_size = _check_config(self.manifest, config, path)
+        self.num_blocks = _num_blocks(self.manifest, config.cache.kv_cache_memory_bytes)
+        self.session = make_session(path / self.manifest.model_file, config.runner.num_threads)
+        _check_graph(self.session, self.manifest, path)
+        cfg = self.model_config
+        shape = (self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        dtype = np.dtype(self.manifest.kv_dtype)
+        # NOTE: zero-filled so masked-out slots never hold NaN (0 * NaN would poison attention).
+        # These arrays are never reallocated: the OrtValues below wrap their memory.
+        self.k_pools = [np.zeros(shape, dtype) for _ in range(cfg.num_layers)]
+        self.v_pools = [np.zeros(shape, dtype) for _ in range(cfg.num_layers)]
+        self._binding = self.session.io_binding()
+        self._pool_values = []
+        for layer, (k_pool, v_pool) in enumerate(zip(self.k_pools, self.v_pools)):
+            for name, pool in ((f"k_pool_{layer}", k_pool), (f"v_pool_{layer}", v_pool)):
+                value = ort.OrtValue.ortvalue_from_numpy(pool)
+                if value.data_ptr() != pool.ctypes.data:
+                    raise RuntimeError(f"onnxruntime copied pool {name}; the runner relies on zero-copy binding")
+                self._binding.bind_ortvalue_input(name, value)
+                self._pool_values.append(value)
+
+    def execute(self, batch: ModelInput) -> torch.Tensor:
+        """Compute one step, write its K/V into the pools, return float32 logits [L, vocab]."""
+        logits, _, _ = self.run(batch)
+        return torch.from_numpy(logits)
+
+    def run(self, batch: ModelInput) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Like execute, returning numpy logits [L, V] and the step's new_k, new_v [layers, T, KVH, D]."""
+        for name in INDEX_INPUTS:
+            # NOTE: bind_cpu_input wraps the array without copying; it stays alive in batch until run returns.
+            self._binding.bind_cpu_input(name, np.ascontiguousarray(getattr(batch, name), dtype=np.int64))
+        self._binding.clear_binding_outputs()
+        for name in OUTPUTS:
+            self._binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(self._binding)
+        logits, new_k, new_v = (value.numpy() for value in self._binding.get_outputs())
+        slots = batch.slot_mapping
+        for layer, (k_pool, v_pool) in enumerate(zip(self.k_pools, self.v_pools)):
+            # NOTE: reshape of a contiguous pool is a view, so this writes the bound memory in place.
+            k_pool.reshape(-1, *k_pool.shape[2:])[slots] = new_k[layer]
+            v_pool.reshape(-1, *v_pool.shape[2:])[slots] = new_v[layer]
+        return logits, new_k, new_v
+
+
+def _check_config(manifest: Manifest, config: EngineConfig, path: Path) -> int:
+    """The block size and dtype the graph was exported for must be the engine's."""
+    if manifest.block_size != config.cache.block_size:
+        raise ConfigError(
+            f"block_size: {path} was exported with block_size {manifest.block_size}, the engine "
+            f"is configured with {config.cache.block_size}; set block_size={manifest.block_size} or re-export"
+        )
+    if config.runner.dtype != manifest.kv_dtype:
+        raise ConfigError(
+            f"dtype: {path} computes in {manifest.kv_dtype} (its KV pools too); the engine asks for "
+            f"{config.runner.dtype}; set dtype={manifest.kv_dtype}"
+        )
+    return manifest.block_size
+
+
+def _num_blocks(manifest: Manifest, memory_bytes: int) -> int:
+    """KV blocks that fit the memory budget, K and V of all layers together (as TorchRunner)."""
+    cfg = manifest.model_config
+    bytes_per_block = 2 * cfg.num_layers * manifest.block_size * cfg.num_kv_heads * cfg.head_dim
+    bytes_per_block *= np.dtype(manifest.kv_dtype).itemsize
+    num_blocks = memory_bytes // bytes_per_block
+    if num_blocks < 1:
+        raise ConfigError(
+            f"kv_cache_memory_bytes: {memory_bytes} bytes hold no KV block of {bytes_per_block} bytes; raise it"
+        )
+    return num_blocks
+
+
+def _check_graph(session: ort.InferenceSession, manifest: Manifest, path: Path) -> None:
+    """The session's inputs and outputs must be the ones the manifest names."""
+    found = {node.name for node in session.get_inputs()} | {node.name for node in session.get_outputs()}
+    expected = {spec.name for spec in manifest.inputs + manifest.outputs}
+    if found != expected:
+        raise ModelFolderError(
+            f"{path}: {manifest.model_file} does not match manifest.json: graph-only names "
+            f"{sorted(found - expected)}, manifest-only names {sorted(expected - found)}"
+        )

@@ -1,0 +1,86 @@
+"""Request parsing and validation: Triton tensors -> GenerateRequest, errors naming the field."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lepton.errors import InvalidRequest
+from lepton.protocol import convert_request
+from lepton.sampling_params import SamplingParams
+
+
+def t_str(*values) -> np.ndarray:
+    return np.array([v.encode() if isinstance(v, str) else v for v in values], dtype=np.object_)
+
+
+def parse(default_max_tokens: int = 128, **inputs):
+    return convert_request(inputs, default_max_tokens)
+
+
+def test_text_only_uses_defaults():
+    req = parse(text_input=t_str("Hello"))
+    assert req.prompt == "Hello" and not req.stream and not req.exclude_input_in_output
+    assert req.params == SamplingParams(max_tokens=128)
+
+
+def test_vllm_style_sampling_parameters():
+    params = {"max_tokens": 7, "temperature": 0, "top_p": 0.5, "top_k": 3, "stop": "END",
+              "ignore_eos": True, "min_p": 0.1, "seed": 5, "repetition_penalty": 1.2}
+    req = parse(text_input=t_str("Hi"), stream=np.array([True]),
+                sampling_parameters=t_str(json.dumps(params)), exclude_input_in_output=np.array([True]))
+    assert req.stream and req.exclude_input_in_output
+    assert req.params == SamplingParams(max_tokens=7, temperature=0.0, top_p=0.5, top_k=3, stop=("END",),
+                                        ignore_eos=True, min_p=0.1, seed=5, repetition_penalty=1.2)
+
+
+def test_tensor_style_inputs():
+    req = parse(text_input=t_str("Hi"), max_tokens=np.array([9], np.int32), temperature=np.array([0.5], np.float32),
+                top_p=np.array([0.9], np.float32), top_k=np.array([4], np.int32), seed=np.array([11], np.uint64),
+                stop=t_str("a", "bc"), min_tokens=np.array([2], np.int32), ignore_eos=np.array([True]))
+    top_p = float(np.float32(0.9))  # NOTE: FP32 tensor value, widened exactly
+    assert req.params == SamplingParams(max_tokens=9, temperature=0.5, top_p=top_p, top_k=4,
+                                        seed=11, stop=("a", "bc"), min_tokens=2, ignore_eos=True)
+
+
+def test_tensor_overrides_sampling_parameters():
+    req = parse(text_input=t_str("Hi"), sampling_parameters=t_str(json.dumps({"max_tokens": 50, "top_k": 2})),
+                max_tokens=np.array([3], np.int32))
+    assert req.params.max_tokens == 3 and req.params.top_k == 2
+
+
+@pytest.mark.parametrize("inputs,field,words", [
+    ({}, "text_input", "missing"),
+    ({"text_input": t_str("")}, "text_input", "empty"),
+    ({"text_input": t_str(" \n\t")}, "text_input", "empty"),
+    ({"text_input": t_str(b"\xff\xfe")}, "text_input", "UTF-8"),
+    ({"text_input": t_str("a", "b")}, "text_input", "exactly one"),
+    ({"text_input": t_str("x" * (1 << 20 + 1))}, "text_input", "at most"),
+    ({"sampling_parameters": t_str("{bad")}, "sampling_parameters", "invalid JSON"),
+    ({"sampling_parameters": t_str("[]")}, "sampling_parameters", "JSON object"),
+    ({"sampling_parameters": t_str('{"max_tokens": 4, "beam_width": 2}')}, "sampling_parameters", "beam_width"),
+    ({"sampling_parameters": t_str('{"max_tokens": "4"}')}, "max_tokens", "integer"),
+    ({"sampling_parameters": t_str('{"max_tokens": 4.5}')}, "max_tokens", "integer"),
+    ({"sampling_parameters": t_str('{"stop": 5}')}, "stop", "list"),
+    ({"max_tokens": np.array([0], np.int32)}, "max_tokens", ">= 1"),
+    ({"max_tokens": np.array([-3], np.int32)}, "max_tokens", ">= 1"),
+    ({"max_tokens": np.array([1, 2], np.int32)}, "max_tokens", "exactly one"),
+    ({"temperature": np.array([-0.1], np.float32)}, "temperature", ">= 0.0"),
+    ({"temperature": np.array([np.nan], np.float32)}, "temperature", "number"),
+    ({"top_p": np.array([0.0], np.float32)}, "top_p", "> 0.0"),
+    ({"top_p": np.array([1.01], np.float32)}, "top_p", "<= 1.0"),
+    ({"top_k": np.array([-1], np.int32)}, "top_k", ">= 0"),
+    ({"min_tokens": np.array([500], np.int32)}, "min_tokens", "max_tokens"),
+    ({"stop": t_str("")}, "stop", "1..256"),
+    ({"stream": np.array([1], np.int32)}, "stream", "BOOL"),
+    ({"sampling_parameters": t_str('{"presence_penalty": 3}')}, "presence_penalty", "<= 2.0"),
+    ({"sampling_parameters": t_str('{"logprobs": 21}')}, "logprobs", "<= 20"),
+])
+def test_bad_input_names_the_field(inputs, field, words):
+    inputs = {"text_input": t_str("Hi"), **inputs} if "text_input" not in inputs and inputs else inputs
+    with pytest.raises(InvalidRequest) as info:
+        convert_request(inputs, 128)
+    assert info.value.field == field
+    assert words in str(info.value)
