@@ -47,6 +47,7 @@ def load_model(folder: ModelFolder, dtype: torch.dtype, block_size: int) -> Page
     state = {k: v for k, v in state.items() if not k.endswith(IGNORED_WEIGHT_SUFFIXES)}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
+    state = fuse_projections(state, cfg.num_layers)
     expected = {k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     missing, unexpected = expected - state.keys(), state.keys() - expected
     if missing or unexpected:
@@ -60,3 +61,27 @@ def load_model(folder: ModelFolder, dtype: torch.dtype, block_size: int) -> Page
     model.set_rope(inv_freq, scaling)
     return model.eval()
 
+
+
+# NOTE: HF checkpoints keep q/k/v and gate/up as separate matrices; the step model multiplies
+# once by each concatenation (fewer, larger matrix products).
+FUSED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def fuse_projections(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """Concatenate per-layer q/k/v and gate/up weights (and biases) into the fused names."""
+    state = dict(state)
+    for layer in range(num_layers):
+        prefix = f"model.layers.{layer}."
+        for fused, parts in FUSED.items():
+            for kind in ("weight", "bias"):
+                names = [f"{prefix}{part}.{kind}" for part in parts]
+                present = [name in state for name in names]
+                if all(present):
+                    state[f"{prefix}{fused}.{kind}"] = torch.cat([state.pop(name) for name in names], dim=0)
+                elif any(present):
+                    raise ModelFolderError(f"layer {layer}: {kind} of only some of {parts} present")
+    return state

@@ -48,8 +48,11 @@ def test_cancel_mid_stream_frees_everything_and_others_continue(server):
         reply=grpc_generate(server.grpc_url, {"text_input": "Hello", "max_tokens": 40, "ignore_eos": True, "stream": True})))
     client, _ = start_long_stream(server, num_responses=3)
     worker.start()
-    running = metrics(server.metrics_url)
-    assert running["lepton_kv_blocks_used"] > 0
+    # NOTE: stats are published every 50 ms while busy; wait for a snapshot that shows the stream.
+    deadline = time.monotonic() + 10
+    while metrics(server.metrics_url)["lepton_kv_blocks_used"] == 0:
+        assert time.monotonic() < deadline, "the running stream never showed in the metrics"
+        time.sleep(0.05)
     started = time.monotonic()
     client.stop_stream(cancel_requests=True)
     client.close()
