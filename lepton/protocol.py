@@ -127,3 +127,18 @@ def _tensor_value(name: str, array: np.ndarray):
     if name in FLOAT_FIELDS and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     return value
+
+
+MIN_LOGPROB = -9999.0  # NOTE: -inf is not JSON; masked tokens report this (as vLLM does)
+
+
+def logprobs_json(per_token: list) -> list[dict]:
+    """Sampler logprobs ([(sampled id, lp)] + top-n [(id, lp)] per token) as JSON-ready dicts."""
+    def clamp(value: float) -> float:
+        return max(float(value), MIN_LOGPROB)
+
+    return [
+        {"token_id": entries[0][0], "logprob": clamp(entries[0][1]),
+         "top_logprobs": [[token, clamp(lp)] for token, lp in entries[1:]]}
+        for entries in per_token
+    ]

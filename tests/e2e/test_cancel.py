@@ -74,3 +74,24 @@ def test_storm_of_cancellations_leaves_the_pool_full(server):
     assert values["lepton_kv_blocks_used"] == 0
     reply = grpc_generate(server.grpc_url, {"text_input": "Hello", "max_tokens": 5, "ignore_eos": True})
     assert reply.num_output_tokens == 5
+
+
+def test_http_client_that_disconnects_mid_stream_is_aborted(server):
+    import http.client
+    import json as _json
+
+    wait_idle(server)
+    host, port = server.http_url.split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v2/models/lepton/generate_stream", body=_json.dumps(LONG),
+                 headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    events = 0
+    while events < 3:  # NOTE: HTTPResponse.readline undoes the chunked encoding
+        events += response.readline().startswith(b"data:")
+    started = time.monotonic()
+    conn.sock.shutdown(2)
+    conn.close()
+    wait_idle(server, timeout=30)
+    assert time.monotonic() - started < 15

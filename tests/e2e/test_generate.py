@@ -116,3 +116,18 @@ def test_seeded_sampling_is_reproducible(server):
     first = grpc_generate(server.grpc_url, fields).text
     assert grpc_generate(server.grpc_url, fields).text == first
     assert grpc_generate(server.grpc_url, {**fields, "seed": 99}).text != first
+
+
+def test_logprobs_on_request(server):
+    params = json.dumps({"max_tokens": 4, "temperature": 0, "logprobs": 3, "ignore_eos": True})
+    client = httpclient.InferenceServerClient(server.http_url)
+    fields = {"text_input": "Hello", "sampling_parameters": params}
+    result = client.infer("lepton_infer", make_inputs(fields, protocol=httpclient))
+    entries = json.loads(result.as_numpy("logprobs")[0])
+    assert len(entries) == 4
+    for entry in entries:
+        top = entry["top_logprobs"]
+        assert len(top) == 3 and top[0][0] == entry["token_id"]  # greedy: the sampled token is the top one
+        assert entry["logprob"] == pytest.approx(top[0][1]) and entry["logprob"] <= 0
+    plain = client.infer("lepton_infer", make_inputs({"text_input": "Hello", "max_tokens": 2}, protocol=httpclient))
+    assert plain.as_numpy("logprobs") is None

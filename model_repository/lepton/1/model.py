@@ -13,7 +13,7 @@ import triton_python_backend_utils as pb_utils
 from lepton.config import EngineConfig
 from lepton.engine import EngineStats, LLMEngine, RequestOutput
 from lepton.errors import ErrorKind, InvalidRequest, describe
-from lepton.protocol import convert_request
+from lepton.protocol import convert_request, logprobs_json
 from lepton.serving import EngineLoop
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -101,6 +101,7 @@ class TritonSink:
     def __init__(self, sender, parsed, metrics: Metrics) -> None:
         self.sender, self.stream, self.metrics = sender, parsed.stream, metrics
         self.text = "" if parsed.stream or parsed.exclude_input_in_output else parsed.prompt
+        self.logprobs = [] if parsed.params.logprobs is not None else None  # pending, not yet sent
         self.last_time, self.num_tokens = time.monotonic(), 0
 
     def is_cancelled(self) -> bool:
@@ -108,13 +109,21 @@ class TritonSink:
 
     def send(self, output: RequestOutput) -> None:
         self._observe(output)
+        if self.logprobs is not None:
+            self.logprobs += output.logprobs
         if self.stream:
             if output.text or output.finished:
-                self.sender.send(_response(output.text, output), flags=FINAL if output.finished else 0)
+                self._send(output.text, output)
             return
         self.text += output.text
         if output.finished:
-            self.sender.send(_response(self.text, output), flags=FINAL)
+            self._send(self.text, output)
+
+    def _send(self, text: str, output: RequestOutput) -> None:
+        response = _response(text, output, self.logprobs)
+        if self.logprobs is not None:
+            self.logprobs = []
+        self.sender.send(response, flags=FINAL if output.finished else 0)
 
     def _observe(self, output: RequestOutput) -> None:
         new_tokens = output.num_output_tokens - self.num_tokens
@@ -131,9 +140,10 @@ class TritonSink:
         self.sender.send(pb_utils.InferenceResponse(error=_error(error)), flags=FINAL)
 
 
-def _response(text: str, output: RequestOutput):
+def _response(text: str, output: RequestOutput, logprobs: list | None):
     reason = str(output.finish_reason) if output.finish_reason else ""
-    return pb_utils.InferenceResponse(output_tensors=[
+    extra = [] if logprobs is None else [_string_tensor("logprobs", json.dumps(logprobs_json(logprobs)))]
+    return pb_utils.InferenceResponse(output_tensors=extra + [
         pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
         pb_utils.Tensor("finish_reason", np.array([reason.encode("utf-8")], dtype=np.object_)),
         pb_utils.Tensor("num_input_tokens", np.array([output.num_input_tokens], dtype=np.int32)),
@@ -141,6 +151,10 @@ def _response(text: str, output: RequestOutput):
     ])
 
 
+
+
+def _string_tensor(name: str, text: str):
+    return pb_utils.Tensor(name, np.array([text.encode("utf-8")], dtype=np.object_))
 
 
 def _triton_error(kind: ErrorKind, message: str):

@@ -11,7 +11,7 @@ import triton_python_backend_utils as pb_utils
 from lepton.errors import ErrorKind, kind_of_message
 
 TARGET_MODEL = "lepton"
-OUTPUTS = ["text_output", "finish_reason", "num_input_tokens", "num_output_tokens"]
+OUTPUTS = ["text_output", "finish_reason", "num_input_tokens", "num_output_tokens", "logprobs"]
 
 
 def _triton_error(kind: ErrorKind, message: str):
@@ -42,6 +42,5 @@ class TritonPythonModel:
                 result = response
         if result is None:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError("lepton returned no output"))
-        return pb_utils.InferenceResponse(
-            output_tensors=[pb_utils.get_output_tensor_by_name(result, name) for name in OUTPUTS]
-        )
+        tensors = [pb_utils.get_output_tensor_by_name(result, name) for name in OUTPUTS]
+        return pb_utils.InferenceResponse(output_tensors=[t for t in tensors if t is not None])
