@@ -162,7 +162,7 @@ class LLMEngine:
         )
 
     def _after_token(self, req: _Request, token_id: int, logprobs) -> RequestOutput:
-        seq, params = req.seq, req.seq.params
+        seq = req.seq
         text = req.detokenizer.add_tokens([token_id])
         reason = self._finish_reason(req, token_id)
         if reason is not None:

@@ -12,9 +12,10 @@ import triton_python_backend_utils as pb_utils
 
 from lepton.config import EngineConfig
 from lepton.engine import EngineStats, LLMEngine, RequestOutput
-from lepton.errors import ErrorKind, InvalidRequest, describe
+from lepton.errors import InvalidRequest, describe
 from lepton.protocol import convert_request, logprobs_json
 from lepton.serving import EngineLoop
+from lepton.triton_errors import triton_error
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -151,21 +152,9 @@ def _response(text: str, output: RequestOutput, logprobs: list | None):
     ])
 
 
-
-
 def _string_tensor(name: str, text: str):
     return pb_utils.Tensor(name, np.array([text.encode("utf-8")], dtype=np.object_))
 
 
-def _triton_error(kind: ErrorKind, message: str):
-    # NOTE: pb_utils.TritonError exists only once the stub runs a model, not at import time.
-    codes = {
-        ErrorKind.INVALID: pb_utils.TritonError.INVALID_ARG,
-        ErrorKind.BUSY: pb_utils.TritonError.UNAVAILABLE,
-        ErrorKind.INTERNAL: pb_utils.TritonError.INTERNAL,
-    }
-    return pb_utils.TritonError(message, codes[kind])
-
-
 def _error(exc: Exception):
-    return _triton_error(*describe(exc))
+    return triton_error(*describe(exc))

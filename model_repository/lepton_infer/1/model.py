@@ -8,20 +8,11 @@ from __future__ import annotations
 
 import triton_python_backend_utils as pb_utils
 
-from lepton.errors import ErrorKind, kind_of_message
+from lepton.errors import kind_of_message
+from lepton.triton_errors import triton_error
 
 TARGET_MODEL = "lepton"
 OUTPUTS = ["text_output", "finish_reason", "num_input_tokens", "num_output_tokens", "logprobs"]
-
-
-def _triton_error(kind: ErrorKind, message: str):
-    # NOTE: pb_utils.TritonError exists only once the stub runs a model, not at import time.
-    codes = {
-        ErrorKind.INVALID: pb_utils.TritonError.INVALID_ARG,
-        ErrorKind.BUSY: pb_utils.TritonError.UNAVAILABLE,
-        ErrorKind.INTERNAL: pb_utils.TritonError.INTERNAL,
-    }
-    return pb_utils.TritonError(message, codes[kind])
 
 
 class TritonPythonModel:
@@ -37,7 +28,7 @@ class TritonPythonModel:
             if response.has_error():
                 # NOTE: BLS hands every error back as INTERNAL; the code is recovered from the message.
                 message = response.error().message()
-                return pb_utils.InferenceResponse(error=_triton_error(kind_of_message(message), message))
+                return pb_utils.InferenceResponse(error=triton_error(kind_of_message(message), message))
             if response.output_tensors():
                 result = response
         if result is None:
