@@ -98,7 +98,11 @@ class Attention(nn.Module):
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        out = paged_attention(q, k, v, k_pool, v_pool, batch, self.scale)
+        if batch.slot_mapping is None:
+            out = paged_attention(q, k, v, k_pool, v_pool, batch, self.scale)
+        else:
+            write_kv(k_pool, v_pool, k, v, batch.slot_mapping)
+            out = pooled_attention(q, k_pool, v_pool, batch, self.scale)
         return self.o_proj(out), k, v
 
 
@@ -109,7 +113,8 @@ class StepIndex:
     token_index: torch.Tensor  # [S, Q] flat token of each (sequence, query slot); padding -> 0
     token_slot: torch.Tensor  # [T] position of each flat token in the [S * Q] padded layout
     block_tables: torch.Tensor  # [S, B]
-    mask: torch.Tensor  # [S, Q, B * block_size + Q] True where a query may attend a key
+    mask: torch.Tensor  # True where a query may attend a key: [S, Q, B * bs + Q], or [S, Q, B * bs] in place
+    slot_mapping: torch.Tensor | None = None  # [T] pool slots; set: K/V are written before attention
 
 
 def make_step_index(token_index, token_slot, query_lens, context_lens, block_tables, block_size: int):
@@ -124,6 +129,37 @@ def make_step_index(token_index, token_slot, query_lens, context_lens, block_tab
     new_valid = q_slot.view(1, 1, -1) < query_lens.view(-1, 1, 1)  # [S, 1, Q]
     mask = torch.cat([past_mask, causal & new_valid], dim=2)
     return StepIndex(token_index, token_slot, block_tables, mask)
+
+
+def make_in_place_index(token_index, token_slot, positions, block_tables, block_size: int, slot_mapping):
+    """Mask over the pooled keys by position, for a step that writes its K/V before attention."""
+    query_pos = positions[token_index]  # [S, Q]
+    key_pos = torch.arange(block_tables.shape[1] * block_size, device=positions.device)
+    mask = key_pos.view(1, 1, -1) <= query_pos.unsqueeze(-1)
+    return StepIndex(token_index, token_slot, block_tables, mask, slot_mapping)
+
+
+def write_kv(k_pool, v_pool, k, v, slot_mapping) -> None:
+    """Store this step's K/V at their pool slots (block * block_size + offset)."""
+    k_pool.view(-1, *k_pool.shape[2:]).index_copy_(0, slot_mapping, k)
+    v_pool.view(-1, *v_pool.shape[2:]).index_copy_(0, slot_mapping, v)
+
+
+def pooled_attention(q, k_pool, v_pool, batch: StepIndex, scale: float) -> torch.Tensor:
+    """Causal attention over keys gathered from the pool alone (this step's K/V already written)."""
+    num_seqs, max_q = batch.token_index.shape
+    num_blocks, _, num_kv_heads, head_dim = k_pool.shape
+    blocks = batch.block_tables.reshape(-1)
+    # NOTE: index_select over whole blocks copies rows of block_size * KVH * D values, far faster
+    # than advanced indexing on the 4-d pool.
+    keys = k_pool.view(num_blocks, -1).index_select(0, blocks).view(num_seqs, -1, num_kv_heads, head_dim)
+    values = v_pool.view(num_blocks, -1).index_select(0, blocks).view(num_seqs, -1, num_kv_heads, head_dim)
+    queries = q[batch.token_index]  # [S, Q, H, D]
+    out = F.scaled_dot_product_attention(
+        queries.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+        attn_mask=batch.mask.unsqueeze(1), scale=scale, enable_gqa=True,
+    )
+    return out.transpose(1, 2).reshape(num_seqs * max_q, -1)[batch.token_slot]
 
 
 def paged_attention(q, k, v, k_pool, v_pool, batch: StepIndex, scale: float) -> torch.Tensor:
@@ -204,8 +240,21 @@ class PagedCausalLM(nn.Module):
 
     def forward(self, input_ids, positions, token_index, token_slot, query_lens, context_lens,
                 block_tables, logits_indices, k_pools: list[torch.Tensor], v_pools: list[torch.Tensor]):
-        """Logits at logits_indices [L, V] and this step's K/V, stacked [layers, T, KVH, D]."""
+        """Logits at logits_indices [L, V] and this step's K/V, stacked [layers, T, KVH, D].
+
+        The pools are only read: this is the graph that is exported to ONNX.
+        """
         batch = make_step_index(token_index, token_slot, query_lens, context_lens, block_tables, self.block_size)
+        logits, new_k, new_v = self._run(input_ids, positions, logits_indices, batch, k_pools, v_pools)
+        return logits, torch.stack(new_k), torch.stack(new_v)
+
+    def step_in_place(self, input_ids, positions, token_index, token_slot, block_tables, logits_indices,
+                      slot_mapping, k_pools: list[torch.Tensor], v_pools: list[torch.Tensor]) -> torch.Tensor:
+        """Logits at logits_indices [L, V]; each layer writes its K/V into the pools before attention."""
+        batch = make_in_place_index(token_index, token_slot, positions, block_tables, self.block_size, slot_mapping)
+        return self._run(input_ids, positions, logits_indices, batch, k_pools, v_pools)[0]
+
+    def _run(self, input_ids, positions, logits_indices, batch: StepIndex, k_pools, v_pools):
         x = self.model.embed_tokens(input_ids)
         cos = self.cos_cache[positions].unsqueeze(1).to(x.dtype)
         sin = self.sin_cache[positions].unsqueeze(1).to(x.dtype)
@@ -215,5 +264,4 @@ class PagedCausalLM(nn.Module):
             new_k.append(k)
             new_v.append(v)
         x = self.model.norm(x[logits_indices])
-        logits = self.lm_head(x).float()
-        return logits, torch.stack(new_k), torch.stack(new_v)
+        return self.lm_head(x).float(), new_k, new_v

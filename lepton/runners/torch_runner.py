@@ -39,16 +39,11 @@ class TorchRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ModelInput) -> torch.Tensor:
-        """Compute one step, write its K/V into the pools, return float32 logits [L, vocab]."""
+        """Compute one step (its K/V go into the pools layer by layer), return float32 logits [L, vocab]."""
         t = {name: torch.from_numpy(getattr(batch, name)) for name in (
-            "input_ids", "positions", "token_index", "token_slot", "query_lens",
-            "context_lens", "block_tables", "logits_indices")}
-        logits, new_k, new_v = self.model(
-            t["input_ids"], t["positions"], t["token_index"], t["token_slot"], t["query_lens"],
-            t["context_lens"], t["block_tables"], t["logits_indices"], self.k_pools, self.v_pools,
+            "input_ids", "positions", "token_index", "token_slot", "block_tables",
+            "logits_indices", "slot_mapping")}
+        return self.model.step_in_place(
+            t["input_ids"], t["positions"], t["token_index"], t["token_slot"], t["block_tables"],
+            t["logits_indices"], t["slot_mapping"], self.k_pools, self.v_pools,
         )
-        slots = torch.from_numpy(batch.slot_mapping)
-        for layer, (k_pool, v_pool) in enumerate(zip(self.k_pools, self.v_pools)):
-            k_pool.view(-1, *k_pool.shape[2:]).index_copy_(0, slots, new_k[layer])
-            v_pool.view(-1, *v_pool.shape[2:]).index_copy_(0, slots, new_v[layer])
-        return logits
