@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from lepton.errors import ConfigError
 
-RUNNERS = ("torch",)
+RUNNERS = ("torch", "onnxruntime")
 DTYPES = ("float32", "bfloat16")
 SCHEDULING_POLICIES = ("fcfs", "priority")
 
@@ -39,7 +39,7 @@ class SchedulerConfig:
 class RunnerConfig:
     """How the model is executed."""
 
-    runner: str = "torch"
+    runner: str = "torch"  # "torch": a HF folder; "onnxruntime": an export folder (python -m export onnx)
     dtype: str = "float32"  # compute and KV cache dtype
     num_threads: int = 0  # intra-op threads; 0 = all cores
 

@@ -10,8 +10,7 @@ from lepton.block_manager import KVCacheManager
 from lepton.config import EngineConfig
 from lepton.detokenizer import IncrementalDetokenizer
 from lepton.errors import ConfigError, InvalidRequest
-from lepton.model_folder import ModelFolder
-from lepton.runners.torch_runner import TorchRunner
+from lepton.runners import make_runner, open_folder
 from lepton.sampler import SamplingInput, make_generator, sample
 from lepton.sampling_params import SamplingParams
 from lepton.scheduler import Scheduler
@@ -63,9 +62,9 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        folder = ModelFolder.open(config.model_dir)
+        folder = open_folder(config)
         self.tokenizer = Tokenizer.from_folder(folder)
-        self.runner = TorchRunner(folder, config)
+        self.runner = make_runner(folder, config)
         model_len = self.runner.model_config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or model_len, model_len)
         self.kv_cache = KVCacheManager(

@@ -175,14 +175,14 @@ def _parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     from lepton.config import EngineConfig
-    from lepton.model_folder import ModelFolder
+    from lepton.runners import open_folder
 
     args = _parse_args(argv)
     params = dict(item.split("=", 1) for item in args.param if "=" in item)
     if len(params) != len(args.param):
         sys.exit("error: --param takes KEY=VALUE")
-    ModelFolder.open(args.model)  # fail here, with a clear message, before starting the server
-    EngineConfig.from_parameters({"model_dir": str(args.model), **params})
+    # NOTE: fail here, with a clear message, before starting the server
+    open_folder(EngineConfig.from_parameters({"model_dir": str(args.model), **params}))
     options = ServerOptions(
         model_dir=args.model, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, engine_parameters=params, log_verbose=args.log_verbose,

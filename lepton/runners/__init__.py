@@ -1,0 +1,68 @@
+"""Model runners: one per execution backend, chosen by config.runner.runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from lepton.batch import ModelInput
+from lepton.config import EngineConfig
+from lepton.errors import ConfigError
+from lepton.model_folder import ModelFolder
+from lepton.models.llama import ModelConfig
+
+
+class Runner(Protocol):
+    """What the engine needs of a runner: pool geometry, model numbers, one step."""
+
+    num_blocks: int
+    block_size: int
+    model_config: ModelConfig
+
+    def execute(self, batch: ModelInput) -> torch.Tensor: ...
+
+
+def _torch_folder(path: Path) -> ModelFolder:
+    return ModelFolder.open(path)
+
+
+def _onnx_folder(path: Path) -> ModelFolder:
+    from lepton.runners.onnx_runner import open_export_folder
+
+    return open_export_folder(path)
+
+
+def _torch_runner(folder: ModelFolder, config: EngineConfig) -> Runner:
+    from lepton.runners.torch_runner import TorchRunner
+
+    return TorchRunner(folder, config)
+
+
+def _onnx_runner(folder: ModelFolder, config: EngineConfig) -> Runner:
+    from lepton.runners.onnx_runner import OnnxRunner
+
+    return OnnxRunner(folder, config)
+
+
+# NOTE: imports are deferred so that serving with torch never imports onnxruntime, and vice versa.
+FOLDER_OPENERS = {"torch": _torch_folder, "onnxruntime": _onnx_folder}
+RUNNER_FACTORIES = {"torch": _torch_runner, "onnxruntime": _onnx_runner}
+
+
+def open_folder(config: EngineConfig) -> ModelFolder:
+    """The model folder the configured runner serves: a HF folder (torch) or an export folder (onnxruntime)."""
+    return FOLDER_OPENERS[_checked(config)](Path(config.model_dir))
+
+
+def make_runner(folder: ModelFolder, config: EngineConfig) -> Runner:
+    """Build the runner named by config.runner.runner over folder."""
+    return RUNNER_FACTORIES[_checked(config)](folder, config)
+
+
+def _checked(config: EngineConfig) -> str:
+    name = config.runner.runner
+    if name not in RUNNER_FACTORIES:
+        raise ConfigError(f"runner: must be one of {', '.join(RUNNER_FACTORIES)}, got {name!r}")
+    return name

@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from export.manifest import MANIFEST_FILE, Manifest
+from lepton.manifest import MANIFEST_FILE, Manifest
 from lepton.batch import ModelInput
 from lepton.config import EngineConfig
 from lepton.errors import ConfigError, ModelFolderError
@@ -26,21 +26,24 @@ def open_export_folder(path: str | Path) -> ModelFolder:
     """Check an export folder (manifest, graph, config, tokenizer) and describe it as a ModelFolder."""
     path = Path(path).expanduser().resolve()
     manifest = Manifest.load(path / MANIFEST_FILE)
-    for name in (manifest.model_file, "config.json", "tokenizer.json"):
+    for name in (manifest.model_file, manifest.external_data or manifest.model_file, "config.json", "tokenizer.json"):
         if not (path / name).is_file():
             raise ModelFolderError(f"{path}: export folder has no {name}; export it again")
     config = json.loads((path / "config.json").read_text())
-    # NOTE: weight_files is empty: the weights live inside the graph, never in a pickle.
+    # NOTE: weight_files is empty: the weights live in the graph (or its external data), never in a pickle.
     return ModelFolder(path=path, config=config, weight_files=(), tokenizer_file=path / "tokenizer.json")
 
 
 def make_session(model_file: Path, num_threads: int) -> ort.InferenceSession:
-    """A CPU session: intra-op threads from the config (0 = all cores), sequential execution."""
+    """A CPU session: intra-op threads from the config (0 = one per physical core), sequential execution."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = num_threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # NOTE: no spin-waiting between ops: the engine thread samples with torch right after each step,
+    # and spinning workers would take those cycles (measured no faster on 2 cores).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
 
 
@@ -63,14 +66,14 @@ class OnnxRunner:
         self.k_pools = [np.zeros(shape, dtype) for _ in range(cfg.num_layers)]
         self.v_pools = [np.zeros(shape, dtype) for _ in range(cfg.num_layers)]
         self._binding = self.session.io_binding()
-        self._pool_values = []
+        self.pool_values: list[ort.OrtValue] = []  # the pools' memory, bound as graph inputs once
         for layer, (k_pool, v_pool) in enumerate(zip(self.k_pools, self.v_pools)):
             for name, pool in ((f"k_pool_{layer}", k_pool), (f"v_pool_{layer}", v_pool)):
                 value = ort.OrtValue.ortvalue_from_numpy(pool)
                 if value.data_ptr() != pool.ctypes.data:
                     raise RuntimeError(f"onnxruntime copied pool {name}; the runner relies on zero-copy binding")
                 self._binding.bind_ortvalue_input(name, value)
-                self._pool_values.append(value)
+                self.pool_values.append(value)
 
     def execute(self, batch: ModelInput) -> torch.Tensor:
         """Compute one step, write its K/V into the pools, return float32 logits [L, vocab]."""
@@ -79,9 +82,10 @@ class OnnxRunner:
 
     def run(self, batch: ModelInput) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Like execute, returning numpy logits [L, V] and the step's new_k, new_v [layers, T, KVH, D]."""
-        for name in INDEX_INPUTS:
-            # NOTE: bind_cpu_input wraps the array without copying; it stays alive in batch until run returns.
-            self._binding.bind_cpu_input(name, np.ascontiguousarray(getattr(batch, name), dtype=np.int64))
+        # NOTE: bind_cpu_input wraps each array without copying; `indices` keeps them alive through the run.
+        indices = [np.ascontiguousarray(getattr(batch, name), dtype=np.int64) for name in INDEX_INPUTS]
+        for name, array in zip(INDEX_INPUTS, indices):
+            self._binding.bind_cpu_input(name, array)
         self._binding.clear_binding_outputs()
         for name in OUTPUTS:
             self._binding.bind_output(name, "cpu")
