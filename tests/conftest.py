@@ -28,23 +28,32 @@ def demo_model_dir() -> Path:
     return DEMO_MODEL
 
 
-@pytest.fixture(scope="session")
-def server(demo_model_dir, tmp_path_factory) -> TritonServer:
-    """A real tritonserver on free loopback ports serving the demo model."""
-    work_dir = tmp_path_factory.mktemp("triton")
+def start_server(model_dir: Path, work_dir: Path, engine_parameters: dict[str, str]) -> TritonServer:
+    """A real tritonserver on free loopback ports; its log is printed if it fails to start."""
     options = ServerOptions(
-        model_dir=demo_model_dir,
-        http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-        work_dir=work_dir,
-        # NOTE: a small queue so the "server busy" test can fill it without a long wait.
-        engine_parameters={"max_queue_size": "8", "max_num_seqs": "16", "kv_cache_memory_bytes": "64M"},
+        model_dir=model_dir, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+        work_dir=work_dir, engine_parameters=engine_parameters,
     )
     log_file = work_dir / "tritonserver.log"
     triton = TritonServer(options, log_file=log_file)
     try:
-        triton.start()
+        return triton.start()
     except Exception:
         print(log_file.read_text()[-5000:] if log_file.exists() else "(no log)")
         raise
+
+
+@pytest.fixture(scope="session")
+def server(demo_model_dir, tmp_path_factory) -> TritonServer:
+    """A real tritonserver on free loopback ports serving the demo model."""
+    # NOTE: a small queue so the "server busy" test can fill it without a long wait.
+    triton = start_server(demo_model_dir, tmp_path_factory.mktemp("triton"),
+                          {"max_queue_size": "8", "max_num_seqs": "16", "kv_cache_memory_bytes": "64M"})
     yield triton
     triton.stop()
+
+
+@pytest.fixture(scope="session")
+def start_triton():
+    """start_server, for tests that need a server of their own (another model or runner)."""
+    return start_server
