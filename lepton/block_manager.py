@@ -79,7 +79,7 @@ class KVCacheManager:
         return self.prefix_cache_hits / self.prefix_cache_queries
 
     def get_computed_blocks(self, token_ids: Sequence[int]) -> tuple[list[KVBlock], int]:
-        """Longest cached prefix of full blocks, leaving at least the last token to compute."""
+        """Longest cached prefix of full blocks, leaving at least the last token to compute (read-only)."""
         if not self.enable_prefix_caching:
             return [], 0
         bs = self.block_size
@@ -92,10 +92,7 @@ class KVCacheManager:
             if block is None or block.block_id in self._pending:
                 break
             blocks.append(block)
-        num_tokens = len(blocks) * bs
-        self.prefix_cache_queries += len(token_ids)
-        self.prefix_cache_hits += num_tokens
-        return blocks, num_tokens
+        return blocks, len(blocks) * bs
 
     def pending_prefix(self, token_ids: Sequence[int], num_cached_tokens: int) -> bool:
         """Whether the block after the cached prefix is being computed by another sequence this step."""
@@ -127,7 +124,8 @@ class KVCacheManager:
     ) -> list[int] | None:
         """Grow seq_id's blocks to cover the new tokens; None (and no change) if blocks run out."""
         seq = self._seqs.get(seq_id)
-        if seq is None:
+        is_new = seq is None
+        if is_new:
             seq = _SeqState()
         total = self._check_allocate(seq, token_ids, num_computed_tokens, num_new_tokens, new_computed_blocks)
         hashes = self._extend_hashes(seq, token_ids, total)
@@ -143,6 +141,10 @@ class KVCacheManager:
         for _ in range(max(0, num_needed)):
             seq.blocks.append(self._take_free_block())
         seq.num_tokens = total
+        if is_new and self.enable_prefix_caching:
+            # NOTE: counted once per admitted sequence, not per lookup (a deferred lookup repeats)
+            self.prefix_cache_queries += len(token_ids)
+            self.prefix_cache_hits += len(new_computed_blocks) * self.block_size
         self._register_full_blocks(seq, hashes)
         self._seqs[seq_id] = seq
         return [b.block_id for b in seq.blocks]

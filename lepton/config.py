@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from lepton.errors import ConfigError
 
-RUNNERS = ("torch", "onnxruntime")
+RUNNERS = ("torch", "onnxruntime", "tensorrt")
 DTYPES = ("float32", "bfloat16")
 SCHEDULING_POLICIES = ("fcfs", "priority")
 
@@ -39,7 +39,9 @@ class SchedulerConfig:
 class RunnerConfig:
     """How the model is executed."""
 
-    runner: str = "torch"  # "torch": a HF folder; "onnxruntime": an export folder (python -m export onnx)
+    # "torch": a HF folder; "onnxruntime": an export folder (python -m export onnx);
+    # "tensorrt": an engine folder (python -m export tensorrt), GPU hosts only
+    runner: str = "torch"
     dtype: str = "float32"  # compute and KV cache dtype
     num_threads: int = 0  # intra-op threads; 0 = all cores
 

@@ -137,10 +137,11 @@ def test_prefix_hit_reuses_cached_blocks_and_counts_tokens() -> None:
     blocks, num_tokens = m.get_computed_blocks(b)
     assert [blk.block_id for blk in blocks] == [0, 1]
     assert num_tokens == 2 * BS
+    assert m.prefix_cache_queries == 14  # NOTE: statistics count admissions, not lookups
+    assert _alloc(m, "b", b, 0, len(b) - num_tokens, blocks) == [0, 1, 4, 5]
     assert m.prefix_cache_queries == 28
     assert m.prefix_cache_hits == 8
     assert m.prefix_cache_hit_rate == pytest.approx(8 / 28)
-    assert _alloc(m, "b", b, 0, len(b) - num_tokens, blocks) == [0, 1, 4, 5]
     assert _free_order(m) == [6, 7, 8, 9, 3, 2]
     assert [blk.ref_cnt for blk in blocks] == [1, 1]
     assert _blocks(m)[2].block_hash == _chain(a, 3)[2]  # a's third block stays cached
@@ -148,7 +149,7 @@ def test_prefix_hit_reuses_cached_blocks_and_counts_tokens() -> None:
     _check_invariants(m)
 
 
-def test_get_computed_blocks_is_read_only_apart_from_statistics() -> None:
+def test_get_computed_blocks_is_read_only() -> None:
     m = KVCacheManager(num_blocks=6, block_size=BS)
     tokens = list(range(9))
     _prefill(m, "a", tokens)
@@ -173,8 +174,7 @@ def test_never_returns_all_tokens() -> None:
     assert num_tokens == 2 * BS
     assert m.get_computed_blocks([]) == ([], 0)
     assert m.get_computed_blocks([0]) == ([], 0)
-    assert m.prefix_cache_queries == 8 + 8 + 9 + 0 + 1
-    assert m.prefix_cache_hits == 4 + 8
+    assert m.prefix_cache_queries == 8 and m.prefix_cache_hits == 0  # lookups alone count nothing
 
 
 def test_lazy_lru_eviction_takes_least_recently_freed_first() -> None:
