@@ -10,6 +10,16 @@ from lepton.scheduler import SchedulerOutput
 
 
 @dataclass(frozen=True)
+class AttentionGroup:
+    """Sequences whose queries are padded to one length together (decodes apart from prefills)."""
+
+    token_index: np.ndarray  # [S_g, Q_g] flat token of (sequence, slot); padding repeats the last token
+    token_slot: np.ndarray  # [T_g] index of each of the group's tokens in the padded [S_g * Q_g] layout
+    block_tables: np.ndarray  # [S_g, B_g]
+    tokens: np.ndarray  # [T_g] the flat tokens the group computes, ascending
+
+
+@dataclass(frozen=True)
 class ModelInput:
     """Flat tokens of all scheduled sequences plus the indices the paged step graph needs.
 
@@ -27,6 +37,9 @@ class ModelInput:
     slot_mapping: np.ndarray  # [T] pool slot (block * block_size + offset) each new K/V goes to
     logits_indices: np.ndarray  # [L] flat tokens whose logits are sampled, in scheduled order
     sample_request_ids: tuple[str, ...]  # [L] the request each logits row belongs to
+    # NOTE: the single padded layout above is the exported graph's contract; runners that can run
+    # several attention calls use these groups so that decodes are not padded to a prefill chunk.
+    groups: tuple[AttentionGroup, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -49,11 +62,7 @@ def build_model_input(output: SchedulerOutput, block_size: int) -> ModelInput:
         table = np.asarray(it.block_table, dtype=np.int64)
         tables[row, : len(table)] = table
         slots.append(table[pos // block_size] * block_size + pos % block_size)
-    offsets = np.minimum(np.arange(max_q, dtype=np.int64)[None, :], query_lens[:, None] - 1)
-    token_index = starts[:, None] + offsets
-    token_slot = np.concatenate(
-        [row * max_q + np.arange(n, dtype=np.int64) for row, n in enumerate(query_lens)]
-    )
+    token_index, token_slot = _padded_layout(starts, query_lens)
     sampled = [row for row, it in enumerate(items) if it.sample]
     return ModelInput(
         input_ids=np.concatenate([np.asarray(ids, np.int64) for ids in input_ids]),
@@ -66,4 +75,26 @@ def build_model_input(output: SchedulerOutput, block_size: int) -> ModelInput:
         slot_mapping=np.concatenate(slots),
         logits_indices=(starts + query_lens - 1)[sampled],
         sample_request_ids=tuple(items[row].seq.request_id for row in sampled),
+        groups=_groups(starts, query_lens, tables, [len(it.block_table) for it in items]),
     )
+
+
+def _padded_layout(starts: np.ndarray, query_lens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """token_index [S, Q] and token_slot [T] of sequences padded to the longest query."""
+    max_q = int(query_lens.max())
+    offsets = np.minimum(np.arange(max_q, dtype=np.int64)[None, :], query_lens[:, None] - 1)
+    token_slot = np.concatenate([row * max_q + np.arange(n, dtype=np.int64) for row, n in enumerate(query_lens)])
+    return starts[:, None] + offsets, token_slot
+
+
+def _groups(starts, query_lens, tables, table_lens) -> tuple[AttentionGroup, ...]:
+    """Decode rows (one query token) in one group, the other rows in another."""
+    groups = []
+    for rows in (np.flatnonzero(query_lens == 1), np.flatnonzero(query_lens > 1)):
+        if rows.size == 0:
+            continue
+        token_index, token_slot = _padded_layout(starts[rows], query_lens[rows])
+        tokens = np.concatenate([np.arange(starts[r], starts[r] + query_lens[r]) for r in rows])
+        width = max(table_lens[r] for r in rows)
+        groups.append(AttentionGroup(token_index, token_slot, tables[rows, :width], tokens.astype(np.int64)))
+    return tuple(groups)

@@ -98,11 +98,11 @@ class Attention(nn.Module):
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if batch.slot_mapping is None:
+        if isinstance(batch, StepIndex):
             out = paged_attention(q, k, v, k_pool, v_pool, batch, self.scale)
         else:
-            write_kv(k_pool, v_pool, k, v, batch.slot_mapping)
-            out = pooled_attention(q, k_pool, v_pool, batch, self.scale)
+            write_kv(k_pool, v_pool, k, v, batch[0].slot_mapping)
+            out = grouped_attention(q, k_pool, v_pool, batch, self.scale)
         return self.o_proj(out), k, v
 
 
@@ -115,6 +115,7 @@ class StepIndex:
     block_tables: torch.Tensor  # [S, B]
     mask: torch.Tensor  # True where a query may attend a key: [S, Q, B * bs + Q], or [S, Q, B * bs] in place
     slot_mapping: torch.Tensor | None = None  # [T] pool slots; set: K/V are written before attention
+    tokens: torch.Tensor | None = None  # [T_g] flat tokens of this group (grouped in-place steps only)
 
 
 def make_step_index(token_index, token_slot, query_lens, context_lens, block_tables, block_size: int):
@@ -131,18 +132,31 @@ def make_step_index(token_index, token_slot, query_lens, context_lens, block_tab
     return StepIndex(token_index, token_slot, block_tables, mask)
 
 
-def make_in_place_index(token_index, token_slot, positions, block_tables, block_size: int, slot_mapping):
-    """Mask over the pooled keys by position, for a step that writes its K/V before attention."""
-    query_pos = positions[token_index]  # [S, Q]
-    key_pos = torch.arange(block_tables.shape[1] * block_size, device=positions.device)
-    mask = key_pos.view(1, 1, -1) <= query_pos.unsqueeze(-1)
-    return StepIndex(token_index, token_slot, block_tables, mask, slot_mapping)
+def make_in_place_index(positions, block_size: int, slot_mapping, groups) -> list[StepIndex]:
+    """Per group (token_index, token_slot, block_tables, tokens): a mask over pooled keys by position."""
+    index = []
+    for token_index, token_slot, block_tables, tokens in groups:
+        query_pos = positions[token_index]  # [S, Q]
+        key_pos = torch.arange(block_tables.shape[1] * block_size, device=positions.device)
+        mask = key_pos.view(1, 1, -1) <= query_pos.unsqueeze(-1)
+        index.append(StepIndex(token_index, token_slot, block_tables, mask, slot_mapping, tokens))
+    return index
 
 
 def write_kv(k_pool, v_pool, k, v, slot_mapping) -> None:
     """Store this step's K/V at their pool slots (block * block_size + offset)."""
     k_pool.view(-1, *k_pool.shape[2:]).index_copy_(0, slot_mapping, k)
     v_pool.view(-1, *v_pool.shape[2:]).index_copy_(0, slot_mapping, v)
+
+
+def grouped_attention(q, k_pool, v_pool, groups: list[StepIndex], scale: float) -> torch.Tensor:
+    """pooled_attention of each group, assembled in flat token order."""
+    if len(groups) == 1:
+        return pooled_attention(q, k_pool, v_pool, groups[0], scale)
+    out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+    for group in groups:
+        out.index_copy_(0, group.tokens, pooled_attention(q, k_pool, v_pool, group, scale))
+    return out
 
 
 def pooled_attention(q, k_pool, v_pool, batch: StepIndex, scale: float) -> torch.Tensor:
@@ -248,10 +262,13 @@ class PagedCausalLM(nn.Module):
         logits, new_k, new_v = self._run(input_ids, positions, logits_indices, batch, k_pools, v_pools)
         return logits, torch.stack(new_k), torch.stack(new_v)
 
-    def step_in_place(self, input_ids, positions, token_index, token_slot, block_tables, logits_indices,
-                      slot_mapping, k_pools: list[torch.Tensor], v_pools: list[torch.Tensor]) -> torch.Tensor:
-        """Logits at logits_indices [L, V]; each layer writes its K/V into the pools before attention."""
-        batch = make_in_place_index(token_index, token_slot, positions, block_tables, self.block_size, slot_mapping)
+    def step_in_place(self, input_ids, positions, logits_indices, slot_mapping, groups,
+                      k_pools: list[torch.Tensor], v_pools: list[torch.Tensor]) -> torch.Tensor:
+        """Logits at logits_indices [L, V]; each layer writes its K/V into the pools before attention.
+
+        groups: (token_index, token_slot, block_tables, tokens) per attention group (lepton.batch).
+        """
+        batch = make_in_place_index(positions, self.block_size, slot_mapping, groups)
         return self._run(input_ids, positions, logits_indices, batch, k_pools, v_pools)[0]
 
     def _run(self, input_ids, positions, logits_indices, batch: StepIndex, k_pools, v_pools):

@@ -40,10 +40,12 @@ class TorchRunner:
     @torch.inference_mode()
     def execute(self, batch: ModelInput) -> torch.Tensor:
         """Compute one step (its K/V go into the pools layer by layer), return float32 logits [L, vocab]."""
-        t = {name: torch.from_numpy(getattr(batch, name)) for name in (
-            "input_ids", "positions", "token_index", "token_slot", "block_tables",
-            "logits_indices", "slot_mapping")}
+        groups = [
+            tuple(torch.from_numpy(a) for a in (g.token_index, g.token_slot, g.block_tables, g.tokens))
+            for g in batch.groups
+        ]
         return self.model.step_in_place(
-            t["input_ids"], t["positions"], t["token_index"], t["token_slot"], t["block_tables"],
-            t["logits_indices"], t["slot_mapping"], self.k_pools, self.v_pools,
+            torch.from_numpy(batch.input_ids), torch.from_numpy(batch.positions),
+            torch.from_numpy(batch.logits_indices), torch.from_numpy(batch.slot_mapping), groups,
+            self.k_pools, self.v_pools,
         )

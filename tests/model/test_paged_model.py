@@ -46,9 +46,10 @@ def test_in_place_and_read_only_steps_give_the_same_logits(demo_model_dir):
             for layer in range(cfg.num_layers):
                 k_pools[layer].view(-1, *shape[2:])[t["slot_mapping"]] = new_k[layer]
                 v_pools[layer].view(-1, *shape[2:])[t["slot_mapping"]] = new_v[layer]
-            in_place = model.step_in_place(t["input_ids"], t["positions"], t["token_index"], t["token_slot"],
-                                           t["block_tables"], t["logits_indices"], t["slot_mapping"],
-                                           *pools["in_place"])
+            groups = [tuple(torch.from_numpy(a) for a in (g.token_index, g.token_slot, g.block_tables, g.tokens))
+                      for g in batch.groups]
+            in_place = model.step_in_place(t["input_ids"], t["positions"], t["logits_indices"],
+                                           t["slot_mapping"], groups, *pools["in_place"])
             assert torch.allclose(logits, in_place, atol=1e-5, rtol=0), (logits - in_place).abs().max()
             for a, b in zip(pools["read_only"][0], pools["in_place"][0]):
                 assert torch.allclose(a, b, atol=1e-5, rtol=0)  # NOTE: later layers carry 1e-7-level noise
