@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,14 @@ class RunnerConfig:
     # "tensorrt": an engine folder (python -m export tensorrt), GPU hosts only
     runner: str = "torch"
     dtype: str = "float32"  # compute and KV cache dtype
-    num_threads: int = 0  # intra-op threads; 0 = all cores
+    num_threads: int = 0  # intra-op threads; 0 = all cores but one (see compute_threads)
+
+    @property
+    def compute_threads(self) -> int:
+        """Threads the runner computes with."""
+        # NOTE: on 2 cores, torch with 2 OpenMP threads slowed 5-20x whenever another process took
+        # a core (docs/benchmarks.md); one core is left to Triton's front end and the detokenizer.
+        return self.num_threads or max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ class OnnxRunner:
         self.model_config = self.manifest.model_config
         self.block_size = _check_config(self.manifest, config, path)
         self.num_blocks = _num_blocks(self.manifest, config.cache.kv_cache_memory_bytes)
-        self.session = make_session(path / self.manifest.model_file, config.runner.num_threads)
+        self.session = make_session(path / self.manifest.model_file, config.runner.compute_threads)
         _check_graph(self.session, self.manifest, path)
         cfg = self.model_config
         shape = (self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)

@@ -17,8 +17,7 @@ class TorchRunner:
     """Model weights plus per-layer K and V block pools of shape [num_blocks, block_size, KVH, D]."""
 
     def __init__(self, folder: ModelFolder, config: EngineConfig) -> None:
-        if config.runner.num_threads:
-            torch.set_num_threads(config.runner.num_threads)
+        torch.set_num_threads(config.runner.compute_threads)
         self.dtype = DTYPES[config.runner.dtype]
         self.block_size = config.cache.block_size
         self.model = load_model(folder, self.dtype, self.block_size)
