@@ -1,0 +1,1 @@
+"""Serving benchmarks: Lepton behind a real tritonserver against a transformers baseline."""

@@ -1,0 +1,100 @@
+"""Where an engine step's time goes: LLMEngine in-process (no Triton), step timings and a profile.
+
+    .venv/bin/python -m benchmarks.profile_engine --requests 64 --output-tokens 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import tokenizers
+
+from benchmarks.workload import PromptFactory, fixed_requests
+from lepton.config import EngineConfig
+from lepton.engine import LLMEngine
+from lepton.sampling_params import SamplingParams
+from lepton.server import PROJECT_ROOT
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.profile_engine", description=__doc__.split("\n")[0])
+    p.add_argument("--model-dir", type=Path, default=PROJECT_ROOT / "build/models/smollm-shape")
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--output-tokens", type=int, default=16)
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="engine parameter")
+    p.add_argument("--cprofile", action="store_true", help="also print the top functions by cumulative time")
+    p.add_argument("--torch-profile", action="store_true", help="also print the top torch ops of the run")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    params = {"kv_cache_memory_bytes": "1G", "max_num_seqs": "64", "max_num_batched_tokens": "512"}
+    params |= dict(item.split("=", 1) for item in args.param)
+    engine = LLMEngine(EngineConfig.from_parameters({"model_dir": str(args.model_dir), **params}))
+    factory = PromptFactory(tokenizers.Tokenizer.from_file(str(args.model_dir / "tokenizer.json")), 0)
+    sampling = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, ignore_eos=True)
+    for spec in fixed_requests(factory, "warm", 2, 32, 4):
+        engine.add_request(spec.request_id, spec.prompt, sampling.replace(max_tokens=4))
+    while engine.has_unfinished():
+        engine.step()
+    for spec in fixed_requests(factory, "p", args.requests, args.prompt_tokens, args.output_tokens):
+        engine.add_request(spec.request_id, spec.prompt, sampling)
+    profiler = cProfile.Profile() if args.cprofile else None
+    torch_prof = _torch_profiler() if args.torch_profile else None
+    steps, kinds = [], defaultdict(list)
+    started = time.perf_counter()
+    with torch_prof or _null():
+        while engine.has_unfinished():
+            sched_len = len(engine.scheduler.running) + engine.scheduler.num_waiting
+            t0 = time.perf_counter()
+            if profiler:
+                profiler.enable()
+            outputs = engine.step()
+            if profiler:
+                profiler.disable()
+            dt = time.perf_counter() - t0
+            steps.append((dt, len(outputs), sched_len))
+            kinds["decode" if engine.scheduler.num_waiting == 0 and all(
+                s.num_output_tokens > 1 for s in engine.scheduler.running) else "mixed/prefill"].append(dt)
+    wall = time.perf_counter() - started
+    total_out = args.requests * args.output_tokens
+    print(f"{args.requests} requests x {args.output_tokens} tokens: {wall:.2f} s, {total_out / wall:.1f} out tok/s, "
+          f"{len(steps)} steps")
+    for kind, times in kinds.items():
+        times = sorted(times)
+        print(f"  {kind}: {len(times)} steps, median {times[len(times) // 2] * 1e3:.1f} ms, "
+              f"max {times[-1] * 1e3:.1f} ms")
+    if profiler:
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(25)
+        print(out.getvalue())
+    if torch_prof:
+        print(torch_prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    return 0
+
+
+def _torch_profiler():
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU])
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
