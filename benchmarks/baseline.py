@@ -27,15 +27,15 @@ def run_baseline(model_dir: Path, specs: list[RequestSpec], tokenizer, num_threa
 
     TTFT is the time from calling generate() to the streamer receiving the first new token (the
     prefill plus one sampling step); each later put() gives one inter-token gap. num_threads: torch
-    intra-op threads, as the engine's `num_threads` (0 = all cores).
+    intra-op threads, chosen as the engine chooses them (0 = all cores but one).
     """
-    import os
-
     import torch
     from transformers import LlamaForCausalLM
 
+    from lepton.config import RunnerConfig
+
     threads = torch.get_num_threads()
-    torch.set_num_threads(num_threads or os.cpu_count())
+    torch.set_num_threads(RunnerConfig(num_threads=num_threads).compute_threads)
 
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     records = []
