@@ -5,9 +5,23 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_MODEL := build/models/demo
 ONNX_DEMO := build/onnx/demo
+TRAINED_MODEL := build/models/demo-trained
+ONNX_TRAINED := build/onnx/demo-trained
+# NOTE: --steps (not --minutes) so that the trained model is the same on every run at 2 threads.
+TRAIN_ARGS ?= --steps 300
+TRT_DEMO := build/trt/demo
+PRECISION ?= fp32
 RUNNER ?= torch
+# VARIANT=fp32|int8|int4 (with RUNNER=onnxruntime) serves the trained demo model's export of that precision;
+# without VARIANT, RUNNER=onnxruntime serves $(ONNX_DEMO) as before.
+VARIANT ?=
+VARIANT_DIR_fp32 := $(ONNX_TRAINED)
+VARIANT_DIR_int8 := $(ONNX_TRAINED)-int8
+VARIANT_DIR_int4 := $(ONNX_TRAINED)-int4
 ifeq ($(RUNNER),onnxruntime)
-MODEL ?= $(ONNX_DEMO)
+MODEL ?= $(if $(VARIANT),$(VARIANT_DIR_$(VARIANT)),$(ONNX_DEMO))
+else ifeq ($(RUNNER),tensorrt)
+MODEL ?= $(TRT_DEMO)
 else
 MODEL ?= $(DEMO_MODEL)
 endif
@@ -17,7 +31,7 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo-model export bench-runners serve test test-unit clean
+.PHONY: help setup demo-model export train quantize tensorrt engine bench bench-runners serve test test-unit clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -36,12 +50,41 @@ $(ONNX_DEMO)/manifest.json: $(DEMO_MODEL)/config.json export/onnx_export.py expo
 
 export: setup $(ONNX_DEMO)/manifest.json  ## export the demo model to a paged-KV ONNX graph, validated against PyTorch
 
+$(TRAINED_MODEL)/config.json: $(DEMO_MODEL)/config.json export/training.py export/corpus.py | setup
+	@$(PY) -m export train --model $(DEMO_MODEL) --out $(TRAINED_MODEL) $(TRAIN_ARGS)
+
+train: setup $(TRAINED_MODEL)/config.json  ## train the demo model on stdlib docstrings, a few minutes on CPU (TRAIN_ARGS=...)
+
+$(ONNX_TRAINED)/manifest.json: $(TRAINED_MODEL)/config.json export/onnx_export.py export/validation.py lepton/models/llama.py | setup
+	@$(PY) -m export onnx --model $(TRAINED_MODEL) --out $(ONNX_TRAINED)
+
+$(ONNX_TRAINED)-%/manifest.json: $(ONNX_TRAINED)/manifest.json export/quantization.py export/quality.py | setup
+	@$(PY) -m export quantize --export $(ONNX_TRAINED) --out $(ONNX_TRAINED)-$* --method $*
+
+quantize: setup $(ONNX_TRAINED)-int8/manifest.json $(ONNX_TRAINED)-int4/manifest.json  ## int8 + int4 exports of the trained demo model, quality-gated; prints fp32/int8/int4
+	@$(PY) -m export.quality --reference $(ONNX_TRAINED) $(ONNX_TRAINED)-int8 $(ONNX_TRAINED)-int4 \
+		--out build/reports/quantization-demo-trained
+
+tensorrt: setup $(ONNX_DEMO)/manifest.json  ## TensorRT plan of the demo export into build/trt/demo (PRECISION=fp32|fp16|bf16|int8|fp8; TensorRT-RTX builds without a GPU)
+	@$(PY) -m export tensorrt --export $(ONNX_DEMO) --out $(TRT_DEMO) --precision $(PRECISION)
+
+engine: tensorrt  ## alias of tensorrt
+
+bench: setup $(DEMO_MODEL)/config.json  ## serving benchmark against a real tritonserver (BENCH_ARGS=--quick for a smoke run)
+	@$(PY) -m benchmarks.serving $(BENCH_ARGS)
+
 bench-runners: setup $(DEMO_MODEL)/config.json  ## ONNX Runtime vs PyTorch decode-step latency (BENCH_ARGS=...)
 	@$(PY) -m export.bench_runners $(BENCH_ARGS)
 
-serve: setup  ## serve MODEL (default: the demo model) with RUNNER=torch|onnxruntime on HOST:HTTP_PORT/GRPC_PORT/METRICS_PORT
+serve: setup  ## serve MODEL (default: the demo model) with RUNNER=torch|onnxruntime [VARIANT=fp32|int8|int4] on HOST:HTTP_PORT/GRPC_PORT/METRICS_PORT
+	@if [ -n "$(VARIANT)" ] && [ "$(RUNNER)" != onnxruntime ]; then \
+		echo "VARIANT=$(VARIANT) serves an ONNX export: add RUNNER=onnxruntime" >&2; exit 2; fi
+	@if [ -n "$(VARIANT)" ] && [ -z "$(VARIANT_DIR_$(VARIANT))" ]; then \
+		echo "VARIANT must be fp32, int8 or int4, got '$(VARIANT)'" >&2; exit 2; fi
 	@if [ "$(MODEL)" = "$(DEMO_MODEL)" ]; then $(MAKE) --no-print-directory $(DEMO_MODEL)/config.json; fi
 	@if [ "$(MODEL)" = "$(ONNX_DEMO)" ]; then $(MAKE) --no-print-directory $(ONNX_DEMO)/manifest.json; fi
+	@for dir in $(VARIANT_DIR_fp32) $(VARIANT_DIR_int8) $(VARIANT_DIR_int4); do \
+		if [ "$(MODEL)" = "$$dir" ]; then $(MAKE) --no-print-directory $$dir/manifest.json || exit 1; fi; done
 	@$(PY) -m lepton.server --model $(MODEL) --param runner=$(RUNNER) --host $(HOST) --http-port $(HTTP_PORT) \
 		--grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from export.tensorrt_build import add_parser as add_tensorrt_parser
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__)
@@ -24,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("validate", help="re-run the parity checks of an export folder")
     check.add_argument("--model", type=Path, required=True, help="the source model folder")
     check.add_argument("--export", type=Path, required=True, help="the export folder")
+    _add_train_parser(commands)
+    _add_quantize_parser(commands)
+    add_tensorrt_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from export.demo_model import build_demo_model
@@ -33,7 +38,101 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "onnx":
         return _onnx(args)
+    if args.command == "train":
+        return _train(args)
+    if args.command == "tensorrt":
+        return args.handler(args)
+    if args.command == "quantize":
+        return _quantize(args)
     return _validate(args)
+
+
+def _add_train_parser(commands) -> None:
+    from export.training import TrainOptions as Defaults
+
+    train = commands.add_parser("train", help="train a model folder on standard-library docstrings (CPU)")
+    train.add_argument("--model", type=Path, required=True, help="model folder to start from, e.g. build/models/demo")
+    train.add_argument("--out", type=Path, required=True, help="trained model folder to write")
+    train.add_argument("--steps", type=int, default=None, help="optimizer steps (repeatable runs)")
+    train.add_argument("--minutes", type=float, default=None,
+                       help="wall-clock budget: the step count when --steps is absent, else a hard stop")
+    train.add_argument("--seq-len", type=int, default=Defaults.seq_len, help="tokens per training window")
+    train.add_argument("--batch-size", type=int, default=Defaults.batch_size, help="windows per step")
+    train.add_argument("--lr", type=float, default=Defaults.learning_rate, help="peak AdamW learning rate")
+    train.add_argument("--seed", type=int, default=Defaults.seed)
+    train.add_argument("--threads", type=int, default=Defaults.num_threads,
+                       help="torch threads (equal runs need equal counts)")
+    train.add_argument("--log-every", type=int, default=Defaults.log_every, help="print the loss every N steps")
+
+
+def _add_quantize_parser(commands) -> None:
+    quantize = commands.add_parser("quantize", help="quantize an export folder (int8 / int4), gated on quality")
+    quantize.add_argument("--export", type=Path, required=True, help="float32 export folder (python -m export onnx)")
+    quantize.add_argument("--out", type=Path, required=True, help="quantized export folder to write")
+    quantize.add_argument("--method", choices=("int8", "int4"), required=True)
+    quantize.add_argument("--block-size", type=int, default=None, help="int4: weights per scale (default 32)")
+    quantize.add_argument("--accuracy-level", type=int, default=None,
+                          help="int4: MatMulNBits compute type, 1 = fp32, 4 = int8 (default 4)")
+    quantize.add_argument("--no-quality-gate", action="store_true", help="report quality, never fail on it")
+    quantize.add_argument("--min-top1", type=float, default=None, help="override the gate's top-1 agreement")
+    quantize.add_argument("--max-kl-mean", type=float, default=None, help="override the gate's mean KL")
+    quantize.add_argument("--windows", type=int, default=None, help="held-out windows to evaluate (default 16)")
+    quantize.add_argument("--window-len", type=int, default=None, help="tokens per window (default 256)")
+    quantize.add_argument("--latency-steps", type=int, default=None, help="timed decode steps (default 100)")
+    quantize.add_argument("--latency-context", type=int, default=None,
+                          help="cached tokens per sequence in the timed step (default 256)")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from export.training import TrainOptions, train
+    from lepton.errors import ModelFolderError
+
+    options = TrainOptions(
+        model_dir=args.model, out_dir=args.out, steps=args.steps, minutes=args.minutes, seq_len=args.seq_len,
+        batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed, num_threads=args.threads,
+        log_every=args.log_every,
+    )
+    try:
+        log = train(options)
+    except (ModelFolderError, ValueError) as exc:
+        print(f"[train] error: {exc}", file=sys.stderr)
+        return 1
+    print(f"[train] wrote {args.out}: loss {log.losses[0]:.3f} -> {log.losses[-1]:.3f}, held-out perplexity "
+          f"{log.held_out_perplexity_before:.2f} -> {log.held_out_perplexity_after:.2f} in {log.seconds:.0f} s")
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from export.quality import GATES, EvalOptions, QualityGateError, format_table
+    from export.quantization import QuantizationError, QuantizeOptions, quantize_export
+    from lepton.errors import ModelFolderError
+
+    gate = GATES[args.method]
+    if args.min_top1 is not None or args.max_kl_mean is not None:
+        gate = dataclasses.replace(gate, min_top1_agreement=_or(args.min_top1, gate.min_top1_agreement),
+                                   max_kl_mean=_or(args.max_kl_mean, gate.max_kl_mean))
+    defaults = EvalOptions()
+    evaluation = EvalOptions(num_windows=_or(args.windows, defaults.num_windows),
+                             window_len=_or(args.window_len, defaults.window_len),
+                             latency_steps=_or(args.latency_steps, defaults.latency_steps),
+                             latency_context=_or(args.latency_context, defaults.latency_context))
+    options = QuantizeOptions(export_dir=args.export, out_dir=args.out, method=args.method,
+                              block_size=args.block_size, accuracy_level=args.accuracy_level, gate=gate,
+                              quality_gate=not args.no_quality_gate, evaluation=evaluation)
+    try:
+        manifest, report = quantize_export(options)
+    except (ModelFolderError, QuantizationError, QualityGateError, ValueError) as exc:
+        print(f"[quantize] error: {exc}", file=sys.stderr)
+        return 1
+    print(format_table([report]))
+    print(f"[quantize] wrote {args.out} ({manifest.quantization.preset}, {manifest.quantization.tool})")
+    return 0
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def _onnx(args: argparse.Namespace) -> int:

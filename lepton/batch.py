@@ -51,7 +51,6 @@ def build_model_input(output: SchedulerOutput, block_size: int) -> ModelInput:
     items = output.scheduled
     query_lens = np.array([it.num_new_tokens for it in items], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(query_lens)[:-1]]).astype(np.int64)
-    max_q = int(query_lens.max())
     max_blocks = max(len(it.block_table) for it in items)
     input_ids, positions, slots, tables = [], [], [], np.zeros((len(items), max_blocks), np.int64)
     for row, it in enumerate(items):

@@ -62,6 +62,24 @@ class CheckResult:
 
 
 @dataclass(frozen=True)
+class QuantizationRecipe:
+    """How a quantized export was made from its float32 export (see export/quantization.py presets)."""
+
+    preset: str  # the named preset the recipe started from, e.g. "int4-block32-sym-acc4"
+    method: str  # "int8": int8 weights, activations quantized per step; "int4": 4-bit weight-only
+    weight_type: str  # stored weight type: "int8", "uint8" or "int4"
+    per_channel: bool  # one scale per output channel (int8)
+    block_size: int | None  # weights per scale along K (int4 blocks); None when per channel
+    symmetric: bool  # no zero points
+    accuracy_level: int | None  # MatMulNBits compute type (1 fp32, 4 int8); None for int8
+    reduce_range: bool  # 7-bit int8 weights (avoids u8s8 saturation on CPUs without VNNI)
+    op_types: tuple[str, ...]  # ONNX op types whose constant weights were quantized
+    num_quantized: int  # weight matrices quantized
+    tool: str  # "onnxruntime 1.32.0"
+    source_graph_sha256: str  # of the float32 model.onnx the recipe was applied to
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything a runner or build step needs to know about model.onnx; nothing is guessed twice."""
 
@@ -79,7 +97,9 @@ class Manifest:
     dynamic_axes: dict[str, str]  # axis name -> meaning
     source: SourceModel
     tools: dict[str, str]  # package -> version at export time, plus python
-    quantization: dict[str, Any] | None = None  # recipe; None for a float32 export
+    # NOTE: typed since quantized exports exist; every earlier manifest wrote null here, so
+    # FORMAT_VERSION 1 files still load unchanged.
+    quantization: QuantizationRecipe | None = None  # None for a float32 export
     validation: tuple[CheckResult, ...] = field(default_factory=tuple)
 
     def save(self, path: Path) -> None:
@@ -151,6 +171,9 @@ def _value(kind: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(kind):
         return _build(kind, value, where)
     if origin in (typing.Union, types.UnionType):
+        if value is not None and len(args) == 2 and type(None) in args:
+            # NOTE: an optional field that is set: report the real type's error, not "none of".
+            return _value(next(a for a in args if a is not type(None)), value, where)
         for option in args:
             try:
                 return _value(option, value, where)

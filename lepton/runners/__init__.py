@@ -34,6 +34,12 @@ def _onnx_folder(path: Path) -> ModelFolder:
     return open_export_folder(path)
 
 
+def _tensorrt_folder(path: Path) -> ModelFolder:
+    from lepton.runners.tensorrt_runner import open_engine_folder
+
+    return open_engine_folder(path)
+
+
 def _torch_runner(folder: ModelFolder, config: EngineConfig) -> Runner:
     from lepton.runners.torch_runner import TorchRunner
 
@@ -46,13 +52,19 @@ def _onnx_runner(folder: ModelFolder, config: EngineConfig) -> Runner:
     return OnnxRunner(folder, config)
 
 
-# NOTE: imports are deferred so that serving with torch never imports onnxruntime, and vice versa.
-FOLDER_OPENERS = {"torch": _torch_folder, "onnxruntime": _onnx_folder}
-RUNNER_FACTORIES = {"torch": _torch_runner, "onnxruntime": _onnx_runner}
+def _tensorrt_runner(folder: ModelFolder, config: EngineConfig) -> Runner:
+    from lepton.runners.tensorrt_runner import TensorRTRunner
+
+    return TensorRTRunner(folder, config)
+
+
+# NOTE: imports are deferred so that serving with torch never imports onnxruntime or TensorRT, and vice versa.
+FOLDER_OPENERS = {"torch": _torch_folder, "onnxruntime": _onnx_folder, "tensorrt": _tensorrt_folder}
+RUNNER_FACTORIES = {"torch": _torch_runner, "onnxruntime": _onnx_runner, "tensorrt": _tensorrt_runner}
 
 
 def open_folder(config: EngineConfig) -> ModelFolder:
-    """The model folder the configured runner serves: a HF folder (torch) or an export folder (onnxruntime)."""
+    """The folder the configured runner serves: HF (torch), export (onnxruntime) or engine (tensorrt)."""
     return FOLDER_OPENERS[_checked(config)](Path(config.model_dir))
 
 
