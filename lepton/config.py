@@ -22,6 +22,7 @@ class CacheConfig:
 
     block_size: int = 16  # tokens per KV block
     kv_cache_memory_bytes: int = 512 << 20  # K and V pools of all layers together
+    kv_cache_memory_fraction: float = 0.0  # if > 0: this share of the memory the weights leave available
     enable_prefix_caching: bool = True
 
 
@@ -71,6 +72,8 @@ class EngineConfig:
         _choice("runner", self.runner.runner, RUNNERS)
         _choice("dtype", self.runner.dtype, DTYPES)
         _choice("policy", self.scheduler.policy, SCHEDULING_POLICIES)
+        if not 0.0 <= self.cache.kv_cache_memory_fraction < 1.0:
+            raise ConfigError(f"kv_cache_memory_fraction: must be in [0, 1), got {self.cache.kv_cache_memory_fraction}")
         if self.runner.num_threads < 0:
             raise ConfigError(f"num_threads: must be >= 0, got {self.runner.num_threads}")
         if self.max_model_len < 0 or self.default_max_tokens < 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lepton.errors import ModelFolderError
@@ -33,6 +34,20 @@ def rope_parameters(folder: ModelFolder) -> tuple[torch.Tensor, float]:
         return inv_freq, 1.0
     inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
     return inv_freq, float(scaling)
+
+
+def weight_bytes(folder: ModelFolder, dtype: torch.dtype) -> int:
+    """Bytes the weights take once loaded in dtype, from the safetensors headers alone."""
+    itemsize = torch.finfo(dtype).bits // 8
+    total = 0
+    for file in folder.weight_files:
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                numel = 1
+                for dim in handle.get_slice(name).get_shape():
+                    numel *= dim
+                total += numel * itemsize
+    return total
 
 
 def load_model(folder: ModelFolder, dtype: torch.dtype, block_size: int) -> PagedCausalLM:

@@ -13,6 +13,7 @@ from lepton.manifest import MANIFEST_FILE, Manifest
 from lepton.batch import ModelInput
 from lepton.config import EngineConfig
 from lepton.errors import ConfigError, ModelFolderError
+from lepton.memory import check_fits, kv_budget_bytes
 from lepton.model_folder import ModelFolder
 
 INDEX_INPUTS = (
@@ -55,7 +56,10 @@ class OnnxRunner:
         self.manifest = Manifest.load(path / MANIFEST_FILE)
         self.model_config = self.manifest.model_config
         self.block_size = _check_config(self.manifest, config, path)
-        self.num_blocks = _num_blocks(self.manifest, config.cache.kv_cache_memory_bytes)
+        weights = sum(f.stat().st_size for f in path.iterdir() if f.name.startswith(self.manifest.model_file))
+        kv_bytes = kv_budget_bytes(config.cache, weights)
+        check_fits(path, weights, kv_bytes)
+        self.num_blocks = _num_blocks(self.manifest, kv_bytes)
         self.session = make_session(path / self.manifest.model_file, config.runner.compute_threads)
         _check_graph(self.session, self.manifest, path)
         cfg = self.model_config

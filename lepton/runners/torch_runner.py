@@ -7,8 +7,9 @@ import torch
 from lepton.batch import ModelInput
 from lepton.config import EngineConfig
 from lepton.errors import ConfigError
+from lepton.memory import check_fits, kv_budget_bytes
 from lepton.model_folder import ModelFolder
-from lepton.models.loader import load_model
+from lepton.models.loader import load_model, weight_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -20,16 +21,18 @@ class TorchRunner:
         torch.set_num_threads(config.runner.compute_threads)
         self.dtype = DTYPES[config.runner.dtype]
         self.block_size = config.cache.block_size
+        weights = weight_bytes(folder, self.dtype)
+        kv_bytes = kv_budget_bytes(config.cache, weights)
+        check_fits(folder.path, weights, kv_bytes)
         self.model = load_model(folder, self.dtype, self.block_size)
         cfg = self.model.cfg
         self.model_config = cfg
         bytes_per_block = 2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim
         bytes_per_block *= torch.finfo(self.dtype).bits // 8
-        self.num_blocks = config.cache.kv_cache_memory_bytes // bytes_per_block
+        self.num_blocks = kv_bytes // bytes_per_block
         if self.num_blocks < 1:
             raise ConfigError(
-                f"kv_cache_memory_bytes: {config.cache.kv_cache_memory_bytes} bytes hold no KV block "
-                f"of {bytes_per_block} bytes; raise it"
+                f"kv_cache_memory_bytes: {kv_bytes} bytes hold no KV block of {bytes_per_block} bytes; raise it"
             )
         shape = (self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
         # NOTE: zero-filled so masked-out slots never hold NaN (0 * NaN would poison attention).

@@ -67,3 +67,18 @@ def test_shared_prefix_is_computed_once(demo_model_dir):
     assert stats.computed_tokens == 64 + 8 * 5 + 8 * (6 - 1)
     assert stats.prefix_cache_hits >= 7 * 64
     assert got == run(make_engine(demo_model_dir, enable_prefix_caching="false"), reqs)
+
+
+def test_a_model_too_large_for_memory_is_refused_at_load(demo_model_dir):
+    from lepton.errors import ModelFolderError
+    from lepton.memory import available_bytes
+
+    too_much = available_bytes() + (1 << 30)
+    with pytest.raises(ModelFolderError, match=r"weights \(0\.\d\d GiB\) \+ KV cache .* memory available"):
+        make_engine(demo_model_dir, kv_cache_memory_bytes=str(too_much))
+
+
+def test_kv_budget_as_a_fraction_of_available_memory(demo_model_dir):
+    engine = make_engine(demo_model_dir, kv_cache_memory_fraction="0.01")
+    per_block = 2 * 4 * 16 * 2 * 32 * 4  # K and V, 4 layers, block 16, 2 KV heads of 32, fp32
+    assert engine.kv_cache.num_blocks > (64 << 20) // per_block  # 1% of >= 6.4 GiB free

@@ -36,6 +36,7 @@ def test_sizes(size, expected):
     ({"model_dir": "/m", "dtype": "float16"}, "dtype: must be one of"),
     ({"model_dir": "/m", "policy": "lifo"}, "policy: must be one of"),
     ({"model_dir": "/m", "kv_cache_memory_bytes": "12X"}, "kv_cache_memory_bytes"),
+    ({"model_dir": "/m", "kv_cache_memory_fraction": "1.5"}, "kv_cache_memory_fraction: must be in [0, 1)"),
 ])
 def test_bad_parameters_fail_with_the_key(params, words):
     with pytest.raises(ConfigError) as info:
