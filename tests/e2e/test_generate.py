@@ -11,7 +11,7 @@ import tritonclient.http as httpclient
 
 from lepton.model_folder import ModelFolder
 from lepton.tokenizer import Tokenizer
-from reference import MAX_TOKENS, PROMPTS
+from reference import MAX_TOKENS, MIN_MARGIN, PROMPTS
 from tritonio import grpc_generate, http_generate, http_generate_stream, make_inputs
 
 pytestmark = pytest.mark.e2e
@@ -44,13 +44,22 @@ def test_every_protocol_returns_the_same_greedy_text(server, reference):
     assert result.as_numpy("text_output")[0].decode() == reference[prompt]
 
 
-def test_concurrent_greedy_requests_match_alone(server, reference):
-    """Requests batched together by the engine return what each returns alone."""
-    fields = [greedy_fields(p, stream=True) for p in PROMPTS * 3]
+def test_sixteen_concurrent_greedy_requests_of_different_lengths_match_alone(server):
+    """Requests batched together (chunked prefills among decodes) return the tokens each returns alone."""
+    words = "Return a new list containing all items from the iterable in ascending order . ".split()
+    params = json.dumps({"logprobs": 2})
+    fields = [{**greedy_fields(" ".join(words[: 2 + (i * 7) % 60] * (1 + i // 6)), stream=True),
+               "max_tokens": 8 + (i * 5) % 30, "sampling_parameters": params} for i in range(16)]
+    alone = [grpc_generate(server.grpc_url, f).logprobs for f in fields]
     with ThreadPoolExecutor(len(fields)) as pool:
-        replies = list(pool.map(lambda f: grpc_generate(server.grpc_url, f), fields))
-    for f, reply in zip(fields, replies):
-        assert reply.text == reference[f["text_input"]]
+        together = list(pool.map(lambda f: grpc_generate(server.grpc_url, f).logprobs, fields))
+    for solo, batched in zip(alone, together):
+        solo_ids, batched_ids = [e["token_id"] for e in solo], [e["token_id"] for e in batched]
+        if solo_ids != batched_ids:
+            # NOTE: batch shapes change float rounding only; a different token must be a near tie.
+            step = next(k for k, (a, b) in enumerate(zip(solo_ids, batched_ids)) if a != b)
+            top = solo[step]["top_logprobs"]
+            assert top[0][1] - top[1][1] < MIN_MARGIN, f"step {step}: {solo_ids} != {batched_ids}"
 
 
 def test_vllm_style_request_and_prompt_echo(server, reference):

@@ -6,7 +6,7 @@ import json
 import queue
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -27,6 +27,7 @@ class Reply:
     finish_reason: str
     num_input_tokens: int
     num_output_tokens: int
+    logprobs: list = field(default_factory=list)  # entries of the `logprobs` output, when requested
 
     @property
     def text(self) -> str:
@@ -57,7 +58,7 @@ def grpc_generate(url: str, fields: dict, model: str = MODEL, timeout: float = 6
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     try:
         client.async_stream_infer(model, make_inputs(fields), enable_empty_final_response=True)
-        texts, last = [], None
+        texts, last, logprobs = [], None, []
         while True:
             result, error = responses.get(timeout=timeout)
             if error is not None:
@@ -66,11 +67,13 @@ def grpc_generate(url: str, fields: dict, model: str = MODEL, timeout: float = 6
             if result.as_numpy("text_output") is not None:
                 texts.append(result.as_numpy("text_output")[0].decode())
                 last = result
+            if result.as_numpy("logprobs") is not None:
+                logprobs += json.loads(result.as_numpy("logprobs")[0])
             if final:
                 break
         return Reply(
             texts, last.as_numpy("finish_reason")[0].decode(),
-            int(last.as_numpy("num_input_tokens")[0]), int(last.as_numpy("num_output_tokens")[0]),
+            int(last.as_numpy("num_input_tokens")[0]), int(last.as_numpy("num_output_tokens")[0]), logprobs,
         )
     finally:
         client.stop_stream()
