@@ -118,6 +118,10 @@ class EngineLoop:
                 self._sinks.pop(request_id)
                 sink.send_error(exc)
             return
+        if any(output.finished for output in outputs):
+            # NOTE: before the final responses go out, so a client that has its answer and then
+            # reads the metrics port sees the request counted and its blocks freed.
+            self._publish_stats(force=True)
         for output in outputs:
             self._deliver(output)
 
