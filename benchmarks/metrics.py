@@ -4,22 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 
 from benchmarks.loadgen import InFlight
-
-
-def scrape(url: str) -> dict[str, float]:
-    """lepton_* samples by metric name (labels dropped)."""
-    with urllib.request.urlopen(url, timeout=5) as response:
-        lines = response.read().decode().splitlines()
-    values = {}
-    for line in lines:
-        if line.startswith("lepton_"):
-            name, value = line.rsplit(" ", 1)
-            values[name.split("{")[0]] = float(value)
-    return values
+from client.metrics import scrape
 
 
 @dataclass(frozen=True)

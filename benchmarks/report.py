@@ -142,10 +142,10 @@ def markdown(result: dict, images: list[Path], doc_dir: Path) -> str:
         f"- **Date**: {result['date']} (finished {result.get('finished', '?')})",
         f"- **Command**: `{result['command'].strip()}`",
         f"- **Machine**: {m['nproc']} cores ({m['cpu_model']}), {m['mem_gib']} GiB, no GPU; torch {m['torch']} "
-        f"({m['torch_threads_client']} threads), transformers {m['transformers']}, tritonclient {m['tritonclient']}; "
+        f"({m['torch_threads_client']} threads in the benchmark process), transformers {m['transformers']}, tritonclient {m['tritonclient']}; "
         f"load average (1/5/15 min) at start {', '.join(f'{x:.2f}' for x in m['loadavg_at_start'])}, at end "
-        f"{', '.join(f'{x:.2f}' for x in m.get('loadavg_at_end', ()))} (a shared machine: others' jobs ran "
-        "alongside); measured read bandwidth "
+        f"{', '.join(f'{x:.2f}' for x in m.get('loadavg_at_end', ()))} (above about 1, other jobs "
+        "shared the 2 cores); measured read bandwidth "
         f"(torch sum of 512 MiB) {m['read_bandwidth_gbps']['1_thread']} GB/s with 1 thread, "
         f"{m['read_bandwidth_gbps']['all_threads']} GB/s with all",
         f"- **Model**: SmolLM-135M shape (hidden 576, 30 layers, 9 heads / 3 KV heads, vocab 49152, tied), "

@@ -24,12 +24,13 @@ from benchmarks import report
 from benchmarks.baseline import run_baseline
 from benchmarks.loadgen import InFlight, closed_loop, open_loop
 from benchmarks.machine import code_version, machine_info, process_tree_cpu_s, read_bandwidth_gbps
-from benchmarks.metrics import MetricsSampler, scrape
+from benchmarks.metrics import MetricsSampler
 from benchmarks.model import SmolLMShape, build_model, weight_bytes
 from benchmarks.stats import kv_fragmentation, summarize
 from benchmarks.workload import (
     PromptFactory, RequestSpec, fixed_requests, poisson_requests, shared_prefix_requests,
 )
+from client.metrics import scrape
 from lepton.server import PROJECT_ROOT, ServerOptions, TritonServer
 
 BUILD_DIR = PROJECT_ROOT / "build" / "bench" / "serving"

@@ -9,7 +9,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from test_cancel import wait_idle
-from tritonio import grpc_generate, http_post, make_inputs, metrics
+from client.metrics import scrape as metrics
+from tritonio import grpc_generate, http_post, make_inputs
 
 pytestmark = pytest.mark.e2e
 

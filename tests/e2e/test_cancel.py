@@ -9,7 +9,8 @@ import time
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tritonio import grpc_generate, make_inputs, metrics
+from client.metrics import scrape as metrics
+from tritonio import grpc_generate, make_inputs
 
 pytestmark = pytest.mark.e2e
 

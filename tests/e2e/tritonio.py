@@ -111,15 +111,3 @@ def http_generate_stream(url: str, fields: dict) -> Reply:
     return Reply(
         [e["text_output"] for e in events], last["finish_reason"], last["num_input_tokens"], last["num_output_tokens"]
     )
-
-
-def metrics(url: str) -> dict[str, float]:
-    """lepton_* samples from the Prometheus endpoint, by metric name (no labels)."""
-    with urllib.request.urlopen(url, timeout=10) as response:
-        lines = response.read().decode().splitlines()
-    values = {}
-    for line in lines:
-        if line.startswith("lepton_"):
-            name, value = line.rsplit(" ", 1)
-            values[name.split("{")[0]] = float(value)
-    return values
