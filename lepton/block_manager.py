@@ -110,6 +110,25 @@ class KVCacheManager:
         """The step's forward pass wrote its K/V: blocks registered during it become hittable."""
         self._pending.clear()
 
+    def forget_pending(self, seq_id: str) -> None:
+        """seq_id's step failed: its blocks registered this step hold no K/V, so they leave the cache."""
+        seq = self._seqs.get(seq_id)
+        for block in seq.blocks if seq is not None else ():
+            if block.block_id in self._pending:
+                self._uncache(block)
+
+    def discard_pending(self) -> None:
+        """The whole step failed: every block registered during it leaves the cache."""
+        for block_id in list(self._pending):
+            self._uncache(self._blocks[block_id])
+
+    def _uncache(self, block: KVBlock) -> None:
+        # NOTE: the sequence keeps the block (and its chain hashes); only lookups can no longer hit it.
+        if block.block_hash is not None and self._cache.get(block.block_hash) is block:
+            del self._cache[block.block_hash]
+        block.block_hash = None
+        self._pending.discard(block.block_id)
+
     def can_allocate(self, num_blocks: int) -> bool:
         """Whether num_blocks new blocks can be taken from the free list now."""
         return num_blocks <= len(self._free)

@@ -45,6 +45,7 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         stop: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
+        min_tokens: int = 0,
     ) -> None:
         if isinstance(stop, str):
             raise TypeError("stop must be a sequence of strings, not a string")
@@ -54,6 +55,10 @@ class IncrementalDetokenizer:
         self._skip_special_tokens = skip_special_tokens
         self._stops: tuple[str, ...] = tuple(dict.fromkeys(stop))
         self._include_stop = include_stop_str_in_output
+        # NOTE: as in vLLM, no stop string ends the output before min_tokens tokens exist; a stop
+        # string that ends in the text of a later token still counts, wherever it began.
+        self._min_tokens = min_tokens
+        self._num_tokens = 0
         # NOTE: a stop string can span at most this many already-seen characters, so that many are held back.
         self._hold = max((len(s) for s in self._stops), default=1) - 1
         context = [int(t) for t in prompt_token_ids[max(len(prompt_token_ids) - PROMPT_CONTEXT_TOKENS, 0) :]]
@@ -82,6 +87,7 @@ class IncrementalDetokenizer:
         if self.stopped_by is not None:
             return ""
         self._window.ids.extend(int(t) for t in token_ids)
+        self._num_tokens += len(token_ids)
         return self._release(self._decode_new(final=False), final=False)
 
     def flush(self) -> str:
@@ -123,7 +129,8 @@ class IncrementalDetokenizer:
         if not new_text and not (final and self._pending):
             return ""
         buf = self._pending + new_text
-        match = _find_stop(buf, len(self._pending), self._stops)
+        stops = self._stops if self._num_tokens >= self._min_tokens else ()
+        match = _find_stop(buf, len(self._pending), stops)
         if match is not None:
             self.stopped_by = match.stop
             out = buf[: match.end if self._include_stop else match.start]

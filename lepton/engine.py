@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from lepton.batch import build_model_input
 from lepton.block_manager import KVCacheManager
 from lepton.config import EngineConfig
 from lepton.detokenizer import IncrementalDetokenizer
 from lepton.errors import ConfigError, InvalidRequest
 from lepton.runners import make_runner, open_folder
-from lepton.sampler import SamplingInput, make_generator, sample
+from lepton.isolation import run_isolated, sample_isolated
+from lepton.sampler import SamplingInput, make_generator
 from lepton.sampling_params import SamplingParams
 from lepton.scheduler import Scheduler
 from lepton.sequence import FinishReason, Sequence
@@ -32,6 +32,7 @@ class RequestOutput:
     num_input_tokens: int
     num_output_tokens: int
     logprobs: list = field(default_factory=list)  # per new token: [(id, logprob), ...] when asked
+    error: Exception | None = None  # set when the request failed (finish_reason ERROR)
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,22 @@ class EngineStats:
     computed_tokens: int  # tokens run through the model (prefix-cache hits are not computed)
 
 
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A request tokenized and checked against the model's limits, ready to queue (any thread)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
 @dataclass(eq=False)
 class _Request:
     seq: Sequence
     detokenizer: IncrementalDetokenizer
     generator: object  # torch.Generator, or None when greedy
+    stop_token_ids: frozenset[int]  # NOTE: built once, so each step's check is O(1)
+    banned_token_ids: tuple[int, ...]  # eos and stop ids in the vocab, masked before min_tokens
 
 
 class LLMEngine:
@@ -81,10 +93,10 @@ class LLMEngine:
         self._generated_tokens = 0
         self._computed_tokens = 0
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> int:
-        """Validate against the model's limits and queue; returns the prompt's token count."""
-        if request_id in self._requests:
-            raise InvalidRequest("request_id", f"{request_id!r} is already running")
+    def prepare(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> PreparedRequest:
+        """Tokenize and check against the model's limits; safe to call from any thread."""
+        # NOTE: the tokenizer releases the GIL, so a long prompt tokenized here does not stall the
+        # engine thread's steps.
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not token_ids or (isinstance(prompt, str) and not prompt.strip()):
             raise InvalidRequest("text_input", "the prompt is empty")
@@ -97,16 +109,31 @@ class LLMEngine:
                 f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                 f"model's context of {self.max_model_len} tokens",
             )
+        return PreparedRequest(request_id, token_ids, params)
+
+    def add_prepared(self, request: PreparedRequest) -> int:
+        """Queue a prepared request (engine thread); returns the prompt's token count."""
+        request_id, token_ids, params = request.request_id, request.prompt_token_ids, request.params
+        if request_id in self._requests:
+            raise InvalidRequest("request_id", f"{request_id!r} is already running")
         seq = Sequence(request_id, token_ids, params, max_total_tokens=self.max_model_len)
         detok = IncrementalDetokenizer(
             self.tokenizer.backend, token_ids, skip_special_tokens=params.skip_special_tokens,
             stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output,
+            min_tokens=params.min_tokens,
         )
         generator = None if params.greedy else make_generator(params.seed)
+        stop_ids = frozenset(params.stop_token_ids)
+        vocab = self.runner.model_config.vocab_size
+        banned = tuple(sorted(t for t in stop_ids | self.tokenizer.eos_token_ids if t < vocab))
         self.scheduler.add(seq)  # raises ServerBusy when the queue is full
-        self._requests[request_id] = _Request(seq, detok, generator)
+        self._requests[request_id] = _Request(seq, detok, generator, stop_ids, banned)
         self._prompt_tokens += len(token_ids)
         return len(token_ids)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> int:
+        """prepare() then add_prepared(), on the calling thread; returns the prompt's token count."""
+        return self.add_prepared(self.prepare(request_id, prompt, params))
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its blocks at once; None if it is not known."""
@@ -135,29 +162,54 @@ class LLMEngine:
         )
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model, sample, and return one output per request that got a token."""
+        """Schedule, run the model, sample; one output per request that got a token or failed.
+
+        A request whose model run, sampling or detokenization fails is finished with its own error
+        (RequestOutput.error); the others in the step go on.
+        """
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
-        batch = build_model_input(sched, self.config.cache.block_size)
-        logits = self.runner.execute(batch)
-        rows = [self._sampling_input(self._requests[rid]) for rid in batch.sample_request_ids]
-        result = sample(logits, rows)
-        sampled = dict(zip(batch.sample_request_ids, result.token_ids))
-        self.scheduler.update(sched, sampled)
+        errors: dict[str, Exception] = {}
+        try:
+            rids, logits, errors = run_isolated(self.runner, sched, self.config.cache.block_size)
+            # NOTE: K/V a failed run should have written are garbage: its new cache entries go.
+            for rid in errors:
+                self.kv_cache.forget_pending(rid)
+            rows = [self._sampling_input(self._requests[rid]) for rid in rids]
+            sampled, logprobs = sample_isolated(logits, rids, rows, errors)
+            outputs = [self._fail(rid, exc) for rid, exc in errors.items()]
+            self.scheduler.update(sched, sampled)
+        except Exception as exc:  # NOTE: a defect of the step itself: fail its requests, not the server
+            logger.exception("engine step failed")
+            self.kv_cache.discard_pending()
+            return [self._fail(item.seq.request_id, exc) for item in sched.scheduled]
         self._generated_tokens += len(sampled)
         self._computed_tokens += sched.num_batched_tokens
-        outputs = []
-        for rid, token_id, logprobs in zip(batch.sample_request_ids, result.token_ids, result.logprobs):
-            outputs.append(self._after_token(self._requests[rid], token_id, logprobs))
+        for rid, token_id in sampled.items():
+            try:
+                outputs.append(self._after_token(self._requests[rid], token_id, logprobs.get(rid)))
+            except Exception as exc:  # NOTE: e.g. detokenization: this request alone fails
+                logger.exception("finishing the step of %s failed", rid)
+                outputs.append(self._fail(rid, exc))
         return outputs
+
+    def _fail(self, request_id: str, error: Exception) -> RequestOutput:
+        """Finish request_id with error and free its blocks (if it still holds any)."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return RequestOutput(request_id, "", [], True, FinishReason.ERROR, 0, 0, error=error)
+        self.scheduler.finish(req.seq, FinishReason.ERROR)
+        output = self._output(req, "", [], FinishReason.ERROR)
+        output.error = error
+        return output
 
     def _sampling_input(self, req: _Request) -> SamplingInput:
         seq = req.seq
         return SamplingInput(
             params=seq.params, prompt_token_ids=seq.prompt_token_ids,
             output_token_ids=seq.output_token_ids, generator=req.generator,
-            eos_token_ids=self.tokenizer.eos_token_ids,
+            eos_token_ids=self.tokenizer.eos_token_ids, banned_token_ids=req.banned_token_ids,
         )
 
     def _after_token(self, req: _Request, token_id: int, logprobs) -> RequestOutput:
@@ -176,7 +228,7 @@ class LLMEngine:
         if req.detokenizer.stopped_by is not None:
             return FinishReason.STOP
         if seq.num_output_tokens >= params.min_tokens:
-            if token_id in params.stop_token_ids:
+            if token_id in req.stop_token_ids:
                 return FinishReason.STOP
             if not params.ignore_eos and token_id in self.tokenizer.eos_token_ids:
                 return FinishReason.STOP

@@ -17,9 +17,10 @@ from typing import Mapping
 import numpy as np
 
 from lepton.errors import InvalidRequest
-from lepton.sampling_params import FIELD_NAMES, SamplingParams
+from lepton.sampling_params import BOOL_FIELDS, FIELD_NAMES, MAX_STOP_STRINGS, SamplingParams
 
 MAX_PROMPT_BYTES = 1 << 20
+MAX_SAMPLING_PARAMETERS_BYTES = 64 << 10
 # NOTE: tensor-style inputs and the SamplingParams field each one sets.
 TENSOR_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "min_tokens", "ignore_eos")
 INT_FIELDS = {"max_tokens", "top_k", "seed", "min_tokens", "logprobs", "priority"}
@@ -87,10 +88,18 @@ def _sampling_parameters(array: np.ndarray | None) -> dict:
     if array is None:
         return {}
     text = _text({"sampling_parameters": array}, "sampling_parameters")
+    if len(text) > MAX_SAMPLING_PARAMETERS_BYTES:
+        raise InvalidRequest(
+            "sampling_parameters", f"at most {MAX_SAMPLING_PARAMETERS_BYTES} bytes, got {len(text)}"
+        )
     try:
         data = json.loads(text) if text and text.strip() else {}
     except json.JSONDecodeError as exc:
         raise InvalidRequest("sampling_parameters", f"invalid JSON: {exc.msg} at char {exc.pos}") from None
+    except ValueError:  # NOTE: an integer past Python's digit limit (4,300)
+        raise InvalidRequest("sampling_parameters", "invalid JSON: a number is too long") from None
+    except RecursionError:
+        raise InvalidRequest("sampling_parameters", "invalid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise InvalidRequest("sampling_parameters", "must be a JSON object")
     unknown = sorted(set(data) - FIELD_NAMES)
@@ -110,14 +119,28 @@ def _json_value(key: str, value):
         if not isinstance(value, list):
             raise InvalidRequest(key, "must be a list")
         return tuple(value)
-    if key in FLOAT_FIELDS and isinstance(value, int) and not isinstance(value, bool):
+    if key in FLOAT_FIELDS and isinstance(value, int) and not isinstance(value, bool) and abs(value) < 1 << 64:
         return float(value)
+    if key in BOOL_FIELDS:
+        return _json_bool(key, value)
     return value
+
+
+def _json_bool(key: str, value) -> bool:
+    # NOTE: JSON true/false, and the strings "true"/"false" that Triton's vLLM backend also takes.
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:40]}..."
+    raise InvalidRequest(key, f"must be true or false, got {shown}")
 
 
 def _tensor_value(name: str, array: np.ndarray):
     values = array.reshape(-1)
     if name == "stop":
+        if values.size > MAX_STOP_STRINGS:
+            raise InvalidRequest(name, f"at most {MAX_STOP_STRINGS} stop strings, got {values.size}")
         return tuple(_text({name: np.array([v], dtype=object)}, name) for v in values)
     if values.size != 1:
         raise InvalidRequest(name, f"expected exactly one value, got {values.size}")
@@ -135,7 +158,8 @@ MIN_LOGPROB = -9999.0  # NOTE: -inf is not JSON; masked tokens report this (as v
 def logprobs_json(per_token: list) -> list[dict]:
     """Sampler logprobs ([(sampled id, lp)] + top-n [(id, lp)] per token) as JSON-ready dicts."""
     def clamp(value: float) -> float:
-        return max(float(value), MIN_LOGPROB)
+        value = float(value)
+        return value if value >= MIN_LOGPROB else MIN_LOGPROB  # NOTE: NaN too: JSON has no NaN
 
     return [
         {"token_id": entries[0][0], "logprob": clamp(entries[0][1]),

@@ -25,6 +25,9 @@ class SamplingInput:
     output_token_ids: Sequence[int]
     generator: torch.Generator | None = None  # per request; None when greedy
     eos_token_ids: frozenset[int] = frozenset()  # the model's eos ids
+    # NOTE: eos + stop ids within the vocab, sorted, built once per request by the engine; None
+    # means "derive from eos_token_ids and params.stop_token_ids" (each step, for direct callers).
+    banned_token_ids: Sequence[int] | None = None
 
 
 @dataclass
@@ -70,7 +73,9 @@ def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> tor
     for i, row in enumerate(rows):
         if len(row.output_token_ids) >= row.params.min_tokens:
             continue
-        banned = sorted(t for t in row.eos_token_ids.union(row.params.stop_token_ids) if 0 <= t < vocab)
+        banned = row.banned_token_ids
+        if banned is None:
+            banned = sorted(t for t in row.eos_token_ids.union(row.params.stop_token_ids) if 0 <= t < vocab)
         row_idx += [i] * len(banned)
         tok_idx += banned
     if not row_idx:

@@ -13,6 +13,12 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_LOGPROBS = 20
 MAX_SEED = (1 << 63) - 1
+MAX_STOP_TOKEN_IDS = 64
+# NOTE: a penalty below this underflows or overflows float32 logits (1e-300 becomes 0 and divides by
+# zero); vLLM's useful range is about 1..2, so [0.01, 100] loses nothing.
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 100.0
+BOOL_FIELDS = ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens")
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,8 @@ class SamplingParams:
         _check_float("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
         _check_int("top_k", self.top_k, low=0, high=MAX_TOP_K)
         _check_float("min_p", self.min_p, low=0.0, high=1.0)
-        _check_float("repetition_penalty", self.repetition_penalty, low=0.0, high=100.0, low_open=True)
+        _check_float("repetition_penalty", self.repetition_penalty,
+                     low=MIN_REPETITION_PENALTY, high=MAX_REPETITION_PENALTY)
         _check_float("presence_penalty", self.presence_penalty, low=-2.0, high=2.0)
         _check_float("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0)
         if self.seed is not None:
@@ -61,10 +68,19 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s or len(s) > MAX_STOP_STRING_CHARS:
                 raise InvalidRequest(
-                    "stop", f"each stop string must be 1..{MAX_STOP_STRING_CHARS} characters, got {s!r}"
+                    "stop", f"each stop string must be 1..{MAX_STOP_STRING_CHARS} characters, got {_show(s)}"
                 )
+        if not isinstance(self.stop, tuple) or not isinstance(self.stop_token_ids, tuple):
+            raise InvalidRequest("stop" if not isinstance(self.stop, tuple) else "stop_token_ids", "must be a list")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidRequest(
+                "stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}"
+            )
         for t in self.stop_token_ids:
-            _check_int("stop_token_ids", t, low=0)
+            _check_int("stop_token_ids", t, low=0, high=MAX_SEED)
+        for name in BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidRequest(name, f"must be true or false, got {_show(getattr(self, name))}")
 
     @property
     def greedy(self) -> bool:
@@ -77,20 +93,30 @@ class SamplingParams:
 FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 
 
+def _show(value, limit: int = 40) -> str:
+    """repr(value) cut to limit characters, so an error never echoes a huge input back."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**limit:
+        return f"an integer of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _check_int(name: str, value, low: int | None = None, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(name, f"must be an integer, got {value!r}")
+        raise InvalidRequest(name, f"must be an integer, got {_show(value)}")
     if low is not None and value < low:
-        raise InvalidRequest(name, f"must be >= {low}, got {value}")
+        raise InvalidRequest(name, f"must be >= {low}, got {_show(value)}")
     if high is not None and value > high:
-        raise InvalidRequest(name, f"must be <= {high}, got {value}")
+        raise InvalidRequest(name, f"must be <= {high}, got {_show(value)}")
 
 
 def _check_float(name: str, value, low: float, high: float, low_open: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise InvalidRequest(name, f"must be a number, got {value!r}")
+        raise InvalidRequest(name, f"must be a number, got {_show(value)}")
+    if isinstance(value, int) and abs(value) > 10**40:
+        raise InvalidRequest(name, f"must be in [{low}, {high}], got {_show(value)}")
     if value < low or (low_open and value == low):
         bound = f"> {low}" if low_open else f">= {low}"
-        raise InvalidRequest(name, f"must be {bound}, got {value}")
+        raise InvalidRequest(name, f"must be {bound}, got {_show(value)}")
     if value > high:
-        raise InvalidRequest(name, f"must be <= {high}, got {value}")
+        raise InvalidRequest(name, f"must be <= {high}, got {_show(value)}")

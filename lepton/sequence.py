@@ -21,6 +21,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # eos token, stop token id or stop string
     LENGTH = "length"  # max_tokens or the model's context reached
     CANCELLED = "cancelled"  # the client cancelled or went away
+    ERROR = "error"  # the request failed (RequestOutput.error says why)
 
     def __str__(self) -> str:
         return self.value

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
+from lepton.lifetime import descendants, kill_tree, kill_with_parent, port_in_use
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SOURCE_REPOSITORY = PROJECT_ROOT / "model_repository"
 MODEL_NAME = "lepton"
@@ -43,6 +45,8 @@ class ServerOptions:
     engine_parameters: dict[str, str] = field(default_factory=dict)  # config.pbtxt overrides
     work_dir: Path | None = None  # where the served repository copy goes; default build/triton/<http_port>
     log_verbose: int = 0
+    # NOTE: how long a stop waits for tritonserver's own graceful exit before killing its tree.
+    stop_timeout_s: float = 10.0
 
 
 def prepare_repository(options: ServerOptions) -> Path:
@@ -84,6 +88,7 @@ def server_command(options: ServerOptions, repo: Path) -> list[str]:
         f"--metrics-address={options.host}", f"--metrics-port={options.metrics_port}",
         "--allow-gpu-metrics=false",
         "--exit-on-error=true",
+        f"--exit-timeout-secs={max(1, int(options.stop_timeout_s) - 2)}",
         f"--log-verbose={options.log_verbose}",
     ]
 
@@ -111,9 +116,12 @@ class TritonServer:
     def start(self, timeout: float = 180.0) -> "TritonServer":
         repo = prepare_repository(self.options)
         out = open(self.log_file, "w") if self.log_file else None
+        # NOTE: a session of its own (a terminal's Ctrl-C reaches the launcher, which stops it in
+        # order), and SIGKILL when the launcher dies, however it dies.
         self.process = subprocess.Popen(
             server_command(self.options, repo), env=server_environment(),
             stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True,
+            preexec_fn=kill_with_parent,
         )
         self.wait_ready(timeout)
         return self
@@ -134,16 +142,24 @@ class TritonServer:
         self.stop()
         raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s{self._log_hint()}")
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGINT (Triton's graceful shutdown), then SIGKILL if it lingers."""
-        if self.process is None or self.process.poll() is not None:
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGINT (Triton's graceful shutdown); past the timeout, SIGKILL to the whole tree."""
+        if self.process is None:
             return
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        tree = descendants(self.process.pid)  # NOTE: before tritonserver exits and its stubs lose it
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(self.options.stop_timeout_s if timeout is None else timeout)
+            except subprocess.TimeoutExpired:
+                tree = sorted(set(tree) | set(descendants(self.process.pid)))
+                kill_tree(self.process.pid)
+                self.process.wait()
+        for pid in tree:  # NOTE: a stub left behind by tritonserver (stuck, or stopped) goes too
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def _log_hint(self) -> str:
         return f"; see {self.log_file}" if self.log_file else ""
@@ -169,6 +185,9 @@ def _parse_args(argv: list[str] | None):
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="engine parameter written into config.pbtxt (repeatable), e.g. max_num_seqs=16")
+    parser.add_argument("--stop-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="on Ctrl-C / SIGTERM, how long to wait for a graceful exit before killing "
+                             "tritonserver and its backend processes (default: 10)")
     parser.add_argument("--log-verbose", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -183,9 +202,15 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("error: --param takes KEY=VALUE")
     # NOTE: fail here, with a clear message, before starting the server
     open_folder(EngineConfig.from_parameters({"model_dir": str(args.model), **params}))
+    for name, port in (("HTTP", args.http_port), ("gRPC", args.grpc_port), ("metrics", args.metrics_port)):
+        if port_in_use(args.host, port):
+            sys.exit(f"error: the {name} port {args.host}:{port} is already in use (another Lepton or "
+                     f"tritonserver?); stop it or choose another port (--{name.lower()}-port, or "
+                     f"{name.upper()}_PORT=... with make serve)")
     options = ServerOptions(
         model_dir=args.model, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, engine_parameters=params, log_verbose=args.log_verbose,
+        stop_timeout_s=args.stop_timeout,
     )
     server = TritonServer(options)
     started = time.monotonic()
@@ -196,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         server.process.wait()
         return server.process.returncode or 0
     except KeyboardInterrupt:
+        # NOTE: a second Ctrl-C / SIGTERM must not cut the stop short and leave processes behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("\nstopping tritonserver ...", flush=True)
         return 0
     finally:

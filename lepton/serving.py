@@ -1,20 +1,24 @@
 """The engine loop: a background thread that owns the engine and streams outputs to sinks.
 
-Front ends (Triton's model.py) call `submit` and `shutdown` from any thread; only the loop thread
-touches the engine, so the engine and its bookkeeping need no locks.
+Front ends (Triton's model.py) call `submit` and `shutdown` from any thread. Prompts are tokenized
+and checked on tokenizer threads (so a long prompt never stalls the running streams); only the
+loop thread touches the engine's state, so the engine and its bookkeeping need no locks.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import deque
 from typing import Callable, Protocol
 
-from lepton.engine import EngineStats, LLMEngine, RequestOutput
-from lepton.errors import LeptonError
+from lepton.engine import EngineStats, LLMEngine, PreparedRequest, RequestOutput
+from lepton.errors import LeptonError, ServerBusy
 from lepton.sampling_params import SamplingParams
+
+NUM_TOKENIZER_THREADS = 2
 
 logger = logging.getLogger(__name__)
 
@@ -42,25 +46,55 @@ class EngineLoop:
         self._on_stats = on_stats
         self._stats_interval_s = stats_interval_s
         self._stats_published_at = 0.0
-        self._inbox: deque[tuple[str, str, SamplingParams, OutputSink]] = deque()
+        self._inbox: deque[tuple[PreparedRequest, OutputSink]] = deque()
         self._sinks: dict[str, OutputSink] = {}
         self._wake = threading.Condition()
         self._stopping = False
+        self._to_prepare: queue.SimpleQueue = queue.SimpleQueue()
+        self._preparers = [
+            threading.Thread(target=self._prepare_loop, name=f"lepton-tokenizer-{i}", daemon=True)
+            for i in range(NUM_TOKENIZER_THREADS)
+        ]
         self._thread = threading.Thread(target=self._run, name="lepton-engine", daemon=True)
-        self._thread.start()
+        for thread in (*self._preparers, self._thread):
+            thread.start()
 
-    def submit(self, request_id: str, prompt: str, params: SamplingParams, sink: OutputSink) -> None:
-        """Queue a request; its outputs (or its error) arrive at sink from the loop thread."""
-        with self._wake:
-            self._inbox.append((request_id, prompt, params, sink))
-            self._wake.notify()
+    def submit(self, request_id: str, prompt: str | list[int], params: SamplingParams, sink: OutputSink) -> None:
+        """Queue a request; its outputs (or its error) arrive at sink from the engine's threads."""
+        self._to_prepare.put((request_id, prompt, params, sink))
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Cancel everything in flight and stop the thread."""
+        """Cancel everything in flight and stop the threads."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
-        self._thread.join(timeout)
+        for _ in self._preparers:
+            self._to_prepare.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in (self._thread, *self._preparers):
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _prepare_loop(self) -> None:
+        while True:
+            item = self._to_prepare.get()
+            if item is None:
+                return
+            request_id, prompt, params, sink = item
+            try:
+                if self._stopping:
+                    raise ServerBusy("server busy: shutting down")
+                prepared = self.engine.prepare(request_id, prompt, params)
+            except Exception as exc:  # NOTE: LeptonError, or a tokenizer failure: this request alone
+                if not isinstance(exc, LeptonError):
+                    logger.exception("preparing %s failed", request_id)
+                self._send_error(sink, exc)
+                continue
+            with self._wake:
+                if self._stopping:
+                    self._send_error(sink, ServerBusy("server busy: shutting down"))
+                    continue
+                self._inbox.append((prepared, sink))
+                self._wake.notify()
 
     @property
     def num_active(self) -> int:
@@ -95,13 +129,22 @@ class EngineLoop:
             logger.exception("publishing engine stats failed")
 
     def _admit(self, arrivals) -> None:
-        for request_id, prompt, params, sink in arrivals:
+        for prepared, sink in arrivals:
             try:
-                self.engine.add_request(request_id, prompt, params)
-            except LeptonError as exc:
-                sink.send_error(exc)
+                self.engine.add_prepared(prepared)
+            except Exception as exc:
+                if not isinstance(exc, LeptonError):
+                    logger.exception("admitting %s failed", prepared.request_id)
+                self._send_error(sink, exc)
                 continue
-            self._sinks[request_id] = sink
+            self._sinks[prepared.request_id] = sink
+
+    @staticmethod
+    def _send_error(sink: OutputSink, error: Exception) -> None:
+        try:
+            sink.send_error(error)
+        except Exception:  # NOTE: the client went away; nothing is left to free
+            logger.exception("sending an error failed")
 
     def _reap_cancelled(self) -> None:
         for request_id, sink in list(self._sinks.items()):
@@ -111,12 +154,13 @@ class EngineLoop:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as exc:  # NOTE: a failed step fails its requests, not the server
+        except Exception as exc:  # NOTE: last resort (engine.step isolates failures itself)
             logger.exception("engine step failed")
+            self.engine.kv_cache.discard_pending()
             for request_id, sink in list(self._sinks.items()):
                 self.engine.abort(request_id)
                 self._sinks.pop(request_id)
-                sink.send_error(exc)
+                self._send_error(sink, exc)
             return
         if any(output.finished for output in outputs):
             # NOTE: before the final responses go out, so a client that has its answer and then
@@ -133,6 +177,9 @@ class EngineLoop:
             self._sinks.pop(output.request_id, None)
         if sink is None:
             return
+        if output.error is not None:
+            self._send_error(sink, output.error)
+            return
         try:
             sink.send(output)
         except Exception:  # the client went away; its request is aborted on the next check
@@ -143,3 +190,8 @@ class EngineLoop:
     def _abort_all(self) -> None:
         for request_id in list(self._sinks):
             self._deliver(self.engine.abort(request_id))
+        with self._wake:
+            leftovers = list(self._inbox)
+            self._inbox.clear()
+        for _, sink in leftovers:
+            self._send_error(sink, ServerBusy("server busy: shutting down"))

@@ -48,7 +48,9 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of text, with the special tokens the tokenizer's post-processor adds (BOS)."""
-        return self.backend.encode(text, add_special_tokens=True).ids
+        # NOTE: encode_batch releases the GIL (encode does not): a 1 MiB prompt tokenized on a
+        # front-end thread must not stop the engine thread for its whole duration.
+        return self.backend.encode_batch([text], add_special_tokens=True)[0].ids
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(token_ids, skip_special_tokens=skip_special_tokens)

@@ -13,6 +13,7 @@ import triton_python_backend_utils as pb_utils
 from lepton.config import EngineConfig
 from lepton.engine import EngineStats, LLMEngine, RequestOutput
 from lepton.errors import InvalidRequest, describe
+from lepton.lifetime import exit_with_parent
 from lepton.protocol import convert_request, logprobs_json
 from lepton.serving import EngineLoop
 from lepton.triton_errors import triton_error
@@ -23,6 +24,7 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 class TritonPythonModel:
     def initialize(self, args):
         self.logger = pb_utils.Logger
+        exit_with_parent()  # NOTE: this stub must not outlive tritonserver
         model_config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
             raise pb_utils.TritonModelException("the lepton model must be decoupled")
@@ -39,7 +41,10 @@ class TritonPythonModel:
             inputs = {t.name(): t.as_numpy() for t in request.inputs()}
             try:
                 parsed = convert_request(inputs, self.config.default_max_tokens)
-            except InvalidRequest as exc:
+            except Exception as exc:  # NOTE: never a traceback to the client, never the whole batch
+                if not isinstance(exc, InvalidRequest):
+                    self.logger.log_error(f"lepton: parsing a request failed: {exc!r}")
+                    exc = InvalidRequest("request", "could not be parsed")
                 sender.send(pb_utils.InferenceResponse(error=_error(exc)), flags=FINAL)
                 continue
             request_id = f"{request.request_id() or 'req'}-{uuid.uuid4().hex[:12]}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import triton_python_backend_utils as pb_utils
 
 from lepton.errors import kind_of_message
+from lepton.lifetime import exit_with_parent
 from lepton.triton_errors import triton_error
 
 TARGET_MODEL = "lepton"
@@ -16,6 +17,9 @@ OUTPUTS = ["text_output", "finish_reason", "num_input_tokens", "num_output_token
 
 
 class TritonPythonModel:
+    def initialize(self, args):
+        exit_with_parent()  # NOTE: this stub must not outlive tritonserver
+
     def execute(self, requests):
         return [self._forward(request) for request in requests]
 
