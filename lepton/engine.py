@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field
 
 from lepton.block_manager import KVCacheManager
+from lepton.chat import ChatPrompt
 from lepton.config import EngineConfig
 from lepton.detokenizer import IncrementalDetokenizer
 from lepton.errors import ConfigError, InvalidRequest
@@ -93,13 +94,19 @@ class LLMEngine:
         self._generated_tokens = 0
         self._computed_tokens = 0
 
-    def prepare(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> PreparedRequest:
-        """Tokenize and check against the model's limits; safe to call from any thread."""
+    def prepare(
+        self, request_id: str, prompt: str | list[int] | ChatPrompt, params: SamplingParams
+    ) -> PreparedRequest:
+        """Tokenize (a conversation: render its chat template first) and check against the model's
+        limits; safe to call from any thread."""
         # NOTE: the tokenizer releases the GIL, so a long prompt tokenized here does not stall the
         # engine thread's steps.
-        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if isinstance(prompt, ChatPrompt):
+            token_ids = self.tokenizer.encode_chat(prompt)
+        else:
+            token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not token_ids or (isinstance(prompt, str) and not prompt.strip()):
-            raise InvalidRequest("text_input", "the prompt is empty")
+            raise InvalidRequest("messages" if isinstance(prompt, ChatPrompt) else "text_input", "the prompt is empty")
         vocab = self.runner.model_config.vocab_size
         if any(not 0 <= t < vocab for t in token_ids):
             raise InvalidRequest("prompt_token_ids", f"token ids must be in [0, {vocab})")
@@ -131,7 +138,7 @@ class LLMEngine:
         self._prompt_tokens += len(token_ids)
         return len(token_ids)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> int:
+    def add_request(self, request_id: str, prompt: str | list[int] | ChatPrompt, params: SamplingParams) -> int:
         """prepare() then add_prepared(), on the calling thread; returns the prompt's token count."""
         return self.add_prepared(self.prepare(request_id, prompt, params))
 

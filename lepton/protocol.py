@@ -16,6 +16,7 @@ from typing import Mapping
 
 import numpy as np
 
+from lepton.chat import ChatPrompt, parse_messages
 from lepton.errors import InvalidRequest
 from lepton.sampling_params import BOOL_FIELDS, FIELD_NAMES, MAX_STOP_STRINGS, SamplingParams
 
@@ -32,7 +33,7 @@ TUPLE_FIELDS = {"stop", "stop_token_ids"}
 class GenerateRequest:
     """A parsed, validated request, ready for the engine."""
 
-    prompt: str
+    prompt: str | ChatPrompt  # text_input, or the `messages` conversation to render with the template
     params: SamplingParams
     stream: bool
     exclude_input_in_output: bool
@@ -41,9 +42,12 @@ class GenerateRequest:
 def convert_request(inputs: Mapping[str, np.ndarray], default_max_tokens: int) -> GenerateRequest:
     """Parse input tensors (name -> numpy array) into a GenerateRequest or raise InvalidRequest."""
     prompt = _text(inputs, "text_input")
-    if prompt is None:
-        raise InvalidRequest("text_input", "required input is missing")
-    if not prompt.strip():
+    messages = _messages(inputs)
+    if prompt is not None and messages is not None:
+        raise InvalidRequest("messages", "give either text_input or messages, not both")
+    if prompt is None and messages is None:
+        raise InvalidRequest("text_input", "required input is missing (or give messages)")
+    if prompt is not None and not prompt.strip():
         raise InvalidRequest("text_input", "the prompt is empty")
     fields = _sampling_parameters(inputs.get("sampling_parameters"))
     for name in TENSOR_FIELDS:
@@ -51,7 +55,7 @@ def convert_request(inputs: Mapping[str, np.ndarray], default_max_tokens: int) -
             fields[name] = _tensor_value(name, inputs[name])
     fields.setdefault("max_tokens", default_max_tokens)
     return GenerateRequest(
-        prompt=prompt,
+        prompt=prompt if prompt is not None else messages,
         params=SamplingParams(**fields),
         stream=_bool(inputs, "stream", False),
         exclude_input_in_output=_bool(inputs, "exclude_input_in_output", False),
@@ -73,6 +77,19 @@ def _text(inputs: Mapping[str, np.ndarray], name: str) -> str | None:
         return bytes(raw).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidRequest(name, f"is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
+def _messages(inputs: Mapping[str, np.ndarray]) -> ChatPrompt | None:
+    text = _text(inputs, "messages")
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest("messages", f"invalid JSON: {exc.msg} at char {exc.pos}") from None
+    except (ValueError, RecursionError):
+        raise InvalidRequest("messages", "invalid JSON: a number too long or nesting too deep") from None
+    return parse_messages(data)
 
 
 def _bool(inputs: Mapping[str, np.ndarray], name: str, default: bool) -> bool:

@@ -14,6 +14,7 @@ import time
 from collections import deque
 from typing import Callable, Protocol
 
+from lepton.chat import ChatPrompt
 from lepton.engine import EngineStats, LLMEngine, PreparedRequest, RequestOutput
 from lepton.errors import LeptonError, ServerBusy
 from lepton.sampling_params import SamplingParams
@@ -59,7 +60,8 @@ class EngineLoop:
         for thread in (*self._preparers, self._thread):
             thread.start()
 
-    def submit(self, request_id: str, prompt: str | list[int], params: SamplingParams, sink: OutputSink) -> None:
+    def submit(self, request_id: str, prompt: str | list[int] | ChatPrompt, params: SamplingParams,
+               sink: OutputSink) -> None:
         """Queue a request; its outputs (or its error) arrive at sink from the engine's threads."""
         self._to_prepare.put((request_id, prompt, params, sink))
 

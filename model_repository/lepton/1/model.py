@@ -106,7 +106,9 @@ class TritonSink:
 
     def __init__(self, sender, parsed, metrics: Metrics) -> None:
         self.sender, self.stream, self.metrics = sender, parsed.stream, metrics
-        self.text = "" if parsed.stream or parsed.exclude_input_in_output else parsed.prompt
+        # NOTE: a conversation (`messages`) is never echoed: only text_input is put before the output.
+        echo = not (parsed.stream or parsed.exclude_input_in_output) and isinstance(parsed.prompt, str)
+        self.text = parsed.prompt if echo else ""
         self.logprobs = [] if parsed.params.logprobs is not None else None  # pending, not yet sent
         self.last_time, self.num_tokens = time.monotonic(), 0
 
