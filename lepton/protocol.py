@@ -11,6 +11,7 @@ Precedence: a field given as its own tensor overrides the same key in `sampling_
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -140,6 +141,24 @@ def _json_value(key: str, value):
         return float(value)
     if key in BOOL_FIELDS:
         return _json_bool(key, value)
+    if isinstance(value, str) and key in INT_FIELDS | FLOAT_FIELDS:
+        return _numeric_string(key, value)
+    return value
+
+
+_INT_STRING = re.compile(r"[+-]?\d{1,20}")
+_FLOAT_STRING = re.compile(r"[+-]?(\d{1,40}(\.\d{0,40})?|\.\d{1,40})([eE][+-]?\d{1,3})?")
+
+
+def _numeric_string(key: str, value: str):
+    # NOTE: Triton's vLLM backend (and genai-perf --backend vllm, which sends {"max_tokens": "64"})
+    # takes numbers as strings for its numeric keys; anything else stays a string and is refused
+    # by SamplingParams with the usual "must be an integer / a number" message.
+    text = value.strip()
+    if _INT_STRING.fullmatch(text):
+        return int(text) if key in INT_FIELDS else float(text)
+    if key in FLOAT_FIELDS and _FLOAT_STRING.fullmatch(text):
+        return float(text)
     return value
 
 

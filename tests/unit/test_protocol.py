@@ -61,7 +61,7 @@ def test_tensor_overrides_sampling_parameters():
     ({"sampling_parameters": t_str("{bad")}, "sampling_parameters", "invalid JSON"),
     ({"sampling_parameters": t_str("[]")}, "sampling_parameters", "JSON object"),
     ({"sampling_parameters": t_str('{"max_tokens": 4, "beam_width": 2}')}, "sampling_parameters", "beam_width"),
-    ({"sampling_parameters": t_str('{"max_tokens": "4"}')}, "max_tokens", "integer"),
+    ({"sampling_parameters": t_str('{"max_tokens": "4x"}')}, "max_tokens", "integer"),
     ({"sampling_parameters": t_str('{"max_tokens": 4.5}')}, "max_tokens", "integer"),
     ({"sampling_parameters": t_str('{"stop": 5}')}, "stop", "list"),
     ({"max_tokens": np.array([0], np.int32)}, "max_tokens", ">= 1"),
@@ -84,3 +84,36 @@ def test_bad_input_names_the_field(inputs, field, words):
         convert_request(inputs, 128)
     assert info.value.field == field
     assert words in str(info.value)
+
+
+def test_numbers_as_strings_as_the_vllm_backend_takes_them():
+    """genai-perf --backend vllm sends {"max_tokens": "64"}: numeric strings for numeric keys parse."""
+    params = {"max_tokens": "64", "temperature": "0.5", "top_p": " 1 ", "top_k": "+3", "seed": "7",
+              "min_p": "1e-2", "ignore_eos": "true", "skip_special_tokens": "False"}
+    req = parse(text_input=t_str("Hi"), sampling_parameters=t_str(json.dumps(params)))
+    assert req.params == SamplingParams(max_tokens=64, temperature=0.5, top_p=1.0, top_k=3, seed=7, min_p=0.01,
+                                        ignore_eos=True, skip_special_tokens=False)
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("max_tokens", "6.4", "must be an integer, got '6.4'"),
+    ("max_tokens", "sixty", "must be an integer"),
+    ("temperature", "nan", "must be a number, got 'nan'"),
+    ("temperature", "inf", "must be a number"),
+    ("top_k", "", "must be an integer"),
+    ("ignore_eos", "yes", "must be true or false"),
+    ("ignore_eos", 1, "must be true or false"),
+    ("repetition_penalty", 1e-300, "repetition_penalty: must be >= 0.01"),
+    ("stop_token_ids", list(range(65)), "stop_token_ids: at most 64 ids, got 65"),
+])
+def test_bad_values_in_sampling_parameters_name_the_field(key, value, words):
+    with pytest.raises(InvalidRequest) as info:
+        parse(text_input=t_str("Hi"), sampling_parameters=t_str(json.dumps({key: value})))
+    assert info.value.field == key and words in str(info.value)
+
+
+@pytest.mark.parametrize("raw", ['{"max_tokens": ' + "9" * 5000 + "}", "[" * 100_000, '{"seed": ' + "1" * 4000 + "}"])
+def test_huge_and_deep_json_is_a_clear_error(raw):
+    with pytest.raises(InvalidRequest) as info:
+        parse(text_input=t_str("Hi"), sampling_parameters=t_str(raw))
+    assert len(str(info.value)) < 200 and info.value.field in ("sampling_parameters", "seed")
