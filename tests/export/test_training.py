@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 from export.training import (
-    LOG_FILE, TrainOptions, lr_factor, spaced_windows, split_modules, stdlib_modules, token_stream, train,
+    LOG_FILE, TrainOptions, eos_token_id, lr_factor, spaced_windows, split_modules, stdlib_modules, token_stream,
+    train,
 )
 from lepton.model_folder import ModelFolder
 
@@ -111,3 +113,35 @@ def test_a_minutes_budget_stops_the_run_and_says_how_to_repeat_it(tiny_models, t
     log = train(options(tiny_models("llama"), tmp_path / "budget", steps=None, minutes=1e-4))
     assert log.stopped_by == "minutes" and 1 <= log.steps < STEPS
     assert f"--steps {log.steps} " in log.reproduce
+
+
+def tokenizer_folder(demo_model_dir, path, **configs):
+    """The demo tokenizer.json with the given JSON files (name without .json -> content) beside it."""
+    path.mkdir()
+    shutil.copy2(demo_model_dir / "tokenizer.json", path / "tokenizer.json")
+    for name, content in configs.items():
+        (path / f"{name}.json").write_text(json.dumps(content))
+    return path / "tokenizer.json"
+
+
+def test_token_stream_ends_documents_with_the_folders_own_eos(demo_model_dir, tmp_path):
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(demo_model_dir / "tokenizer.json"))
+    im_end, pad = vocab.token_to_id("<|im_end|>"), vocab.token_to_id("<pad>")
+    # NOTE: SmolLM2's kind: eos "<|im_end|>" (not the demo's "</s>"), as an AddedToken dict here.
+    chat = tokenizer_folder(demo_model_dir, tmp_path / "chat",
+                            tokenizer_config={"eos_token": {"content": "<|im_end|>", "special": True}})
+    stream = token_stream(chat, ("textwrap",))
+    assert stream.dtype == np.int64 and stream[-1] == im_end and vocab.token_to_id("</s>") not in stream
+    by_id = tokenizer_folder(demo_model_dir, tmp_path / "ids", tokenizer_config={"eos_token": None},
+                             generation_config={"eos_token_id": [pad, im_end]}, config={"eos_token_id": im_end})
+    assert eos_token_id(by_id.parent, vocab) == pad
+    only_config = tokenizer_folder(demo_model_dir, tmp_path / "config", config={"eos_token_id": im_end})
+    assert token_stream(only_config, ("textwrap",))[-1] == im_end
+
+
+def test_token_stream_without_any_eos_is_a_clear_error(demo_model_dir, tmp_path):
+    bare = tokenizer_folder(demo_model_dir, tmp_path / "bare", tokenizer_config={"eos_token": "<|no such token|>"})
+    with pytest.raises(ValueError, match="no EOS token"):
+        token_stream(bare, ("textwrap",))
