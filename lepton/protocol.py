@@ -24,7 +24,10 @@ from lepton.sampling_params import BOOL_FIELDS, FIELD_NAMES, MAX_STOP_STRINGS, S
 MAX_PROMPT_BYTES = 1 << 20
 MAX_SAMPLING_PARAMETERS_BYTES = 64 << 10
 # NOTE: tensor-style inputs and the SamplingParams field each one sets.
-TENSOR_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "min_tokens", "ignore_eos")
+TENSOR_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "min_tokens", "ignore_eos",
+                 "repetition_penalty", "presence_penalty", "frequency_penalty")
+# NOTE: TensorRT-LLM's names for the same fields (genai-perf --backend tensorrtllm sends min_length).
+TENSOR_ALIASES = {"min_length": "min_tokens", "random_seed": "seed"}
 INT_FIELDS = {"max_tokens", "top_k", "seed", "min_tokens", "logprobs", "priority"}
 FLOAT_FIELDS = {"temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"}
 TUPLE_FIELDS = {"stop", "stop_token_ids"}
@@ -51,9 +54,9 @@ def convert_request(inputs: Mapping[str, np.ndarray], default_max_tokens: int) -
     if prompt is not None and not prompt.strip():
         raise InvalidRequest("text_input", "the prompt is empty")
     fields = _sampling_parameters(inputs.get("sampling_parameters"))
-    for name in TENSOR_FIELDS:
+    for name, field in (*((n, n) for n in TENSOR_FIELDS), *TENSOR_ALIASES.items()):
         if name in inputs:
-            fields[name] = _tensor_value(name, inputs[name])
+            fields[field] = _tensor_value(field, inputs[name])
     fields.setdefault("max_tokens", default_max_tokens)
     return GenerateRequest(
         prompt=prompt if prompt is not None else messages,

@@ -117,3 +117,11 @@ def test_huge_and_deep_json_is_a_clear_error(raw):
     with pytest.raises(InvalidRequest) as info:
         parse(text_input=t_str("Hi"), sampling_parameters=t_str(raw))
     assert len(str(info.value)) < 200 and info.value.field in ("sampling_parameters", "seed")
+
+
+def test_tensorrt_llm_names_and_penalty_tensors():
+    req = parse(text_input=t_str("Hi"), min_length=np.array([3], np.int32), random_seed=np.array([9], np.uint64),
+                max_tokens=np.array([5], np.int32), repetition_penalty=np.array([1.5], np.float32),
+                presence_penalty=np.array([0.5], np.float32), frequency_penalty=np.array([-0.5], np.float32))
+    assert req.params == SamplingParams(max_tokens=5, min_tokens=3, seed=9, repetition_penalty=1.5,
+                                        presence_penalty=0.5, frequency_penalty=-0.5)
