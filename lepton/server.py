@@ -185,6 +185,10 @@ def _parse_args(argv: list[str] | None):
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="engine parameter written into config.pbtxt (repeatable), e.g. max_num_seqs=16")
+    parser.add_argument("--auto", action="store_true",
+                        help="unless --param runner=... is given: time the model's eligible configurations on "
+                             "this processor (torch, and its ONNX exports under build/onnx whose quality gate "
+                             "passed) and serve the fastest; prints what it chose and why")
     parser.add_argument("--stop-timeout", type=float, default=10.0, metavar="SECONDS",
                         help="on Ctrl-C / SIGTERM, how long to wait for a graceful exit before killing "
                              "tritonserver and its backend processes (default: 10)")
@@ -200,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     params = dict(item.split("=", 1) for item in args.param if "=" in item)
     if len(params) != len(args.param):
         sys.exit("error: --param takes KEY=VALUE")
+    if args.auto and "runner" not in params:
+        args.model, params = _auto_configuration(args.model, params)
     # NOTE: fail here, with a clear message, before starting the server
     open_folder(EngineConfig.from_parameters({"model_dir": str(args.model), **params}))
     for name, port in (("HTTP", args.http_port), ("gRPC", args.grpc_port), ("metrics", args.metrics_port)):
@@ -228,6 +234,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         server.stop()
+
+
+def _auto_configuration(model: Path, params: dict[str, str]) -> tuple[Path, dict[str, str]]:
+    """The fastest eligible configuration of model on this processor (lepton.autoselect)."""
+    from lepton.autoselect import choose
+
+    build = PROJECT_ROOT / "build"
+    choice = choose(model, build / "onnx", build / "autoselect")
+    print(choice.explain(), flush=True)
+    chosen = choice.candidate
+    params = {"runner": chosen.runner, **params}
+    params.setdefault("num_threads", str(chosen.num_threads))
+    return chosen.model_dir, params
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:

@@ -1,0 +1,185 @@
+"""Pick the fastest serving configuration of a model on this processor, among those proven good.
+
+Candidates are the torch runner on the model folder itself and the ONNX exports built from it
+(`build/onnx/*` whose manifest names this folder as its source); a quantized export is a candidate
+only when its quality report (written by `python -m export quantize`) passed its gate. Each is
+timed here, on this processor, through the engine itself (a 16-sequence and a 1-sequence decode
+step), because the winner differs between processors (AVX2 / AVX-512 / VNNI / BF16 / AMX); the
+result is cached per processor and candidate set. An explicit runner setting never comes here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+BATCH = 16
+PROMPT_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One configuration the engine may serve."""
+
+    name: str  # e.g. "onnxruntime int8"
+    runner: str
+    model_dir: Path
+    num_threads: int
+
+
+@dataclass(frozen=True)
+class Timing:
+    candidate: Candidate
+    decode_batch_ms: float  # median step with BATCH sequences decoding
+    decode_one_ms: float  # median step with one sequence decoding
+
+    @property
+    def score(self) -> float:
+        """Time per generated token under load, with single-stream latency as a minor term."""
+        return self.decode_batch_ms / BATCH + 0.25 * self.decode_one_ms
+
+
+def cpu_features() -> dict[str, object]:
+    """The processor's name, usable cores and the instruction-set extensions that change the winner."""
+    flags: set[str] = set()
+    name = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            elif line.startswith("model name") and name == "unknown":
+                name = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return {"model": name, "cores": len(os.sched_getaffinity(0)), **{f: f in flags for f in CPU_FLAGS}}
+
+
+def candidates(model_dir: Path, exports_root: Path) -> tuple[list[Candidate], list[str]]:
+    """Eligible candidates, and a line for each export left out and why."""
+    model_dir = Path(model_dir).resolve()
+    cores = len(os.sched_getaffinity(0))
+    threads = sorted({cores, max(1, cores - 1)}, reverse=True)
+    found = [Candidate(f"torch fp32, {n} threads", "torch", model_dir, n) for n in threads]
+    skipped = []
+    for manifest_file in sorted(Path(exports_root).glob("*/manifest.json")):
+        export = manifest_file.parent
+        try:
+            manifest = json.loads(manifest_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if Path(manifest.get("source", {}).get("path", "")).resolve() != model_dir:
+            continue
+        method = (manifest.get("quantization") or {}).get("method", "fp32")
+        failures = _quality_failures(export, method)
+        if failures:
+            skipped.append(f"{export.name} ({method}): quality gate not passed: {failures}")
+            continue
+        found += [Candidate(f"onnxruntime {method}, {n} threads", "onnxruntime", export, n) for n in threads]
+    return found, skipped
+
+
+def _quality_failures(export: Path, method: str) -> str:
+    if method == "fp32":
+        return ""  # NOTE: the reference itself, validated against PyTorch at export
+    report = export / "quality.json"
+    if not report.is_file():
+        return "no quality.json"
+    variants = json.loads(report.read_text()).get("variants", [])
+    problems = [f for v in variants for f in v.get("failures", [])]
+    return "; ".join(problems) if problems or variants else "empty report"
+
+
+def time_candidate(candidate: Candidate, steps: int = 5) -> Timing:
+    """Median decode step times of the engine on this candidate (random prompts, greedy)."""
+    from lepton.config import EngineConfig
+    from lepton.engine import LLMEngine
+    from lepton.sampling_params import SamplingParams
+
+    engine = LLMEngine(EngineConfig.from_parameters({
+        "model_dir": str(candidate.model_dir), "runner": candidate.runner, "num_threads": str(candidate.num_threads),
+        "kv_cache_memory_bytes": "256M", "max_num_seqs": str(BATCH), "max_num_batched_tokens": "2048",
+        "enable_prefix_caching": "false", "max_model_len": "1024",
+    }))
+    vocab = engine.runner.model_config.vocab_size
+    params = SamplingParams(max_tokens=4 * steps + 4, temperature=0.0, ignore_eos=True)
+    for i in range(BATCH):
+        engine.add_request(f"t{i}", [(7 + 13 * i + 31 * j) % vocab for j in range(PROMPT_TOKENS)], params)
+    engine.step()  # NOTE: one step prefills all (2048-token budget); the next ones decode
+    batch = _median_step(engine, steps)
+    for i in range(1, BATCH):
+        engine.abort(f"t{i}")
+    one = _median_step(engine, steps)
+    engine.abort("t0")
+    return Timing(candidate, batch, one)
+
+
+def _median_step(engine, steps: int) -> float:
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        engine.step()
+        times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class Choice:
+    candidate: Candidate
+    timings: tuple[Timing, ...]
+    skipped: tuple[str, ...]
+    cpu: dict
+    cached: bool
+
+    def explain(self) -> str:
+        flags = [f for f in CPU_FLAGS if self.cpu.get(f)]
+        lines = [f"[auto] processor: {self.cpu['model']}, {self.cpu['cores']} cores, {' '.join(flags) or 'no AVX2'}"]
+        for t in sorted(self.timings, key=lambda t: t.score):
+            mark = "->" if t.candidate == self.candidate else "  "
+            lines.append(f"[auto] {mark} {t.candidate.name:<32} {BATCH} decodes {t.decode_batch_ms:7.1f} ms/step, "
+                         f"1 decode {t.decode_one_ms:6.1f} ms/step  ({t.candidate.model_dir})")
+        lines += [f"[auto]    left out: {line}" for line in self.skipped]
+        source = "cached timing" if self.cached else "timed now"
+        lines.append(f"[auto] chose {self.candidate.name}: fastest per generated token at {BATCH} streams "
+                     f"({source}); an explicit --param runner=... overrides")
+        return "\n".join(lines)
+
+
+def choose(model_dir: Path, exports_root: Path, cache_dir: Path) -> Choice:
+    """Time every eligible candidate (or reuse the cached timing) and return the fastest."""
+    found, skipped = candidates(model_dir, exports_root)
+    cpu = cpu_features()
+    key = hashlib.sha256(json.dumps([cpu, [_fingerprint(c) for c in found]], sort_keys=True).encode()).hexdigest()
+    cache_file = Path(cache_dir) / f"{key[:24]}.json"
+    cached = cache_file.is_file()
+    if cached:
+        rows = json.loads(cache_file.read_text())
+        timings = [Timing(c, r["decode_batch_ms"], r["decode_one_ms"]) for c, r in zip(found, rows)]
+    else:
+        timings = []
+        for c in found:
+            print(f"[auto] timing {c.name} ({c.model_dir.name}) ...", flush=True)
+            timings.append(time_candidate(c))
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps([{"candidate": c.name, "decode_batch_ms": t.decode_batch_ms,
+                                           "decode_one_ms": t.decode_one_ms} for c, t in zip(found, timings)], indent=1))
+    best = min(timings, key=lambda t: t.score)
+    return Choice(best.candidate, tuple(timings), tuple(skipped), cpu, cached)
+
+
+def _fingerprint(candidate: Candidate) -> dict:
+    """What identifies a candidate's speed: its settings, its files, and the engine's compute code."""
+    files = sorted(p for p in candidate.model_dir.iterdir() if p.is_file())
+    stamp = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]
+    package = Path(__file__).resolve().parent
+    code = hashlib.sha256()
+    for source in sorted([*package.glob("runners/*.py"), *package.glob("models/*.py"), package / "batch.py"]):
+        code.update(source.read_bytes())
+    return {**dataclasses.asdict(candidate), "model_dir": str(candidate.model_dir), "files": stamp,
+            "code": code.hexdigest()}
