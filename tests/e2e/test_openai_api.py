@@ -352,11 +352,12 @@ def test_client_that_disconnects_mid_stream_leaves_nothing_running(server, api):
 
 def test_client_that_gives_up_on_a_whole_answer_cancels_it(server, api):
     wait_idle(server)
-    body = {"model": api.model, "prompt": "Once upon a time", "max_tokens": 900, "ignore_eos": True}
+    before = metrics(server.metrics_url)["lepton_generated_tokens_total"]
+    body = {"model": api.model, "prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": True}
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{api.url}/completions", json=body, timeout=0.5)
     values = wait_idle(server, timeout=10)
-    assert values["lepton_kv_blocks_used"] == 0
+    assert values["lepton_generated_tokens_total"] - before < 1000  # NOTE: cut short, not run to the end
 
 
 def test_a_full_queue_answers_503_and_the_server_recovers(server, api):
