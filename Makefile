@@ -84,6 +84,11 @@ bench: setup $(DEMO_MODEL)/config.json  ## serving benchmark against a real trit
 bench-runners: setup $(DEMO_MODEL)/config.json  ## ONNX Runtime vs PyTorch decode-step latency (BENCH_ARGS=...)
 	@$(PY) -m export.bench_runners $(BENCH_ARGS)
 
+.PHONY: bench-peers
+bench-peers: setup $(DEMO_MODEL)/config.json  ## Lepton vs llama.cpp server and onnxruntime-genai, built into build/peers/ (BENCH_ARGS=--quick)
+	@bash scripts/build_peers.sh
+	@$(PY) -m benchmarks.peers $(BENCH_ARGS)
+
 serve: setup  ## serve MODEL (default: the demo model) with RUNNER=torch|onnxruntime [VARIANT=fp32|int8|int4] on HOST:HTTP_PORT/GRPC_PORT/METRICS_PORT
 	@if [ -n "$(VARIANT)" ] && [ "$(RUNNER)" != onnxruntime ]; then \
 		echo "VARIANT=$(VARIANT) serves an ONNX export: add RUNNER=onnxruntime" >&2; exit 2; fi

@@ -139,3 +139,30 @@ async def open_loop(url: str, specs: list[RequestSpec], inflight: InFlight) -> l
 
         return list(await asyncio.gather(*(delayed(s) for s in specs)))
 
+
+
+async def closed_loop_with(send, specs: list[RequestSpec], concurrency: int) -> list[RequestRecord]:
+    """closed_loop for any client: `send(spec)` is a coroutine returning the spec's RequestRecord."""
+    queue: asyncio.Queue = asyncio.Queue()
+    for index, spec in enumerate(specs):
+        queue.put_nowait((index, spec))
+    records: list[RequestRecord | None] = [None] * len(specs)
+
+    async def worker():
+        while not queue.empty():
+            index, spec = queue.get_nowait()
+            records[index] = await send(spec)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return records
+
+
+async def open_loop_with(send, specs: list[RequestSpec]) -> list[RequestRecord]:
+    """open_loop for any client: each spec is sent at its arrival_s after the start."""
+    start = time.perf_counter()
+
+    async def delayed(spec: RequestSpec) -> RequestRecord:
+        await asyncio.sleep(max(0.0, start + spec.arrival_s - time.perf_counter()))
+        return await send(spec)
+
+    return list(await asyncio.gather(*(delayed(s) for s in specs)))

@@ -1,0 +1,155 @@
+"""Each system under test (a peer or a Lepton variant) run through every workload it is given."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.loadgen import RequestRecord
+from benchmarks.peers import artifacts, lepton_peer, llamacpp, ortgenai
+from benchmarks.peers.workloads import Workload
+from benchmarks.stats import summarize
+from lepton.server import PROJECT_ROOT
+
+WORK_DIR = PROJECT_ROOT / "build" / "peers" / "runs"
+PRECISION = {"f32": "fp32", "q8_0": "8-bit", "q4_0": "4-bit", "fp32": "fp32", "int8": "8-bit", "int4": "4-bit"}
+
+
+@dataclass(frozen=True)
+class System:
+    """One row of the table: which program, which weights."""
+
+    peer: str  # llamacpp | ortgenai | lepton
+    variant: str  # llamacpp: f32|q8_0|q4_0; ortgenai: fp32|int4; lepton: torch-fp32|ort-fp32|ort-int8|ort-int4
+
+    @property
+    def precision(self) -> str:
+        return PRECISION[self.variant.rsplit("-", 1)[-1]]
+
+    @property
+    def label(self) -> str:
+        if self.peer == "llamacpp":
+            return f"llama.cpp server {self.variant.upper()}"
+        if self.peer == "ortgenai":
+            return f"onnxruntime-genai {self.variant}"
+        runner, weights = self.variant.split("-")
+        return f"Lepton {'torch' if runner == 'torch' else 'ONNX Runtime'} {weights}"
+
+
+@dataclass
+class Context:
+    """What every system run needs: the model, the workloads and their token ids, settings, a logger."""
+
+    model_dir: Path
+    workloads: dict[str, Workload]
+    ids: dict[str, list[int]]
+    num_threads: int
+    lepton_params: dict[str, str]
+    factory: object
+    log: object
+    prefix_off_done: bool = False
+
+
+def _summary(records: list[RequestRecord], wall_cpu: dict | None = None) -> dict:
+    return summarize(records, wall_cpu) | {"loadavg_after": os.getloadavg()}
+
+
+def run_llamacpp(system: System, ctx: Context) -> dict:
+    """One server with 16 slots for W1, W2 and the prefix run, one with 64 for the others."""
+    model = artifacts.gguf(ctx.model_dir, system.variant, ctx.log)
+    out = {"artifact": str(model), "weight_bytes": artifacts.weight_bytes_on_disk(model), "workloads": {}}
+    groups = {16: [w for w in ctx.workloads.values() if w.name in ("w1", "w2", "prefix")],
+              64: [w for w in ctx.workloads.values() if w.name in ("c64", "poisson")]}
+    for parallel, workloads in groups.items():
+        if not workloads:
+            continue
+        slot_context = -(-max(w.max_context for w in workloads) // 256) * 256 + 256
+        port = lepton_peer._free_port()
+        log_file = WORK_DIR / "llamacpp" / f"{system.variant}-{parallel}.log"
+        with llamacpp.LlamaServer(model, port, parallel, slot_context, ctx.num_threads, log_file) as server:
+            out.setdefault("commands", []).append(" ".join(
+                os.path.relpath(w, PROJECT_ROOT) if w.startswith(str(PROJECT_ROOT)) else w for w in server.command))
+            llamacpp.warm_up(server.url, next(iter(ctx.ids.values()))[:16])
+            for w in workloads:
+                out["workloads"][w.name] = _summary(asyncio.run(llamacpp.run_workload(server.url, w, ctx.ids)))
+                ctx.log(f"[{system.label}] {w.name}: {_line(out['workloads'][w.name])}")
+    return out
+
+
+def run_ortgenai(system: System, ctx: Context) -> dict:
+    """All workloads in one worker process (in process, static batches)."""
+    model = artifacts.ortgenai(ctx.model_dir, system.variant, ctx.num_threads, ctx.log)
+    records, version = ortgenai.run_workloads(model, list(ctx.workloads.values()), ctx.ids,
+                                              WORK_DIR / "ortgenai" / system.variant, ctx.log)
+    out = {"artifact": str(model), "weight_bytes": artifacts.weight_bytes_on_disk(model), "version": version,
+           "workloads": {}}
+    for name, recs in records.items():
+        out["workloads"][name] = _summary(recs)
+        ctx.log(f"[{system.label}] {name}: {_line(out['workloads'][name])}")
+    return out
+
+
+def lepton_parameters(system: System, ctx: Context, prefix_caching: bool = True) -> dict[str, str]:
+    runner = "torch" if system.variant.startswith("torch") else "onnxruntime"
+    return {"runner": runner, "max_num_seqs": "64", "max_num_batched_tokens": "512", "kv_cache_memory_bytes": "1G",
+            "enable_prefix_caching": str(prefix_caching).lower()} | ctx.lepton_params
+
+
+def run_lepton(system: System, ctx: Context) -> dict:
+    """Every workload through tritonserver; W2 also in process; the first variant also without prefix caching."""
+    runner, precision = system.variant.split("-")
+    note = ""
+    if runner == "torch":
+        model = ctx.model_dir
+    else:
+        model, note = artifacts.lepton_onnx(ctx.model_dir, precision, ctx.log)
+    out = {"artifact": str(model), "weight_bytes": artifacts.weight_bytes_on_disk(model), "workloads": {},
+           "engine_parameters": lepton_parameters(system, ctx), "quality_gate": note}
+    work = WORK_DIR / "lepton" / system.variant
+    server = lepton_peer.start_server(model, lepton_parameters(system, ctx), work, ctx.factory, ctx.log)
+    try:
+        for w in ctx.workloads.values():
+            out["workloads"][w.name] = lepton_peer.run_served(server, w)
+            ctx.log(f"[{system.label}] {w.name}: {_line(out['workloads'][w.name])}")
+    finally:
+        server.stop()
+    if "prefix" in ctx.workloads and not ctx.prefix_off_done:
+        ctx.prefix_off_done = True
+        params = lepton_parameters(system, ctx, prefix_caching=False)
+        server = lepton_peer.start_server(model, params, work.with_name(work.name + "-nocache"), ctx.factory, ctx.log)
+        try:
+            out["prefix_no_caching"] = lepton_peer.run_served(server, ctx.workloads["prefix"])
+            ctx.log(f"[{system.label}] prefix, caching off: {_line(out['prefix_no_caching'])}")
+        finally:
+            server.stop()
+    if "w2" in ctx.workloads:
+        started = time.process_time()
+        records = lepton_peer.run_in_process(model, lepton_parameters(system, ctx), ctx.workloads["w2"])
+        out["w2_in_process"] = _summary(records, {"client_s": time.process_time() - started, "server_s": 0.0})
+        ctx.log(f"[{system.label}] w2 in process: {_line(out['w2_in_process'])}")
+    return out
+
+
+RUNNERS = {"llamacpp": run_llamacpp, "ortgenai": run_ortgenai, "lepton": run_lepton}
+
+
+def run_system(system: System, ctx: Context) -> dict:
+    """The system's results; a failure is recorded, not raised, so the other systems still run."""
+    started = time.monotonic()
+    try:
+        out = RUNNERS[system.peer](system, ctx)
+    except Exception as exc:  # NOTE: one broken peer must not cost the whole sitting
+        ctx.log(f"[{system.label}] failed: {type(exc).__name__}: {exc}")
+        out = {"error": f"{type(exc).__name__}: {exc}"[:2000], "workloads": {}}
+    return {"peer": system.peer, "variant": system.variant, "label": system.label, "precision": system.precision,
+            "seconds": round(time.monotonic() - started, 1)} | out
+
+
+def _line(s: dict) -> str:
+    if "ttft_ms" not in s:
+        return f"{s.get('num_errors')} of {s.get('num_requests')} failed: {s.get('errors')}"
+    return (f"{s['output_tok_per_s']:.1f} out tok/s, TTFT p50 {s['ttft_ms']['p50']:.0f} ms, ITL p50 "
+            f"{s['itl_ms']['p50'] or 0:.1f} ms, wall {s['wall_s']:.1f} s, errors {s['num_errors']}")
