@@ -32,8 +32,15 @@ class Tolerance:
     logits_atol: float
     kv_atol: float
 
+    def scaled(self, logits_scale: float, kv_scale: float, num_layers: int) -> "Tolerance":
+        """These errors relative to the reference's magnitude and depth (fp32 summation error grows with both)."""
+        depth = max(1.0, num_layers / 8)
+        return Tolerance(self.logits_atol * max(1.0, logits_scale) * depth, self.kv_atol * max(1.0, kv_scale) * depth)
 
-# NOTE: fp32 graphs differ from PyTorch only by kernel summation order (seen: ~2e-6).
+
+# NOTE: fp32 graphs differ from PyTorch only by kernel summation order: ~2e-6 on the 4-layer demo
+# model, up to 2e-3 on SmolLM2's 30 layers (logits up to ~30); so the tolerance is scaled to the
+# model (Tolerance.scaled), and the argmax must agree everywhere.
 FP32_TOLERANCE = Tolerance(logits_atol=1e-4, kv_atol=1e-4)
 
 
@@ -160,6 +167,7 @@ def validate_export(folder: ModelFolder, export_dir: Path, block_size: int,
                     tolerance: Tolerance = FP32_TOLERANCE, num_threads: int = 0) -> tuple[CheckResult, ...]:
     """Every scenario through TorchRunner and OnnxRunner, then one polygraphy graph comparison."""
     torch_runner, onnx_runner = _runners(folder, export_dir, block_size, num_threads)
+    tolerance = tolerance.scaled(*_reference_scale(torch_runner, block_size), onnx_runner.model_config.num_layers)
     results, feeds = [], []
     for scenario in scenarios(block_size):
         record = feeds if scenario.shuffle_blocks else None
@@ -181,8 +189,8 @@ def describe(result: CheckResult) -> str:
     """One line: measured errors against tolerances."""
     verdict = "ok" if result.passed else "FAILED"
     return (f"{result.name:<17} {verdict:<6} steps {result.num_steps}  max |logit err| "
-            f"{result.max_logit_error:.2e} (tol {result.logits_atol:.0e})  max |kv err| "
-            f"{result.max_kv_error:.2e} (tol {result.kv_atol:.0e})  argmax equal {result.argmax_equal}")
+            f"{result.max_logit_error:.2e} (tol {result.logits_atol:.1e})  max |kv err| "
+            f"{result.max_kv_error:.2e} (tol {result.kv_atol:.1e})  argmax equal {result.argmax_equal}")
 
 
 def _runners(folder: ModelFolder, export_dir: Path, block_size: int, num_threads: int):
@@ -196,6 +204,17 @@ def _runners(folder: ModelFolder, export_dir: Path, block_size: int, num_threads
         runner=RunnerConfig(dtype="float32", num_threads=num_threads),
     )
     return TorchRunner(folder, config), OnnxRunner(export_dir, config)
+
+
+def _reference_scale(torch_runner: TorchRunner, block_size: int) -> tuple[float, float]:
+    """Largest |logit| and |K/V| of PyTorch on the first scenario's first step."""
+    scenario = scenarios(block_size)[0]
+    for pool in torch_runner.k_pools + torch_runner.v_pools:
+        pool.zero_()
+    driver = StepDriver(scenario, torch_runner.model_config.vocab_size, torch_runner.num_blocks, block_size)
+    logits = torch_runner.execute(driver.model_input(scenario.steps[0])).abs().max().item()
+    kv = max(pool.abs().max().item() for pool in torch_runner.k_pools + torch_runner.v_pools)
+    return logits, kv
 
 
 def _reset_pools(torch_runner: TorchRunner, onnx_runner: OnnxRunner) -> None:

@@ -138,7 +138,7 @@ def test_validation_fails_loudly_with_measured_error(tiny_exports, tiny_models, 
     assert main(["validate", "--model", str(folder), "--export", str(out)]) == 1
     captured = capsys.readouterr()
     assert "not the ones" in captured.out
-    assert "validation of" in captured.err and "FAILED" in captured.err and "(tol 1e-04)" in captured.err
+    assert "validation of" in captured.err and "FAILED" in captured.err and "(tol " in captured.err
 
 
 def test_validate_command_passes_on_the_source(tiny_exports, tiny_models, capsys):
