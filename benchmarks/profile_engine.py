@@ -30,6 +30,9 @@ def parse_args(argv):
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--output-tokens", type=int, default=16)
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="engine parameter")
+    p.add_argument("--arrivals-per-step", type=int, default=0,
+                   help="add this many requests before each step (as a server sees requests a few ms apart); "
+                        "0 = all at once")
     p.add_argument("--cprofile", action="store_true", help="also print the top functions by cumulative time")
     p.add_argument("--torch-profile", action="store_true", help="also print the top torch ops of the run")
     return p.parse_args(argv)
@@ -46,14 +49,17 @@ def main(argv=None) -> int:
         engine.add_request(spec.request_id, spec.prompt, sampling.replace(max_tokens=4))
     while engine.has_unfinished():
         engine.step()
-    for spec in fixed_requests(factory, "p", args.requests, args.prompt_tokens, args.output_tokens):
-        engine.add_request(spec.request_id, spec.prompt, sampling)
+    pending = list(fixed_requests(factory, "p", args.requests, args.prompt_tokens, args.output_tokens))
+    per_step = args.arrivals_per_step or len(pending)
     profiler = cProfile.Profile() if args.cprofile else None
     torch_prof = _torch_profiler() if args.torch_profile else None
     steps, kinds = [], defaultdict(list)
     started = time.perf_counter()
     with torch_prof or _null():
-        while engine.has_unfinished():
+        while pending or engine.has_unfinished():
+            for spec in pending[:per_step]:
+                engine.add_request(spec.request_id, spec.prompt, sampling)
+            del pending[:per_step]
             sched_len = len(engine.scheduler.running) + engine.scheduler.num_waiting
             t0 = time.perf_counter()
             if profiler:

@@ -1,9 +1,12 @@
-"""Cost of one runner step by batch shape: decodes alone, a prefill chunk alone, and both together.
+"""Cost of one runner step by batch shape: 1 decode, N decodes, a prefill chunk, and decodes + chunk together.
 
-    .venv/bin/python -m benchmarks.step_shapes --decodes 32 --context 192 --prefill 128
+    .venv/bin/python -m benchmarks.step_shapes --decodes 16 --context 192 --prefill 128 \
+        --param runner=onnxruntime --model-dir build/onnx/smollm-shape-int8 [--baseline-dir OLD_EXPORT]
 
-Shapes are interleaved and each is timed `--repeats` times; the minimum is the least disturbed by
-other jobs on the machine, so compare minimums (medians are printed too).
+Shapes (and, with --baseline-dir, the two exports) are interleaved and each is timed `--repeats`
+times, so both see the same machine; medians are the figures to quote (minimums are printed too).
+--baseline-dir runs a second export folder the way the runner ran every step before mixed steps
+were split: the whole batch as one graph run (`OnnxRunner.run`).
 """
 
 from __future__ import annotations
@@ -26,11 +29,15 @@ from lepton.server import PROJECT_ROOT
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.step_shapes", description=__doc__.split("\n")[0])
     p.add_argument("--model-dir", type=Path, default=PROJECT_ROOT / "build/models/smollm-shape")
+    p.add_argument("--baseline-dir", type=Path, default=None,
+                   help="an older export folder to time side by side (onnxruntime only), one graph run per step")
     p.add_argument("--decodes", type=int, default=32, help="decoding sequences in the batch")
     p.add_argument("--context", type=int, default=192, help="tokens already cached per decoding sequence")
     p.add_argument("--prefill", type=int, default=128, help="tokens of the prefill chunk")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="engine parameter")
+    p.add_argument("--ort-profile", action="store_true",
+                   help="onnxruntime: also print where each shape's step time goes, by kind of graph op")
     return p.parse_args(argv)
 
 
@@ -49,32 +56,108 @@ def make_step(num_decodes: int, context: int, prefill: int, block_size: int):
     return SchedulerOutput(items, sum(n for _, _, n in rows))
 
 
+def step_functions(args, params: dict[str, str]) -> dict[str, tuple[object, int]]:
+    """label -> (one-step function of a ModelInput, block size): the runner, and the baseline if asked."""
+    config = EngineConfig.from_parameters(params)
+    runner = make_runner(open_folder(config), config)
+    functions = {"new": (runner.execute, config.cache.block_size)}
+    if args.baseline_dir is not None:
+        base_config = EngineConfig.from_parameters({**params, "model_dir": str(args.baseline_dir)})
+        baseline = make_runner(open_folder(base_config), base_config)
+        functions = {"old": (lambda batch: baseline.run(batch)[0], base_config.cache.block_size), **functions}
+    return functions
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     params = {"model_dir": str(args.model_dir), "kv_cache_memory_bytes": "1G", **dict(
         item.split("=", 1) for item in args.param)}
-    config = EngineConfig.from_parameters(params)
-    runner = make_runner(open_folder(config), config)
-    bs = config.cache.block_size
+    functions = step_functions(args, params)
     shapes = {
-        f"{args.decodes} decodes": make_step(args.decodes, args.context, 0, bs),
-        f"1 prefill x {args.prefill}": make_step(0, args.context, args.prefill, bs),
-        f"{args.decodes} decodes + 1 prefill x {args.prefill}": make_step(args.decodes, args.context, args.prefill, bs),
+        "1 decode": (1, 0),
+        f"{args.decodes} decodes": (args.decodes, 0),
+        f"1 prefill x {args.prefill}": (0, args.prefill),
+        f"{args.decodes} decodes + 1 prefill x {args.prefill}": (args.decodes, args.prefill),
     }
-    inputs = {name: build_model_input(step, bs) for name, step in shapes.items()}
-    times: dict[str, list[float]] = {name: [] for name in shapes}
-    for name in shapes:  # NOTE: warm-up, one of each shape
-        runner.execute(inputs[name])
+    cases = {(label, shape): (fn, build_model_input(make_step(counts[0], args.context, counts[1], bs), bs))
+             for label, (fn, bs) in functions.items() for shape, counts in shapes.items()}
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in cases}
+    for fn, batch in cases.values():  # NOTE: warm-up, one of each
+        fn(batch)
     for _ in range(args.repeats):
-        for name, batch in inputs.items():
+        for key, (fn, batch) in cases.items():
+            start = time.perf_counter()
+            fn(batch)
+            times[key].append((time.perf_counter() - start) * 1e3)
+    medians = {key: statistics.median(values) for key, values in times.items()}
+    print(f"{'shape':>36} " + "".join(f"{label + ' median':>14}{label + ' min':>11}" for label in functions)
+          + ("   new/old" if len(functions) > 1 else ""))
+    for shape in shapes:
+        row = "".join(f"{medians[label, shape]:11.1f} ms{min(times[label, shape]):8.1f} ms" for label in functions)
+        ratio = f"{medians['new', shape] / medians['old', shape]:10.2f}" if len(functions) > 1 else ""
+        print(f"{shape:>36} {row}{ratio}")
+    names = list(shapes)
+    for label in functions:
+        decode, prefill, mixed = (medians[label, name] for name in names[1:])
+        print(f"{label}: mixed / (decodes + prefill) = {mixed / (decode + prefill):.2f} (1.0 = no cost from mixing)")
+    if args.ort_profile:
+        print_breakdown(params, {shape: cases["new", shape][1] for shape in shapes}, args.repeats)
+    return 0
+
+
+# NOTE: op types by what they compute. Weight products are Gemm (float32, dynamo) or the quantized ops;
+# MatMul is then attention's two products (in a torchscript float32 graph it counts weights too).
+OP_KINDS = {
+    "weight GEMMs": ("DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits", "Gemm",
+                     "MatMulIntegerToFloat"),
+    "attention": ("MatMul", "FusedMatMul", "Softmax", "Einsum"),
+    "K/V gathers, index": ("Gather", "GatherND", "GatherElements", "ScatterND", "Concat", "Where",
+                           "Expand", "Slice", "Range", "Less", "LessOrEqual", "And", "Not"),
+}
+
+
+def print_breakdown(params: dict[str, str], batches: dict, repeats: int) -> None:
+    """Each shape's median step split into graph op kinds and what happens outside the graph (Python,
+    binding, K/V pool writes); from ONNX Runtime's own op profile of a second runner."""
+    import collections
+    import json
+    import tempfile
+
+    from lepton.runners.onnx_runner import OnnxRunner, split_by_query_len
+
+    config = EngineConfig.from_parameters(params)
+    prefix = tempfile.mkdtemp(prefix="lepton-ortprof-") + "/step"
+    runner = OnnxRunner(open_folder(config), config, profile_prefix=prefix)
+    walls = {}
+    for shape, batch in batches.items():
+        runner.execute(batch)
+        walls[shape] = []
+        for _ in range(repeats):
             start = time.perf_counter()
             runner.execute(batch)
-            times[name].append((time.perf_counter() - start) * 1e3)
-    for name, values in times.items():
-        print(f"{name:>40}: min {min(values):8.1f} ms   median {statistics.median(values):8.1f} ms")
-    decode, prefill, mixed = (min(v) for v in times.values())
-    print(f"mixed / (decodes + prefill) = {mixed / (decode + prefill):.2f} (1.0 = no cost from mixing)")
-    return 0
+            walls[shape].append((time.perf_counter() - start) * 1e3)
+    events = json.load(open(runner.session.end_profiling()))
+    runs = [e for e in events if e.get("name") == "model_run"]
+    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    kind_of = {op: kind for kind, ops in OP_KINDS.items() for op in ops}
+    first = 0
+    print(f"\nwhere the time goes (ms, the median of {repeats} steps; ORT op profile, profiling on):")
+    print(f"{'shape':>36} {'step':>7} {'graph':>7} " + "".join(f"{k:>20}" for k in OP_KINDS)
+          + f"{'other ops':>10}{'outside graph':>14}")
+    for shape, batch in batches.items():
+        per_step = len(split_by_query_len(batch, config.cache.block_size))  # NOTE: a mixed step is two runs
+        steps = []  # (wall, graph, op kinds) of each timed step; the first step warmed up
+        for i, wall in enumerate(walls[shape], start=1):
+            spans = [(r["ts"], r["ts"] + r["dur"]) for r in runs[first + i * per_step: first + (i + 1) * per_step]]
+            kinds = collections.Counter()
+            for e in nodes:
+                if any(lo <= e["ts"] <= hi for lo, hi in spans):
+                    kinds[kind_of.get(e["args"].get("op_name"), "other ops")] += e["dur"] / 1e3
+            steps.append((wall, sum(hi - lo for lo, hi in spans) / 1e3, kinds))
+        first += (repeats + 1) * per_step
+        wall, graph, kinds = sorted(steps, key=lambda step: step[0])[len(steps) // 2]  # NOTE: the median step
+        print(f"{shape:>36} {wall:7.1f} {graph:7.1f} " + "".join(f"{kinds[k]:20.1f}" for k in OP_KINDS)
+              + f"{kinds['other ops']:10.1f}{wall - graph:14.1f}")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ DYNAMIC_AXES = {
 }
 INDEX_SHAPES = {"input_ids": ("T",), "positions": ("T",), "token_index": ("S", "Q"), "token_slot": ("T",),
                 "query_lens": ("S",), "context_lens": ("S",), "block_tables": ("S", "B"), "logits_indices": ("L",)}
-# NOTE: the only ops allowed to read a pool: gathers of whole blocks along axis 0 (by block table).
+# NOTE: the only ops allowed to read a pool: gathers along axis 0 (whole blocks, or key rows of a
+# [-1, head_dim] view of it).
 POOL_READERS = {"Gather": ("axis", 0), "GatherND": ("batch_dims", 0)}
 
 
@@ -196,20 +197,37 @@ def source_model(folder: ModelFolder) -> SourceModel:
 
 
 def check_pool_reads(graph: onnx.GraphProto, pool_names: list[str]) -> None:
-    """Every read of a pool must be a block gather, so no pool-sized tensor is ever produced."""
+    """Every read of a pool must be a gather along axis 0 (of the pool, or of a reshape of it, a view),
+    so no pool-sized tensor is ever produced."""
     outputs = {o.name for o in graph.output}
     for name in pool_names:
-        readers = [node for node in graph.node if name in node.input]
+        readers = _readers(graph, name)
         if name in outputs or not readers:
             raise ExportError(f"pool {name} is {'a graph output' if name in outputs else 'never read'}")
         for node in readers:
-            allowed = POOL_READERS.get(node.op_type)
+            if node.op_type == "Reshape" and node.input[0] == name:
+                views = _readers(graph, node.output[0])
+                if views and node.output[0] not in outputs and all(_gathers(v, node.output[0]) for v in views):
+                    continue
+            elif _gathers(node, name):
+                continue
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            if allowed is None or attrs.get(allowed[0], 0) != allowed[1] or node.input[0] != name:
-                raise ExportError(
-                    f"pool {name} is read by {node.op_type} {node.name!r} {attrs}; only block gathers "
-                    f"(Gather axis 0, GatherND batch_dims 0) may read a pool, anything else copies it"
-                )
+            raise ExportError(
+                f"pool {name} is read by {node.op_type} {node.name!r} {attrs}; only gathers along axis 0 "
+                f"(Gather axis 0, GatherND batch_dims 0, of the pool or a Reshape of it) may read a pool, "
+                f"anything else copies it"
+            )
+
+
+def _readers(graph: onnx.GraphProto, name: str) -> list[onnx.NodeProto]:
+    return [node for node in graph.node if name in node.input]
+
+
+def _gathers(node: onnx.NodeProto, name: str) -> bool:
+    """node gathers rows of `name` along axis 0."""
+    allowed = POOL_READERS.get(node.op_type)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    return allowed is not None and attrs.get(allowed[0], 0) == allowed[1] and node.input[0] == name
 
 
 def _apply_specs(values, specs: tuple[TensorSpec, ...]) -> None:

@@ -70,7 +70,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        # NOTE: written as a division by sqrt so that ONNX Runtime fuses it into SimplifiedLayerNormalization
+        # (x * rsqrt(...) exports as Sqrt + Reciprocal + Mul, which it does not match).
+        x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
 
@@ -113,23 +115,39 @@ class StepIndex:
     token_index: torch.Tensor  # [S, Q] flat token of each (sequence, query slot); padding -> 0
     token_slot: torch.Tensor  # [T] position of each flat token in the [S * Q] padded layout
     block_tables: torch.Tensor  # [S, B]
-    mask: torch.Tensor  # True where a query may attend a key: [S, Q, B * bs + Q], or [S, Q, B * bs] in place
+    mask: torch.Tensor  # read-only: additive bias [S, 1, 1, Q, B * bs]; in place: True where allowed [S, Q, B * bs]
     slot_mapping: torch.Tensor | None = None  # [T] pool slots; set: K/V are written before attention
     tokens: torch.Tensor | None = None  # [T_g] flat tokens of this group (grouped in-place steps only)
+    key_rows: torch.Tensor | None = None  # read-only: [S, KVH, B * bs] row of each key in a pool viewed [-1, D]
+    new_rows: tuple[torch.Tensor, ...] = ()  # read-only: (sequence [T, 1], head [1, KVH], position [T, 1])
 
 
-def make_step_index(token_index, token_slot, query_lens, context_lens, block_tables, block_size: int):
-    """Attention mask over [past keys from the pool | this step's keys], per sequence."""
-    max_q = token_index.shape[1]
-    num_past = block_tables.shape[1] * block_size
-    past_lens = (context_lens - query_lens).unsqueeze(1).unsqueeze(2)  # [S, 1, 1]
-    key_pos = torch.arange(num_past, device=block_tables.device).view(1, 1, -1)
-    past_mask = (key_pos < past_lens).expand(-1, max_q, -1)
-    q_slot = torch.arange(max_q, device=block_tables.device)
-    causal = q_slot.view(1, -1, 1) >= q_slot.view(1, 1, -1)  # [1, Q, Q]
-    new_valid = q_slot.view(1, 1, -1) < query_lens.view(-1, 1, 1)  # [S, 1, Q]
-    mask = torch.cat([past_mask, causal & new_valid], dim=2)
-    return StepIndex(token_index, token_slot, block_tables, mask)
+def make_step_index(positions, token_index, token_slot, query_lens, context_lens, block_tables,
+                    block_size: int, num_kv_heads: int):
+    """Read-only step: where each sequence's keys lie in the pools, and a causal mask by position.
+
+    Keys are gathered per (sequence, KV head) as [S, KVH, B * bs, D]; this step's K/V are then put at
+    their positions in that copy, so attention needs no concatenation and masks by position alone.
+    """
+    num_seqs, max_q = token_index.shape
+    num_keys = block_tables.shape[1] * block_size
+    key_pos = torch.arange(num_keys, device=block_tables.device)
+    slots = block_tables[:, key_pos // block_size] * block_size + key_pos % block_size  # [S, K]
+    heads = torch.arange(num_kv_heads, device=block_tables.device)
+    key_rows = slots.unsqueeze(1) * num_kv_heads + heads.view(1, -1, 1)  # [S, KVH, K]
+    query_pos = positions[token_index]  # [S, Q]; padding repeats a real token's position
+    allowed = (key_pos.view(1, 1, -1) <= query_pos.unsqueeze(-1)) & (key_pos < context_lens.view(-1, 1, 1))
+    # NOTE: padding query slots see no key (their rows are dropped by token_slot anyway).
+    allowed = allowed & (torch.arange(max_q, device=block_tables.device) < query_lens.view(-1, 1)).unsqueeze(-1)
+    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill(~allowed, MASKED)
+    seq_of_token = torch.div(token_slot, max_q, rounding_mode="floor")
+    new_rows = (seq_of_token.unsqueeze(1), heads.unsqueeze(0), positions.unsqueeze(1))
+    return StepIndex(token_index, token_slot, block_tables, bias.view(num_seqs, 1, 1, max_q, num_keys),
+                     key_rows=key_rows, new_rows=new_rows)
+
+
+# NOTE: a finite "minus infinity": a row with every key masked stays finite (never NaN).
+MASKED = -1e30
 
 
 def make_in_place_index(positions, block_size: int, slot_mapping, groups) -> list[StepIndex]:
@@ -177,19 +195,22 @@ def pooled_attention(q, k_pool, v_pool, batch: StepIndex, scale: float) -> torch
 
 
 def paged_attention(q, k, v, k_pool, v_pool, batch: StepIndex, scale: float) -> torch.Tensor:
-    """Causal attention of this step's queries over pooled past K/V plus this step's K/V."""
+    """Causal attention of this step's queries over pooled past K/V plus this step's K/V (pools read only)."""
     num_seqs, max_q = batch.token_index.shape
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     group = q.shape[1] // num_kv_heads
-    past_k = k_pool[batch.block_tables].flatten(1, 2)  # [S, B * bs, KVH, D]
-    past_v = v_pool[batch.block_tables].flatten(1, 2)
-    keys = torch.cat([past_k, k[batch.token_index]], dim=1)  # [S, K, KVH, D]
-    values = torch.cat([past_v, v[batch.token_index]], dim=1)
-    queries = q[batch.token_index].view(num_seqs, max_q, num_kv_heads, group, head_dim)
-    scores = torch.einsum("sqhgd,skhd->shgqk", queries, keys) * scale
-    scores = scores.masked_fill(~batch.mask.view(num_seqs, 1, 1, max_q, -1), float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
-    out = torch.einsum("shgqk,skhd->sqhgd", probs, values)
+    # NOTE: one row gather per pool straight into [S, KVH, K, D]: no per-layer transpose or concat;
+    # index_select exports as Gather (axis 0), which ONNX Runtime runs faster than GatherND.
+    rows = batch.key_rows.reshape(-1)
+    keys = k_pool.reshape(-1, head_dim).index_select(0, rows).view(batch.key_rows.shape + (head_dim,))
+    values = v_pool.reshape(-1, head_dim).index_select(0, rows).view(batch.key_rows.shape + (head_dim,))
+    keys, values = keys.index_put(batch.new_rows, k), values.index_put(batch.new_rows, v)
+    queries = (q * scale)[batch.token_index].view(num_seqs, max_q, num_kv_heads, group, head_dim)
+    queries = queries.permute(0, 2, 3, 1, 4).reshape(num_seqs, num_kv_heads, group * max_q, head_dim)
+    scores = torch.matmul(queries, keys.transpose(2, 3)).view(num_seqs, num_kv_heads, group, max_q, -1)
+    probs = torch.softmax(scores.float() + batch.mask, dim=-1).to(values.dtype)
+    out = torch.matmul(probs.view(num_seqs, num_kv_heads, group * max_q, -1), values)
+    out = out.view(num_seqs, num_kv_heads, group, max_q, head_dim).permute(0, 3, 1, 2, 4)
     return out.reshape(num_seqs * max_q, -1)[batch.token_slot]
 
 
@@ -258,7 +279,8 @@ class PagedCausalLM(nn.Module):
 
         The pools are only read: this is the graph that is exported to ONNX.
         """
-        batch = make_step_index(token_index, token_slot, query_lens, context_lens, block_tables, self.block_size)
+        batch = make_step_index(positions, token_index, token_slot, query_lens, context_lens, block_tables,
+                                self.block_size, self.cfg.num_kv_heads)
         logits, new_k, new_v = self._run(input_ids, positions, logits_indices, batch, k_pools, v_pools)
         return logits, torch.stack(new_k), torch.stack(new_v)
 

@@ -35,9 +35,11 @@ def open_export_folder(path: str | Path) -> ModelFolder:
     return ModelFolder(path=path, config=config, weight_files=(), tokenizer_file=path / "tokenizer.json")
 
 
-def make_session(model_file: Path, num_threads: int) -> ort.InferenceSession:
-    """A CPU session: intra-op threads from the config (0 = one per physical core), sequential execution."""
+def make_session(model_file: Path, num_threads: int, profile_prefix: str | None = None) -> ort.InferenceSession:
+    """A CPU session: intra-op threads from the config, sequential execution; profile_prefix: ORT's op profile."""
     options = ort.SessionOptions()
+    if profile_prefix is not None:
+        options.enable_profiling, options.profile_file_prefix = True, profile_prefix
     options.intra_op_num_threads = num_threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -51,8 +53,14 @@ def make_session(model_file: Path, num_threads: int) -> ort.InferenceSession:
 class OnnxRunner:
     """An ONNX Runtime session plus per-layer K and V pools [num_blocks, block_size, KVH, D]."""
 
-    def __init__(self, folder: ModelFolder | str | Path, config: EngineConfig) -> None:
+    def __init__(self, folder: ModelFolder | str | Path, config: EngineConfig,
+                 profile_prefix: str | None = None) -> None:
+        """profile_prefix: write ONNX Runtime's per-op profile there (benchmarks.step_shapes --ort-profile)."""
         path = folder.path if isinstance(folder, ModelFolder) else Path(folder)
+        # NOTE: with this runner torch only samples from the logits. Its OpenMP threads then fight ONNX
+        # Runtime's for the cores: on 2 busy cores, isnan().any() and argmax over [16, 49152] logits took
+        # 24 and 12 ms with 2 torch threads, 0.7 and 0.5 ms with 1 (docs/performance.md).
+        torch.set_num_threads(1)
         self.manifest = Manifest.load(path / MANIFEST_FILE)
         self.model_config = self.manifest.model_config
         self.block_size = _check_config(self.manifest, config, path)
@@ -60,7 +68,7 @@ class OnnxRunner:
         kv_bytes = kv_budget_bytes(config.cache, weights)
         check_fits(path, weights, kv_bytes)
         self.num_blocks = _num_blocks(self.manifest, kv_bytes)
-        self.session = make_session(path / self.manifest.model_file, config.runner.compute_threads)
+        self.session = make_session(path / self.manifest.model_file, config.runner.compute_threads, profile_prefix)
         _check_graph(self.session, self.manifest, path)
         cfg = self.model_config
         shape = (self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
@@ -81,11 +89,21 @@ class OnnxRunner:
 
     def execute(self, batch: ModelInput) -> torch.Tensor:
         """Compute one step, write its K/V into the pools, return float32 logits [L, vocab]."""
-        logits, _, _ = self.run(batch)
-        return torch.from_numpy(logits)
+        return torch.from_numpy(self.run_step(batch))
+
+    def run_step(self, batch: ModelInput) -> np.ndarray:
+        """One step as one graph run per query-length group; float32 logits [L, vocab] in scheduled order."""
+        parts = split_by_query_len(batch, self.block_size)
+        if len(parts) == 1:
+            return self.run(batch)[0]
+        logits = np.empty((len(batch.logits_indices), self.model_config.vocab_size), np.float32)
+        for part, rows in parts:
+            logits[rows] = self.run(part)[0]
+        return logits
 
     def run(self, batch: ModelInput) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Like execute, returning numpy logits [L, V] and the step's new_k, new_v [layers, T, KVH, D]."""
+        """One graph run over the whole batch, as laid out: numpy logits [L, V] and the step's new_k,
+        new_v [layers, T, KVH, D]; the new K/V are written into the pools."""
         # NOTE: bind_cpu_input wraps each array without copying; `indices` keeps them alive through the run.
         indices = [np.ascontiguousarray(getattr(batch, name), dtype=np.int64) for name in INDEX_INPUTS]
         for name, array in zip(INDEX_INPUTS, indices):
@@ -101,6 +119,43 @@ class OnnxRunner:
             k_pool.reshape(-1, *k_pool.shape[2:])[slots] = new_k[layer]
             v_pool.reshape(-1, *v_pool.shape[2:])[slots] = new_v[layer]
         return logits, new_k, new_v
+
+
+def split_by_query_len(batch: ModelInput, block_size: int) -> list[tuple[ModelInput, np.ndarray]]:
+    """The batch as sub-batches of decode rows (one query token) and longer rows, each with the
+    rows of the step's logits it fills; the batch itself when it is one kind only.
+
+    NOTE: the step graph pads every sequence's queries to the longest one (token_index [S, Q]), so
+    one 128-token chunk among 16 decodes made 17 x 128 queries: mixed steps cost ~7x the parts apart.
+    """
+    is_decode = batch.query_lens == 1
+    if is_decode.all() or not is_decode.any():
+        return [(batch, np.arange(len(batch.logits_indices)))]
+    return [_sub_batch(batch, np.flatnonzero(rows), block_size) for rows in (is_decode, ~is_decode)]
+
+
+def _sub_batch(batch: ModelInput, rows: np.ndarray, block_size: int) -> tuple[ModelInput, np.ndarray]:
+    """The rows' tokens as a batch of their own, and which rows of the full logits they give."""
+    query_lens = batch.query_lens[rows]
+    starts = batch.token_index[rows, 0]  # NOTE: a row's first flat token
+    tokens = np.concatenate([np.arange(s, s + n, dtype=np.int64) for s, n in zip(starts, query_lens)])
+    local = np.full(batch.num_tokens, -1, np.int64)
+    local[tokens] = np.arange(tokens.size, dtype=np.int64)
+    local_starts = np.concatenate([[0], np.cumsum(query_lens)[:-1]]).astype(np.int64)
+    max_q = int(query_lens.max())
+    offsets = np.minimum(np.arange(max_q, dtype=np.int64)[None, :], query_lens[:, None] - 1)
+    token_slot = np.concatenate([row * max_q + np.arange(n, dtype=np.int64) for row, n in enumerate(query_lens)])
+    sampled = local[batch.logits_indices]
+    logits_rows = np.flatnonzero(sampled >= 0)
+    width = -(-int(batch.context_lens[rows].max()) // block_size)  # NOTE: the group's longest table
+    part = ModelInput(
+        input_ids=batch.input_ids[tokens], positions=batch.positions[tokens],
+        token_index=local_starts[:, None] + offsets, token_slot=token_slot, query_lens=query_lens,
+        context_lens=batch.context_lens[rows], block_tables=batch.block_tables[rows, :width],
+        slot_mapping=batch.slot_mapping[tokens], logits_indices=sampled[logits_rows],
+        sample_request_ids=tuple(batch.sample_request_ids[i] for i in logits_rows),
+    )
+    return part, logits_rows
 
 
 def _check_config(manifest: Manifest, config: EngineConfig, path: Path) -> int:
