@@ -12,30 +12,34 @@ ONNX_TRAINED := build/onnx/demo-trained
 TRAIN_ARGS ?= --steps 300
 TRT_DEMO := build/trt/demo
 PRECISION ?= fp32
-RUNNER ?= torch
-# VARIANT=fp32|int8|int4 (with RUNNER=onnxruntime) serves the trained demo model's export of that precision;
-# without VARIANT, RUNNER=onnxruntime serves $(ONNX_DEMO) as before.
+ONNX_SMOLLM2 := build/onnx/smollm2
+# RUNNER=auto (the default) times the model's quality-proven configurations on this processor and
+# serves the fastest (lepton/autoselect.py); RUNNER=torch|onnxruntime|tensorrt is an explicit choice.
+RUNNER ?= auto
+# VARIANT=fp32|int8|int4 (with RUNNER=onnxruntime) serves SmolLM2's ONNX export of that precision; a
+# quantized one is built with its quality report even when it misses the gate (an explicit choice).
 VARIANT ?=
-VARIANT_DIR_fp32 := $(ONNX_TRAINED)
-VARIANT_DIR_int8 := $(ONNX_TRAINED)-int8
-VARIANT_DIR_int4 := $(ONNX_TRAINED)-int4
+VARIANT_DIR_fp32 := $(ONNX_SMOLLM2)
+VARIANT_DIR_int8 := $(ONNX_SMOLLM2)-int8
+VARIANT_DIR_int4 := $(ONNX_SMOLLM2)-int4
 ifeq ($(RUNNER),onnxruntime)
-MODEL ?= $(if $(VARIANT),$(VARIANT_DIR_$(VARIANT)),$(ONNX_DEMO))
+MODEL ?= $(if $(VARIANT),$(VARIANT_DIR_$(VARIANT)),$(ONNX_SMOLLM2))
 else ifeq ($(RUNNER),tensorrt)
 MODEL ?= $(TRT_DEMO)
 else
-MODEL ?= $(DEMO_MODEL)
+MODEL ?= $(SMOLLM2_MODEL)
 endif
 HOST ?= 127.0.0.1
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
+API_PORT ?= 9000
 PYTEST_ARGS ?=
 
 .PHONY: help setup demo-model smollm2 export train quantize tensorrt engine bench bench-runners serve test test-unit clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+	@grep -E '^[a-z0-9-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
 setup:  ## venv with pinned packages, libb64, Python backend stub, start check (idempotent)
 	@PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup.sh
@@ -89,17 +93,27 @@ bench-peers: setup $(DEMO_MODEL)/config.json  ## Lepton vs llama.cpp server and 
 	@bash scripts/build_peers.sh
 	@$(PY) -m benchmarks.peers $(BENCH_ARGS)
 
-serve: setup  ## serve MODEL (default: the demo model) with RUNNER=torch|onnxruntime [VARIANT=fp32|int8|int4] on HOST:HTTP_PORT/GRPC_PORT/METRICS_PORT
+$(ONNX_SMOLLM2)/manifest.json: $(SMOLLM2_MODEL)/config.json export/onnx_export.py export/validation.py lepton/models/llama.py | setup
+	@$(PY) -m export onnx --model $(SMOLLM2_MODEL) --out $(ONNX_SMOLLM2)
+
+$(ONNX_SMOLLM2)-%/manifest.json: $(ONNX_SMOLLM2)/manifest.json export/quantization.py export/quality.py | setup
+	@$(PY) -m export quantize --export $(ONNX_SMOLLM2) --out $(ONNX_SMOLLM2)-$* --method $* --no-quality-gate
+
+serve: setup  ## serve MODEL (default: SmolLM2-135M-Instruct) with RUNNER=auto|torch|onnxruntime [VARIANT=fp32|int8|int4] on HOST:HTTP_PORT/GRPC_PORT/METRICS_PORT, OpenAI API on API_PORT (0: none)
 	@if [ -n "$(VARIANT)" ] && [ "$(RUNNER)" != onnxruntime ]; then \
 		echo "VARIANT=$(VARIANT) serves an ONNX export: add RUNNER=onnxruntime" >&2; exit 2; fi
 	@if [ -n "$(VARIANT)" ] && [ -z "$(VARIANT_DIR_$(VARIANT))" ]; then \
 		echo "VARIANT must be fp32, int8 or int4, got '$(VARIANT)'" >&2; exit 2; fi
 	@if [ "$(MODEL)" = "$(DEMO_MODEL)" ]; then $(MAKE) --no-print-directory $(DEMO_MODEL)/config.json; fi
+	@if [ "$(MODEL)" = "$(SMOLLM2_MODEL)" ]; then $(MAKE) --no-print-directory $(SMOLLM2_MODEL)/config.json; fi
+	@if [ "$(MODEL)" = "$(SMOLLM2_MODEL)" ] && [ "$(RUNNER)" = auto ]; then \
+		$(MAKE) --no-print-directory $(ONNX_SMOLLM2)/manifest.json; fi
 	@if [ "$(MODEL)" = "$(ONNX_DEMO)" ]; then $(MAKE) --no-print-directory $(ONNX_DEMO)/manifest.json; fi
 	@for dir in $(VARIANT_DIR_fp32) $(VARIANT_DIR_int8) $(VARIANT_DIR_int4); do \
 		if [ "$(MODEL)" = "$$dir" ]; then $(MAKE) --no-print-directory $$dir/manifest.json || exit 1; fi; done
-	@$(PY) -m lepton.server --model $(MODEL) --param runner=$(RUNNER) --host $(HOST) --http-port $(HTTP_PORT) \
-		--grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+	@exec $(PY) -m lepton.server --model $(MODEL) $(if $(filter auto,$(RUNNER)),--auto,--param runner=$(RUNNER)) \
+		--host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
+		--api-port $(API_PORT)
 
 test: setup $(DEMO_MODEL)/config.json  ## unit and end-to-end tests (real tritonserver on loopback)
 	@$(PY) -m pytest $(PYTEST_ARGS)

@@ -185,6 +185,10 @@ def _parse_args(argv: list[str] | None):
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="engine parameter written into config.pbtxt (repeatable), e.g. max_num_seqs=16")
+    parser.add_argument("--api-port", type=int, default=9000,
+                        help="port of the OpenAI-compatible API (openai_api) started with Triton; 0 = none")
+    parser.add_argument("--api-key", default=os.environ.get("LEPTON_API_KEY"),
+                        help="key the OpenAI API requires (default: $LEPTON_API_KEY; none: no key)")
     parser.add_argument("--auto", action="store_true",
                         help="unless --param runner=... is given: time the model's eligible configurations on "
                              "this processor (torch, and its ONNX exports under build/onnx whose quality gate "
@@ -208,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         args.model, params = _auto_configuration(args.model, params)
     # NOTE: fail here, with a clear message, before starting the server
     open_folder(EngineConfig.from_parameters({"model_dir": str(args.model), **params}))
-    for name, port in (("HTTP", args.http_port), ("gRPC", args.grpc_port), ("metrics", args.metrics_port)):
+    ports = [("HTTP", args.http_port), ("gRPC", args.grpc_port), ("metrics", args.metrics_port)]
+    for name, port in ports + ([("API", args.api_port)] if args.api_port else []):
         if port_in_use(args.host, port):
             sys.exit(f"error: the {name} port {args.host}:{port} is already in use (another Lepton or "
                      f"tritonserver?); stop it or choose another port (--{name.lower()}-port, or "
@@ -221,9 +226,15 @@ def main(argv: list[str] | None = None) -> int:
     server = TritonServer(options)
     started = time.monotonic()
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # docker stop / timeout: stop cleanly
+    api = None
     try:
         server.start()
+        api = _start_api(args) if args.api_port else None
         print(_ready_banner(server, time.monotonic() - started), flush=True)
+        if api is not None:
+            from openai_api.server import snippet
+
+            print("\n" + snippet(api.url, api.model, api.config.api_key is not None), flush=True)
         server.process.wait()
         return server.process.returncode or 0
     except KeyboardInterrupt:
@@ -233,7 +244,20 @@ def main(argv: list[str] | None = None) -> int:
         print("\nstopping tritonserver ...", flush=True)
         return 0
     finally:
+        if api is not None:
+            api.stop()  # NOTE: a thread of this process: it cannot outlive the launcher
         server.stop()
+
+
+def _start_api(args):
+    """The OpenAI-compatible API in a thread of the launcher, in front of tritonserver's gRPC port."""
+    from openai_api.config import ApiConfig
+    from openai_api.server import ApiServer
+
+    triton_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    config = ApiConfig(host=args.host, port=args.api_port, triton_url=f"{triton_host}:{args.grpc_port}",
+                       api_key=args.api_key, log_level="warning")
+    return ApiServer(config).start()
 
 
 def _auto_configuration(model: Path, params: dict[str, str]) -> tuple[Path, dict[str, str]]:

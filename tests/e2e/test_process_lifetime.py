@@ -45,12 +45,13 @@ class Launcher:
     """`python -m lepton.server` on free loopback ports, with its process tree."""
 
     def __init__(self, model_dir, tmp_path, stop_timeout: float = 5.0) -> None:
-        self.ports = [free_port(), free_port(), free_port()]
+        self.ports = [free_port(), free_port(), free_port(), free_port()]
         self.log = open(tmp_path / "launcher.log", "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "lepton.server", "--model", str(model_dir),
              "--http-port", str(self.ports[0]), "--grpc-port", str(self.ports[1]),
-             "--metrics-port", str(self.ports[2]), "--stop-timeout", str(stop_timeout)],
+             "--metrics-port", str(self.ports[2]), "--api-port", str(self.ports[3]),
+             "--stop-timeout", str(stop_timeout)],
             cwd=PROJECT_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
         )
         self.wait_ready()
@@ -123,7 +124,7 @@ def test_10_a_taken_port_is_reported_clearly(demo_model_dir):
         port = taken.getsockname()[1]
         result = subprocess.run(
             [sys.executable, "-m", "lepton.server", "--model", str(demo_model_dir), "--http-port", str(port),
-             "--grpc-port", str(free_port()), "--metrics-port", str(free_port())],
+             "--grpc-port", str(free_port()), "--metrics-port", str(free_port()), "--api-port", "0"],
             cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
         )
     assert result.returncode != 0
