@@ -97,6 +97,15 @@ def _quality_failures(export: Path, method: str) -> str:
 
 
 def time_candidate(candidate: Candidate, steps: int = 5) -> Timing:
+    """time_candidate_here in a fresh process: runners set process-wide thread counts, and memory
+    is returned whole when the process ends."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(time_candidate_here, (candidate, steps))
+
+
+def time_candidate_here(candidate: Candidate, steps: int = 5) -> Timing:
     """Median decode step times of the engine on this candidate (random prompts, greedy)."""
     from lepton.config import EngineConfig
     from lepton.engine import LLMEngine
