@@ -29,7 +29,7 @@ EXTERNAL_DATA_FILE = "model.onnx.data"
 # NOTE: protobuf cannot serialize a message over 2 GiB; keep a margin for the graph itself.
 MAX_INLINE_BYTES = (2 << 30) - (64 << 20)
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json")
+                "special_tokens_map.json", "chat_template.jinja")
 DYNAMIC_AXES = {
     "T": "tokens computed this step",
     "S": "sequences scheduled this step",
