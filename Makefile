@@ -93,6 +93,16 @@ bench-peers: setup $(DEMO_MODEL)/config.json  ## Lepton vs llama.cpp server and 
 	@bash scripts/build_peers.sh
 	@$(PY) -m benchmarks.peers $(BENCH_ARGS)
 
+# NOTE: against the server at 127.0.0.1:$(GRPC_PORT) (make serve); when nothing answers there the
+# scripts start their own on the demo model. PERF_ARGS=--quick for a seconds-long smoke run.
+PERF_ARGS ?=
+.PHONY: perf genai-perf
+perf: setup $(DEMO_MODEL)/config.json  ## perf_analyzer sweeps of lepton (3 request styles, gRPC streaming) -> build/reports/perf/ CSV + PNG (PERF_ARGS=--quick)
+	@$(PY) -m benchmarks.perf --url $(HOST):$(GRPC_PORT) --metrics-url http://$(HOST):$(METRICS_PORT)/metrics $(PERF_ARGS)
+
+genai-perf: setup $(DEMO_MODEL)/config.json  ## genai-perf profile of lepton, vllm + tensorrtllm styles: TTFT, ITL, tokens/s -> build/reports/genai-perf/ (PERF_ARGS=--quick)
+	@$(PY) -m benchmarks.genai_perf --url $(HOST):$(GRPC_PORT) --metrics-url http://$(HOST):$(METRICS_PORT)/metrics $(PERF_ARGS)
+
 $(ONNX_SMOLLM2)/manifest.json: $(SMOLLM2_MODEL)/config.json export/onnx_export.py export/validation.py lepton/models/llama.py | setup
 	@$(PY) -m export onnx --model $(SMOLLM2_MODEL) --out $(ONNX_SMOLLM2)
 
