@@ -245,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         if api is not None:
-            api.stop()  # NOTE: a thread of this process: it cannot outlive the launcher
+            # NOTE: a daemon thread of this process, so it cannot outlive the launcher; streams get a
+            # moment to end, and a shutdown stuck on a dead Triton does not hold the exit up.
+            api.stop(timeout_s=3)
         server.stop()
 
 
