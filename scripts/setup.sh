@@ -29,6 +29,18 @@ if ! ldconfig -p | grep -q 'libb64.so.0d'; then
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libb64-0d >/dev/null
 fi
 
+# NOTE: nginx and envsubst (the scale-out test's load balancer) and docker-compose (validates docker-compose.yml);
+# --no-install-recommends keeps Docker's engine out: nothing here runs containers.
+DEPLOY_TOOLS=()
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || DEPLOY_TOOLS+=(nginx-light)
+command -v docker-compose >/dev/null || DEPLOY_TOOLS+=(docker-compose)
+command -v envsubst >/dev/null || DEPLOY_TOOLS+=(gettext-base)  # deploy/nginx/render.sh
+if [ ${#DEPLOY_TOOLS[@]} -gt 0 ]; then
+  step "installing ${DEPLOY_TOOLS[*]} (deployment checks: tests/e2e/test_scale_out.py, tests/deploy)"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends "${DEPLOY_TOOLS[@]}" >/dev/null
+fi
+
 TRITON=$("$PY" -c 'import pytriton, pathlib; print(pathlib.Path(pytriton.__file__).parent / "tritonserver")')
 STUB_SRC="$TRITON/python_backend_stubs/$PYVER/triton_python_backend_stub"
 STUB_DST="$TRITON/backends/python/triton_python_backend_stub"
