@@ -69,7 +69,9 @@ def markdown(result: dict, images: list[Path], doc_dir: Path) -> str:
              f"- **Model**: `{result['model']['dir']}` ({result['model']['description']})",
              f"- **Peers**: {result['peer_versions']}; {result['num_threads']} compute threads each; Lepton engine "
              f"parameters per row in the JSON (`engine_parameters`), the engine's own thread default unless set",
-             f"- **Raw results**: `{result['json']}`", "", "## Workloads", ""]
+             f"- **Raw results**: `{result['json']}`"]
+    lines += [f"- **Note** (added after the run): {note}" for note in result.get("notes", [])]
+    lines += ["", "## Workloads", ""]
     lines += [f"- **{w['name']}**: {w['title']}; {w['num_requests']} requests" for w in result["workloads"]]
     lines += ["", "All greedy, ignore_eos, exactly the asked number of output tokens; every system gets the same "
               "token ids.", "", "## The table", "", TABLE_HEADER]
@@ -147,8 +149,9 @@ def plots(result: dict, img_dir: Path) -> list[Path]:
             ax.set_title(title, fontsize=9)
             ax.set_yticks(range(len(systems)), labels, fontsize=8)
             ax.invert_yaxis()
-        fig.suptitle(f"{result['model']['name']}, {result['date'][:16]} (Lepton red; black ticks: bandwidth floor)",
-                     fontsize=9)
+        floor_note = "; black ticks: bandwidth floor" if name == "latency" else ""
+        fig.suptitle(f"{result['model']['name']}, {result['date'][:16]} (Lepton red{floor_note}; "
+                     "python -m benchmarks.peers)", fontsize=9)
         paths.append(_save(fig, img_dir / f"peers_{name}.png"))
         plt.close(fig)
     return paths
