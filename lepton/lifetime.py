@@ -11,10 +11,11 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import socket
-import threading
-import time
+import subprocess
+import sys
 
 logger = logging.getLogger(__name__)
 
@@ -29,19 +30,43 @@ def kill_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def exit_with_parent(interval_s: float = 1.0) -> threading.Thread:
-    """Start a daemon thread that ends this process (os._exit) once its parent process is gone."""
-    parent = os.getppid()
+# NOTE: a separate process, not a thread: a stub whose threads are all stuck (seen: waiting on locks
+# after tritonserver was killed, once in about a dozen kills) never runs a Python thread again.
+_WATCHER = """
+import os, signal, sys, time
+watched, parent = int(sys.argv[1]), int(sys.argv[2])
+def ppid(pid):
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return int(stat.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+while True:
+    time.sleep(float(sys.argv[3]))
+    if os.getppid() != watched:
+        sys.exit(0)
+    if ppid(watched) != parent:
+        os.kill(watched, signal.SIGKILL)
+        sys.exit(0)
+"""
 
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(interval_s)
-        logger.error("parent process %d is gone; exiting", parent)
-        os._exit(1)
 
-    thread = threading.Thread(target=watch, name="lepton-parent-watch", daemon=True)
-    thread.start()
-    return thread
+def exit_with_parent(interval_s: float = 1.0) -> subprocess.Popen:
+    """Start a watcher process that SIGKILLs this process once its parent process is gone."""
+    # NOTE: the watcher exits by itself when this process ends, however it ends.
+    return subprocess.Popen(
+        [_python(), "-S", "-c", _WATCHER, str(os.getpid()), str(os.getppid()), str(interval_s)],
+        stdin=subprocess.DEVNULL, close_fds=True, start_new_session=False,
+    )
+
+
+def _python() -> str:
+    # NOTE: inside Triton's backend stub, sys.executable is the stub binary (or empty); the stub
+    # itself finds the interpreter as the first python3 on PATH, and so does this.
+    name = os.path.basename(sys.executable or "")
+    if name.startswith("python"):
+        return sys.executable
+    return shutil.which("python3") or "python3"
 
 
 def descendants(pid: int) -> list[int]:
