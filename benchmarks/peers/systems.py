@@ -15,7 +15,8 @@ from benchmarks.stats import summarize
 from lepton.server import PROJECT_ROOT
 
 WORK_DIR = PROJECT_ROOT / "build" / "peers" / "runs"
-PRECISION = {"f32": "fp32", "q8_0": "8-bit", "q4_0": "4-bit", "fp32": "fp32", "int8": "8-bit", "int4": "4-bit"}
+PRECISION = {"f32": "fp32", "q8_0": "8-bit", "q4_0": "4-bit", "fp32": "fp32", "int8": "8-bit", "int4": "4-bit",
+             "q4_1": "4-bit"}
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class System:
     """One row of the table: which program, which weights."""
 
     peer: str  # llamacpp | ortgenai | lepton
-    variant: str  # llamacpp: f32|q8_0|q4_0; ortgenai: fp32|int4; lepton: torch-fp32|ort-fp32|ort-int8|ort-int4
+    variant: str  # llamacpp: f32|q8_0|q4_0; ortgenai: fp32|int4; lepton: torch-fp32|ort-fp32|ort-int8|ort-int4|ort-q4_1
 
     @property
     def precision(self) -> str:
