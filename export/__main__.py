@@ -69,13 +69,17 @@ def _add_train_parser(commands) -> None:
 
 
 def _add_quantize_parser(commands) -> None:
-    quantize = commands.add_parser("quantize", help="quantize an export folder (int8 / int4), gated on quality")
+    quantize = commands.add_parser("quantize", help="quantize an export folder (int8 / int4 / q4_1), gated on quality")
     quantize.add_argument("--export", type=Path, required=True, help="float32 export folder (python -m export onnx)")
     quantize.add_argument("--out", type=Path, required=True, help="quantized export folder to write")
-    quantize.add_argument("--method", choices=("int8", "int4"), required=True)
-    quantize.add_argument("--block-size", type=int, default=None, help="int4: weights per scale (default 32)")
+    quantize.add_argument("--method", choices=("int8", "int4", "q4_1"), required=True,
+                          help="int8 dynamic; int4 symmetric blocks; q4_1: llama.cpp's 4-bit blocks with float "
+                               "offsets (exact on weights dequantized from a Q4_1 GGUF)")
+    quantize.add_argument("--block-size", type=int, default=None, help="int4 / q4_1: weights per scale (default 32)")
     quantize.add_argument("--accuracy-level", type=int, default=None,
-                          help="int4: MatMulNBits compute type, 1 = fp32, 4 = int8 (default 4)")
+                          help="int4 / q4_1: MatMulNBits compute type, 0/1 = fp32, 4 = int8 (default: int4 4, q4_1 0)")
+    quantize.add_argument("--lm-head", choices=("fp32", "q8_0", "q4_1"), default=None,
+                          help="q4_1: the lm_head float32 (default), 8-bit blocks (accuracy level 4) or q4_1")
     quantize.add_argument("--no-quality-gate", action="store_true", help="report quality, never fail on it")
     quantize.add_argument("--min-top1", type=float, default=None, help="override the gate's top-1 agreement")
     quantize.add_argument("--max-kl-mean", type=float, default=None, help="override the gate's mean KL")
@@ -153,7 +157,8 @@ def _quantize(args: argparse.Namespace) -> int:
                              latency_steps=_or(args.latency_steps, defaults.latency_steps),
                              latency_context=_or(args.latency_context, defaults.latency_context))
     options = QuantizeOptions(export_dir=args.export, out_dir=args.out, method=args.method,
-                              block_size=args.block_size, accuracy_level=args.accuracy_level, gate=gate,
+                              block_size=args.block_size, accuracy_level=args.accuracy_level,
+                              lm_head=args.lm_head, gate=gate,
                               quality_gate=not args.no_quality_gate, evaluation=evaluation)
     try:
         manifest, report = quantize_export(options)

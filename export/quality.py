@@ -49,11 +49,17 @@ class QualityGate:
 # 0.018, top-1 0.901, x1.0025, 0.90. Limits leave 3-5x margin on KL and logit error and ~0.03-0.05
 # on top-1, yet int8 without reduce_range (AVX2 saturation: KL 0.0049, p99 0.052, top-1 0.902)
 # fails the int8 gate.
+# NOTE: q4_1 keeps int8's limits (it is sold as exact on Q4_1-grid weights). On SmolLM2-135M-Instruct
+# (4,080 predictions): default (level 0, float32 head) KL 2e-11, top-1 1.000, max |logit err| 2e-4;
+# --lm-head q8_0 KL 0.0011, p99 0.0039, top-1 0.978, err 0.63 (passes, ~2x margin on KL); level 4
+# KL 0.0040, p99 0.017, err 3.4: it fails, and this gate is not loosened for it.
 GATES = {
     "int8": QualityGate(min_top1_agreement=0.94, max_kl_mean=0.002, max_kl_p99=0.015, max_perplexity_ratio=1.01,
                         max_abs_logit_error=2.0),
     "int4": QualityGate(min_top1_agreement=0.85, max_kl_mean=0.02, max_kl_p99=0.06, max_perplexity_ratio=1.02,
                         max_abs_logit_error=3.0),
+    "q4_1": QualityGate(min_top1_agreement=0.94, max_kl_mean=0.002, max_kl_p99=0.015, max_perplexity_ratio=1.01,
+                        max_abs_logit_error=2.0),
 }
 
 

@@ -1,4 +1,4 @@
-"""Quantize a float32 export folder with ONNX Runtime's tools (INT8 dynamic, 4-bit weight-only), gated on quality."""
+"""Quantize a float32 export folder (INT8 dynamic, 4-bit weight-only, llama.cpp's Q4_1), gated on quality."""
 
 from __future__ import annotations
 
@@ -16,13 +16,15 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from export.nbits import RewritePlan, drop_unused_initializers, rewrite_matmuls
 from export.onnx_export import COPIED_FILES, MAX_INLINE_BYTES, check_pool_reads
 from export.quality import REPORT_FILE, EvalOptions, QualityGate, VariantQuality, evaluate, require_gate, write_report
 from lepton.manifest import MANIFEST_FILE, Manifest, QuantizationRecipe, sha256_file, tool_versions
 from lepton.runners.onnx_runner import INDEX_INPUTS
 
-METHODS = ("int8", "int4")
-QUANTIZED_OPS = {"int8": ("MatMulInteger",), "int4": ("MatMulNBits",)}
+METHODS = ("int8", "int4", "q4_1")
+QUANTIZED_OPS = {"int8": ("MatMulInteger",), "int4": ("MatMulNBits",), "q4_1": ("MatMulNBits",)}
+HEAD_FORMATS = ("fp32", "q8_0", "q4_1")  # q4_1 method: how the lm_head (N = vocab) is stored
 
 
 class QuantizationError(RuntimeError):
@@ -41,6 +43,7 @@ class QuantizationPreset:
     symmetric: bool
     accuracy_level: int | None  # MatMulNBits: 1 = fp32 compute, 4 = int8 compute
     reduce_range: bool
+    lm_head: str = "same"  # q4_1: "fp32", "q8_0" (8-bit blocks, accuracy level 4) or "q4_1"; others: as the rest
 
 
 # NOTE: measured on this AVX2 CPU (no VNNI). int8: ORT's u8s8 kernel sums pairs of u8 x s8 products
@@ -50,10 +53,21 @@ class QuantizationPreset:
 # level 4 (int8 compute) matched fp32 to 6.7x faster on large weights, while level 1 (fp32 compute)
 # was slower than fp32 at decode batch sizes. Every non-MatMul op, the embedding and the K/V pools
 # stay float32.
+# q4_1 (export/nbits.py), measured on SmolLM2-135M-Instruct (dequantized from a Q4_1 GGUF; AVX-512 VNNI EPYC,
+# 2 shared cores, 4,080 held-out predictions): accuracy level 0 with a float32 head reproduces the float32
+# export (KL 2e-11, top-1 1.000, max |logit err| 2e-4); the head as Q8_0 (the GGUF's embedding is on a Q8_0
+# grid, so its weights stay exact; error only from level 4's int8 activations) gives KL 0.0011, top-1 0.978
+# and a faster step, but its greedy answer to "What is the capital of France?" starts "L'Étoile" instead of
+# transformers' "The capital of France is Paris.", so the default head stays float32 (exact). Level 4 for the
+# 4-bit layers gives KL 0.0040, top-1 0.962 (spread over all projections: level 0 for down_proj alone left
+# KL at 0.0039), failing the gate. With --lm-head q8_0 a Gather over the tied embedding reads the head's
+# 8-bit codes (GatherBlockQuantized) instead of a float copy.
 PRESETS = {
     "int8": QuantizationPreset("int8-dynamic-per-channel-7bit", "int8", "int8", True, None, True, None, True),
     "int4": QuantizationPreset("int4-block32-sym-acc4", "int4", "int4", False, 32, True, 4, False),
+    "q4_1": QuantizationPreset("q4_1-block32-acc0-head-fp32", "q4_1", "uint4", False, 32, False, 0, False, "fp32"),
 }
+Q8_HEAD_ACCURACY_LEVEL = 4  # NOTE: bits=8 MatMulNBits at level 0 ran 17 ms for N = 8192, K = 576 (fp32: 0.8 ms)
 
 
 @dataclass(frozen=True)
@@ -62,30 +76,39 @@ class QuantizeOptions:
 
     export_dir: Path  # a float32 export folder (python -m export onnx)
     out_dir: Path
-    method: str  # "int8" or "int4"
-    block_size: int | None = None  # int4 block size override
-    accuracy_level: int | None = None  # int4 accuracy level override
+    method: str  # "int8", "int4" or "q4_1"
+    block_size: int | None = None  # int4 / q4_1 block size override
+    accuracy_level: int | None = None  # int4 / q4_1 accuracy level override
+    lm_head: str | None = None  # q4_1 lm_head format override (HEAD_FORMATS)
     gate: QualityGate | None = None  # None = the method's default gate (quality.GATES)
     quality_gate: bool = True  # False: report quality, never fail on it
     evaluation: EvalOptions = EvalOptions()
 
 
-def resolve_preset(method: str, block_size: int | None, accuracy_level: int | None) -> QuantizationPreset:
+def resolve_preset(method: str, block_size: int | None, accuracy_level: int | None,
+                   lm_head: str | None = None) -> QuantizationPreset:
     """The method's preset with CLI overrides applied and checked."""
     if method not in PRESETS:
         raise QuantizationError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     preset = PRESETS[method]
     if method == "int8" and (block_size is not None or accuracy_level is not None):
-        raise QuantizationError("--block-size and --accuracy-level apply to int4 only (int8 is per channel)")
+        raise QuantizationError("--block-size and --accuracy-level apply to int4 and q4_1 only (int8 is per channel)")
+    if lm_head is not None and (method != "q4_1" or lm_head not in HEAD_FORMATS):
+        raise QuantizationError(f"--lm-head applies to q4_1 only and is one of {', '.join(HEAD_FORMATS)}")
     if block_size is not None and (block_size < 16 or block_size & (block_size - 1)):
         raise QuantizationError(f"block size must be a power of two >= 16, got {block_size}")
     if accuracy_level is not None and accuracy_level not in (0, 1, 2, 3, 4):
         raise QuantizationError(f"accuracy level must be 0..4 (see MatMulNBits), got {accuracy_level}")
-    return dataclasses.replace(
+    preset = dataclasses.replace(
         preset,
         block_size=preset.block_size if block_size is None else block_size,
         accuracy_level=preset.accuracy_level if accuracy_level is None else accuracy_level,
+        lm_head=preset.lm_head if lm_head is None else lm_head,
     )
+    if method == "q4_1":
+        name = f"q4_1-block{preset.block_size}-acc{preset.accuracy_level}-head-{preset.lm_head}"
+        preset = dataclasses.replace(preset, name=name)
+    return preset
 
 
 def gemms_to_matmuls(model: onnx.ModelProto) -> int:
@@ -116,26 +139,22 @@ def gemms_to_matmuls(model: onnx.ModelProto) -> int:
         count += 1
     graph.ClearField("node")
     graph.node.extend(nodes)
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
     return count
 
 
-def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
-    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    kept = [t for t in graph.initializer if t.name in used]
-    graph.ClearField("initializer")
-    graph.initializer.extend(kept)
 
-
-def quantize_graph(source: Path, target: Path, preset: QuantizationPreset) -> int:
+def quantize_graph(source: Path, target: Path, preset: QuantizationPreset, vocab_size: int) -> int:
     """Write the quantized graph of source to target; returns the number of weight matrices quantized."""
     model = onnx.load(str(source))
     gemms_to_matmuls(model)
     with _quiet_root_logger():
         if preset.method == "int8":
             _quantize_int8(model, target, preset)
-        else:
+        elif preset.method == "int4":
             _quantize_int4(model, target, preset)
+        else:
+            _quantize_q4_1(model, target, preset, vocab_size)
     quantized = onnx.load(str(target), load_external_data=False)
     count = sum(node.op_type in QUANTIZED_OPS[preset.method] for node in quantized.graph.node)
     if count == 0:
@@ -181,9 +200,19 @@ def _quantize_int4(model: onnx.ModelProto, target: Path, preset: QuantizationPre
     quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=preset.block_size, is_symmetric=preset.symmetric,
                                      accuracy_level=preset.accuracy_level, op_types_to_quantize=("MatMul",))
     quantizer.process()
-    result = quantizer.model.model
-    large = result.ByteSize() > MAX_INLINE_BYTES
-    onnx.save_model(result, str(target), save_as_external_data=large, all_tensors_to_one_file=True,
+    _save(quantizer.model.model, target)
+
+
+def _quantize_q4_1(model: onnx.ModelProto, target: Path, preset: QuantizationPreset, vocab_size: int) -> None:
+    plan = RewritePlan(block_size=preset.block_size, accuracy_level=preset.accuracy_level, head_format=preset.lm_head,
+                       head_accuracy_level=Q8_HEAD_ACCURACY_LEVEL, vocab_size=vocab_size)
+    rewrite_matmuls(model, plan)
+    _save(model, target)
+
+
+def _save(model: onnx.ModelProto, target: Path) -> None:
+    large = model.ByteSize() > MAX_INLINE_BYTES
+    onnx.save_model(model, str(target), save_as_external_data=large, all_tensors_to_one_file=True,
                     location=f"{target.name}.data" if large else None)
 
 
@@ -193,31 +222,24 @@ def recipe_for(preset: QuantizationPreset, num_quantized: int, source_graph: Pat
         preset=preset.name, method=preset.method, weight_type=preset.weight_type, per_channel=preset.per_channel,
         block_size=preset.block_size, symmetric=preset.symmetric, accuracy_level=preset.accuracy_level,
         reduce_range=preset.reduce_range, op_types=("MatMul",), num_quantized=num_quantized,
-        tool=f"onnxruntime {metadata.version('onnxruntime')}", source_graph_sha256=sha256_file(source_graph),
+        tool=_tool(preset), source_graph_sha256=sha256_file(source_graph),
     )
+
+
+def _tool(preset: QuantizationPreset) -> str:
+    tool = f"onnxruntime {metadata.version('onnxruntime')}"
+    if preset.method == "q4_1":
+        tool += f" MatMulNBits, graph rewritten by export.nbits (onnx {metadata.version('onnx')})"
+    return tool
 
 
 def quantize_export(options: QuantizeOptions) -> tuple[Manifest, VariantQuality]:
     """Quantize, copy the serving files, measure quality against the float32 export, gate; then publish."""
-    preset = resolve_preset(options.method, options.block_size, options.accuracy_level)
-    source = Manifest.load(options.export_dir / MANIFEST_FILE)
-    if source.quantization is not None:
-        raise QuantizationError(f"{options.export_dir} is already quantized ({source.quantization.preset}); "
-                                "quantize its float32 export instead")
+    preset = resolve_preset(options.method, options.block_size, options.accuracy_level, options.lm_head)
     staging = options.out_dir.with_name(options.out_dir.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    graph = options.export_dir / source.model_file
-    print(f"[quantize] {preset.name}: quantizing {graph}")
-    count = quantize_graph(graph, staging / source.model_file, preset)
-    for name in COPIED_FILES:
-        if (options.export_dir / name).is_file():
-            shutil.copy2(options.export_dir / name, staging / name)
-    external = f"{source.model_file}.data" if (staging / f"{source.model_file}.data").is_file() else None
-    manifest = dataclasses.replace(source, external_data=external, tools=tool_versions(), validation=(),
-                                   quantization=recipe_for(preset, count, graph))
-    manifest.save(staging / MANIFEST_FILE)
-    print(f"[quantize] {count} weight matrices quantized; measuring quality against {options.export_dir}")
+    manifest = write_quantized(options.export_dir, staging, preset)
+    print(f"[quantize] {manifest.quantization.num_quantized} weight matrices quantized; "
+          f"measuring quality against {options.export_dir}")
     report = evaluate(options.export_dir, {preset.method: staging}, options.evaluation,
                       {preset.method: options.gate} if options.gate else None)[0]
     report = dataclasses.replace(report, export_dir=str(options.out_dir))
@@ -227,3 +249,24 @@ def quantize_export(options: QuantizeOptions) -> tuple[Manifest, VariantQuality]
     shutil.rmtree(options.out_dir, ignore_errors=True)
     staging.rename(options.out_dir)
     return manifest, report
+
+
+def write_quantized(export_dir: Path, out_dir: Path, preset: QuantizationPreset) -> Manifest:
+    """The quantized graph, the serving files and the manifest in out_dir (replaced), without quality checks."""
+    source = Manifest.load(export_dir / MANIFEST_FILE)
+    if source.quantization is not None:
+        raise QuantizationError(f"{export_dir} is already quantized ({source.quantization.preset}); "
+                                "quantize its float32 export instead")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    graph = export_dir / source.model_file
+    print(f"[quantize] {preset.name}: quantizing {graph}")
+    count = quantize_graph(graph, out_dir / source.model_file, preset, source.model_config.vocab_size)
+    for name in COPIED_FILES:
+        if (export_dir / name).is_file():
+            shutil.copy2(export_dir / name, out_dir / name)
+    external = f"{source.model_file}.data" if (out_dir / f"{source.model_file}.data").is_file() else None
+    manifest = dataclasses.replace(source, external_data=external, tools=tool_versions(), validation=(),
+                                   quantization=recipe_for(preset, count, graph))
+    manifest.save(out_dir / MANIFEST_FILE)
+    return manifest

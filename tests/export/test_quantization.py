@@ -157,7 +157,7 @@ def test_bad_requests_are_clear_errors(quantized, tmp_path):
     out, _, _ = get("int8")
     with pytest.raises(QuantizationError, match="already quantized"):
         quantize_export(QuantizeOptions(out, tmp_path / "again", "int4", evaluation=EVAL))
-    with pytest.raises(QuantizationError, match="apply to int4 only"):
+    with pytest.raises(QuantizationError, match="apply to int4 and q4_1 only"):
         resolve_preset("int8", 64, None)
     with pytest.raises(QuantizationError, match="power of two"):
         resolve_preset("int4", 48, None)

@@ -1,0 +1,207 @@
+"""llama.cpp's Q4_1 and Q8_0 block formats as ONNX Runtime MatMulNBits nodes: a graph rewrite with the onnx package.
+
+Q4_1 (block of 32 along K): w = d * q + m, q in 0..15, d = (max - min) / 15, m = min (a float offset).
+MatMulNBits only takes integer zero points on its fast path, so the offset is carried by a second, tiny
+product: Y = MatMulNBits(A; q, d, zero point 8) + blocksum(A) @ C, C[b, n] = m + 8 d of output n's block b,
+blocksum(A) = A @ S with S the [K, K/32] block indicator. On weights already on a Q4_1 grid (a model
+dequantized from a Q4_1 GGUF) it reproduces them to float32 rounding; on others it is Q4_1 quantization.
+Q8_0 (for the tied lm_head): w = d * q, q in -127..127, d = max|w| / 127; MatMulNBits bits=8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+MS_DOMAIN = "com.microsoft"
+Q4_ZERO = 8  # MatMulNBits' default zero point for bits=4 (no zero_points input)
+Q8_ZERO = 128  # and for bits=8
+
+
+@dataclass(frozen=True)
+class BlockWeights:
+    """One weight [N, K] in MatMulNBits' layout."""
+
+    bits: int  # 4 or 8
+    block_size: int
+    codes: np.ndarray  # uint8 [N, K / block_size, block_size] unsigned codes (before packing)
+    scales: np.ndarray  # float32 [N, K / block_size]
+    offsets: np.ndarray | None  # float32 [N, K / block_size] added per block (Q4_1), None for Q8_0
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 [N, K] weight the node computes with."""
+        zero = Q4_ZERO if self.bits == 4 else Q8_ZERO
+        values = (self.codes.astype(np.float32) - zero) * self.scales[..., None]
+        if self.offsets is not None:
+            values = values + self.offsets[..., None]
+        return values.reshape(self.codes.shape[0], -1)
+
+
+def quantize_q4_1(weight_nk: np.ndarray, block_size: int = 32) -> BlockWeights:
+    """Per-block min/max 4-bit codes with float offsets (llama.cpp quantize_row_q4_1, float32 d and m)."""
+    blocks = _blocks(weight_nk, block_size).astype(np.float64)
+    low, high = blocks.min(axis=-1), blocks.max(axis=-1)
+    step = (high - low) / 15.0
+    safe = np.where(step > 0, step, 1.0)
+    codes = np.clip(np.rint((blocks - low[..., None]) / safe[..., None]), 0, 15).astype(np.uint8)
+    scales = step.astype(np.float32)
+    # NOTE: zero point 8 (the default, no zero_points input) measured faster than explicit uint8 zeros
+    # and centres the int8-compute part at accuracy level 4, so the offset absorbs 8 d.
+    offsets = (low + Q4_ZERO * scales.astype(np.float64)).astype(np.float32)
+    return BlockWeights(4, block_size, codes, scales, offsets)
+
+
+def quantize_q8_0(weight_nk: np.ndarray, block_size: int = 32) -> BlockWeights:
+    """Symmetric 8-bit codes per block, d = max|w| / 127 (llama.cpp quantize_row_q8_0, float32 d)."""
+    blocks = _blocks(weight_nk, block_size).astype(np.float64)
+    step = np.abs(blocks).max(axis=-1) / 127.0
+    safe = np.where(step > 0, step, 1.0)
+    codes = (np.clip(np.rint(blocks / safe[..., None]), -127, 127) + Q8_ZERO).astype(np.uint8)
+    return BlockWeights(8, block_size, codes, step.astype(np.float32), None)
+
+
+def _blocks(weight_nk: np.ndarray, block_size: int) -> np.ndarray:
+    rows, cols = weight_nk.shape
+    if cols % block_size:
+        raise ValueError(f"K = {cols} is not a multiple of the block size {block_size}")
+    return weight_nk.reshape(rows, cols // block_size, block_size)
+
+
+def packed_codes(weights: BlockWeights) -> np.ndarray:
+    """MatMulNBits' B: [N, K / block_size, block_size * bits / 8], 4-bit codes low nibble first."""
+    if weights.bits == 8:
+        return weights.codes
+    return (weights.codes[..., 0::2] | (weights.codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def nbits_nodes(activation: str, output: str, weights: BlockWeights, prefix: str, accuracy_level: int,
+                block_sums: str | None) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes computing output = activation @ weights^T; Q4_1 also needs block_sums = blocksum(activation)."""
+    num_out, num_blocks, _ = weights.codes.shape
+    inits = [numpy_helper.from_array(packed_codes(weights), f"{prefix}.codes"),
+             numpy_helper.from_array(weights.scales, f"{prefix}.scales")]
+    product = output if weights.offsets is None else f"{prefix}.nbits"
+    nodes = [helper.make_node("MatMulNBits", [activation, inits[0].name, inits[1].name], [product],
+                              name=f"{prefix}.MatMulNBits", domain=MS_DOMAIN, K=num_blocks * weights.block_size,
+                              N=num_out, bits=weights.bits, block_size=weights.block_size,
+                              accuracy_level=accuracy_level)]
+    if weights.offsets is not None:
+        if block_sums is None:
+            raise ValueError("Q4_1 weights need the activation's block sums")
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(weights.offsets.T), f"{prefix}.offsets"))
+        nodes += [helper.make_node("MatMul", [block_sums, inits[-1].name], [f"{prefix}.offset_sum"],
+                                   name=f"{prefix}.offset_matmul"),
+                  helper.make_node("Add", [product, f"{prefix}.offset_sum"], [output], name=f"{prefix}.offset_add")]
+    return nodes, inits
+
+
+def block_indicator(size: int, block_size: int) -> np.ndarray:
+    """[K, K / block_size] with S[k, b] = 1 where k lies in block b: A @ S sums A over each block."""
+    return np.kron(np.eye(size // block_size, dtype=np.float32), np.ones((block_size, 1), np.float32))
+
+
+@dataclass(frozen=True)
+class RewritePlan:
+    """What rewrite_matmuls does to each weight MatMul."""
+
+    block_size: int
+    accuracy_level: int  # MatMulNBits compute type of the Q4_1 weights (0 = float, 4 = int8 activations)
+    head_format: str  # the lm_head: "q4_1", "q8_0" or "fp32" (left as it is)
+    head_accuracy_level: int  # of a q8_0 head
+    vocab_size: int  # identifies the lm_head: the weight MatMul with N = vocab_size
+
+
+def rewrite_matmuls(model: onnx.ModelProto, plan: RewritePlan) -> int:
+    """Replace every MatMul(A, [K, N] initializer) by MatMulNBits nodes per the plan; returns how many."""
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+    nodes, inits, sums, count, head = [], [], {}, 0, None
+    for node in graph.node:
+        matrix = _weight_of(node, weights)
+        fmt = plan.head_format if matrix is not None and matrix.shape[1] == plan.vocab_size else "q4_1"
+        if matrix is None or fmt == "fp32" or matrix.shape[0] % plan.block_size:
+            nodes.append(node)
+            continue
+        weight_nk = np.ascontiguousarray(matrix.T)
+        prefix = node.name or node.output[0]
+        if fmt == "q8_0":
+            block = quantize_q8_0(weight_nk, plan.block_size)
+            new, extra = nbits_nodes(node.input[0], node.output[0], block, prefix, plan.head_accuracy_level, None)
+            head = (weight_nk, block, extra[0].name)
+        else:
+            block = quantize_q4_1(weight_nk, plan.block_size)
+            key = (node.input[0], plan.block_size)
+            if key not in sums:
+                sums[key] = _block_sum_nodes(node.input[0], matrix.shape[0], plan.block_size, nodes, inits)
+            new, extra = nbits_nodes(node.input[0], node.output[0], block, prefix, plan.accuracy_level, sums[key])
+        nodes += new
+        inits += extra
+        count += 1
+    if head is not None:
+        nodes = _gather_tied_embedding(nodes, inits, weights, *head)
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    graph.initializer.extend(inits)
+    drop_unused_initializers(graph)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return count
+
+
+def _gather_tied_embedding(nodes: list, inits: list, weights: dict[str, onnx.TensorProto], weight_nk: np.ndarray,
+                           block: BlockWeights, codes: str) -> list[onnx.NodeProto]:
+    """Gathers from a table equal to the Q8_0 head read the head's codes (GatherBlockQuantized), not a float copy."""
+    num_blocks = block.codes.shape[1]
+    scales, width = f"{codes}.gather_scales", f"{codes}.row_width"
+    rewritten = []
+    for node in nodes:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        table = weights.get(node.input[0]) if node.op_type == "Gather" and attrs.get("axis", 0) == 0 else None
+        if table is None or tuple(table.dims) != weight_nk.shape or not np.array_equal(
+                numpy_helper.to_array(table), weight_nk):
+            rewritten.append(node)
+            continue
+        if scales not in {t.name for t in inits}:
+            inits += [numpy_helper.from_array(block.scales[..., None], scales),
+                      numpy_helper.from_array(np.array([num_blocks * block.block_size], np.int64), width)]
+        out, ids = node.output[0], node.input[1]
+        # NOTE: codes are [vocab, K / 32, 32] (MatMulNBits' layout), so the gathered rows are reshaped to ids + [K].
+        rewritten += [
+            helper.make_node("GatherBlockQuantized", [codes, ids, scales], [f"{out}.blocks"], name=f"{node.name}.q8_0",
+                             domain=MS_DOMAIN, bits=8, block_size=block.block_size, gather_axis=0, quantize_axis=2),
+            helper.make_node("Shape", [ids], [f"{out}.ids_shape"], name=f"{node.name}.ids_shape"),
+            helper.make_node("Concat", [f"{out}.ids_shape", width], [f"{out}.shape"], name=f"{node.name}.shape",
+                             axis=0),
+            helper.make_node("Reshape", [f"{out}.blocks", f"{out}.shape"], [out], name=f"{node.name}.rows"),
+        ]
+    return rewritten
+
+
+def _weight_of(node: onnx.NodeProto, weights: dict[str, onnx.TensorProto]) -> np.ndarray | None:
+    if node.op_type != "MatMul" or node.input[1] not in weights or node.input[0] in weights:
+        return None
+    tensor = weights[node.input[1]]
+    if len(tensor.dims) != 2 or tensor.data_type != onnx.TensorProto.FLOAT:
+        return None
+    return numpy_helper.to_array(tensor)
+
+
+def _block_sum_nodes(activation: str, size: int, block_size: int, nodes: list, inits: list) -> str:
+    """Append A @ S (the activation summed over each block of K) once per activation; returns its name."""
+    name = f"{activation}.block_sums{block_size}"
+    indicator = f"block_indicator_{size}x{block_size}"
+    if indicator not in {t.name for t in inits}:
+        inits.append(numpy_helper.from_array(block_indicator(size, block_size), indicator))
+    nodes.append(helper.make_node("MatMul", [activation, indicator], [name], name=f"{name}.matmul"))
+    return name
+
+
+def drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    """Remove initializers no node or output reads."""
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    kept = [t for t in graph.initializer if t.name in used]
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept)
