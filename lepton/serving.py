@@ -56,6 +56,7 @@ class EngineLoop:
             threading.Thread(target=self._prepare_loop, name=f"lepton-tokenizer-{i}", daemon=True)
             for i in range(NUM_TOKENIZER_THREADS)
         ]
+        self._sender = _Sender()
         self._thread = threading.Thread(target=self._run, name="lepton-engine", daemon=True)
         for thread in (*self._preparers, self._thread):
             thread.start()
@@ -149,6 +150,8 @@ class EngineLoop:
             logger.exception("sending an error failed")
 
     def _reap_cancelled(self) -> None:
+        for request_id in self._sender.take_failed():  # NOTE: the client went away mid-stream
+            self._deliver(self.engine.abort(request_id))
         for request_id, sink in list(self._sinks.items()):
             if sink.is_cancelled():
                 self._deliver(self.engine.abort(request_id))
@@ -162,7 +165,7 @@ class EngineLoop:
             for request_id, sink in list(self._sinks.items()):
                 self.engine.abort(request_id)
                 self._sinks.pop(request_id)
-                self._send_error(sink, exc)
+                self._sender.put_error(sink, exc)  # NOTE: after the outputs already queued
             return
         if any(output.finished for output in outputs):
             # NOTE: before the final responses go out, so a client that has its answer and then
@@ -179,15 +182,7 @@ class EngineLoop:
             self._sinks.pop(output.request_id, None)
         if sink is None:
             return
-        if output.error is not None:
-            self._send_error(sink, output.error)
-            return
-        try:
-            sink.send(output)
-        except Exception:  # the client went away; its request is aborted on the next check
-            logger.exception("sending output of %s failed", output.request_id)
-            if not output.finished:
-                self._deliver(self.engine.abort(output.request_id))
+        self._sender.put(sink, output)
 
     def _abort_all(self) -> None:
         for request_id in list(self._sinks):
@@ -197,3 +192,50 @@ class EngineLoop:
             self._inbox.clear()
         for _, sink in leftovers:
             self._send_error(sink, ServerBusy("server busy: shutting down"))
+        self._sender.stop()
+
+
+class _Sender:
+    """Sends outputs to their sinks, in order, on a thread of its own.
+
+    Building and sending a Triton response per stream per token takes a few ms a step; here it
+    overlaps the next model step (the runners release the GIL) instead of adding to it.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._failed: list[str] = []  # NOTE: appended here, taken by the engine thread
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="lepton-sender", daemon=True)
+        self._thread.start()
+
+    def put(self, sink: OutputSink, output: RequestOutput) -> None:
+        self._queue.put((sink, output, output.error))
+
+    def put_error(self, sink: OutputSink, error: Exception) -> None:
+        self._queue.put((sink, None, error))
+
+    def take_failed(self) -> list[str]:
+        """Requests whose sending failed (the client went away) since the last call."""
+        with self._lock:
+            failed, self._failed = self._failed, []
+        return failed
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Send what is queued, then end the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            sink, output, error = item
+            if error is not None:
+                EngineLoop._send_error(sink, error)
+                continue
+            try:
+                sink.send(output)
+            except Exception:  # NOTE: the client went away; the engine thread aborts the request
+                logger.exception("sending output of %s failed", output.request_id)
+                if not output.finished:
+                    with self._lock:
+                        self._failed.append(output.request_id)
