@@ -55,10 +55,12 @@ def run_workload(model, pad_token_id: int, workload: dict, max_batch: int) -> di
     records = {r["id"]: {"responses": []} for r in requests}
     start = time.perf_counter()
     if workload["concurrency"] is not None:
-        size = min(workload["concurrency"], max_batch)
+        concurrency = workload["concurrency"]
+        size = min(concurrency, max_batch)
         for i in range(0, len(requests), size):
             batch = requests[i:i + size]
-            sent = time.perf_counter()
+            if i % concurrency == 0:  # NOTE: a group of `concurrency` is sent at once, whatever the batches
+                sent = time.perf_counter()
             for r in batch:
                 records[r["id"]]["sent_s"] = sent
             run_batch(model, pad_token_id, batch, records)
