@@ -15,3 +15,18 @@ def scrape(url: str, timeout: float = 10.0) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             values[name.split("{")[0]] = float(value)
     return values
+
+
+def wait_idle(metrics_url: str, timeout: float = 20.0, poll_s: float = 0.1) -> dict[str, float]:
+    """Poll until no request runs or waits and no KV block is held; the last samples, or AssertionError."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        values = scrape(metrics_url)
+        if values.get("lepton_num_running") == 0 and values.get("lepton_num_waiting") == 0 \
+                and values.get("lepton_kv_blocks_used") == 0:
+            return values
+        if time.monotonic() > deadline:
+            raise AssertionError(f"engine not idle after {timeout} s: {values}")
+        time.sleep(poll_s)

@@ -10,6 +10,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from client.metrics import scrape as metrics
+from client.metrics import wait_idle as wait_idle_at
 from tritonio import grpc_generate, make_inputs
 
 pytestmark = pytest.mark.e2e
@@ -18,16 +19,8 @@ LONG = {"text_input": "Once upon a time", "max_tokens": 900, "ignore_eos": True,
 
 
 def wait_idle(server, timeout: float = 20.0) -> dict[str, float]:
-    """Poll the metrics port until no request runs or waits and no KV block is held."""
-    deadline = time.monotonic() + timeout
-    while True:
-        values = metrics(server.metrics_url)
-        if values.get("lepton_num_running") == 0 and values.get("lepton_num_waiting") == 0 \
-                and values.get("lepton_kv_blocks_used") == 0:
-            return values
-        if time.monotonic() > deadline:
-            raise AssertionError(f"engine not idle after {timeout} s: {values}")
-        time.sleep(0.1)
+    """Poll the server's metrics until no request runs or waits and no KV block is held."""
+    return wait_idle_at(server.metrics_url, timeout, poll_s=0.1)
 
 
 def start_long_stream(server, num_responses: int):

@@ -15,6 +15,7 @@ import tritonclient.grpc as grpcclient
 from tokenizers import Tokenizer
 
 from client.metrics import scrape as metrics
+from client.metrics import wait_idle as wait_idle_at
 from openai_api.config import ApiConfig
 from openai_api.errors import from_triton_message
 from openai_api.logprobs import TokenTexts
@@ -87,16 +88,8 @@ def tokenizer(demo_model_dir) -> Tokenizer:
 
 
 def wait_idle(server, timeout: float = 20.0) -> dict[str, float]:
-    """Poll Triton's metrics until no request runs or waits and no KV block is held."""
-    deadline = time.monotonic() + timeout
-    while True:
-        values = metrics(server.metrics_url)
-        if values.get("lepton_num_running") == 0 and values.get("lepton_num_waiting") == 0 \
-                and values.get("lepton_kv_blocks_used") == 0:
-            return values
-        if time.monotonic() > deadline:
-            raise AssertionError(f"engine not idle after {timeout} s: {values}")
-        time.sleep(0.05)
+    """Poll the server's metrics until no request runs or waits and no KV block is held."""
+    return wait_idle_at(server.metrics_url, timeout, poll_s=0.05)
 
 
 def streamed_text(chunks, chat: bool) -> tuple[str, str | None, list]:

@@ -25,6 +25,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from client.metrics import scrape as metrics
+from client.metrics import wait_idle as wait_idle_at
 from lepton.lifetime import descendants, kill_with_parent
 from lepton.server import PROJECT_ROOT
 from tritonio import MODEL, grpc_generate, http_generate, make_inputs
@@ -151,15 +152,8 @@ def free_port() -> int:
 
 
 def wait_idle(server, timeout: float = 30.0) -> dict[str, float]:
-    """Poll the metrics port until no request runs or waits and no KV block is held."""
-    deadline = time.monotonic() + timeout
-    while True:
-        values = metrics(server.metrics_url)
-        if values.get("lepton_num_running") == 0 and values.get("lepton_num_waiting") == 0 \
-                and values.get("lepton_kv_blocks_used") == 0:
-            return values
-        assert time.monotonic() < deadline, f"survivor not idle after {timeout} s: {values}"
-        time.sleep(0.2)
+    """Poll the server's metrics until no request runs or waits and no KV block is held."""
+    return wait_idle_at(server.metrics_url, timeout, poll_s=0.2)
 
 
 def end_orphans(pids: list[int], work_dir: Path, grace_s: float = 5.0) -> None:
