@@ -17,6 +17,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lepton.errors import InvalidRequest
+from lepton.sampling_params import show_value
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 MESSAGE_KEYS = frozenset({"role", "content", "name"})
@@ -62,15 +63,15 @@ def _message(entry, where: str) -> ChatMessage:
         raise InvalidRequest(where, f"unknown key(s) {', '.join(unknown)}; allowed: content, name, role")
     role = entry.get("role")
     if role not in ROLES:
-        raise InvalidRequest(f"{where}.role", f"must be one of {', '.join(ROLES)}, got {_short(role)}")
+        raise InvalidRequest(f"{where}.role", f"must be one of {', '.join(ROLES)}, got {show_value(role)}")
     content = entry.get("content")
     if isinstance(content, list):  # NOTE: OpenAI's content parts; only text parts exist here
         content = "".join(_text_part(part, f"{where}.content[{j}]") for j, part in enumerate(content))
     if not isinstance(content, str):
-        raise InvalidRequest(f"{where}.content", f"must be a string, got {_short(content)}")
+        raise InvalidRequest(f"{where}.content", f"must be a string, got {show_value(content)}")
     name = entry.get("name")
     if name is not None and not isinstance(name, str):
-        raise InvalidRequest(f"{where}.name", f"must be a string, got {_short(name)}")
+        raise InvalidRequest(f"{where}.name", f"must be a string, got {show_value(name)}")
     return ChatMessage(role, content, name)
 
 
@@ -79,10 +80,6 @@ def _text_part(part, where: str) -> str:
         raise InvalidRequest(where, 'only {"type": "text", "text": "..."} parts are supported')
     return part["text"]
 
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:40]}..."
 
 
 class ChatTemplate:

@@ -19,7 +19,7 @@ import numpy as np
 
 from lepton.chat import ChatPrompt, parse_messages
 from lepton.errors import InvalidRequest
-from lepton.sampling_params import BOOL_FIELDS, FIELD_NAMES, MAX_STOP_STRINGS, SamplingParams
+from lepton.sampling_params import BOOL_FIELDS, FIELD_NAMES, MAX_STOP_STRINGS, SamplingParams, show_value
 
 MAX_PROMPT_BYTES = 1 << 20
 MAX_SAMPLING_PARAMETERS_BYTES = 64 << 10
@@ -171,8 +171,7 @@ def _json_bool(key: str, value) -> bool:
         return value
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
-    shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:40]}..."
-    raise InvalidRequest(key, f"must be true or false, got {shown}")
+    raise InvalidRequest(key, f"must be true or false, got {show_value(value)}")
 
 
 def _tensor_value(name: str, array: np.ndarray):

@@ -68,7 +68,7 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s or len(s) > MAX_STOP_STRING_CHARS:
                 raise InvalidRequest(
-                    "stop", f"each stop string must be 1..{MAX_STOP_STRING_CHARS} characters, got {_show(s)}"
+                    "stop", f"each stop string must be 1..{MAX_STOP_STRING_CHARS} characters, got {show_value(s)}"
                 )
         if not isinstance(self.stop, tuple) or not isinstance(self.stop_token_ids, tuple):
             raise InvalidRequest("stop" if not isinstance(self.stop, tuple) else "stop_token_ids", "must be a list")
@@ -80,7 +80,7 @@ class SamplingParams:
             _check_int("stop_token_ids", t, low=0, high=MAX_SEED)
         for name in BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
-                raise InvalidRequest(name, f"must be true or false, got {_show(getattr(self, name))}")
+                raise InvalidRequest(name, f"must be true or false, got {show_value(getattr(self, name))}")
 
     @property
     def greedy(self) -> bool:
@@ -93,7 +93,7 @@ class SamplingParams:
 FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 
 
-def _show(value, limit: int = 40) -> str:
+def show_value(value, limit: int = 40) -> str:
     """repr(value) cut to limit characters, so an error never echoes a huge input back."""
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**limit:
         return f"an integer of {len(str(abs(value)))} digits"
@@ -103,20 +103,20 @@ def _show(value, limit: int = 40) -> str:
 
 def _check_int(name: str, value, low: int | None = None, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(name, f"must be an integer, got {_show(value)}")
+        raise InvalidRequest(name, f"must be an integer, got {show_value(value)}")
     if low is not None and value < low:
-        raise InvalidRequest(name, f"must be >= {low}, got {_show(value)}")
+        raise InvalidRequest(name, f"must be >= {low}, got {show_value(value)}")
     if high is not None and value > high:
-        raise InvalidRequest(name, f"must be <= {high}, got {_show(value)}")
+        raise InvalidRequest(name, f"must be <= {high}, got {show_value(value)}")
 
 
 def _check_float(name: str, value, low: float, high: float, low_open: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise InvalidRequest(name, f"must be a number, got {_show(value)}")
+        raise InvalidRequest(name, f"must be a number, got {show_value(value)}")
     if isinstance(value, int) and abs(value) > 10**40:
-        raise InvalidRequest(name, f"must be in [{low}, {high}], got {_show(value)}")
+        raise InvalidRequest(name, f"must be in [{low}, {high}], got {show_value(value)}")
     if value < low or (low_open and value == low):
         bound = f"> {low}" if low_open else f">= {low}"
-        raise InvalidRequest(name, f"must be {bound}, got {_show(value)}")
+        raise InvalidRequest(name, f"must be {bound}, got {show_value(value)}")
     if value > high:
-        raise InvalidRequest(name, f"must be <= {high}, got {_show(value)}")
+        raise InvalidRequest(name, f"must be <= {high}, got {show_value(value)}")
