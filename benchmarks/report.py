@@ -134,7 +134,7 @@ RUN_HEADER = (
 
 
 def markdown(result: dict, images: list[Path], doc_dir: Path) -> str:
-    """docs/benchmarks.md: command, machine, bar, tables, plots and how each figure is measured."""
+    """docs/benchmarks-serving.md: command, machine, bar, tables, plots and how each figure is measured."""
     m, p = result["machine"], result["parameters"]
     lines = [
         "# Serving benchmarks", "",

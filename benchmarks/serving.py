@@ -1,6 +1,6 @@
 """Serving benchmark: Lepton behind a real tritonserver (gRPC streaming) vs transformers generate.
 
-    .venv/bin/python -m benchmarks.serving            # full run, writes docs/benchmarks.md
+    .venv/bin/python -m benchmarks.serving            # full run, writes docs/benchmarks-serving.md
     .venv/bin/python -m benchmarks.serving --quick    # smoke run, writes under build/bench/serving/
 """
 
@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--skip-baseline", action="store_true")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", type=Path, help="default: benchmarks/results/serving.json (quick: build/bench/serving/)")
-    g.add_argument("--doc", type=Path, help="default: docs/benchmarks.md (quick: build/bench/serving/)")
+    g.add_argument("--doc", type=Path, help="default: docs/benchmarks-serving.md (quick: build/bench/serving/)")
     g.add_argument("--img-dir", type=Path, help="default: docs/img (quick: build/bench/serving/img)")
     g.add_argument("--from-json", type=Path, metavar="JSON",
                    help="measure nothing: redraw the plots and the markdown from an earlier run's JSON")
@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     root = BUILD_DIR if args.quick else PROJECT_ROOT
     args.json = args.json or (BUILD_DIR / "serving-quick.json" if args.quick else root / "benchmarks/results/serving.json")
-    args.doc = args.doc or (BUILD_DIR / "benchmarks-quick.md" if args.quick else root / "docs/benchmarks.md")
+    args.doc = args.doc or (BUILD_DIR / "benchmarks-quick.md" if args.quick else root / "docs/benchmarks-serving.md")
     args.img_dir = args.img_dir or (BUILD_DIR / "img" if args.quick else root / "docs/img")
     args.levels = [int(c) for c in args.concurrency.split(",")]
     return args

@@ -2,7 +2,9 @@
 
 Candidates are the torch runner on the model folder itself and the ONNX exports built from it
 (`build/onnx/*` whose manifest names this folder as its source); a quantized export is a candidate
-only when its quality report (written by `python -m export quantize`) passed its gate. Each is
+only when its quality report (written by `python -m export quantize`) passed its gate, and the torch
+runner in bfloat16 only on a processor with bfloat16 products (AVX512-BF16, AMX) and while its report
+(`python -m export.runner_quality`, build/quality/) for exactly these files passed its gate. Each is
 timed here, on this processor, through the engine itself (a 16-sequence and a 1-sequence decode
 step), because the winner differs between processors (AVX2 / AVX-512 / VNNI / BF16 / AMX); the
 result is cached per processor and candidate set. An explicit runner setting never comes here.
@@ -21,6 +23,7 @@ from pathlib import Path
 
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 BATCH = 16
+QUALITY_DIR = Path(__file__).resolve().parent.parent / "build" / "quality"  # runner quality reports
 PROMPT_TOKENS = 64
 
 
@@ -32,6 +35,7 @@ class Candidate:
     runner: str
     model_dir: Path
     num_threads: int
+    dtype: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -61,13 +65,50 @@ def cpu_features() -> dict[str, object]:
     return {"model": name, "cores": len(os.sched_getaffinity(0)), **{f: f in flags for f in CPU_FLAGS}}
 
 
-def candidates(model_dir: Path, exports_root: Path) -> tuple[list[Candidate], list[str]]:
-    """Eligible candidates, and a line for each export left out and why."""
+def has_bf16_compute(cpu: dict) -> bool:
+    """bfloat16 products in hardware (AVX512-BF16 or AMX); elsewhere torch emulates them, slowly."""
+    return bool(cpu.get("avx512_bf16") or cpu.get("amx_bf16"))
+
+
+def report_path(model_dir: Path, runner: str, dtype: str, reports_dir: Path = QUALITY_DIR) -> Path:
+    """Where `python -m export.runner_quality` writes the quality report of a runner setting."""
+    return Path(reports_dir) / f"{Path(model_dir).resolve().name}-{runner}-{dtype}.json"
+
+
+def fingerprint(model_dir: Path) -> str:
+    """What a runner quality report depends on: the folder's files (names, sizes, modification times)."""
+    files = sorted(p for p in Path(model_dir).resolve().iterdir() if p.is_file())
+    stamp = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]
+    return hashlib.sha256(json.dumps(stamp).encode()).hexdigest()
+
+
+def runner_quality_failures(model_dir: Path, runner: str, dtype: str, reports_dir: Path = QUALITY_DIR) -> str:
+    """'' when the report for exactly these files passed its gate, else why the setting is left out."""
+    path = report_path(model_dir, runner, dtype, reports_dir)
+    if not path.is_file():
+        return f"no quality report ({path}; python -m export.runner_quality --model {model_dir} ...)"
+    data = json.loads(path.read_text())
+    if data.get("fingerprint") != fingerprint(model_dir):
+        return f"{path.name} was computed from other files; run python -m export.runner_quality again"
+    failures = [f for v in data.get("variants", []) for f in v.get("failures", [])]
+    return "; ".join(failures) if failures or not data.get("variants") else ""
+
+
+def candidates(model_dir: Path, exports_root: Path, quality_dir: Path = QUALITY_DIR,
+               cpu: dict | None = None) -> tuple[list[Candidate], list[str]]:
+    """Eligible candidates, and a line for each setting left out and why."""
     model_dir = Path(model_dir).resolve()
+    cpu = cpu_features() if cpu is None else cpu
     cores = len(os.sched_getaffinity(0))
     threads = sorted({cores, max(1, cores - 1)}, reverse=True)
     found = [Candidate(f"torch fp32, {n} threads", "torch", model_dir, n) for n in threads]
     skipped = []
+    if not has_bf16_compute(cpu):
+        skipped.append("torch bf16: no AVX512-BF16 / AMX on this processor")
+    elif failures := runner_quality_failures(model_dir, "torch", "bfloat16", quality_dir):
+        skipped.append(f"torch bf16: quality gate not passed: {failures}")
+    else:
+        found += [Candidate(f"torch bf16, {n} threads", "torch", model_dir, n, "bfloat16") for n in threads]
     for manifest_file in sorted(Path(exports_root).glob("*/manifest.json")):
         export = manifest_file.parent
         try:
@@ -113,6 +154,7 @@ def time_candidate_here(candidate: Candidate, steps: int = 5) -> Timing:
 
     engine = LLMEngine(EngineConfig.from_parameters({
         "model_dir": str(candidate.model_dir), "runner": candidate.runner, "num_threads": str(candidate.num_threads),
+        "dtype": candidate.dtype,
         "kv_cache_memory_bytes": "256M", "max_num_seqs": str(BATCH), "max_num_batched_tokens": "2048",
         "enable_prefix_caching": "false", "max_model_len": "1024",
     }))
@@ -160,10 +202,10 @@ class Choice:
         return "\n".join(lines)
 
 
-def choose(model_dir: Path, exports_root: Path, cache_dir: Path) -> Choice:
+def choose(model_dir: Path, exports_root: Path, cache_dir: Path, quality_dir: Path = QUALITY_DIR) -> Choice:
     """Time every eligible candidate (or reuse the cached timing) and return the fastest."""
-    found, skipped = candidates(model_dir, exports_root)
     cpu = cpu_features()
+    found, skipped = candidates(model_dir, exports_root, quality_dir, cpu)
     key = hashlib.sha256(json.dumps([cpu, [_fingerprint(c) for c in found]], sort_keys=True).encode()).hexdigest()
     cache_file = Path(cache_dir) / f"{key[:24]}.json"
     cached = cache_file.is_file()

@@ -51,7 +51,7 @@ class RunnerConfig:
     def compute_threads(self) -> int:
         """Threads the runner computes with."""
         # NOTE: on 2 cores, torch with 2 OpenMP threads slowed 5-20x whenever another process took
-        # a core (docs/benchmarks.md); one core is left to Triton's front end and the detokenizer.
+        # a core (docs/benchmarks-serving.md); one core is left to Triton's front end and the detokenizer.
         return self.num_threads or max(1, len(os.sched_getaffinity(0)) - 1)
 
 

@@ -295,3 +295,5 @@ Ctrl-C stops the server."""
 
 if __name__ == "__main__":
     sys.exit(main())
+    if chosen.dtype != "float32":
+        params.setdefault("dtype", chosen.dtype)

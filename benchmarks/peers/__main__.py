@@ -1,7 +1,7 @@
 """Lepton vs llama.cpp's server and onnxruntime-genai: same model, same workloads, one sitting.
 
     bash scripts/build_peers.sh                      # the peers, into build/peers/ (once)
-    .venv/bin/python -m benchmarks.peers             # full run: docs/benchmarks-peers.md, build/reports/peers/
+    .venv/bin/python -m benchmarks.peers             # full run: docs/benchmarks.md, build/reports/peers/
     .venv/bin/python -m benchmarks.peers --quick     # smoke run: everything under build/reports/peers/quick/
     .venv/bin/python -m benchmarks.peers --peers lepton,llamacpp --lepton-variants ort-int8 --workloads w1,w2
 """
@@ -29,8 +29,8 @@ from lepton.server import PROJECT_ROOT
 REPORT_DIR = PROJECT_ROOT / "build" / "reports" / "peers"
 REAL_MODEL = PROJECT_ROOT / "build" / "models" / "smollm2-135m-instruct"
 SEEDED_MODEL = PROJECT_ROOT / "build" / "models" / "smollm-shape"
-VARIANTS = {"llamacpp": ("f32", "q8_0", "q4_0"), "ortgenai": ("fp32", "int4"),
-            "lepton": ("torch-fp32", "ort-fp32", "ort-int8", "ort-int4", "ort-q4_1")}
+VARIANTS = {"llamacpp": ("f32", "bf16", "q8_0", "q4_0"), "ortgenai": ("fp32", "int4"),
+            "lepton": ("torch-fp32", "torch-bf16", "ort-fp32", "ort-int8", "ort-int4", "ort-q4_1")}
 
 
 def _names(allowed: tuple[str, ...]):
@@ -57,13 +57,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lepton-param", action="append", default=[], metavar="KEY=VALUE",
                    help="Lepton engine parameter for every variant (repeatable), e.g. num_threads=2")
     p.add_argument("--json", type=Path, help="default: build/reports/peers/peers.json")
-    p.add_argument("--doc", type=Path, help="default: docs/benchmarks-peers.md")
+    p.add_argument("--doc", type=Path, help="default: docs/benchmarks.md")
     p.add_argument("--img-dir", type=Path, help="default: docs/img (files peers_*.png)")
     p.add_argument("--from-json", type=Path, metavar="JSON", help="measure nothing: redraw report and plots")
     args = p.parse_args(argv)
     out = REPORT_DIR / "quick" if args.quick else None
     args.json = args.json or (out or REPORT_DIR) / "peers.json"
-    args.doc = args.doc or (out / "benchmarks-peers.md" if out else PROJECT_ROOT / "docs" / "benchmarks-peers.md")
+    args.doc = args.doc or (out / "benchmarks-peers.md" if out else PROJECT_ROOT / "docs" / "benchmarks.md")
     args.img_dir = args.img_dir or (out / "img" if out else PROJECT_ROOT / "docs" / "img")
     return args
 

@@ -75,7 +75,7 @@ def peer_source(model_dir: Path) -> Path:
 
 
 def gguf(model_dir: Path, kind: str, log) -> Path:
-    """f32 from convert_hf_to_gguf.py, q8_0 / q4_0 from it with llama-quantize."""
+    """f32 from convert_hf_to_gguf.py, bf16 / q8_0 / q4_0 from it with llama-quantize."""
     out = artifact_dir(model_dir) / "gguf" / f"{kind}.gguf"
     if out.is_file():
         return out

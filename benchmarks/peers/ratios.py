@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-# NOTE: bytes per weight read for one decode step: fp32; Q8_0 / int8 blocks of 32 with a 16-bit
+# NOTE: bytes per weight read for one decode step: fp32; bf16; Q8_0 / int8 blocks of 32 with a 16-bit
 # scale (34/32); Q4_0 / int4 blocks of 32 with a 16-bit scale (18/32). Embeddings count once (tied).
-BYTES_PER_PARAM = {"fp32": 4.0, "8-bit": 34 / 32, "4-bit": 18 / 32}
+BYTES_PER_PARAM = {"fp32": 4.0, "16-bit": 2.0, "8-bit": 34 / 32, "4-bit": 18 / 32}
 PRECISIONS = tuple(BYTES_PER_PARAM)
 
 

@@ -15,8 +15,8 @@ from benchmarks.stats import summarize
 from lepton.server import PROJECT_ROOT
 
 WORK_DIR = PROJECT_ROOT / "build" / "peers" / "runs"
-PRECISION = {"f32": "fp32", "q8_0": "8-bit", "q4_0": "4-bit", "fp32": "fp32", "int8": "8-bit", "int4": "4-bit",
-             "q4_1": "4-bit"}
+PRECISION = {"f32": "fp32", "bf16": "16-bit", "q8_0": "8-bit", "q4_0": "4-bit", "fp32": "fp32", "int8": "8-bit",
+             "int4": "4-bit", "q4_1": "4-bit"}
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class System:
     """One row of the table: which program, which weights."""
 
     peer: str  # llamacpp | ortgenai | lepton
-    variant: str  # llamacpp: f32|q8_0|q4_0; ortgenai: fp32|int4; lepton: torch-fp32|ort-fp32|ort-int8|ort-int4|ort-q4_1
+    variant: str  # llamacpp: f32|bf16|q8_0|q4_0; ortgenai: fp32|int4; lepton: torch-fp32|torch-bf16|ort-fp32|ort-int8|...
 
     @property
     def precision(self) -> str:
@@ -95,7 +95,8 @@ def run_ortgenai(system: System, ctx: Context) -> dict:
 
 def lepton_parameters(system: System, ctx: Context, prefix_caching: bool = True) -> dict[str, str]:
     runner = "torch" if system.variant.startswith("torch") else "onnxruntime"
-    return {"runner": runner, "max_num_seqs": "64", "max_num_batched_tokens": "512", "kv_cache_memory_bytes": "1G",
+    dtype = {"dtype": "bfloat16"} if system.variant == "torch-bf16" else {}
+    return dtype | {"runner": runner, "max_num_seqs": "64", "max_num_batched_tokens": "512", "kv_cache_memory_bytes": "1G",
             "enable_prefix_caching": str(prefix_caching).lower()} | ctx.lepton_params
 
 

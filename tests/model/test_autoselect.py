@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 
-from lepton.autoselect import Candidate, candidates, choose, cpu_features, time_candidate
+from lepton.autoselect import (
+    Candidate, candidates, choose, cpu_features, fingerprint, report_path, time_candidate,
+)
 
 
 def fake_export(root, name, source, method=None, failures=None):
@@ -27,12 +29,50 @@ def test_only_exports_of_this_model_that_passed_their_gate_are_candidates(tmp_pa
     fake_export(exports, "m-int4", model, "int4", failures=["top-1 agreement 0.5 < 0.85 (min)"])
     fake_export(exports, "m-int4b", model, "int4")  # no quality report at all
     fake_export(exports, "other", tmp_path / "other-model")
-    found, skipped = candidates(model, exports)
+    found, skipped = candidates(model, exports, tmp_path / "quality", cpu={"avx512_bf16": False})
     names = {(c.runner, c.model_dir.name) for c in found}
     assert names == {("torch", "model"), ("onnxruntime", "m"), ("onnxruntime", "m-int8")}
-    assert len(skipped) == 2 and any("top-1 agreement" in s for s in skipped) and any("no quality.json" in s for s in skipped)
+    assert len(skipped) == 3 and any("top-1 agreement" in s for s in skipped) and any("no quality.json" in s for s in skipped)
+    assert "torch bf16: no AVX512-BF16 / AMX on this processor" in skipped
     cores = len(os.sched_getaffinity(0))
     assert {c.num_threads for c in found} == {cores, max(1, cores - 1)}
+
+
+def write_runner_report(quality_dir, model, failures, stamp=None):
+    path = report_path(model, "torch", "bfloat16", quality_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"fingerprint": stamp or fingerprint(model),
+                                "variants": [{"name": "torch bfloat16", "failures": failures}]}))
+
+
+def test_torch_bf16_needs_bf16_hardware_and_a_passed_report_of_these_very_files(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights")
+    quality = tmp_path / "quality"
+    bf16_cpu, plain_cpu = {"avx512_bf16": True}, {"avx512_bf16": False, "amx_bf16": False}
+
+    def bf16_candidates(cpu):
+        found, skipped = candidates(model, tmp_path / "onnx", quality, cpu)
+        return [c for c in found if c.dtype == "bfloat16"], [s for s in skipped if s.startswith("torch bf16")]
+
+    found, skipped = bf16_candidates(bf16_cpu)
+    assert not found and "no quality report" in skipped[0]
+    write_runner_report(quality, model, ["KL mean 0.01 > 0.002 (max)"])
+    found, skipped = bf16_candidates(bf16_cpu)
+    assert not found and "KL mean 0.01" in skipped[0]
+    write_runner_report(quality, model, [], stamp="computed from other weights")
+    found, skipped = bf16_candidates(bf16_cpu)
+    assert not found and "computed from other files" in skipped[0]
+    write_runner_report(quality, model, [])
+    found, skipped = bf16_candidates(bf16_cpu)
+    assert found and not skipped and all(c.runner == "torch" for c in found)
+    assert bf16_candidates({"amx_bf16": True})[0] == found
+    found, skipped = bf16_candidates(plain_cpu)
+    assert not found and "no AVX512-BF16 / AMX" in skipped[0]
+    (model / "model.safetensors").write_bytes(b"other weights")  # NOTE: the size changes the fingerprint
+    found, skipped = bf16_candidates(bf16_cpu)
+    assert not found and "computed from other files" in skipped[0]
 
 
 def test_cpu_features_are_probed():
@@ -43,7 +83,7 @@ def test_cpu_features_are_probed():
 def test_timing_runs_the_engine_and_the_choice_is_cached(demo_model_dir, tmp_path):
     timing = time_candidate(Candidate("torch fp32", "torch", demo_model_dir, 1), steps=2)
     assert timing.decode_batch_ms > 0 and timing.decode_one_ms > 0
-    first = choose(demo_model_dir, tmp_path / "no-exports", tmp_path / "cache")
-    again = choose(demo_model_dir, tmp_path / "no-exports", tmp_path / "cache")
+    first = choose(demo_model_dir, tmp_path / "no-exports", tmp_path / "cache", tmp_path / "no-reports")
+    again = choose(demo_model_dir, tmp_path / "no-exports", tmp_path / "cache", tmp_path / "no-reports")
     assert not first.cached and again.cached and again.candidate == first.candidate
     assert first.candidate.runner == "torch" and "chose torch fp32" in first.explain()

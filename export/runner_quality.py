@@ -1,0 +1,119 @@
+"""Quality of a runner setting that is not an export: the torch runner computing in bfloat16.
+
+A model folder served by the torch runner in bfloat16 (weights, activations and K/V cache) is compared with
+the model's float32 ONNX export on the same held-out windows as `export.quality` (teacher forced: the first
+half of every window prefilled in one step, the rest decoded one token per step), and judged by the same kind
+of gate. The report (`build/quality/<model>-torch-bfloat16.json`) names the files it was computed from;
+`lepton.autoselect` offers the setting only while that report matches the folder and passed its gate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from export.quality import (
+    EvalOptions, QualityGate, VariantQuality, format_table, gate_failures, logit_metrics, sized_runner,
+    teacher_forced_inputs,
+)
+from export.training import held_out_windows
+from lepton.autoselect import cpu_features, fingerprint, has_bf16_compute, report_path
+from lepton.config import CacheConfig, EngineConfig, RunnerConfig
+from lepton.manifest import MANIFEST_FILE, Manifest
+
+# NOTE: the int8 / q4_1 limits (export.quality.GATES). Measured on SmolLM2-135M-Instruct (2,040 predictions,
+# 8 windows): KL 0.0013, p99 0.0058, top-1 0.974, perplexity x0.9997 - it passes with ~1.5x margin on KL.
+GATES = {
+    "bfloat16": QualityGate(min_top1_agreement=0.94, max_kl_mean=0.002, max_kl_p99=0.015, max_perplexity_ratio=1.01,
+                            max_abs_logit_error=2.0),
+}
+
+
+def evaluate_runner(model_dir: Path, reference_dir: Path, dtype: str, options: EvalOptions) -> VariantQuality:
+    """The torch runner at dtype on model_dir against reference_dir (float32 export of the same weights)."""
+    from lepton.runners.torch_runner import TorchRunner
+    from lepton.model_folder import ModelFolder
+
+    reference = Manifest.load(Path(reference_dir) / MANIFEST_FILE)
+    if Path(reference.source.path).resolve() != Path(model_dir).resolve():
+        raise ValueError(f"{reference_dir} is an export of {reference.source.path}, not of {model_dir}")
+    windows = held_out_windows(Path(reference_dir) / "tokenizer.json", options.num_windows, options.window_len)
+    inputs = teacher_forced_inputs(windows, reference.block_size)
+    num_blocks = options.num_windows * -(-options.window_len // reference.block_size)
+    ref_logits, ref_ms = _window_logits(sized_runner(reference_dir, num_blocks, options.num_threads).execute,
+                                        inputs, windows.shape)
+    bytes_per_block = 2 * reference.model_config.num_layers * reference.block_size
+    bytes_per_block *= reference.model_config.num_kv_heads * reference.model_config.head_dim * (2 if dtype == "bfloat16" else 4)
+    config = EngineConfig(model_dir=Path(model_dir), cache=CacheConfig(reference.block_size, num_blocks * bytes_per_block),
+                          runner=RunnerConfig(runner="torch", dtype=dtype, num_threads=options.num_threads))
+    runner = TorchRunner(ModelFolder.open(model_dir), config)
+    logits, step_ms = _window_logits(runner.execute, inputs, windows.shape)
+    metrics = logit_metrics(ref_logits, logits, windows)
+    report = VariantQuality(
+        name=f"torch {dtype}", export_dir=str(Path(model_dir).resolve()), reference_dir=str(reference_dir),
+        preset=f"torch-{dtype}", max_abs_logit_error=float(np.abs(ref_logits - logits).max()), max_abs_kv_error=0.0,
+        step_ms=step_ms, reference_step_ms=ref_ms, gate=GATES.get(dtype), failures=(), **metrics)
+    return VariantQuality(**{**asdict(report), "gate": report.gate, "failures": gate_failures(report, report.gate)})
+
+
+def _window_logits(execute, inputs, shape: tuple[int, int]) -> tuple[np.ndarray, float]:
+    """Logits of every window position, and the median decode step in ms."""
+    num_windows, length = shape
+    logits, decode_ms = None, []
+    for step, batch in enumerate(inputs):
+        started = time.perf_counter()
+        out = execute(batch).float().numpy()
+        if step == 0:
+            logits = np.empty((num_windows, length, out.shape[-1]), np.float32)
+            logits[:, : length // 2] = out.reshape(num_windows, length // 2, -1)
+        else:
+            decode_ms.append((time.perf_counter() - started) * 1e3)
+            logits[:, length // 2 + step - 1] = out
+    return logits, statistics.median(decode_ms)
+
+
+def write(report: VariantQuality, model_dir: Path, path: Path, options: EvalOptions) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"model_dir": str(Path(model_dir).resolve()), "fingerprint": fingerprint(model_dir),
+            "evaluation": asdict(options), "variants": [asdict(report) | {"passed": report.passed}]}
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    path.with_suffix(".md").write_text(format_table([report]) + "\n\nstep ms: decode steps of the evaluation "
+                                       "itself (8-16 windows decoding), not interleaved\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export.runner_quality", description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="the model folder the torch runner serves")
+    parser.add_argument("--reference", type=Path, required=True, help="its float32 export (python -m export onnx)")
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(GATES))
+    parser.add_argument("--windows", type=int, default=8, help="held-out windows of 256 tokens")
+    parser.add_argument("--out", type=Path, default=None, help="default: build/quality/<model>-torch-<dtype>.json")
+    parser.add_argument("--if-supported", action="store_true",
+                        help="do nothing (exit 0) on a processor without bfloat16 compute")
+    args = parser.parse_args(argv)
+    if args.if_supported and not has_bf16_compute(cpu_features()):
+        print(f"[quality] no AVX512-BF16 / AMX on this processor: torch {args.dtype} is not a candidate; skipped")
+        return 0
+    out = args.out or report_path(args.model, "torch", args.dtype)
+    if out.is_file() and json.loads(out.read_text()).get("fingerprint") == fingerprint(args.model):
+        print(f"[quality] {out} is up to date")
+        return 0
+    options = EvalOptions(num_windows=args.windows)
+    report = evaluate_runner(args.model, args.reference, args.dtype, options)
+    write(report, args.model, out, options)
+    print(format_table([report]))
+    print(f"[quality] torch {args.dtype}: {'passed' if report.passed else 'FAILED: ' + '; '.join(report.failures)} "
+          f"-> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
