@@ -76,10 +76,14 @@ def report_path(model_dir: Path, runner: str, dtype: str, reports_dir: Path = QU
 
 
 def fingerprint(model_dir: Path) -> str:
-    """What a runner quality report depends on: the folder's files (names, sizes, modification times)."""
+    """What a runner quality report depends on: the folder's files (names, sizes, modification times)
+    and the code that computes with them (the step model and the torch runner)."""
     files = sorted(p for p in Path(model_dir).resolve().iterdir() if p.is_file())
     stamp = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]
-    return hashlib.sha256(json.dumps(stamp).encode()).hexdigest()
+    package = Path(__file__).resolve().parent
+    code = [hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted([*package.glob("models/*.py"), package / "runners" / "torch_runner.py"])]
+    return hashlib.sha256(json.dumps([stamp, code]).encode()).hexdigest()
 
 
 def runner_quality_failures(model_dir: Path, runner: str, dtype: str, reports_dir: Path = QUALITY_DIR) -> str:
@@ -89,7 +93,7 @@ def runner_quality_failures(model_dir: Path, runner: str, dtype: str, reports_di
         return f"no quality report ({path}; python -m export.runner_quality --model {model_dir} ...)"
     data = json.loads(path.read_text())
     if data.get("fingerprint") != fingerprint(model_dir):
-        return f"{path.name} was computed from other files; run python -m export.runner_quality again"
+        return f"{path.name} was computed from other files or code; run python -m export.runner_quality again"
     failures = [f for v in data.get("variants", []) for f in v.get("failures", [])]
     return "; ".join(failures) if failures or not data.get("variants") else ""
 

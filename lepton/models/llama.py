@@ -69,6 +69,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype != torch.float32:  # NOTE: the torch runner in bfloat16: one fused op (never exported)
+            return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(dtype)
         x = x.float()
         # NOTE: written as a division by sqrt so that ONNX Runtime fuses it into SimplifiedLayerNormalization
         # (x * rsqrt(...) exports as Sqrt + Reciprocal + Mul, which it does not match).
@@ -94,17 +96,23 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, batch: "StepIndex", k_pool, v_pool):
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
-        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        if isinstance(batch, StepIndex):
+        qkv = self.qkv_proj(x)
+        if isinstance(batch, StepIndex):  # NOTE: the exported graph
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.reshape(num_tokens, self.num_heads, self.head_dim)
+            k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+            v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
             out = paged_attention(q, k, v, k_pool, v_pool, batch, self.scale)
-        else:
-            write_kv(k_pool, v_pool, k, v, batch[0].slot_mapping)
-            out = grouped_attention(q, k_pool, v_pool, batch, self.scale)
+            return self.o_proj(out), k, v
+        # NOTE: in place (the torch runner): queries and keys are rotated together, one set of element-wise
+        # ops a layer instead of two (eager PyTorch pays per op).
+        q_and_k = qkv[:, : self.q_size + self.kv_size].view(num_tokens, self.num_heads + self.num_kv_heads, -1)
+        q, k = (q_and_k * cos + rotate_half(q_and_k) * sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.q_size + self.kv_size:].view(num_tokens, self.num_kv_heads, self.head_dim)
+        write_kv(k_pool, v_pool, k, v, batch[0].slot_mapping)
+        out = grouped_attention(q, k_pool, v_pool, batch, self.scale)
         return self.o_proj(out), k, v
 
 
@@ -120,6 +128,7 @@ class StepIndex:
     tokens: torch.Tensor | None = None  # [T_g] flat tokens of this group (grouped in-place steps only)
     key_rows: torch.Tensor | None = None  # read-only: [S, KVH, B * bs] row of each key in a pool viewed [-1, D]
     new_rows: tuple[torch.Tensor, ...] = ()  # read-only: (sequence [T, 1], head [1, KVH], position [T, 1])
+    from_start: bool = False  # in place: every sequence's first query is position 0 (mask = plain causal)
 
 
 def make_step_index(positions, token_index, token_slot, query_lens, context_lens, block_tables,
@@ -159,8 +168,9 @@ def make_in_place_index(positions, block_size: int, slot_mapping, groups) -> lis
         allowed = key_pos.view(1, 1, -1) <= query_pos.unsqueeze(-1)
         bias = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill_(~allowed, MASKED)
         num_seqs, max_q = token_index.shape
+        from_start = max_q > 1 and not bool(query_pos[:, 0].any())
         index.append(StepIndex(token_index, token_slot, block_tables, bias.view(num_seqs, 1, 1, max_q, -1),
-                               slot_mapping, tokens))
+                               slot_mapping, tokens, from_start=from_start))
     return index
 
 
@@ -191,9 +201,12 @@ def pooled_attention(q, k_pool, v_pool, batch: StepIndex, scale: float) -> torch
     keys = k_pool.view(num_blocks, -1).index_select(0, blocks).view(num_seqs, -1, num_kv_heads, head_dim)
     values = v_pool.view(num_blocks, -1).index_select(0, blocks).view(num_seqs, -1, num_kv_heads, head_dim)
     if max_q > 1:  # NOTE: for prompt chunks the flash kernel is the faster one (512 tokens: 0.8x the products)
+        # NOTE: prompts with nothing cached: query i sees keys 0..i, which is SDPA's own causal mask (top-left
+        # aligned); keys past a row's context are past all of its queries. No mask to read, half the blocks.
+        mask = None if batch.from_start else batch.mask.view(num_seqs, 1, max_q, -1).to(q.dtype)
         out = F.scaled_dot_product_attention(
             q[batch.token_index].transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=batch.mask.view(num_seqs, 1, max_q, -1).to(q.dtype), scale=scale, enable_gqa=True,
+            attn_mask=mask, is_causal=batch.from_start, scale=scale, enable_gqa=True,
         )
         return out.transpose(1, 2).reshape(num_seqs * max_q, -1)[batch.token_slot]
     # NOTE: decodes: two batched products and a float32 softmax, not F.scaled_dot_product_attention, whose
