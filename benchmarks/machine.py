@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -92,3 +94,44 @@ def code_version(root: Path, paths: tuple[str, ...] = ("lepton", "model_reposito
                 "uncommitted": git("status", "--porcelain", "--", *paths).splitlines()}
     except (OSError, subprocess.CalledProcessError):
         return {}
+
+
+@dataclass(frozen=True)
+class TreeUsage:
+    """Memory and threads of a process and its live descendants (tritonserver and its backend stubs)."""
+
+    rss_bytes: int  # summed VmRSS
+    threads: int  # summed Threads
+    processes: dict[int, tuple[str, int, int]]  # pid -> (name, rss bytes, threads)
+
+
+def process_tree_usage(root_pid: int) -> TreeUsage:
+    """VmRSS and Threads from /proc/<pid>/status of root_pid and every process below it."""
+    from lepton.lifetime import descendants
+
+    processes = {}
+    for pid in [root_pid, *descendants(root_pid)]:
+        try:
+            status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+        except OSError:  # NOTE: it exited since the listing
+            continue
+        rss_kb = int(status.get("VmRSS", "0 kB").split()[0])
+        processes[pid] = (status["Name"].strip(), rss_kb * 1024, int(status["Threads"]))
+    return TreeUsage(sum(p[1] for p in processes.values()), sum(p[2] for p in processes.values()), processes)
+
+
+def listening_pid(port: int) -> int | None:
+    """The process with a TCP socket listening on port (from /proc/net/tcp{,6}); None when not found."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # NOTE: 0A is LISTEN
+                    inodes.add(f"socket:[{fields[9]}]")
+    for entry in Path("/proc").iterdir():
+        if inodes and entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if any(os.readlink(fd) in inodes for fd in (entry / "fd").iterdir()):
+                    return int(entry.name)
+    return None

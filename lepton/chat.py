@@ -17,7 +17,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lepton.errors import InvalidRequest
-from lepton.sampling_params import show_value
+from lepton.sampling_params import is_unicode, show_keys, show_value
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
 MESSAGE_KEYS = frozenset({"role", "content", "name"})
@@ -60,7 +60,7 @@ def _message(entry, where: str) -> ChatMessage:
         raise InvalidRequest(where, "must be an object with role and content")
     unknown = sorted(set(entry) - MESSAGE_KEYS)
     if unknown:
-        raise InvalidRequest(where, f"unknown key(s) {', '.join(unknown)}; allowed: content, name, role")
+        raise InvalidRequest(where, f"unknown key(s) {show_keys(unknown)}; allowed: content, name, role")
     role = entry.get("role")
     if role not in ROLES:
         raise InvalidRequest(f"{where}.role", f"must be one of {', '.join(ROLES)}, got {show_value(role)}")
@@ -72,6 +72,9 @@ def _message(entry, where: str) -> ChatMessage:
     name = entry.get("name")
     if name is not None and not isinstance(name, str):
         raise InvalidRequest(f"{where}.name", f"must be a string, got {show_value(name)}")
+    for key, text in (("content", content), ("name", name or "")):
+        if not is_unicode(text):
+            raise InvalidRequest(f"{where}.{key}", "holds a lone surrogate (a \\ud800-\\udfff escape), not text")
     return ChatMessage(role, content, name)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from lepton.chat import ChatPrompt, parse_messages
 from lepton.errors import InvalidRequest
-from lepton.sampling_params import BOOL_FIELDS, FIELD_NAMES, MAX_STOP_STRINGS, SamplingParams, show_value
+from lepton.sampling_params import BOOL_FIELDS, FIELD_NAMES, MAX_STOP_STRINGS, SamplingParams, show_keys, show_value
 
 MAX_PROMPT_BYTES = 1 << 20
 MAX_SAMPLING_PARAMETERS_BYTES = 64 << 10
@@ -43,8 +43,12 @@ class GenerateRequest:
     exclude_input_in_output: bool
 
 
-def convert_request(inputs: Mapping[str, np.ndarray], default_max_tokens: int) -> GenerateRequest:
-    """Parse input tensors (name -> numpy array) into a GenerateRequest or raise InvalidRequest."""
+def convert_request(
+    inputs: Mapping[str, np.ndarray], default_max_tokens: int, parameters: Mapping[str, object] | None = None
+) -> GenerateRequest:
+    """Parse input tensors (name -> numpy array) into a GenerateRequest or raise InvalidRequest;
+    `parameters` are the request's Triton parameters, refused (see refuse_parameters)."""
+    refuse_parameters(parameters or {})
     prompt = _text(inputs, "text_input")
     messages = _messages(inputs)
     if prompt is not None and messages is not None:
@@ -64,6 +68,22 @@ def convert_request(inputs: Mapping[str, np.ndarray], default_max_tokens: int) -
         stream=_bool(inputs, "stream", False),
         exclude_input_in_output=_bool(inputs, "exclude_input_in_output", False),
     )
+
+
+def refuse_parameters(parameters: Mapping[str, object]) -> None:
+    """Raise InvalidRequest naming the first request parameter: none is taken, and none is dropped."""
+    # NOTE: Triton's HTTP `generate` turns every JSON key that is not an input into a request
+    # parameter, so a misspelled field ("max_token") or a sampling key beside the inputs ("min_p")
+    # would otherwise be ignored without a word.
+    if not parameters:
+        return
+    names = sorted(parameters)
+    field = names[0] if _PLAIN_NAME.fullmatch(names[0]) else "parameters"
+    raise InvalidRequest(field, f"not an input of this model (unknown parameter(s) {show_keys(names)}); "
+                                "sampling fields without an input of their own go in sampling_parameters")
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z_][\w.-]{0,63}", re.ASCII)
 
 
 def _text(inputs: Mapping[str, np.ndarray], name: str) -> str | None:
@@ -127,7 +147,7 @@ def _sampling_parameters(array: np.ndarray | None) -> dict:
     if unknown:
         raise InvalidRequest(
             "sampling_parameters",
-            f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(FIELD_NAMES))}",
+            f"unknown key(s) {show_keys(unknown)}; allowed: {', '.join(sorted(FIELD_NAMES))}",
         )
     return {key: _json_value(key, value) for key, value in data.items()}
 

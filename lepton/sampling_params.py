@@ -66,9 +66,9 @@ class SamplingParams:
         if len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidRequest("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         for s in self.stop:
-            if not isinstance(s, str) or not s or len(s) > MAX_STOP_STRING_CHARS:
+            if not isinstance(s, str) or not s or len(s) > MAX_STOP_STRING_CHARS or not is_unicode(s):
                 raise InvalidRequest(
-                    "stop", f"each stop string must be 1..{MAX_STOP_STRING_CHARS} characters, got {show_value(s)}"
+                    "stop", f"each stop string must be 1..{MAX_STOP_STRING_CHARS} characters of text, got {show_value(s)}"
                 )
         if not isinstance(self.stop, tuple) or not isinstance(self.stop_token_ids, tuple):
             raise InvalidRequest("stop" if not isinstance(self.stop, tuple) else "stop_token_ids", "must be a list")
@@ -99,6 +99,21 @@ def show_value(value, limit: int = 40) -> str:
         return f"an integer of {len(str(abs(value)))} digits"
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def show_keys(keys: list[str], limit: int = 3) -> str:
+    """The first `limit` keys, each as show_value writes it, and how many more there are."""
+    shown = ", ".join(show_value(key) for key in keys[:limit])
+    return shown if len(keys) <= limit else f"{shown} and {len(keys) - limit} more"
+
+
+def is_unicode(text: str) -> bool:
+    """False for a str holding a lone surrogate (JSON's "\\ud800"): not text, and not UTF-8 encodable."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_int(name: str, value, low: int | None = None, high: int | None = None) -> None:

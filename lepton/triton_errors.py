@@ -15,4 +15,5 @@ def triton_error(kind: ErrorKind, message: str):
         ErrorKind.BUSY: pb_utils.TritonError.UNAVAILABLE,
         ErrorKind.INTERNAL: pb_utils.TritonError.INTERNAL,
     }
-    return pb_utils.TritonError(message, codes[kind])
+    # NOTE: a message that echoes a lone surrogate cannot cross into C++ (the error itself would fail).
+    return pb_utils.TritonError(message.encode("utf-8", "backslashreplace").decode("utf-8"), codes[kind])

@@ -41,11 +41,18 @@ def test_parse_messages_and_content_parts():
     ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], "messages[0].content[0]", "text"),
     ([{"role": "user", "content": "x", "tool_calls": []}], "messages[0]", "tool_calls"),
     ([{"role": "user", "content": "x", "name": 3}], "messages[0].name", "string"),
+    # NOTE: found by tests/e2e/test_fuzz_requests.py: lone surrogates failed in the tokenizer as internal errors
+    ([{"role": "user", "content": "a\ud800"}], "messages[0].content", "lone surrogate"),
+    ([{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}], "messages[0].content", "lone surrogate"),
+    ([{"role": "user", "content": "x", "name": "\ud800"}], "messages[0].name", "lone surrogate"),
+    ([{"role": "user", "content": "x", "\ud800" + "k" * 500: 1}], "messages[0]", "unknown key"),
 ])
 def test_bad_messages_name_the_field(data, field, words):
     with pytest.raises(InvalidRequest) as info:
         parse_messages(data)
     assert info.value.field == field and words in str(info.value)
+    assert len(str(info.value)) < 300
+    str(info.value).encode("utf-8")  # NOTE: raises on a lone surrogate echoed back
 
 
 def test_protocol_takes_messages_instead_of_text_input():

@@ -125,3 +125,37 @@ def test_tensorrt_llm_names_and_penalty_tensors():
                 presence_penalty=np.array([0.5], np.float32), frequency_penalty=np.array([-0.5], np.float32))
     assert req.params == SamplingParams(max_tokens=5, min_tokens=3, seed=9, repetition_penalty=1.5,
                                         presence_penalty=0.5, frequency_penalty=-0.5)
+
+
+@pytest.mark.parametrize("raw,field", [
+    ('{"\\ud800": 1}', "sampling_parameters"),  # NOTE: echoed raw, this key made the error itself fail
+    ('{"' + "k" * 60_000 + '": 1}', "sampling_parameters"),
+    (json.dumps({f"key{i}": i for i in range(2000)}), "sampling_parameters"),
+    ('{"stop": ["\\udfff"]}', "stop"),
+])
+def test_unknown_keys_and_surrogates_give_short_printable_errors(raw, field):
+    """Found by tests/e2e/test_fuzz_requests.py: keys were echoed whole, lone surrogates reached the tokenizer."""
+    with pytest.raises(InvalidRequest) as info:
+        parse(text_input=t_str("Hi"), sampling_parameters=t_str(raw))
+    message = str(info.value)
+    assert info.value.field == field and len(message) < 400, message[:500]
+    message.encode("utf-8")  # NOTE: raises on a lone surrogate
+
+
+@pytest.mark.parametrize("parameters,field", [
+    ({"max_token": 4}, "max_token"),
+    ({"min_p": 0.5, "foo": True}, "foo"),
+    ({"\ud800" * 3: 1}, "parameters"),
+    ({"x" * 100: 1}, "parameters"),
+])
+def test_request_parameters_are_refused_not_dropped(parameters, field):
+    """HTTP generate turns JSON keys that are not inputs into request parameters; none may be ignored."""
+    with pytest.raises(InvalidRequest) as info:
+        convert_request({"text_input": t_str("Hi")}, 16, parameters)
+    message = str(info.value)
+    assert info.value.field == field and "sampling_parameters" in message and len(message) < 300, message
+    message.encode("utf-8")
+
+
+def test_no_request_parameters_is_fine():
+    assert convert_request({"text_input": t_str("Hi")}, 16, {}).params.max_tokens == 16

@@ -40,7 +40,8 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             inputs = {t.name(): t.as_numpy() for t in request.inputs()}
             try:
-                parsed = convert_request(inputs, self.config.default_max_tokens)
+                parameters = json.loads(request.parameters() or "{}")
+                parsed = convert_request(inputs, self.config.default_max_tokens, parameters)
             except Exception as exc:  # NOTE: never a traceback to the client, never the whole batch
                 if not isinstance(exc, InvalidRequest):
                     self.logger.log_error(f"lepton: parsing a request failed: {exc!r}")

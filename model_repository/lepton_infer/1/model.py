@@ -6,10 +6,13 @@ request to the decoupled `lepton` model through BLS and returns its single, whol
 
 from __future__ import annotations
 
+import json
+
 import triton_python_backend_utils as pb_utils
 
-from lepton.errors import kind_of_message
+from lepton.errors import InvalidRequest, describe, kind_of_message
 from lepton.lifetime import exit_with_parent
+from lepton.protocol import refuse_parameters
 from lepton.triton_errors import triton_error
 
 TARGET_MODEL = "lepton"
@@ -24,6 +27,10 @@ class TritonPythonModel:
         return [self._forward(request) for request in requests]
 
     def _forward(self, request):
+        try:  # NOTE: BLS would drop them; lepton refuses them, so they are refused here too
+            refuse_parameters(json.loads(request.parameters() or "{}"))
+        except InvalidRequest as exc:
+            return pb_utils.InferenceResponse(error=triton_error(*describe(exc)))
         bls = pb_utils.InferenceRequest(
             model_name=TARGET_MODEL, inputs=request.inputs(), requested_output_names=OUTPUTS,
         )
