@@ -103,6 +103,19 @@ perf: setup $(DEMO_MODEL)/config.json  ## perf_analyzer sweeps of lepton (3 requ
 genai-perf: setup $(DEMO_MODEL)/config.json  ## genai-perf profile of lepton, vllm + tensorrtllm styles: TTFT, ITL, tokens/s -> build/reports/genai-perf/ (PERF_ARGS=--quick)
 	@$(PY) -m benchmarks.genai_perf --url $(HOST):$(GRPC_PORT) --metrics-url http://$(HOST):$(METRICS_PORT)/metrics $(PERF_ARGS)
 
+# NOTE: the soak is not a test (30 minutes by default; DURATION=90s|15m|1h). Against make serve's server
+# at $(HOST):$(GRPC_PORT), or one of its own on the demo model when nothing answers there.
+DURATION ?= 30m
+SOAK_ARGS ?=
+FUZZ_EXAMPLES ?= 5000
+.PHONY: soak fuzz
+soak: setup $(DEMO_MODEL)/config.json  ## hold 32 streams for DURATION (default 30m); fails on a request error or RSS growth -> build/reports/soak/ (SOAK_ARGS=...)
+	@$(PY) -m benchmarks.soak --duration $(DURATION) --url $(HOST):$(GRPC_PORT) \
+		--metrics-url http://$(HOST):$(METRICS_PORT)/metrics $(SOAK_ARGS)
+
+fuzz: setup $(DEMO_MODEL)/config.json  ## property-based fuzzing of a live server: FUZZ_EXAMPLES random requests per transport (CI: a fixed budget)
+	@LEPTON_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/e2e/test_fuzz_requests.py -p no:cacheprovider $(PYTEST_ARGS)
+
 $(ONNX_SMOLLM2)/manifest.json: $(SMOLLM2_MODEL)/config.json export/onnx_export.py export/validation.py lepton/models/llama.py | setup
 	@$(PY) -m export onnx --model $(SMOLLM2_MODEL) --out $(ONNX_SMOLLM2)
 

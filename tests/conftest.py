@@ -54,6 +54,15 @@ def server(demo_model_dir, tmp_path_factory) -> TritonServer:
 
 
 @pytest.fixture(scope="session")
+def load_server(demo_model_dir, tmp_path_factory) -> TritonServer:
+    """A second demo-model server with room for load: 64 sequences at once, 1,024 waiting (storm, soak)."""
+    triton = start_server(demo_model_dir, tmp_path_factory.mktemp("triton-load"),
+                          {"max_queue_size": "1024", "max_num_seqs": "64", "kv_cache_memory_bytes": "64M"})
+    yield triton
+    triton.stop()
+
+
+@pytest.fixture(scope="session")
 def start_triton():
     """start_server, for tests that need a server of their own (another model or runner)."""
     return start_server
