@@ -34,6 +34,8 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 API_PORT ?= 9000
+# INSTANCES=N: engine instances of the model (python -m lepton.server --instances; docs/configuration.md)
+INSTANCES ?=
 PYTEST_ARGS ?=
 
 .PHONY: help setup demo-model smollm2 export train quantize tensorrt engine bench bench-runners serve test test-unit clean
@@ -122,7 +124,7 @@ $(ONNX_SMOLLM2)/manifest.json: $(SMOLLM2_MODEL)/config.json export/onnx_export.p
 $(ONNX_SMOLLM2)-%/manifest.json: $(ONNX_SMOLLM2)/manifest.json export/quantization.py export/quality.py | setup
 	@$(PY) -m export quantize --export $(ONNX_SMOLLM2) --out $(ONNX_SMOLLM2)-$* --method $* --no-quality-gate
 
-serve: setup  ## serve MODEL (default: SmolLM2-135M-Instruct) with RUNNER=auto|torch|onnxruntime [VARIANT=fp32|int8|int4] on HOST:HTTP_PORT/GRPC_PORT/METRICS_PORT, OpenAI API on API_PORT (0: none)
+serve: setup  ## serve MODEL (default: SmolLM2-135M-Instruct) with RUNNER=auto|torch|onnxruntime [VARIANT=fp32|int8|int4] [INSTANCES=N engines] on HOST:HTTP_PORT/GRPC_PORT/METRICS_PORT, OpenAI API on API_PORT (0: none)
 	@if [ -n "$(VARIANT)" ] && [ "$(RUNNER)" != onnxruntime ]; then \
 		echo "VARIANT=$(VARIANT) serves an ONNX export: add RUNNER=onnxruntime" >&2; exit 2; fi
 	@if [ -n "$(VARIANT)" ] && [ -z "$(VARIANT_DIR_$(VARIANT))" ]; then \
@@ -137,7 +139,7 @@ serve: setup  ## serve MODEL (default: SmolLM2-135M-Instruct) with RUNNER=auto|t
 		if [ "$(MODEL)" = "$$dir" ]; then $(MAKE) --no-print-directory $$dir/manifest.json || exit 1; fi; done
 	@exec $(PY) -m lepton.server --model $(MODEL) $(if $(filter auto,$(RUNNER)),--auto,--param runner=$(RUNNER)) \
 		--host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
-		--api-port $(API_PORT)
+		--api-port $(API_PORT) $(if $(INSTANCES),--instances $(INSTANCES))
 
 test: setup $(DEMO_MODEL)/config.json  ## unit and end-to-end tests (real tritonserver on loopback)
 	@$(PY) -m pytest $(PYTEST_ARGS)

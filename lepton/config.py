@@ -46,6 +46,7 @@ class RunnerConfig:
     runner: str = "torch"
     dtype: str = "float32"  # compute and KV cache dtype
     num_threads: int = 0  # intra-op threads; 0 = all cores but one (see compute_threads)
+    device_id: int = 0  # the CUDA device of the tensorrt runner (a KIND_GPU instance sets its GPU)
 
     @property
     def compute_threads(self) -> int:
@@ -76,6 +77,8 @@ class EngineConfig:
             raise ConfigError(f"kv_cache_memory_fraction: must be in [0, 1), got {self.cache.kv_cache_memory_fraction}")
         if self.runner.num_threads < 0:
             raise ConfigError(f"num_threads: must be >= 0, got {self.runner.num_threads}")
+        if self.runner.device_id < 0:
+            raise ConfigError(f"device_id: must be >= 0, got {self.runner.device_id}")
         if self.max_model_len < 0 or self.default_max_tokens < 1:
             raise ConfigError("max_model_len must be >= 0 and default_max_tokens >= 1")
 

@@ -19,11 +19,14 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
+from lepton.instances import write_instance_groups
 from lepton.lifetime import descendants, kill_tree, kill_with_parent, port_in_use
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SOURCE_REPOSITORY = PROJECT_ROOT / "model_repository"
 MODEL_NAME = "lepton"
+# NOTE: the measured winner on a 2-core host (docs/benchmarks-instances.md).
+DEFAULT_INSTANCES = 1
 
 
 def triton_home() -> Path:
@@ -43,6 +46,10 @@ class ServerOptions:
     grpc_port: int = 8001
     metrics_port: int = 8002
     engine_parameters: dict[str, str] = field(default_factory=dict)  # config.pbtxt overrides
+    # NOTE: engine instances of the lepton model (lepton/instances.py): this many KIND_CPU instances
+    # (0: as config.pbtxt has it), or with gpus one KIND_GPU instance on each.
+    instances: int = 0
+    gpus: tuple[int, ...] = ()
     work_dir: Path | None = None  # where the served repository copy goes; default build/triton/<http_port>
     log_verbose: int = 0
     # NOTE: how long a stop waits for tritonserver's own graceful exit before killing its tree.
@@ -63,6 +70,7 @@ def prepare_repository(options: ServerOptions) -> Path:
     for key, value in overrides.items():
         config.parameters[key].string_value = str(value)
     config_file.write_text(text_format.MessageToString(config))
+    write_instance_groups(repo, options.instances, options.gpus)
     return repo
 
 
@@ -185,6 +193,11 @@ def _parse_args(argv: list[str] | None):
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="engine parameter written into config.pbtxt (repeatable), e.g. max_num_seqs=16")
+    parser.add_argument("--instances", type=int, metavar="N",
+                        help="engine instances of the model, Triton spreading requests across them: on the CPU, "
+                             "each pinned to its share of the cores with its share of the KV cache (default: "
+                             f"{DEFAULT_INSTANCES}, docs/benchmarks-instances.md); with runner=tensorrt, one on each "
+                             "of the first N GPUs (default: every GPU)")
     parser.add_argument("--api-port", type=int, default=9000,
                         help="port of the OpenAI-compatible API (openai_api) started with Triton; 0 = none")
     parser.add_argument("--api-key", default=os.environ.get("LEPTON_API_KEY"),
@@ -209,7 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(params) != len(args.param):
         sys.exit("error: --param takes KEY=VALUE")
     if args.auto and "runner" not in params:
+        chosen_threads = "num_threads" not in params
         args.model, params = _auto_configuration(args.model, params)
+        if chosen_threads and (args.instances or DEFAULT_INSTANCES) > 1:
+            params.pop("num_threads")  # NOTE: timed for one engine on all cores; instances compute on their own
     # NOTE: fail here, with a clear message, before starting the server
     open_folder(EngineConfig.from_parameters({"model_dir": str(args.model), **params}))
     ports = [("HTTP", args.http_port), ("gRPC", args.grpc_port), ("metrics", args.metrics_port)]
@@ -221,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     options = ServerOptions(
         model_dir=args.model, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, engine_parameters=params, log_verbose=args.log_verbose,
-        stop_timeout_s=args.stop_timeout,
+        stop_timeout_s=args.stop_timeout, **_instances(args.instances, params.get("runner")),
     )
     server = TritonServer(options)
     started = time.monotonic()
@@ -249,6 +265,20 @@ def main(argv: list[str] | None = None) -> int:
             # moment to end, and a shutdown stuck on a dead Triton does not hold the exit up.
             api.stop(timeout_s=3)
         server.stop()
+
+
+def _instances(count: int | None, runner: str | None) -> dict:
+    """ServerOptions' instances and gpus for --instances: GPUs for the tensorrt runner, else cores."""
+    if count is not None and count < 1:
+        sys.exit(f"error: --instances must be >= 1, got {count}")
+    if runner != "tensorrt":
+        return {"instances": count or DEFAULT_INSTANCES}
+    import torch
+
+    available = torch.cuda.device_count()
+    if (count or 0) > available:
+        sys.exit(f"error: --instances {count}: this host has {available} GPU(s)")
+    return {"gpus": tuple(range(count or available))}
 
 
 def _start_api(args):

@@ -28,11 +28,11 @@ def demo_model_dir() -> Path:
     return DEMO_MODEL
 
 
-def start_server(model_dir: Path, work_dir: Path, engine_parameters: dict[str, str]) -> TritonServer:
-    """A real tritonserver on free loopback ports; its log is printed if it fails to start."""
+def start_server(model_dir: Path, work_dir: Path, engine_parameters: dict[str, str], **options) -> TritonServer:
+    """A real tritonserver on free loopback ports (options: more ServerOptions); its log is printed if it fails to start."""
     options = ServerOptions(
         model_dir=model_dir, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-        work_dir=work_dir, engine_parameters=engine_parameters,
+        work_dir=work_dir, engine_parameters=engine_parameters, **options,
     )
     log_file = work_dir / "tritonserver.log"
     triton = TritonServer(options, log_file=log_file)

@@ -179,6 +179,13 @@ class TensorRTRunner:
         # NOTE: the int64 inputs are the step's indices, fields of ModelInput by the same names; the rest are pools.
         self.index_inputs = tuple(spec.name for spec in self.manifest.inputs if spec.dtype == "int64")
         library = require_runtime(self.engine_manifest)
+        # NOTE: the current device is per thread: set here for the load, and around every step (the
+        # engine thread's own current device is GPU 0).
+        if config.runner.device_id >= torch.cuda.device_count():
+            raise ConfigError(f"device_id: GPU {config.runner.device_id} does not exist; this host has "
+                              f"{torch.cuda.device_count()}")
+        self.device = torch.device("cuda", config.runner.device_id)
+        torch.cuda.set_device(self.device)
         if config.cache.block_size != self.block_size:
             raise ConfigError(f"block_size: {path} was exported with block_size {self.block_size}, the engine is "
                               f"configured with {config.cache.block_size}; set block_size={self.block_size}")
@@ -196,8 +203,8 @@ class TensorRTRunner:
         cfg, dtype = self.model_config, getattr(torch, self.manifest.kv_dtype)
         shape = (self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
         # NOTE: zero-filled so masked slots never hold NaN; allocated once, bound by address once.
-        self.k_pools = [torch.zeros(shape, dtype=dtype, device="cuda") for _ in range(cfg.num_layers)]
-        self.v_pools = [torch.zeros(shape, dtype=dtype, device="cuda") for _ in range(cfg.num_layers)]
+        self.k_pools = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.num_layers)]
+        self.v_pools = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(cfg.num_layers)]
         for layer, (k_pool, v_pool) in enumerate(zip(self.k_pools, self.v_pools)):
             for name, pool in ((f"k_pool_{layer}", k_pool), (f"v_pool_{layer}", v_pool)):
                 self._bind(name, pool)
@@ -205,7 +212,7 @@ class TensorRTRunner:
 
     def execute(self, batch: ModelInput) -> torch.Tensor:
         """Compute one step, write its K/V into the pools, return float32 logits [L, vocab] on the CPU."""
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             # NOTE: every tensor below lives on self.stream, so copies, the plan and the pool writes are ordered.
             inputs = {name: _on_device(np.asarray(getattr(batch, name), np.int64)) for name in self.index_inputs}
             for name, tensor in inputs.items():

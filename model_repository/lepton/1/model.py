@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from pathlib import Path
@@ -13,6 +14,7 @@ import triton_python_backend_utils as pb_utils
 from lepton.config import EngineConfig
 from lepton.engine import EngineStats, LLMEngine, RequestOutput
 from lepton.errors import InvalidRequest, describe
+from lepton.instances import CPU, instance_config, pin_process, placement_of
 from lepton.lifetime import exit_with_parent
 from lepton.protocol import convert_request, logprobs_json
 from lepton.serving import EngineLoop
@@ -30,10 +32,15 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException("the lepton model must be decoupled")
         params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
         model_dir = Path(args["model_repository"])
-        self.config = EngineConfig.from_parameters(params, base_dir=model_dir)
-        self.metrics = Metrics()
+        placement = placement_of(args, model_config, sorted(os.sched_getaffinity(0)))
+        if placement.kind == CPU and placement.cpu_share > 1:
+            pin_process(placement.cpu_cores)  # NOTE: before the runner starts its compute threads
+        self.config = instance_config(EngineConfig.from_parameters(params, base_dir=model_dir), placement)
+        self.metrics = Metrics(labels={"engine": placement.label})
         self.engine_loop = EngineLoop(LLMEngine(self.config), on_stats=self.metrics.publish)
-        self.logger.log_info(f"lepton: serving {self.config.model_dir}")
+        self.logger.log_info(f"lepton: {args['model_instance_name']}: {placement.describe()}, "
+                             f"{self.config.runner.compute_threads} threads, KV cache "
+                             f"{self.config.cache.kv_cache_memory_bytes >> 20} MiB, serving {self.config.model_dir}")
 
     def execute(self, requests):
         for request in requests:
@@ -58,7 +65,11 @@ class TritonPythonModel:
 
 
 class Metrics:
-    """EngineStats as Triton custom metrics on the metrics port (lepton_* families)."""
+    """EngineStats as Triton custom metrics on the metrics port (lepton_* families).
+
+    Every instance of the model adds its own series to the same families, told apart by its labels
+    (`engine`); the server's figure is their sum (`sum without (engine) (...)`).
+    """
 
     GAUGES = {
         "num_running": "Requests running (holding KV blocks)",
@@ -75,7 +86,8 @@ class Metrics:
         "computed_tokens": "Tokens run through the model (prefix-cache hits excluded)",
     }
 
-    def __init__(self) -> None:
+    def __init__(self, labels: dict[str, str]) -> None:
+        self.labels = labels
         self.families = []  # NOTE: a MetricFamily must outlive its Metric objects
         gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
         self.gauges = {k: self._metric(k, d, gauge) for k, d in self.GAUGES.items()}
@@ -90,7 +102,7 @@ class Metrics:
 
     def _metric(self, name, doc, kind, **options):
         self.families.append(pb_utils.MetricFamily(name=f"lepton_{name}", description=doc, kind=kind))
-        return self.families[-1].Metric(labels={}, **options)
+        return self.families[-1].Metric(labels=self.labels, **options)
 
     def publish(self, stats: EngineStats) -> None:
         for name, gauge in self.gauges.items():
