@@ -46,6 +46,8 @@ class RunnerConfig:
     runner: str = "torch"
     dtype: str = "float32"  # compute and KV cache dtype
     num_threads: int = 0  # intra-op threads; 0 = all cores but one (see compute_threads)
+    # NOTE: true: a request's logits do not depend on what else is batched (lepton/models/batch_invariant.py)
+    deterministic: bool = False
     device_id: int = 0  # the CUDA device of the tensorrt runner (a KIND_GPU instance sets its GPU)
 
     @property
@@ -79,6 +81,9 @@ class EngineConfig:
             raise ConfigError(f"num_threads: must be >= 0, got {self.runner.num_threads}")
         if self.runner.device_id < 0:
             raise ConfigError(f"device_id: must be >= 0, got {self.runner.device_id}")
+        if self.runner.deterministic and self.runner.runner == "tensorrt":
+            raise ConfigError("deterministic: not available with runner tensorrt (its kernels are chosen by the "
+                              "builder per batch shape); use runner torch or onnxruntime")
         if self.max_model_len < 0 or self.default_max_tokens < 1:
             raise ConfigError("max_model_len must be >= 0 and default_max_tokens >= 1")
 

@@ -9,6 +9,7 @@ from lepton.config import EngineConfig
 from lepton.errors import ConfigError
 from lepton.memory import check_fits, kv_budget_bytes
 from lepton.model_folder import ModelFolder
+from lepton.models.batch_invariant import make_batch_invariant, pad_queries
 from lepton.models.loader import load_model, weight_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -25,6 +26,9 @@ class TorchRunner:
         kv_bytes = kv_budget_bytes(config.cache, weights)
         check_fits(folder.path, weights, kv_bytes)
         self.model = load_model(folder, self.dtype, self.block_size)
+        self.deterministic = config.runner.deterministic
+        if self.deterministic:
+            make_batch_invariant(self.model)
         cfg = self.model.cfg
         self.model_config = cfg
         bytes_per_block = 2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim
@@ -42,10 +46,12 @@ class TorchRunner:
     @torch.inference_mode()
     def execute(self, batch: ModelInput) -> torch.Tensor:
         """Compute one step (its K/V go into the pools layer by layer), return float32 logits [L, vocab]."""
-        groups = [
-            tuple(torch.from_numpy(a) for a in (g.token_index, g.token_slot, g.block_tables, g.tokens))
-            for g in batch.groups
-        ]
+        groups = []
+        for g in batch.groups:
+            token_index, token_slot = g.token_index, g.token_slot
+            if self.deterministic:  # NOTE: see lepton/models/batch_invariant.py
+                token_index, token_slot = pad_queries(token_index, token_slot)
+            groups.append(tuple(torch.from_numpy(a) for a in (token_index, token_slot, g.block_tables, g.tokens)))
         return self.model.step_in_place(
             torch.from_numpy(batch.input_ids), torch.from_numpy(batch.positions),
             torch.from_numpy(batch.logits_indices), torch.from_numpy(batch.slot_mapping), groups,
