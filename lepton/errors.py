@@ -17,8 +17,18 @@ class InvalidRequest(LeptonError, ValueError):
         self.field = field
 
 
+SHUTTING_DOWN_PREFIX = "server shutting down"
+
+
 class ServerBusy(LeptonError):
     """The waiting queue is full; the client should retry later (UNAVAILABLE / HTTP 503)."""
+
+
+class ServerShuttingDown(ServerBusy):
+    """The server is draining before it stops; the client should go to another server (UNAVAILABLE / HTTP 503)."""
+
+    def __init__(self) -> None:
+        super().__init__(f"{SHUTTING_DOWN_PREFIX}: not accepting new requests; retry on another server")
 
 
 class ModelFolderError(LeptonError, ValueError):
@@ -45,6 +55,8 @@ def describe(exc: Exception) -> tuple[ErrorKind, str]:
     """The kind and the client-facing message of an exception."""
     if isinstance(exc, InvalidRequest):
         return ErrorKind.INVALID, str(exc)
+    if isinstance(exc, ServerShuttingDown):
+        return ErrorKind.BUSY, str(exc)
     if isinstance(exc, ServerBusy):
         return ErrorKind.BUSY, str(exc) if str(exc).startswith(_BUSY_PREFIX) else f"{_BUSY_PREFIX}: {exc}"
     return ErrorKind.INTERNAL, f"{_INTERNAL_PREFIX}{exc}"
@@ -54,6 +66,6 @@ def kind_of_message(message: str) -> ErrorKind:
     """Recover the kind from a message made by `describe` (Triton's BLS drops error codes)."""
     if message.startswith(_INTERNAL_PREFIX):
         return ErrorKind.INTERNAL
-    if message.startswith(_BUSY_PREFIX):
+    if message.startswith((_BUSY_PREFIX, SHUTTING_DOWN_PREFIX)):
         return ErrorKind.BUSY
     return ErrorKind.INVALID

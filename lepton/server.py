@@ -21,6 +21,9 @@ from google.protobuf import text_format
 
 from lepton.instances import write_instance_groups
 from lepton.lifetime import descendants, kill_tree, kill_with_parent, port_in_use
+from lepton.shutdown import (
+    DRAINED_PREFIX, DRAINING_PREFIX, DrainAck, drain_acks, num_engines, refuse_readiness, request_drain, wait_for_files,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SOURCE_REPOSITORY = PROJECT_ROOT / "model_repository"
@@ -52,6 +55,8 @@ class ServerOptions:
     gpus: tuple[int, ...] = ()
     work_dir: Path | None = None  # where the served repository copy goes; default build/triton/<http_port>
     log_verbose: int = 0
+    # NOTE: how long a drain lets running requests finish before they are cancelled (lepton/shutdown.py).
+    drain_timeout_s: float = 10.0
     # NOTE: how long a stop waits for tritonserver's own graceful exit before killing its tree.
     stop_timeout_s: float = 10.0
 
@@ -96,6 +101,8 @@ def server_command(options: ServerOptions, repo: Path) -> list[str]:
         f"--metrics-address={options.host}", f"--metrics-port={options.metrics_port}",
         "--allow-gpu-metrics=false",
         "--exit-on-error=true",
+        # NOTE: every model loads as before; explicit control lets a drain turn readiness off (lepton/shutdown.py)
+        "--model-control-mode=explicit", "--load-model=*",
         f"--exit-timeout-secs={max(1, int(options.stop_timeout_s) - 2)}",
         f"--log-verbose={options.log_verbose}",
     ]
@@ -108,6 +115,7 @@ class TritonServer:
         self.options = options
         self.log_file = log_file
         self.process: subprocess.Popen | None = None
+        self.repository: Path | None = None
 
     @property
     def http_url(self) -> str:
@@ -122,7 +130,7 @@ class TritonServer:
         return f"http://{self.options.host}:{self.options.metrics_port}/metrics"
 
     def start(self, timeout: float = 180.0) -> "TritonServer":
-        repo = prepare_repository(self.options)
+        repo = self.repository = prepare_repository(self.options)
         out = open(self.log_file, "w") if self.log_file else None
         # NOTE: a session of its own (a terminal's Ctrl-C reaches the launcher, which stops it in
         # order), and SIGKILL when the launcher dies, however it dies.
@@ -149,6 +157,23 @@ class TritonServer:
             time.sleep(0.25)
         self.stop()
         raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s{self._log_hint()}")
+
+    def drain(self) -> list[DrainAck]:
+        """New requests refused, readiness off, running ones finished or cancelled by the drain timeout
+        (lepton/shutdown.py); returns each engine's report. stop() then finds nothing in flight."""
+        if self.process is None or self.process.poll() is not None:
+            return []
+        model_dir = self.repository / MODEL_NAME
+        num_instances = num_engines(model_dir)
+        request_drain(model_dir, self.options.drain_timeout_s)
+        # NOTE: readiness goes off once the engines refuse new requests, so a client that sees it off
+        # and tries anyway gets the clear error (about 50 ms, the watchers' polling interval).
+        num_draining = wait_for_files(model_dir, DRAINING_PREFIX, num_instances, 2.0, self.process)
+        refuse_readiness(self.http_url)
+        # NOTE: an engine that did not start draining is stuck: stop() ends it. Past the deadline the others
+        # need a moment to send the cancelled requests' last responses.
+        wait_for_files(model_dir, DRAINED_PREFIX, num_draining, self.options.drain_timeout_s + 5, self.process)
+        return drain_acks(model_dir)
 
     def stop(self, timeout: float | None = None) -> None:
         """SIGINT (Triton's graceful shutdown); past the timeout, SIGKILL to the whole tree."""
@@ -206,9 +231,13 @@ def _parse_args(argv: list[str] | None):
                         help="unless --param runner=... is given: time the model's eligible configurations on "
                              "this processor (torch, and its ONNX exports under build/onnx whose quality gate "
                              "passed) and serve the fastest; prints what it chose and why")
+    parser.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="on Ctrl-C / SIGTERM: readiness turns false and new requests are refused at once; "
+                             "running requests get this long to finish, then the rest are cancelled (finish_reason "
+                             "cancelled) and the server stops (default: 10)")
     parser.add_argument("--stop-timeout", type=float, default=10.0, metavar="SECONDS",
-                        help="on Ctrl-C / SIGTERM, how long to wait for a graceful exit before killing "
-                             "tritonserver and its backend processes (default: 10)")
+                        help="after the drain, how long to wait for tritonserver's graceful exit before killing "
+                             "it and its backend processes (default: 10)")
     parser.add_argument("--log-verbose", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -237,12 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     options = ServerOptions(
         model_dir=args.model, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, engine_parameters=params, log_verbose=args.log_verbose,
-        stop_timeout_s=args.stop_timeout, **_instances(args.instances, params.get("runner")),
+        drain_timeout_s=args.drain_timeout, stop_timeout_s=args.stop_timeout,
+        **_instances(args.instances, params.get("runner")),
     )
     server = TritonServer(options)
     started = time.monotonic()
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # docker stop / timeout: stop cleanly
-    api = None
+    api, serving = None, False
     try:
         server.start()
         api = _start_api(args) if args.api_port else None
@@ -251,13 +281,19 @@ def main(argv: list[str] | None = None) -> int:
             from openai_api.server import snippet
 
             print("\n" + snippet(api.url, api.model, api.config.api_key is not None), flush=True)
+        serving = True
         server.process.wait()
         return server.process.returncode or 0
     except KeyboardInterrupt:
         # NOTE: a second Ctrl-C / SIGTERM must not cut the stop short and leave processes behind.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print("\nstopping tritonserver ...", flush=True)
+        if serving:
+            print(f"\nshutting down: new requests refused, running ones get {args.drain_timeout:g} s ...", flush=True)
+            if api is not None:
+                api.drain()
+            print(_drain_summary(server.drain(), num_engines(server.repository / MODEL_NAME)), flush=True)
+        print("stopping tritonserver ...", flush=True)
         return 0
     finally:
         if api is not None:
@@ -303,6 +339,16 @@ def _auto_configuration(model: Path, params: dict[str, str]) -> tuple[Path, dict
     params = {"runner": chosen.runner, **params}
     params.setdefault("num_threads", str(chosen.num_threads))
     return chosen.model_dir, params
+
+
+def _drain_summary(acks: list[DrainAck], num_instances: int) -> str:
+    in_flight, cancelled = sum(a.num_in_flight for a in acks), sum(a.num_cancelled for a in acks)
+    seconds = max((a.seconds for a in acks), default=0.0)
+    missing = ""
+    if len(acks) < num_instances:
+        missing = f"; {num_instances - len(acks)} of {num_instances} engines did not report"
+    return (f"drained in {seconds:.1f} s: {in_flight} requests were in flight, {in_flight - cancelled} finished, "
+            f"{cancelled} cancelled at the deadline{missing}")
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:

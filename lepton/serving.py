@@ -1,8 +1,8 @@
 """The engine loop: a background thread that owns the engine and streams outputs to sinks.
 
-Front ends (Triton's model.py) call `submit` and `shutdown` from any thread. Prompts are tokenized
-and checked on tokenizer threads (so a long prompt never stalls the running streams); only the
-loop thread touches the engine's state, so the engine and its bookkeeping need no locks.
+Front ends (Triton's model.py) call `submit`, `drain` and `shutdown` from any thread. Prompts are
+tokenized and checked on tokenizer threads (so a long prompt never stalls the running streams); only
+the loop thread touches the engine's state, so the engine and its bookkeeping need no locks.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ import queue
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from lepton.chat import ChatPrompt
 from lepton.engine import EngineStats, LLMEngine, PreparedRequest, RequestOutput
-from lepton.errors import LeptonError, ServerBusy
+from lepton.errors import LeptonError, ServerShuttingDown
 from lepton.sampling_params import SamplingParams
 
 NUM_TOKENIZER_THREADS = 2
@@ -32,6 +33,15 @@ class OutputSink(Protocol):
     def send_error(self, error: Exception) -> None: ...
 
     def is_cancelled(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class DrainReport:
+    """What a drain found and did."""
+
+    num_in_flight: int  # requests accepted before the drain began
+    num_cancelled: int  # of those, cancelled at the deadline (finish_reason cancelled)
+    seconds: float  # from the drain's start until the last response was sent
 
 
 class EngineLoop:
@@ -51,6 +61,13 @@ class EngineLoop:
         self._sinks: dict[str, OutputSink] = {}
         self._wake = threading.Condition()
         self._stopping = False
+        self._num_preparing = 0  # NOTE: submitted, not yet in the inbox or answered (guarded by _wake)
+        self._drain_started: float | None = None  # monotonic time of drain(); None: admitting
+        self._drain_deadline = 0.0
+        self._drain_in_flight = 0
+        self._num_cancelled = 0
+        self._drained = threading.Event()
+        self._drained_at = 0.0
         self._to_prepare: queue.SimpleQueue = queue.SimpleQueue()
         self._preparers = [
             threading.Thread(target=self._prepare_loop, name=f"lepton-tokenizer-{i}", daemon=True)
@@ -64,7 +81,30 @@ class EngineLoop:
     def submit(self, request_id: str, prompt: str | list[int] | ChatPrompt, params: SamplingParams,
                sink: OutputSink) -> None:
         """Queue a request; its outputs (or its error) arrive at sink from the engine's threads."""
+        with self._wake:
+            refused = self._stopping or self._drain_started is not None
+            if not refused:
+                self._num_preparing += 1
+        if refused:
+            self._send_error(sink, ServerShuttingDown())
+            return
         self._to_prepare.put((request_id, prompt, params, sink))
+
+    def drain(self, timeout_s: float) -> None:
+        """Refuse new requests from now on; cancel those still running timeout_s from now."""
+        with self._wake:
+            if self._drain_started is None:
+                self._drain_started = time.monotonic()
+                self._drain_deadline = self._drain_started + timeout_s
+                self._drain_in_flight = self._num_preparing + len(self._inbox) + len(self._sinks)
+            self._wake.notify()
+
+    def wait_drained(self, timeout_s: float | None = None) -> DrainReport | None:
+        """After drain(): wait until every request accepted before it has been answered; None on timeout."""
+        if not self._drained.wait(timeout_s):
+            return None
+        with self._wake:
+            return DrainReport(self._drain_in_flight, self._num_cancelled, self._drained_at - self._drain_started)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Cancel everything in flight and stop the threads."""
@@ -84,19 +124,18 @@ class EngineLoop:
                 return
             request_id, prompt, params, sink = item
             try:
-                if self._stopping:
-                    raise ServerBusy("server busy: shutting down")
                 prepared = self.engine.prepare(request_id, prompt, params)
             except Exception as exc:  # NOTE: LeptonError, or a tokenizer failure: this request alone
                 if not isinstance(exc, LeptonError):
                     logger.exception("preparing %s failed", request_id)
                 self._send_error(sink, exc)
-                continue
+                prepared = None
             with self._wake:
-                if self._stopping:
-                    self._send_error(sink, ServerBusy("server busy: shutting down"))
-                    continue
-                self._inbox.append((prepared, sink))
+                self._num_preparing -= 1
+                if prepared is not None and self._stopping:
+                    self._send_error(sink, ServerShuttingDown())
+                elif prepared is not None:
+                    self._inbox.append((prepared, sink))
                 self._wake.notify()
 
     @property
@@ -108,18 +147,39 @@ class EngineLoop:
             with self._wake:
                 if not (self._inbox or self._sinks or self._stopping):
                     self._publish_stats(force=True)  # NOTE: idle: the last snapshot must be exact
-                while not (self._inbox or self._sinks or self._stopping):
+                while not (self._inbox or self._sinks or self._stopping or self._just_drained()):
                     self._wake.wait()
                 if self._stopping:
                     break
+                drained = self._just_drained()
                 arrivals = list(self._inbox)
                 self._inbox.clear()
+                past_deadline = self._drain_started is not None and time.monotonic() >= self._drain_deadline
+            if drained:
+                self._sender.flush()  # NOTE: the drain is done once the last responses are sent
+                self._drained_at = time.monotonic()
+                self._drained.set()
+                continue
             self._admit(arrivals)
             self._reap_cancelled()
+            if past_deadline:
+                self._cancel_all()
             if self._sinks:
                 self._step()
             self._publish_stats(force=False)
         self._abort_all()
+
+    def _just_drained(self) -> bool:
+        """Draining, and every request accepted before has been answered, not yet reported (under _wake)."""
+        idle = not (self._inbox or self._sinks) and self._num_preparing == 0
+        return self._drain_started is not None and idle and not self._drained.is_set()
+
+    def _cancel_all(self) -> None:
+        """Past the drain deadline: every running request ends with finish_reason cancelled."""
+        for request_id in list(self._sinks):
+            output = self.engine.abort(request_id)
+            self._num_cancelled += output is not None
+            self._deliver(output)
 
     def _publish_stats(self, force: bool) -> None:
         now = time.monotonic()
@@ -191,7 +251,7 @@ class EngineLoop:
             leftovers = list(self._inbox)
             self._inbox.clear()
         for _, sink in leftovers:
-            self._send_error(sink, ServerBusy("server busy: shutting down"))
+            self._send_error(sink, ServerShuttingDown())
         self._sender.stop()
 
 
@@ -226,8 +286,17 @@ class _Sender:
         self._queue.put(None)
         self._thread.join(timeout)
 
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until what is queued now has been sent; False on timeout."""
+        sent = threading.Event()
+        self._queue.put(sent)
+        return sent.wait(timeout)
+
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
             sink, output, error = item
             if error is not None:
                 EngineLoop._send_error(sink, error)

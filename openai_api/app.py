@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from contextlib import asynccontextmanager
 
@@ -51,9 +52,11 @@ def create_app(config: ApiConfig, model_info: ModelInfo) -> FastAPI:
 
     app = FastAPI(title="Lepton OpenAI-compatible API", version="1", lifespan=lifespan)
     app.state.service = service
+    app.state.draining = threading.Event()  # NOTE: set by ApiServer.drain(): every new request gets 503
     _add_error_handlers(app)
     _add_routes(app, service)
-    app.add_middleware(Gatekeeper, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(Gatekeeper, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
+                       draining=app.state.draining)
     return app
 
 

@@ -7,6 +7,7 @@ import re
 from starlette.responses import JSONResponse
 
 BUSY_PREFIX = "server busy"  # NOTE: how Lepton's model words a full queue (UNAVAILABLE)
+SHUTTING_DOWN_PREFIX = "server shutting down"  # NOTE: and a drain before it stops (UNAVAILABLE)
 INTERNAL_PREFIX = "internal error: "  # NOTE: how Lepton's model words a failure inside the engine
 # NOTE: Triton puts "[request id: ...] " before some messages on a gRPC stream.
 _REQUEST_ID = re.compile(r"^\[request id: [^\]]*\]\s*")
@@ -57,11 +58,18 @@ def unavailable(message: str, code: str = "server_busy") -> ApiError:
     return ApiError(503, message, type_="server_error", code=code)
 
 
+def shutting_down() -> ApiError:
+    return unavailable("The server is shutting down and accepts no new requests; retry on another server.",
+                       code="server_shutting_down")
+
+
 def from_triton_message(message: str) -> ApiError:
     """The ApiError for an error response of Lepton's model (its gRPC stream carries no status code)."""
     message = _REQUEST_ID.sub("", message.strip())
     if message.startswith(BUSY_PREFIX):
         return unavailable(message)
+    if message.startswith(SHUTTING_DOWN_PREFIX):
+        return shutting_down()
     if message.startswith(INTERNAL_PREFIX):
         return internal(message)
     field = _FIELD.match(message)

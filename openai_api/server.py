@@ -70,6 +70,11 @@ class ApiServer:
             time.sleep(0.05)
         return self
 
+    def drain(self) -> None:
+        """Answer every new request with 503 (server shutting down); requests already in go on."""
+        if self._server is not None:
+            self._server.config.app.state.draining.set()
+
     def stop(self, timeout_s: float = GRACEFUL_SHUTDOWN_S + 5) -> None:
         if self._server is None or self._thread is None:
             return

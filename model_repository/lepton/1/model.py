@@ -18,6 +18,7 @@ from lepton.instances import CPU, instance_config, pin_process, placement_of
 from lepton.lifetime import exit_with_parent
 from lepton.protocol import convert_request, logprobs_json
 from lepton.serving import EngineLoop
+from lepton.shutdown import DrainWatcher
 from lepton.triton_errors import triton_error
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -38,6 +39,8 @@ class TritonPythonModel:
         self.config = instance_config(EngineConfig.from_parameters(params, base_dir=model_dir), placement)
         self.metrics = Metrics(labels={"engine": placement.label})
         self.engine_loop = EngineLoop(LLMEngine(self.config), on_stats=self.metrics.publish)
+        # NOTE: the launcher's graceful shutdown (lepton/shutdown.py) asks through a file in model_dir
+        self.drain_watcher = DrainWatcher(model_dir, args["model_instance_name"], self.engine_loop)
         self.logger.log_info(f"lepton: {args['model_instance_name']}: {placement.describe()}, "
                              f"{self.config.runner.compute_threads} threads, KV cache "
                              f"{self.config.cache.kv_cache_memory_bytes >> 20} MiB, serving {self.config.model_dir}")
@@ -61,6 +64,7 @@ class TritonPythonModel:
         return None
 
     def finalize(self):
+        self.drain_watcher.stop()
         self.engine_loop.shutdown()
 
 
