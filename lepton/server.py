@@ -6,6 +6,7 @@ Used by `make serve` and by the end-to-end tests, so both run the same server th
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -22,7 +23,8 @@ from google.protobuf import text_format
 from lepton.instances import write_instance_groups
 from lepton.lifetime import descendants, kill_tree, kill_with_parent, port_in_use
 from lepton.shutdown import (
-    DRAINED_PREFIX, DRAINING_PREFIX, DrainAck, drain_acks, num_engines, refuse_readiness, request_drain, wait_for_files,
+    CONTROL_KEY_HEADER, DRAINED_PREFIX, DRAINING_PREFIX, DrainAck, drain_acks, num_engines, refuse_readiness,
+    request_drain, wait_for_files,
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -90,8 +92,11 @@ def server_environment() -> dict[str, str]:
     return env
 
 
-def server_command(options: ServerOptions, repo: Path) -> list[str]:
+def server_command(options: ServerOptions, repo: Path, control_key: str | None = None) -> list[str]:
+    """tritonserver's command line; control_key: what a model-repository call (load, unload) must carry in the
+    CONTROL_KEY_HEADER header (None: a random key, so no client can make one)."""
     home = triton_home()
+    restricted = f"model-repository:{CONTROL_KEY_HEADER}={control_key or secrets.token_hex(16)}"
     return [
         str(home / "bin" / "tritonserver"),
         f"--model-repository={repo}",
@@ -103,6 +108,8 @@ def server_command(options: ServerOptions, repo: Path) -> list[str]:
         "--exit-on-error=true",
         # NOTE: every model loads as before; explicit control lets a drain turn readiness off (lepton/shutdown.py)
         "--model-control-mode=explicit", "--load-model=*",
+        # NOTE: explicit control opens the model-repository API (load and unload); only the launcher may call it
+        f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}",
         f"--exit-timeout-secs={max(1, int(options.stop_timeout_s) - 2)}",
         f"--log-verbose={options.log_verbose}",
     ]
@@ -116,6 +123,7 @@ class TritonServer:
         self.log_file = log_file
         self.process: subprocess.Popen | None = None
         self.repository: Path | None = None
+        self.control_key = secrets.token_hex(16)
 
     @property
     def http_url(self) -> str:
@@ -135,7 +143,7 @@ class TritonServer:
         # NOTE: a session of its own (a terminal's Ctrl-C reaches the launcher, which stops it in
         # order), and SIGKILL when the launcher dies, however it dies.
         self.process = subprocess.Popen(
-            server_command(self.options, repo), env=server_environment(),
+            server_command(self.options, repo, self.control_key), env=server_environment(),
             stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True,
             preexec_fn=kill_with_parent,
         )
@@ -169,7 +177,7 @@ class TritonServer:
         # NOTE: readiness goes off once the engines refuse new requests, so a client that sees it off
         # and tries anyway gets the clear error (about 50 ms, the watchers' polling interval).
         num_draining = wait_for_files(model_dir, DRAINING_PREFIX, num_instances, 2.0, self.process)
-        refuse_readiness(self.http_url)
+        refuse_readiness(self.http_url, self.control_key)
         # NOTE: an engine that did not start draining is stuck: stop() ends it. Past the deadline the others
         # need a moment to send the cancelled requests' last responses.
         wait_for_files(model_dir, DRAINED_PREFIX, num_draining, self.options.drain_timeout_s + 5, self.process)

@@ -35,6 +35,7 @@ DRAIN_FILE = "drain.json"  # {"timeout_s": float}, written by the launcher
 DRAINING_PREFIX = "draining-"  # + the instance name: written by each engine once it refuses new requests
 DRAINED_PREFIX = "drained-"  # + the instance name + ".json": a DrainReport, written by each engine
 POLL_INTERVAL_S = 0.05
+CONTROL_KEY_HEADER = "lepton-control-key"  # NOTE: tritonserver restricts its model-repository API to it
 # NOTE: a model that fails to load with a reason makes Triton's strict readiness false while the
 # served models keep answering; a backend that does not exist fails at once (about 10 ms).
 NOT_READY_MODEL = "shutting_down"
@@ -86,14 +87,15 @@ def wait_for_files(model_dir: Path, prefix: str, num_instances: int, timeout_s: 
     return found
 
 
-def refuse_readiness(http_url: str) -> None:
+def refuse_readiness(http_url: str, control_key: str) -> None:
     """Make Triton's /v2/health/ready false from now on (explicit model control must be on)."""
     # NOTE: plain urllib, not tritonclient: its import takes a noticeable part of a second, and its
     # kept-alive connection would hold tritonserver's exit up to the exit timeout.
     config = json.dumps({"name": NOT_READY_MODEL, "backend": NOT_READY_MODEL})
     body = {"parameters": {"config": config, "file:1/server-shutting-down": base64.b64encode(b"-").decode()}}
     request = urllib.request.Request(f"http://{http_url}/v2/repository/models/{NOT_READY_MODEL}/load",
-                                     data=json.dumps(body).encode(), method="POST")
+                                     data=json.dumps(body).encode(), method="POST",
+                                     headers={CONTROL_KEY_HEADER: control_key})
     try:
         urllib.request.urlopen(request, timeout=5).close()
     except urllib.error.HTTPError:

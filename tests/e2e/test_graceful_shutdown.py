@@ -111,6 +111,9 @@ def launcher(slow_model, tmp_path):
 def test_sigterm_drains_running_requests_refuses_new_ones_and_exits_clean(launcher):
     http, grpc_url, api = (f"127.0.0.1:{port}" for port in (launcher.ports[0], launcher.ports[1], launcher.ports[3]))
     tree = [launcher.process.pid, *descendants(launcher.process.pid)]
+    # NOTE: the drain needs explicit model control; no client but the launcher may load or unload a model
+    status, text = http_post(http, "/v2/repository/models/lepton/unload", {})
+    assert status == 403 and "lepton-control-key" in text
     longs = [Stream(grpc_url, LONG_TOKENS) for _ in range(4)]
     for stream in longs:
         stream.wait_tokens()
