@@ -98,9 +98,13 @@ bench-peers: setup $(DEMO_MODEL)/config.json  ## Lepton vs llama.cpp server and 
 # NOTE: against the server at 127.0.0.1:$(GRPC_PORT) (make serve); when nothing answers there the
 # scripts start their own on the demo model. PERF_ARGS=--quick for a seconds-long smoke run.
 PERF_ARGS ?=
-.PHONY: perf genai-perf
-perf: setup $(DEMO_MODEL)/config.json  ## perf_analyzer sweeps of lepton (3 request styles, gRPC streaming) -> build/reports/perf/ CSV + PNG (PERF_ARGS=--quick)
+.PHONY: perf perf-stateless genai-perf
+perf: setup $(DEMO_MODEL)/config.json  ## perf_analyzer sweeps of lepton (3 request styles, gRPC streaming) and of tokenizer + embeddings -> build/reports/perf/ CSV + PNG, build/reports/perf-stateless/ (PERF_ARGS=--quick)
 	@$(PY) -m benchmarks.perf --url $(HOST):$(GRPC_PORT) --metrics-url http://$(HOST):$(METRICS_PORT)/metrics $(PERF_ARGS)
+	@$(PY) -m benchmarks.stateless --served --url $(HOST):$(GRPC_PORT) $(filter --quick,$(PERF_ARGS))
+
+perf-stateless: setup $(DEMO_MODEL)/config.json  ## tokenizer + embeddings: dynamic batching off/on x 1, 2, 4 instances, each on a fresh server -> build/reports/perf-stateless/ (PERF_ARGS=--quick)
+	@$(PY) -m benchmarks.stateless $(PERF_ARGS)
 
 genai-perf: setup $(DEMO_MODEL)/config.json  ## genai-perf profile of lepton, vllm + tensorrtllm styles: TTFT, ITL, tokens/s -> build/reports/genai-perf/ (PERF_ARGS=--quick)
 	@$(PY) -m benchmarks.genai_perf --url $(HOST):$(GRPC_PORT) --metrics-url http://$(HOST):$(METRICS_PORT)/metrics $(PERF_ARGS)

@@ -105,11 +105,16 @@ class LLMEngine:
             token_ids = self.tokenizer.encode_chat(prompt)
         else:
             token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        field = ("messages" if isinstance(prompt, ChatPrompt) else "text_input" if isinstance(prompt, str)
+                 else "input_ids")
         if not token_ids or (isinstance(prompt, str) and not prompt.strip()):
-            raise InvalidRequest("messages" if isinstance(prompt, ChatPrompt) else "text_input", "the prompt is empty")
+            raise InvalidRequest(field, "the prompt is empty")
         vocab = self.runner.model_config.vocab_size
         if any(not 0 <= t < vocab for t in token_ids):
-            raise InvalidRequest("prompt_token_ids", f"token ids must be in [0, {vocab})")
+            raise InvalidRequest(field, f"token ids must be in [0, {vocab}) (the model's vocabulary)")
+        if len(token_ids) >= self.max_model_len:
+            raise InvalidRequest(field, f"{len(token_ids)} tokens; the model's context is {self.max_model_len} "
+                                        "tokens, prompt and max_tokens together")
         if len(token_ids) + params.max_tokens > self.max_model_len:
             raise InvalidRequest(
                 "max_tokens",

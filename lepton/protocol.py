@@ -22,6 +22,8 @@ from lepton.errors import InvalidRequest
 from lepton.sampling_params import BOOL_FIELDS, FIELD_NAMES, MAX_STOP_STRINGS, SamplingParams, show_keys, show_value
 
 MAX_PROMPT_BYTES = 1 << 20
+MAX_PROMPT_TOKENS = 1 << 20  # NOTE: input_ids; the engine refuses any prompt past the model's context
+PROMPT_INPUTS = ("text_input", "messages", "input_ids")
 MAX_SAMPLING_PARAMETERS_BYTES = 64 << 10
 # NOTE: tensor-style inputs and the SamplingParams field each one sets.
 TENSOR_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "min_tokens", "ignore_eos",
@@ -37,7 +39,7 @@ TUPLE_FIELDS = {"stop", "stop_token_ids"}
 class GenerateRequest:
     """A parsed, validated request, ready for the engine."""
 
-    prompt: str | ChatPrompt  # text_input, or the `messages` conversation to render with the template
+    prompt: str | ChatPrompt | list[int]  # text_input, the `messages` conversation, or input_ids
     params: SamplingParams
     stream: bool
     exclude_input_in_output: bool
@@ -49,21 +51,23 @@ def convert_request(
     """Parse input tensors (name -> numpy array) into a GenerateRequest or raise InvalidRequest;
     `parameters` are the request's Triton parameters, refused (see refuse_parameters)."""
     refuse_parameters(parameters or {})
-    prompt = _text(inputs, "text_input")
-    messages = _messages(inputs)
-    if prompt is not None and messages is not None:
-        raise InvalidRequest("messages", "give either text_input or messages, not both")
-    if prompt is None and messages is None:
-        raise InvalidRequest("text_input", "required input is missing (or give messages)")
+    given = [name for name in PROMPT_INPUTS if name in inputs]
+    if len(given) > 1:
+        raise InvalidRequest(given[-1], f"give one of {', '.join(PROMPT_INPUTS)}, not {' and '.join(given)}")
+    if not given:
+        raise InvalidRequest("text_input", "required input is missing (or give messages or input_ids)")
+    prompt = read_text(inputs, "text_input")
     if prompt is not None and not prompt.strip():
         raise InvalidRequest("text_input", "the prompt is empty")
+    if prompt is None:
+        prompt = read_messages(inputs) if given[0] == "messages" else read_token_ids(inputs["input_ids"])
     fields = _sampling_parameters(inputs.get("sampling_parameters"))
     for name, field in (*((n, n) for n in TENSOR_FIELDS), *TENSOR_ALIASES.items()):
         if name in inputs:
             fields[field] = _tensor_value(field, inputs[name])
     fields.setdefault("max_tokens", default_max_tokens)
     return GenerateRequest(
-        prompt=prompt if prompt is not None else messages,
+        prompt=prompt,
         params=SamplingParams(**fields),
         stream=_bool(inputs, "stream", False),
         exclude_input_in_output=_bool(inputs, "exclude_input_in_output", False),
@@ -86,7 +90,8 @@ def refuse_parameters(parameters: Mapping[str, object]) -> None:
 _PLAIN_NAME = re.compile(r"[A-Za-z_][\w.-]{0,63}", re.ASCII)
 
 
-def _text(inputs: Mapping[str, np.ndarray], name: str) -> str | None:
+def read_text(inputs: Mapping[str, np.ndarray], name: str) -> str | None:
+    """The one UTF-8 string of input name (None when absent), at most MAX_PROMPT_BYTES."""
     if name not in inputs:
         return None
     values = inputs[name].reshape(-1)
@@ -103,8 +108,9 @@ def _text(inputs: Mapping[str, np.ndarray], name: str) -> str | None:
         raise InvalidRequest(name, f"is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
-def _messages(inputs: Mapping[str, np.ndarray]) -> ChatPrompt | None:
-    text = _text(inputs, "messages")
+def read_messages(inputs: Mapping[str, np.ndarray]) -> ChatPrompt | None:
+    """The `messages` input (a JSON list of {role, content}) parsed, or None when absent."""
+    text = read_text(inputs, "messages")
     if text is None:
         return None
     try:
@@ -114,6 +120,22 @@ def _messages(inputs: Mapping[str, np.ndarray]) -> ChatPrompt | None:
     except (ValueError, RecursionError):
         raise InvalidRequest("messages", "invalid JSON: a number too long or nesting too deep") from None
     return parse_messages(data)
+
+
+def read_token_ids(array: np.ndarray, name: str = "input_ids") -> list[int]:
+    """One sequence of token ids ([L] or [1, L], any integer dtype), each >= 0; the vocab is checked later."""
+    if array.dtype.kind not in "iu":
+        raise InvalidRequest(name, f"expected INT32 or INT64 token ids, got {array.dtype}")
+    if array.ndim > 1 and array.shape[0] != 1:
+        raise InvalidRequest(name, f"expected one sequence of token ids, got shape {list(array.shape)}")
+    ids = array.reshape(-1)
+    if ids.size == 0:
+        raise InvalidRequest(name, "the prompt is empty")
+    if ids.size > MAX_PROMPT_TOKENS:
+        raise InvalidRequest(name, f"at most {MAX_PROMPT_TOKENS} token ids, got {ids.size}")
+    if ids.min() < 0:
+        raise InvalidRequest(name, f"token ids must be >= 0, got {int(ids.min())}")
+    return ids.astype(np.int64).tolist()
 
 
 def _bool(inputs: Mapping[str, np.ndarray], name: str, default: bool) -> bool:
@@ -128,7 +150,7 @@ def _bool(inputs: Mapping[str, np.ndarray], name: str, default: bool) -> bool:
 def _sampling_parameters(array: np.ndarray | None) -> dict:
     if array is None:
         return {}
-    text = _text({"sampling_parameters": array}, "sampling_parameters")
+    text = read_text({"sampling_parameters": array}, "sampling_parameters")
     if len(text) > MAX_SAMPLING_PARAMETERS_BYTES:
         raise InvalidRequest(
             "sampling_parameters", f"at most {MAX_SAMPLING_PARAMETERS_BYTES} bytes, got {len(text)}"
@@ -199,7 +221,7 @@ def _tensor_value(name: str, array: np.ndarray):
     if name == "stop":
         if values.size > MAX_STOP_STRINGS:
             raise InvalidRequest(name, f"at most {MAX_STOP_STRINGS} stop strings, got {values.size}")
-        return tuple(_text({name: np.array([v], dtype=object)}, name) for v in values)
+        return tuple(read_text({name: np.array([v], dtype=object)}, name) for v in values)
     if values.size != 1:
         raise InvalidRequest(name, f"expected exactly one value, got {values.size}")
     value = values[0].item() if hasattr(values[0], "item") else values[0]

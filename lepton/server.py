@@ -5,6 +5,8 @@ Used by `make serve` and by the end-to-end tests, so both run the same server th
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -32,6 +34,8 @@ SOURCE_REPOSITORY = PROJECT_ROOT / "model_repository"
 MODEL_NAME = "lepton"
 # NOTE: the measured winner on a 2-core host (docs/benchmarks-instances.md).
 DEFAULT_INSTANCES = 1
+TOKENIZER_MODEL = "tokenizer"
+EMBEDDINGS_MODEL = "embeddings"
 
 
 def triton_home() -> Path:
@@ -55,6 +59,10 @@ class ServerOptions:
     # (0: as config.pbtxt has it), or with gpus one KIND_GPU instance on each.
     instances: int = 0
     gpus: tuple[int, ...] = ()
+    # NOTE: a safetensors folder for the embeddings model; None: model_dir, or the folder an export of
+    # model_dir came from; when there is none (or serve_embeddings is false), the model is left out.
+    embeddings_model_dir: Path | None = None
+    serve_embeddings: bool = True
     work_dir: Path | None = None  # where the served repository copy goes; default build/triton/<http_port>
     log_verbose: int = 0
     # NOTE: how long a drain lets running requests finish before they are cancelled (lepton/shutdown.py).
@@ -64,21 +72,53 @@ class ServerOptions:
 
 
 def prepare_repository(options: ServerOptions) -> Path:
-    """Copy model_repository/ to work_dir with the engine parameters written into config.pbtxt."""
-    from tritonclient.grpc import model_config_pb2
-
+    """Copy model_repository/ to work_dir with the engine parameters and model folders written into config.pbtxt."""
     work_dir = options.work_dir or PROJECT_ROOT / "build" / "triton" / str(options.http_port)
     repo = work_dir / "model_repository"
     shutil.rmtree(repo, ignore_errors=True)
     shutil.copytree(SOURCE_REPOSITORY, repo, ignore=shutil.ignore_patterns("__pycache__"))
-    config_file = repo / MODEL_NAME / "config.pbtxt"
-    config = text_format.Parse(config_file.read_text(), model_config_pb2.ModelConfig())
-    overrides = {"model_dir": str(Path(options.model_dir).resolve()), **options.engine_parameters}
-    for key, value in overrides.items():
-        config.parameters[key].string_value = str(value)
-    config_file.write_text(text_format.MessageToString(config))
+    model_dir = str(Path(options.model_dir).resolve())
+    set_model_parameters(repo / MODEL_NAME, {"model_dir": model_dir, **options.engine_parameters})
+    set_model_parameters(repo / TOKENIZER_MODEL, {"model_dir": model_dir})  # NOTE: the engine's own token ids
+    embeddings_dir = embeddings_folder(options)
+    if embeddings_dir is None:
+        shutil.rmtree(repo / EMBEDDINGS_MODEL)
+    else:
+        set_model_parameters(repo / EMBEDDINGS_MODEL, {"model_dir": str(Path(embeddings_dir).resolve())})
     write_instance_groups(repo, options.instances, options.gpus)
     return repo
+
+
+def set_model_parameters(model: Path, values: dict[str, str]) -> None:
+    """Write values into the parameters of model/config.pbtxt."""
+    from tritonclient.grpc import model_config_pb2
+
+    config_file = model / "config.pbtxt"
+    config = text_format.Parse(config_file.read_text(), model_config_pb2.ModelConfig())
+    for key, value in values.items():
+        config.parameters[key].string_value = str(value)
+    config_file.write_text(text_format.MessageToString(config))
+
+
+def embeddings_folder(options: ServerOptions) -> Path | None:
+    """The folder the embeddings model serves, or None when it is not served."""
+    if not options.serve_embeddings:
+        return None
+    return options.embeddings_model_dir or weights_folder(Path(options.model_dir))
+
+
+def weights_folder(model_dir: Path) -> Path | None:
+    """model_dir when it holds safetensors weights, else the folder its ONNX export came from, if intact."""
+    if any(model_dir.glob("*.safetensors")):
+        return model_dir
+    try:
+        source = json.loads((model_dir / "manifest.json").read_text())["source"]
+        folder = Path(source["path"])
+        config_hash = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    # NOTE: the manifest's path is informational; a folder whose config changed since is another model.
+    return folder if config_hash == source.get("config_sha256") and any(folder.glob("*.safetensors")) else None
 
 
 def server_environment() -> dict[str, str]:
@@ -220,6 +260,11 @@ def _parse_args(argv: list[str] | None):
         description="Serve a local Llama / Qwen2 / Mistral folder with tritonserver and the Lepton engine.",
     )
     parser.add_argument("--model", type=Path, required=True, help="local Hugging Face model folder")
+    parser.add_argument("--embeddings-model", type=Path, metavar="DIR",
+                        help="safetensors Llama / Qwen2 / Mistral folder the `embeddings` model serves (default: "
+                             "--model, or the folder its ONNX export came from; with neither, no embeddings model)")
+    parser.add_argument("--no-embeddings", action="store_true",
+                        help="leave the embeddings model out (it holds a copy of the weights per instance)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind HTTP, gRPC and metrics to (default: loopback)")
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
@@ -252,6 +297,8 @@ def _parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     from lepton.config import EngineConfig
+    from lepton.errors import ModelFolderError
+    from lepton.model_folder import ModelFolder
     from lepton.runners import open_folder
 
     args = _parse_args(argv)
@@ -265,6 +312,11 @@ def main(argv: list[str] | None = None) -> int:
             params.pop("num_threads")  # NOTE: timed for one engine on all cores; instances compute on their own
     # NOTE: fail here, with a clear message, before starting the server
     open_folder(EngineConfig.from_parameters({"model_dir": str(args.model), **params}))
+    if args.embeddings_model is not None:
+        try:
+            ModelFolder.open(args.embeddings_model)
+        except ModelFolderError as exc:
+            sys.exit(f"error: --embeddings-model: {exc}")
     ports = [("HTTP", args.http_port), ("gRPC", args.grpc_port), ("metrics", args.metrics_port)]
     for name, port in ports + ([("API", args.api_port)] if args.api_port else []):
         if port_in_use(args.host, port):
@@ -273,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"{name.upper()}_PORT=... with make serve)")
     options = ServerOptions(
         model_dir=args.model, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port, engine_parameters=params, log_verbose=args.log_verbose,
+        metrics_port=args.metrics_port, engine_parameters=params, embeddings_model_dir=args.embeddings_model,
+        serve_embeddings=not args.no_embeddings,
+        log_verbose=args.log_verbose,
         drain_timeout_s=args.drain_timeout, stop_timeout_s=args.stop_timeout,
         **_instances(args.instances, params.get("runner")),
     )
@@ -346,6 +400,8 @@ def _auto_configuration(model: Path, params: dict[str, str]) -> tuple[Path, dict
     chosen = choice.candidate
     params = {"runner": chosen.runner, **params}
     params.setdefault("num_threads", str(chosen.num_threads))
+    if chosen.dtype != "float32":
+        params.setdefault("dtype", chosen.dtype)
     return chosen.model_dir, params
 
 
@@ -365,6 +421,9 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
 
 def _ready_banner(server: TritonServer, seconds: float) -> str:
     http, grpc = server.http_url, server.grpc_url
+    folder = embeddings_folder(server.options)
+    embeddings = (f"embeddings ({folder})" if folder else "no embeddings" if not server.options.serve_embeddings
+                  else "no embeddings (no safetensors folder; --embeddings-model)")
     return f"""
 Lepton is ready ({seconds:.1f} s): model '{MODEL_NAME}' serving {server.options.model_dir}
   HTTP {http}   gRPC {grpc}   metrics {server.metrics_url}
@@ -374,10 +433,10 @@ Lepton is ready ({seconds:.1f} s): model '{MODEL_NAME}' serving {server.options.
   .venv/bin/python -m client generate "The quick brown fox" --stream --protocol grpc --url {grpc}
   .venv/bin/python -m client health --url {http}
 
+  also served: tokenizer, lepton_ensemble (tokenizer -> {MODEL_NAME}), {embeddings}
+
 Ctrl-C stops the server."""
 
 
 if __name__ == "__main__":
     sys.exit(main())
-    if chosen.dtype != "float32":
-        params.setdefault("dtype", chosen.dtype)

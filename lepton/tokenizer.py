@@ -57,11 +57,15 @@ class Tokenizer:
         # front-end thread must not stop the engine thread for its whole duration.
         return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
-    def encode_chat(self, prompt: ChatPrompt) -> list[int]:
-        """Render a conversation with the chat template and tokenize it, as transformers does."""
+    def render_chat(self, prompt: ChatPrompt) -> str:
+        """A conversation as prompt text, through the chat template, the assistant's turn opened."""
         if self.chat_template is None:
             raise InvalidRequest("messages", "this model has no chat template; send text_input instead")
-        text = self.chat_template.render(prompt, add_generation_prompt=True)
+        return self.chat_template.render(prompt, add_generation_prompt=True)
+
+    def encode_chat(self, prompt: ChatPrompt) -> list[int]:
+        """Render a conversation with the chat template and tokenize it, as transformers does."""
+        text = self.render_chat(prompt)
         # NOTE: the template writes its own special tokens (BOS included): adding them again would
         # double them, so, as apply_chat_template(tokenize=True), none are added here.
         return self.encode(text, add_special_tokens=False)

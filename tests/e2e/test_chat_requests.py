@@ -47,7 +47,7 @@ def test_messages_over_http_generate(server, in_process):
 
 
 @pytest.mark.parametrize("fields,words", [
-    ({"messages": json.dumps(MESSAGES), "text_input": "Hi"}, "messages: give either text_input or messages"),
+    ({"messages": json.dumps(MESSAGES), "text_input": "Hi"}, "messages: give one of text_input, messages, input_ids"),
     ({"messages": json.dumps([{"role": "robot", "content": "x"}])}, "messages[0].role: must be one of"),
     ({"messages": json.dumps([{"role": "user", "content": 7}])}, "messages[0].content: must be a string"),
     ({"messages": "not json"}, "messages: invalid JSON"),
