@@ -101,21 +101,34 @@ def test_concurrent_streams_are_served_by_both_instances(server):
     assert all(tokens > 0 for tokens in served.values()), f"one engine served nothing: {served}"
 
 
-def open_streams(server, count: int):
-    """count LONG requests on one gRPC stream; returns (client, queue of (result, error))."""
+def open_streams(server, count: int, gap_s: float = 0.0):
+    """count LONG requests on one gRPC stream, gap_s apart; returns (client, queue of (result, error))."""
     responses: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(server.grpc_url)
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     for i in range(count):
         client.async_stream_infer("lepton", make_inputs(LONG), request_id=f"long-{i}")
+        time.sleep(gap_s)
     return client, responses
 
 
-def wait_until(predicate, timeout: float = 30.0, message: str = "") -> None:
+def wait_until(predicate, timeout: float = 30.0, message=lambda: "") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert time.monotonic() < deadline, message
+        assert time.monotonic() < deadline, message()
         time.sleep(0.05)
+
+
+def drain(responses: queue.Queue) -> list[str]:
+    """What the streams answered so far: errors and final finish reasons."""
+    answers = []
+    while not responses.empty():
+        result, error = responses.get()
+        if error is not None:
+            answers.append(str(error))
+        elif result.as_numpy("finish_reason")[0]:
+            answers.append(result.as_numpy("finish_reason")[0].decode())
+    return answers
 
 
 def held(server) -> dict[str, float]:
@@ -125,10 +138,13 @@ def held(server) -> dict[str, float]:
 
 def test_cancel_frees_both_instances(server):
     before = generated(idle(server))
-    client, responses = open_streams(server, 2 * SEATS)
-    # NOTE: both engines hold streams; not all eight at once: on a fast machine an engine given two
-    # streams can finish them (1000 tokens of the demo model) before a slow scrape sees the rest.
-    wait_until(lambda: all(count > 0 for count in held(server).values()), message=f"streams not on both engines: {held(server)}")
+    # NOTE: spaced, Triton hands them to the two instances in turn; sent as one burst, they can all
+    # go to one instance (whichever instance's execute() returns first takes the next request).
+    client, responses = open_streams(server, 2 * SEATS, gap_s=0.1)
+    # NOTE: not all eight held at once: on a fast machine an engine can finish a stream (1000 tokens
+    # of the demo model) before a slow scrape sees the rest.
+    wait_until(lambda: all(count > 0 for count in held(server).values()),
+               message=lambda: f"streams not on both engines: {held(server)}; answers: {drain(responses)}")
     client.stop_stream(cancel_requests=True)
     client.close()
     after = generated(idle(server))
@@ -155,7 +171,7 @@ def test_full_instances_answer_busy_and_recover(server):
         return len(busy) + len(finished) + sum(held(server).values()) == total
 
     # NOTE: every request is held by an engine (running or queued), answered busy, or (slow machine) done.
-    wait_until(settled, message=f"requests unaccounted for: {len(busy)} busy, {held(server)} held")
+    wait_until(settled, message=lambda: f"requests unaccounted for: {len(busy)} busy, {held(server)} held")
     assert busy and all("server busy" in message for message in busy), busy
     # NOTE: a request that finished while the burst was still arriving freed a seat for a later one
     assert len(busy) >= extra - len(finished)
