@@ -91,7 +91,7 @@ bench-runners: setup $(DEMO_MODEL)/config.json  ## ONNX Runtime vs PyTorch decod
 	@$(PY) -m export.bench_runners $(BENCH_ARGS)
 
 .PHONY: bench-peers
-bench-peers: setup $(DEMO_MODEL)/config.json  ## Lepton vs llama.cpp server and onnxruntime-genai, built into build/peers/ (BENCH_ARGS=--quick)
+bench-peers: setup $(DEMO_MODEL)/config.json $(SMOLLM2_MODEL)/config.json  ## on SmolLM2-135M-Instruct: Lepton vs llama.cpp server and onnxruntime-genai, built into build/peers/ (BENCH_ARGS=--quick)
 	@bash scripts/build_peers.sh
 	@$(PY) -m benchmarks.peers $(BENCH_ARGS)
 

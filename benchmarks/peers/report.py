@@ -90,7 +90,69 @@ def markdown(result: dict, images: list[Path], doc_dir: Path) -> str:
     lines += _lepton_section(result) + _failures(result)
     lines += ["", "## Plots", ""] + [f"![{img.stem}]({os.path.relpath(img, doc_dir)})" for img in images]
     lines += ["", "## Commands", "", "```bash", *result["commands"], "```", "", METHOD]
+    lines += triton_scheduling(doc_dir)
     return "\n".join(lines) + "\n"
+
+
+def triton_scheduling(doc_dir: Path) -> list[str]:
+    """The engine-instances and dynamic-batching results, taken as they stand from their own reports.
+
+    Those reports come from other runs (benchmarks.instances, benchmarks.stateless) and keep their
+    full tables; this copies their conclusion, their tables of ratios and settings, and their commands.
+    """
+    lines = ["", "## Triton's scheduling: engine instances and dynamic batching (other runs)", "",
+             "Copied when this page was generated from [benchmarks-instances.md](benchmarks-instances.md) and "
+             "[benchmarks-triton.md](benchmarks-triton.md), which hold every row, the machine's load and "
+             "how to read them; their figures are from their own sittings, not this one."]
+    instances, stateless = doc_dir / "benchmarks-instances.md", doc_dir / "benchmarks-triton.md"
+    if instances.exists():
+        text = instances.read_text().splitlines()
+        commands = [line.strip() for line in text if "python -m benchmarks.instances" in line and line.startswith("    ")]
+        lines += ["", "### Engine instances", "", *_paragraph(text, "**Result"), "", "```bash", *commands, "```",
+                  "", *_tables(text)[-1]]
+    if stateless.exists():
+        text = stateless.read_text().splitlines()
+        kept = _section(text, "## The settings kept")
+        lines += ["", "### Tokenizer and embeddings models: the settings kept", "", *kept, "",
+                  "Made by (\"below\" is benchmarks-triton.md):", "", *[f"- {line}" for line in text if line.startswith("`python -m benchmarks.stateless --")]]
+    return lines
+
+
+def _paragraph(text: list[str], start: str) -> list[str]:
+    """The paragraph that begins with start."""
+    first = next((i for i, line in enumerate(text) if line.startswith(start)), None)
+    if first is None:
+        return []
+    end = next((i for i in range(first, len(text)) if not text[i].strip()), len(text))
+    return text[first:end]
+
+
+def _section(text: list[str], heading: str) -> list[str]:
+    """The lines under heading up to the next heading of its level or above, blank edges trimmed."""
+    if heading not in text:
+        return []
+    first = text.index(heading) + 1
+    level = heading.split(" ")[0]
+    end = next((i for i in range(first, len(text)) if text[i].startswith("#") and
+                text[i].split(" ")[0] <= level), len(text))
+    body = text[first:end]
+    while body and not body[0].strip():
+        body.pop(0)
+    while body and not body[-1].strip():
+        body.pop()
+    return body
+
+
+def _tables(text: list[str]) -> list[list[str]]:
+    """Every markdown table, each with the line that introduces it."""
+    tables: list[list[str]] = []
+    for i, line in enumerate(text):
+        if line.startswith("|") and not (i and text[i - 1].startswith("|")):
+            intro = text[i - 2] if i >= 2 and not text[i - 1].strip() else ""
+            tables.append(([intro, ""] if intro and not intro.startswith("|") else []) + [line])
+        elif line.startswith("|"):
+            tables[-1].append(line)
+    return tables or [[]]
 
 
 def _lepton_section(result: dict) -> list[str]:
