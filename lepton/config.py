@@ -7,9 +7,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from lepton.errors import ConfigError
+from lepton.errors import ConfigError, InvalidRequest
+
+if TYPE_CHECKING:
+    from lepton.sampling_params import SamplingParams
 
 RUNNERS = ("torch", "onnxruntime", "tensorrt")
 DTYPES = ("float32", "bfloat16")
@@ -58,6 +61,38 @@ class RunnerConfig:
         return self.num_threads or max(1, len(os.sched_getaffinity(0)) - 1)
 
 
+# NOTE: the most a configured limit may allow: past these the parser or the sampler itself is the risk.
+STOP_STRINGS_CEILING = 1024
+STOP_STRING_CHARS_CEILING = 4096
+LOGPROBS_CEILING = 100
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Per-request limits that protect the server; a request past one is refused naming the field and the limit."""
+
+    max_request_bytes: int = 1 << 20  # bytes of a request's inputs together (prompt, messages, stop, ...)
+    max_prompt_tokens: int = 0  # prompt tokens; 0 = the model's context less one
+    max_output_tokens: int = 0  # max_tokens; 0 = whatever the context leaves after the prompt
+    max_stop_strings: int = 16  # stop strings a request
+    max_stop_string_chars: int = 256  # characters of each stop string
+    max_logprobs: int = 20  # top logprobs a generated token
+
+    def check(self, params: "SamplingParams") -> None:
+        """Raise InvalidRequest for the first field of params past its limit."""
+        if self.max_output_tokens and params.max_tokens > self.max_output_tokens:
+            raise InvalidRequest("max_tokens", f"must be <= {self.max_output_tokens} (max_output_tokens), "
+                                               f"got {params.max_tokens}")
+        if len(params.stop) > self.max_stop_strings:
+            raise InvalidRequest("stop", f"at most {self.max_stop_strings} stop strings, got {len(params.stop)}")
+        longest = max((len(s) for s in params.stop), default=0)
+        if longest > self.max_stop_string_chars:
+            raise InvalidRequest("stop", f"each stop string must be 1..{self.max_stop_string_chars} characters of "
+                                         f"text, got one of {longest}")
+        if params.logprobs is not None and params.logprobs > self.max_logprobs:
+            raise InvalidRequest("logprobs", f"must be <= {self.max_logprobs}, got {params.logprobs}")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs; each component reads its own sub-config."""
@@ -66,6 +101,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     max_model_len: int = 0  # 0 = the model's max_position_embeddings
     default_max_tokens: int = 128  # when a request names no max_tokens
 
@@ -86,6 +122,18 @@ class EngineConfig:
                               "builder per batch shape); use runner torch or onnxruntime")
         if self.max_model_len < 0 or self.default_max_tokens < 1:
             raise ConfigError("max_model_len must be >= 0 and default_max_tokens >= 1")
+        limits = self.limits
+        _positive(limits, "max_request_bytes", "max_stop_strings", "max_stop_string_chars")
+        for name, value, ceiling in (("max_stop_strings", limits.max_stop_strings, STOP_STRINGS_CEILING),
+                                     ("max_stop_string_chars", limits.max_stop_string_chars, STOP_STRING_CHARS_CEILING),
+                                     ("max_logprobs", limits.max_logprobs, LOGPROBS_CEILING)):
+            if not 0 <= value <= ceiling:
+                raise ConfigError(f"{name}: must be in [0, {ceiling}], got {value}")
+        if limits.max_prompt_tokens < 0 or limits.max_output_tokens < 0:
+            raise ConfigError("max_prompt_tokens and max_output_tokens must be >= 0 (0: the context decides)")
+        if limits.max_output_tokens and self.default_max_tokens > limits.max_output_tokens:
+            raise ConfigError(f"default_max_tokens: must be <= max_output_tokens ({limits.max_output_tokens}), "
+                              f"got {self.default_max_tokens}")
 
     @classmethod
     def from_parameters(cls, params: Mapping[str, Any], base_dir: Path | None = None) -> "EngineConfig":
@@ -96,7 +144,7 @@ class EngineConfig:
         model_dir = Path(str(params.pop("model_dir"))).expanduser()
         if not model_dir.is_absolute() and base_dir is not None:
             model_dir = base_dir / model_dir
-        sections = {"cache": CacheConfig, "scheduler": SchedulerConfig, "runner": RunnerConfig}
+        sections = {"cache": CacheConfig, "scheduler": SchedulerConfig, "runner": RunnerConfig, "limits": LimitsConfig}
         values: dict[str, dict[str, Any]] = {name: {} for name in sections}
         top: dict[str, Any] = {}
         top_fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in sections}

@@ -112,6 +112,10 @@ class LLMEngine:
         vocab = self.runner.model_config.vocab_size
         if any(not 0 <= t < vocab for t in token_ids):
             raise InvalidRequest(field, f"token ids must be in [0, {vocab}) (the model's vocabulary)")
+        self.config.limits.check(params)  # NOTE: the served path checked them already; in-process callers too
+        max_prompt_tokens = self.config.limits.max_prompt_tokens
+        if max_prompt_tokens and len(token_ids) > max_prompt_tokens:
+            raise InvalidRequest(field, f"{len(token_ids)} tokens, at most {max_prompt_tokens} (max_prompt_tokens)")
         if len(token_ids) >= self.max_model_len:
             raise InvalidRequest(field, f"{len(token_ids)} tokens; the model's context is {self.max_model_len} "
                                         "tokens, prompt and max_tokens together")

@@ -18,6 +18,7 @@ from typing import Mapping
 import numpy as np
 
 from lepton.chat import ChatPrompt, parse_messages
+from lepton.config import LimitsConfig
 from lepton.errors import InvalidRequest
 from lepton.sampling_params import BOOL_FIELDS, FIELD_NAMES, MAX_STOP_STRINGS, SamplingParams, show_keys, show_value
 
@@ -46,11 +47,14 @@ class GenerateRequest:
 
 
 def convert_request(
-    inputs: Mapping[str, np.ndarray], default_max_tokens: int, parameters: Mapping[str, object] | None = None
+    inputs: Mapping[str, np.ndarray], default_max_tokens: int, parameters: Mapping[str, object] | None = None,
+    limits: LimitsConfig = LimitsConfig(),
 ) -> GenerateRequest:
     """Parse input tensors (name -> numpy array) into a GenerateRequest or raise InvalidRequest;
-    `parameters` are the request's Triton parameters, refused (see refuse_parameters)."""
+    `parameters` are the request's Triton parameters, refused (see refuse_parameters); `limits` are
+    the server's (request size, max_tokens, stop strings, logprobs; the prompt's tokens are the engine's)."""
     refuse_parameters(parameters or {})
+    check_size(inputs, limits.max_request_bytes)
     given = [name for name in PROMPT_INPUTS if name in inputs]
     if len(given) > 1:
         raise InvalidRequest(given[-1], f"give one of {', '.join(PROMPT_INPUTS)}, not {' and '.join(given)}")
@@ -66,12 +70,30 @@ def convert_request(
         if name in inputs:
             fields[field] = _tensor_value(field, inputs[name])
     fields.setdefault("max_tokens", default_max_tokens)
+    params = SamplingParams(**fields)
+    limits.check(params)
     return GenerateRequest(
         prompt=prompt,
-        params=SamplingParams(**fields),
+        params=params,
         stream=_bool(inputs, "stream", False),
         exclude_input_in_output=_bool(inputs, "exclude_input_in_output", False),
     )
+
+
+def check_size(inputs: Mapping[str, np.ndarray], limit: int) -> None:
+    """Raise InvalidRequest, naming the largest input, when the inputs together exceed limit bytes."""
+    sizes = {name: _nbytes(array) for name, array in inputs.items()}
+    total = sum(sizes.values())
+    if total > limit:
+        largest = max(sizes, key=sizes.get)
+        raise InvalidRequest(largest, f"the request's inputs are {total} bytes, at most {limit} (max_request_bytes); "
+                                      f"{largest} is {sizes[largest]}")
+
+
+def _nbytes(array: np.ndarray) -> int:
+    if array.dtype != np.object_:
+        return int(array.nbytes)
+    return sum(len(v) if isinstance(v, (bytes, str)) else 8 for v in array.reshape(-1))
 
 
 def refuse_parameters(parameters: Mapping[str, object]) -> None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from lepton.config import LOGPROBS_CEILING, STOP_STRING_CHARS_CEILING, STOP_STRINGS_CEILING
 from lepton.errors import InvalidRequest
 
-# NOTE: limits that do not depend on the model; the context limit is checked by the engine.
+# NOTE: bounds that hold whatever the server's configuration; the configured limits (LimitsConfig:
+# stop strings, their length, logprobs, max_tokens) and the context are checked at the door and by the engine.
 MAX_TOP_K = 1 << 20
-MAX_STOP_STRINGS = 16
-MAX_STOP_STRING_CHARS = 256
-MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = STOP_STRINGS_CEILING
+MAX_STOP_STRING_CHARS = STOP_STRING_CHARS_CEILING
+MAX_LOGPROBS = LOGPROBS_CEILING
 MAX_SEED = (1 << 63) - 1
 MAX_STOP_TOKEN_IDS = 64
 # NOTE: a penalty below this underflows or overflows float32 logits (1e-300 becomes 0 and divides by
@@ -66,10 +68,11 @@ class SamplingParams:
         if len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidRequest("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         for s in self.stop:
-            if not isinstance(s, str) or not s or len(s) > MAX_STOP_STRING_CHARS or not is_unicode(s):
-                raise InvalidRequest(
-                    "stop", f"each stop string must be 1..{MAX_STOP_STRING_CHARS} characters of text, got {show_value(s)}"
-                )
+            if not isinstance(s, str) or not s or not is_unicode(s):
+                raise InvalidRequest("stop", f"each stop string must be non-empty text, got {show_value(s)}")
+            if len(s) > MAX_STOP_STRING_CHARS:  # NOTE: the server's own limit (LimitsConfig) is usually lower
+                raise InvalidRequest("stop", f"each stop string must be 1..{MAX_STOP_STRING_CHARS} characters, "
+                                             f"got one of {len(s)}")
         if not isinstance(self.stop, tuple) or not isinstance(self.stop_token_ids, tuple):
             raise InvalidRequest("stop" if not isinstance(self.stop, tuple) else "stop_token_ids", "must be a list")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:

@@ -6,6 +6,7 @@ import pytest
 
 from lepton.config import EngineConfig
 from lepton.engine import LLMEngine
+from lepton.errors import InvalidRequest
 from lepton.sampling_params import SamplingParams
 
 
@@ -82,3 +83,14 @@ def test_kv_budget_as_a_fraction_of_available_memory(demo_model_dir):
     engine = make_engine(demo_model_dir, kv_cache_memory_fraction="0.01")
     per_block = 2 * 4 * 16 * 2 * 32 * 4  # K and V, 4 layers, block 16, 2 KV heads of 32, fp32
     assert engine.kv_cache.num_blocks > (64 << 20) // per_block  # 1% of >= 6.4 GiB free
+
+
+def test_the_configured_limits_hold_in_process(demo_model_dir):
+    engine = make_engine(demo_model_dir, max_prompt_tokens="8", max_stop_strings="1")
+    assert engine.prepare("fits", list(range(3, 11)), SamplingParams(max_tokens=4)).prompt_token_ids == list(range(3, 11))
+    with pytest.raises(InvalidRequest) as info:
+        engine.prepare("long", list(range(3, 12)), SamplingParams(max_tokens=4))
+    assert str(info.value) == "input_ids: 9 tokens, at most 8 (max_prompt_tokens)"
+    with pytest.raises(InvalidRequest) as info:
+        engine.prepare("stops", [3, 4], SamplingParams(max_tokens=4, stop=("a", "b")))
+    assert str(info.value) == "stop: at most 1 stop strings, got 2"

@@ -51,7 +51,7 @@ class TritonPythonModel:
             inputs = {t.name(): t.as_numpy() for t in request.inputs()}
             try:
                 parameters = json.loads(request.parameters() or "{}")
-                parsed = convert_request(inputs, self.config.default_max_tokens, parameters)
+                parsed = convert_request(inputs, self.config.default_max_tokens, parameters, self.config.limits)
             except Exception as exc:  # NOTE: never a traceback to the client, never the whole batch
                 if not isinstance(exc, InvalidRequest):
                     self.logger.log_error(f"lepton: parsing a request failed: {exc!r}")
