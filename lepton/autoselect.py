@@ -46,8 +46,14 @@ class Timing:
 
     @property
     def score(self) -> float:
-        """Time per generated token under load, with single-stream latency as a minor term."""
-        return self.decode_batch_ms / BATCH + 0.25 * self.decode_one_ms
+        """Time per generated token under load, with single-stream latency as a minor term.
+
+        NOTE: a quarter of a one-decode step spread over the batch. Before, a quarter of the whole
+        one-decode step was added to a batched token's time, so single-stream latency (25 ms against
+        3 ms a token at 16 streams) decided alone, and picked ONNX Runtime fp32 with 1 thread, the
+        slowest of the three served at 16 streams (docs/performance.md, "Threads when served").
+        """
+        return (self.decode_batch_ms + 0.25 * self.decode_one_ms) / BATCH
 
 
 def cpu_features() -> dict[str, object]:
@@ -105,14 +111,19 @@ def candidates(model_dir: Path, exports_root: Path, quality_dir: Path = QUALITY_
     cpu = cpu_features() if cpu is None else cpu
     cores = len(os.sched_getaffinity(0))
     threads = sorted({cores, max(1, cores - 1)}, reverse=True)
-    found = [Candidate(f"torch fp32, {n} threads", "torch", model_dir, n) for n in threads]
+    # NOTE: torch leaves a core to Triton's front end, timed alone or not: its OpenMP threads spin,
+    # and served on 2 cores torch bf16 with 2 threads gave 0.67-0.88x the 16-stream throughput of
+    # 1 thread (in process 1.14-1.37x). ONNX Runtime's threads do not spin: 2 threads served it
+    # 1.24-1.56x better (docs/performance.md, "Threads when served").
+    torch_threads = [max(1, cores - 1)]
+    found = [Candidate(f"torch fp32, {n} threads", "torch", model_dir, n) for n in torch_threads]
     skipped = []
     if not has_bf16_compute(cpu):
         skipped.append("torch bf16: no AVX512-BF16 / AMX on this processor")
     elif failures := runner_quality_failures(model_dir, "torch", "bfloat16", quality_dir):
         skipped.append(f"torch bf16: quality gate not passed: {failures}")
     else:
-        found += [Candidate(f"torch bf16, {n} threads", "torch", model_dir, n, "bfloat16") for n in threads]
+        found += [Candidate(f"torch bf16, {n} threads", "torch", model_dir, n, "bfloat16") for n in torch_threads]
     for manifest_file in sorted(Path(exports_root).glob("*/manifest.json")):
         export = manifest_file.parent
         try:

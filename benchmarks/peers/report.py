@@ -72,7 +72,8 @@ def markdown(result: dict, images: list[Path], doc_dir: Path) -> str:
              *_machine_lines(result),
              f"- **Model**: `{result['model']['dir']}` ({result['model']['description']})",
              f"- **Peers**: {result['peer_versions']}; {result['num_threads']} compute threads each; Lepton engine "
-             f"parameters per row in the JSON (`engine_parameters`), the engine's own thread default unless set",
+             f"parameters per row in the JSON (`engine_parameters`; without `num_threads` the engine's default, all "
+             f"cores but one, the last for Triton's front end)",
              f"- **Raw results**: `{result['json']}`"]
     lines += [f"- **Note** (added after the run): {note}" for note in result.get("notes", [])]
     lines += ["", "## Workloads", ""]

@@ -96,7 +96,11 @@ def run_ortgenai(system: System, ctx: Context) -> dict:
 def lepton_parameters(system: System, ctx: Context, prefix_caching: bool = True) -> dict[str, str]:
     runner = "torch" if system.variant.startswith("torch") else "onnxruntime"
     dtype = {"dtype": "bfloat16"} if system.variant == "torch-bf16" else {}
-    return dtype | {"runner": runner, "max_num_seqs": "64", "max_num_batched_tokens": "512", "kv_cache_memory_bytes": "1G",
+    # NOTE: the thread counts make serve picks from: torch leaves a core to Triton's front end (the
+    # engine's default), ONNX Runtime computes with as many threads as the peers (docs/performance.md,
+    # "Threads when served"); --lepton-param num_threads=N overrides both.
+    threads = {} if runner == "torch" else {"num_threads": str(ctx.num_threads)}
+    return dtype | threads | {"runner": runner, "max_num_seqs": "64", "max_num_batched_tokens": "512", "kv_cache_memory_bytes": "1G",
             "enable_prefix_caching": str(prefix_caching).lower()} | ctx.lepton_params
 
 
