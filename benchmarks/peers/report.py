@@ -110,7 +110,7 @@ def triton_scheduling(doc_dir: Path) -> list[str]:
         text = instances.read_text().splitlines()
         commands = [line.strip() for line in text if "python -m benchmarks.instances" in line and line.startswith("    ")]
         lines += ["", "### Engine instances", "", *_paragraph(text, "**Result"), "", "```bash", *commands, "```",
-                  "", *_tables(text)[-1]]
+                  "", *_last_table(text)]
     if stateless.exists():
         text = stateless.read_text().splitlines()
         kept = _section(text, "## The settings kept")
@@ -144,16 +144,15 @@ def _section(text: list[str], heading: str) -> list[str]:
     return body
 
 
-def _tables(text: list[str]) -> list[list[str]]:
-    """Every markdown table, each with the line that introduces it."""
-    tables: list[list[str]] = []
-    for i, line in enumerate(text):
-        if line.startswith("|") and not (i and text[i - 1].startswith("|")):
-            intro = text[i - 2] if i >= 2 and not text[i - 1].strip() else ""
-            tables.append(([intro, ""] if intro and not intro.startswith("|") else []) + [line])
-        elif line.startswith("|"):
-            tables[-1].append(line)
-    return tables or [[]]
+def _last_table(text: list[str]) -> list[str]:
+    """The last markdown table, with the line that introduces it."""
+    starts = [i for i, line in enumerate(text) if line.startswith("|") and not (i and text[i - 1].startswith("|"))]
+    if not starts:
+        return []
+    first = starts[-1]
+    end = next((i for i in range(first, len(text)) if not text[i].startswith("|")), len(text))
+    intro = text[first - 2] if first >= 2 and not text[first - 1].strip() and not text[first - 2].startswith("|") else ""
+    return ([intro, ""] if intro else []) + text[first:end]
 
 
 def _lepton_section(result: dict) -> list[str]:
