@@ -69,17 +69,27 @@ def _add_train_parser(commands) -> None:
 
 
 def _add_quantize_parser(commands) -> None:
-    quantize = commands.add_parser("quantize", help="quantize an export folder (int8 / int4 / q4_1), gated on quality")
+    quantize = commands.add_parser("quantize", help="quantize an export folder (int8 / int4 / q4_1 / q8_0), gated on quality")
     quantize.add_argument("--export", type=Path, required=True, help="float32 export folder (python -m export onnx)")
     quantize.add_argument("--out", type=Path, required=True, help="quantized export folder to write")
-    quantize.add_argument("--method", choices=("int8", "int4", "q4_1"), required=True,
+    quantize.add_argument("--method", choices=("int8", "int4", "q4_1", "q8_0"), required=True,
                           help="int8 dynamic; int4 symmetric blocks; q4_1: llama.cpp's 4-bit blocks with float "
-                               "offsets (exact on weights dequantized from a Q4_1 GGUF)")
-    quantize.add_argument("--block-size", type=int, default=None, help="int4 / q4_1: weights per scale (default 32)")
+                               "offsets (exact on weights dequantized from a Q4_1 GGUF); q8_0: llama.cpp's "
+                               "symmetric 8-bit blocks of 32, int8 activations per block (MatMulNBits bits=8)")
+    quantize.add_argument("--block-size", type=int, default=None,
+                          help="int4 / q4_1 / q8_0: weights per scale (default 32)")
     quantize.add_argument("--accuracy-level", type=int, default=None,
-                          help="int4 / q4_1: MatMulNBits compute type, 0/1 = fp32, 4 = int8 (default: int4 4, q4_1 0)")
+                          help="int4 / q4_1 / q8_0: MatMulNBits compute type, 0/1 = fp32, 4 = int8 "
+                               "(default: int4 4, q4_1 0, q8_0 4)")
     quantize.add_argument("--lm-head", choices=("fp32", "q8_0", "q4_1"), default=None,
-                          help="q4_1: the lm_head float32 (default), 8-bit blocks (accuracy level 4) or q4_1")
+                          help="q4_1: the lm_head float32 (default), 8-bit blocks (accuracy level 4) or q4_1; "
+                               "q8_0: 8-bit blocks (default) or float32")
+    quantize.add_argument("--smoothing-alpha", type=float, default=None,
+                          help="q8_0: SmoothQuant strength in [0, 1) moving activation outliers into the weights, "
+                               "calibrated on training text (default 0.5; 0 = none)")
+    quantize.add_argument("--float-share", type=float, default=None,
+                          help="q8_0: share in [0, 1) of the weight products' inputs (those losing most to int8 "
+                               "blocks after smoothing, measured on training text) kept in float32 (default 0.125)")
     quantize.add_argument("--no-quality-gate", action="store_true", help="report quality, never fail on it")
     quantize.add_argument("--min-top1", type=float, default=None, help="override the gate's top-1 agreement")
     quantize.add_argument("--max-kl-mean", type=float, default=None, help="override the gate's mean KL")
@@ -158,7 +168,8 @@ def _quantize(args: argparse.Namespace) -> int:
                              latency_context=_or(args.latency_context, defaults.latency_context))
     options = QuantizeOptions(export_dir=args.export, out_dir=args.out, method=args.method,
                               block_size=args.block_size, accuracy_level=args.accuracy_level,
-                              lm_head=args.lm_head, gate=gate,
+                              lm_head=args.lm_head, smoothing_alpha=args.smoothing_alpha,
+                              float_share=args.float_share, gate=gate,
                               quality_gate=not args.no_quality_gate, evaluation=evaluation)
     try:
         manifest, report = quantize_export(options)

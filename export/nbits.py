@@ -5,7 +5,8 @@ MatMulNBits only takes integer zero points on its fast path, so the offset is ca
 product: Y = MatMulNBits(A; q, d, zero point 8) + blocksum(A) @ C, C[b, n] = m + 8 d of output n's block b,
 blocksum(A) = A @ S with S the [K, K/32] block indicator. On weights already on a Q4_1 grid (a model
 dequantized from a Q4_1 GGUF) it reproduces them to float32 rounding; on others it is Q4_1 quantization.
-Q8_0 (for the tied lm_head): w = d * q, q in -127..127, d = max|w| / 127; MatMulNBits bits=8.
+Q8_0 (the tied lm_head of q4_1, every weight of the q8_0 method): w = d * q, q in -127..127,
+d = max|w| / 127; MatMulNBits bits=8.
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ class RewritePlan:
     head_format: str  # the lm_head: "q4_1", "q8_0" or "fp32" (left as it is)
     head_accuracy_level: int  # of a q8_0 head
     vocab_size: int  # identifies the lm_head: the weight MatMul with N = vocab_size
+    body_format: str = "q4_1"  # every other weight: "q4_1" or "q8_0" (at accuracy_level)
+    keep_float: frozenset[str] = frozenset()  # activations whose weight products stay float32 MatMuls
 
 
 def rewrite_matmuls(model: onnx.ModelProto, plan: RewritePlan) -> int:
@@ -121,16 +124,20 @@ def rewrite_matmuls(model: onnx.ModelProto, plan: RewritePlan) -> int:
     nodes, inits, sums, count, head = [], [], {}, 0, None
     for node in graph.node:
         matrix = _weight_of(node, weights)
-        fmt = plan.head_format if matrix is not None and matrix.shape[1] == plan.vocab_size else "q4_1"
-        if matrix is None or fmt == "fp32" or matrix.shape[0] % plan.block_size:
+        is_head = matrix is not None and matrix.shape[1] == plan.vocab_size
+        fmt = plan.head_format if is_head else plan.body_format
+        if (matrix is None or fmt == "fp32" or matrix.shape[0] % plan.block_size
+                or node.input[0] in plan.keep_float):
             nodes.append(node)
             continue
         weight_nk = np.ascontiguousarray(matrix.T)
         prefix = node.name or node.output[0]
         if fmt == "q8_0":
             block = quantize_q8_0(weight_nk, plan.block_size)
-            new, extra = nbits_nodes(node.input[0], node.output[0], block, prefix, plan.head_accuracy_level, None)
-            head = (weight_nk, block, extra[0].name)
+            level = plan.head_accuracy_level if is_head else plan.accuracy_level
+            new, extra = nbits_nodes(node.input[0], node.output[0], block, prefix, level, None)
+            if is_head:
+                head = (weight_nk, block, extra[0].name)
         else:
             block = quantize_q4_1(weight_nk, plan.block_size)
             key = (node.input[0], plan.block_size)

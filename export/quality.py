@@ -60,6 +60,8 @@ GATES = {
                         max_abs_logit_error=3.0),
     "q4_1": QualityGate(min_top1_agreement=0.94, max_kl_mean=0.002, max_kl_p99=0.015, max_perplexity_ratio=1.01,
                         max_abs_logit_error=2.0),
+    "q8_0": QualityGate(min_top1_agreement=0.94, max_kl_mean=0.002, max_kl_p99=0.015, max_perplexity_ratio=1.01,
+                        max_abs_logit_error=2.0),
 }
 
 

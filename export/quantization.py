@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import math
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -18,12 +19,20 @@ from onnx import helper, numpy_helper
 
 from export.nbits import RewritePlan, drop_unused_initializers, rewrite_matmuls
 from export.onnx_export import COPIED_FILES, MAX_INLINE_BYTES, check_pool_reads
-from export.quality import REPORT_FILE, EvalOptions, QualityGate, VariantQuality, evaluate, require_gate, write_report
+from export.quality import (REPORT_FILE, EvalOptions, QualityGate, VariantQuality, evaluate, require_gate,
+                            teacher_forced_inputs, write_report)
+from export.smoothing import (activation_ranges, block_int8_errors, calibration_feeds, smooth, smoothing_plan,
+                              weight_product_inputs)
+from export.training import calibration_windows
 from lepton.manifest import MANIFEST_FILE, Manifest, QuantizationRecipe, sha256_file, tool_versions
 from lepton.runners.onnx_runner import INDEX_INPUTS
 
-METHODS = ("int8", "int4", "q4_1")
-QUANTIZED_OPS = {"int8": ("MatMulInteger",), "int4": ("MatMulNBits",), "q4_1": ("MatMulNBits",)}
+METHODS = ("int8", "int4", "q4_1", "q8_0")
+QUANTIZED_OPS = {"int8": ("MatMulInteger",), "int4": ("MatMulNBits",), "q4_1": ("MatMulNBits",),
+                 "q8_0": ("MatMulNBits",)}
+# NOTE: int8 (one activation scale per tensor) with smoothing was tried on SmolLM2: KL 0.45 -> 0.116
+# (alpha 0.65) and 0.079 (alpha 0.85, a quarter of the products in float32), far from the gate; so q8_0 only.
+SMOOTHED = ("q8_0",)  # methods whose int8 activations smoothing and float32 products apply to
 HEAD_FORMATS = ("fp32", "q8_0", "q4_1")  # q4_1 method: how the lm_head (N = vocab) is stored
 
 
@@ -44,6 +53,9 @@ class QuantizationPreset:
     accuracy_level: int | None  # MatMulNBits: 1 = fp32 compute, 4 = int8 compute
     reduce_range: bool
     lm_head: str = "same"  # q4_1: "fp32", "q8_0" (8-bit blocks, accuracy level 4) or "q4_1"; others: as the rest
+    smoothing_alpha: float = 0.0  # q8_0: SmoothQuant's migration strength (export.smoothing); 0 = none
+    float_share: float = 0.0  # q8_0: this share of the weight products' inputs, those losing most to int8 blocks
+    # after smoothing, keep float32 products
 
 
 # NOTE: measured on this AVX2 CPU (no VNNI). int8: ORT's u8s8 kernel sums pairs of u8 x s8 products
@@ -62,11 +74,24 @@ class QuantizationPreset:
 # 4-bit layers gives KL 0.0040, top-1 0.962 (spread over all projections: level 0 for down_proj alone left
 # KL at 0.0039), failing the gate. With --lm-head q8_0 a Gather over the tied embedding reads the head's
 # 8-bit codes (GatherBlockQuantized) instead of a float copy.
+# q8_0 (export.nbits + export.smoothing), SmolLM2, 2,040 held-out predictions (2026-12-03): int8 activations
+# in blocks of 32 (accuracy level 4) are the error, not the 8-bit weights: unsmoothed KL 0.0051 (head q8_0),
+# 0.0040 (head fp32). SmoothQuant folded into the norms and into the up half of gate_up (91 of 121 inputs;
+# down_proj's had a channel 2,397x its median) with alpha 0.65 and the head in float32: KL 0.0015, p99
+# 0.0084, top-1 0.975, max |logit err| 1.48, perplexity 27.519 vs 27.459: passes the int8 gate. Keeping
+# the inputs with the largest block error in float32 (float_share 0.0625 / 0.125) lowers KL to 0.0012 /
+# 0.0011 at 1.1-1.2x the step, so it is off by default. Its step is 0.6-0.85x fp32's for 16 decodes and
+# about fp32's for a 128-token prefill here: MatMulNBits' 8-bit kernels are ~1.5x slower than int8's
+# DynamicQuantizeMatMul (which keeps one activation scale per tensor and fails the gate, KL 0.45).
 PRESETS = {
     "int8": QuantizationPreset("int8-dynamic-per-channel-7bit", "int8", "int8", True, None, True, None, True),
     "int4": QuantizationPreset("int4-block32-sym-acc4", "int4", "int4", False, 32, True, 4, False),
     "q4_1": QuantizationPreset("q4_1-block32-acc0-head-fp32", "q4_1", "uint4", False, 32, False, 0, False, "fp32"),
+    "q8_0": QuantizationPreset("q8_0-block32-acc4-head-fp32-smooth0.65", "q8_0", "int8", False, 32, True, 4,
+                               False, "fp32", smoothing_alpha=0.65, float_share=0.0),
 }
+CALIBRATION_WINDOWS = 16  # q8_0 smoothing: prefills of 16 x 128 tokens of training text
+CALIBRATION_LENGTH = 256
 Q8_HEAD_ACCURACY_LEVEL = 4  # NOTE: bits=8 MatMulNBits at level 0 ran 17 ms for N = 8192, K = 576 (fp32: 0.8 ms)
 
 
@@ -76,25 +101,32 @@ class QuantizeOptions:
 
     export_dir: Path  # a float32 export folder (python -m export onnx)
     out_dir: Path
-    method: str  # "int8", "int4" or "q4_1"
+    method: str  # "int8", "int4", "q4_1" or "q8_0"
     block_size: int | None = None  # int4 / q4_1 block size override
     accuracy_level: int | None = None  # int4 / q4_1 accuracy level override
-    lm_head: str | None = None  # q4_1 lm_head format override (HEAD_FORMATS)
+    lm_head: str | None = None  # q4_1 / q8_0 lm_head format override (HEAD_FORMATS)
+    smoothing_alpha: float | None = None  # q8_0 smoothing strength override (0 = none)
+    float_share: float | None = None  # q8_0: share of activations whose products stay float32, override
     gate: QualityGate | None = None  # None = the method's default gate (quality.GATES)
     quality_gate: bool = True  # False: report quality, never fail on it
     evaluation: EvalOptions = EvalOptions()
 
 
 def resolve_preset(method: str, block_size: int | None, accuracy_level: int | None,
-                   lm_head: str | None = None) -> QuantizationPreset:
+                   lm_head: str | None = None, smoothing_alpha: float | None = None,
+                   float_share: float | None = None) -> QuantizationPreset:
     """The method's preset with CLI overrides applied and checked."""
     if method not in PRESETS:
         raise QuantizationError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     preset = PRESETS[method]
     if method == "int8" and (block_size is not None or accuracy_level is not None):
         raise QuantizationError("--block-size and --accuracy-level apply to int4 and q4_1 only (int8 is per channel)")
-    if lm_head is not None and (method != "q4_1" or lm_head not in HEAD_FORMATS):
-        raise QuantizationError(f"--lm-head applies to q4_1 only and is one of {', '.join(HEAD_FORMATS)}")
+    if lm_head is not None and (method not in ("q4_1", "q8_0") or lm_head not in HEAD_FORMATS):
+        raise QuantizationError(f"--lm-head applies to q4_1 and q8_0 only and is one of {', '.join(HEAD_FORMATS)}")
+    if smoothing_alpha is not None and (method not in SMOOTHED or not 0.0 <= smoothing_alpha < 1.0):
+        raise QuantizationError(f"--smoothing-alpha applies to q8_0 only and lies in [0, 1), got {smoothing_alpha}")
+    if float_share is not None and (method not in SMOOTHED or not 0.0 <= float_share < 1.0):
+        raise QuantizationError(f"--float-share applies to q8_0 only and lies in [0, 1), got {float_share}")
     if block_size is not None and (block_size < 16 or block_size & (block_size - 1)):
         raise QuantizationError(f"block size must be a power of two >= 16, got {block_size}")
     if accuracy_level is not None and accuracy_level not in (0, 1, 2, 3, 4):
@@ -104,9 +136,13 @@ def resolve_preset(method: str, block_size: int | None, accuracy_level: int | No
         block_size=preset.block_size if block_size is None else block_size,
         accuracy_level=preset.accuracy_level if accuracy_level is None else accuracy_level,
         lm_head=preset.lm_head if lm_head is None else lm_head,
+        smoothing_alpha=preset.smoothing_alpha if smoothing_alpha is None else smoothing_alpha,
+        float_share=preset.float_share if float_share is None else float_share,
     )
-    if method == "q4_1":
-        name = f"q4_1-block{preset.block_size}-acc{preset.accuracy_level}-head-{preset.lm_head}"
+    if method in ("q4_1", "q8_0"):
+        name = f"{method}-block{preset.block_size}-acc{preset.accuracy_level}-head-{preset.lm_head}"
+        name += f"-smooth{preset.smoothing_alpha:g}" if preset.smoothing_alpha else ""
+        name += f"-float{preset.float_share:g}" if preset.float_share else ""
         preset = dataclasses.replace(preset, name=name)
     return preset
 
@@ -144,17 +180,22 @@ def gemms_to_matmuls(model: onnx.ModelProto) -> int:
 
 
 
-def quantize_graph(source: Path, target: Path, preset: QuantizationPreset, vocab_size: int) -> int:
-    """Write the quantized graph of source to target; returns the number of weight matrices quantized."""
+def quantize_graph(source: Path, target: Path, preset: QuantizationPreset, manifest: Manifest) -> int:
+    """Write the quantized graph of source (described by manifest, tokenizer beside it) to target;
+    returns the number of weight matrices quantized."""
     model = onnx.load(str(source))
     gemms_to_matmuls(model)
+    vocab_size = manifest.model_config.vocab_size
+    keep_float: frozenset[str] = frozenset()
+    if preset.smoothing_alpha or preset.float_share:
+        keep_float = calibrate_q8(model, source.parent, manifest, preset)
     with _quiet_root_logger():
         if preset.method == "int8":
             _quantize_int8(model, target, preset)
         elif preset.method == "int4":
             _quantize_int4(model, target, preset)
         else:
-            _quantize_q4_1(model, target, preset, vocab_size)
+            _quantize_blocks(model, target, preset, vocab_size, keep_float)
     quantized = onnx.load(str(target), load_external_data=False)
     count = sum(node.op_type in QUANTIZED_OPS[preset.method] for node in quantized.graph.node)
     if count == 0:
@@ -203,9 +244,40 @@ def _quantize_int4(model: onnx.ModelProto, target: Path, preset: QuantizationPre
     _save(quantizer.model.model, target)
 
 
-def _quantize_q4_1(model: onnx.ModelProto, target: Path, preset: QuantizationPreset, vocab_size: int) -> None:
+def calibrate_q8(model: onnx.ModelProto, export_dir: Path, manifest: Manifest, preset: QuantizationPreset,
+                 num_windows: int = CALIBRATION_WINDOWS, length: int = CALIBRATION_LENGTH) -> frozenset[str]:
+    """SmoothQuant on the graph in place, then the preset's float_share of activations with the largest int8
+    block error (both calibrated on prefills of training text, export.smoothing); returns those."""
+    cfg = manifest.model_config
+    windows = calibration_windows(export_dir / "tokenizer.json", num_windows, length)
+    inputs = teacher_forced_inputs(windows, manifest.block_size)[:1]
+    num_blocks = num_windows * -(-length // manifest.block_size)
+    feeds = calibration_feeds(inputs, num_blocks, manifest.block_size, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers)
+    if preset.smoothing_alpha:
+        plan = smoothing_plan(model)
+        groups = smooth(model, activation_ranges(model, list(plan), feeds, num_threads=0), plan,
+                        preset.smoothing_alpha)
+        print(f"[quantize] smoothed {len(groups)} activations (alpha {preset.smoothing_alpha}; largest channel "
+              f"{max(g.max_ratio for g in groups):.0f}x its activation's median)")
+    if not preset.float_share:
+        return frozenset()
+    head_width = cfg.vocab_size if preset.lm_head == "fp32" else None
+    errors = block_int8_errors(model, weight_product_inputs(model, head_width), feeds, preset.block_size,
+                               num_threads=0)
+    worst = sorted(errors, key=errors.get, reverse=True)[:math.ceil(preset.float_share * len(errors))]
+    print(f"[quantize] float32 products for the {len(worst)} inputs with the largest int8 block error "
+          f"({', '.join(f'{name} {errors[name]:.4f}' for name in worst)}); the next: "
+          f"{(sorted(errors.values(), reverse=True) + [0.0])[len(worst)]:.4f}")
+    return frozenset(worst)
+
+
+def _quantize_blocks(model: onnx.ModelProto, target: Path, preset: QuantizationPreset, vocab_size: int,
+                     keep_float: frozenset[str] = frozenset()) -> None:
+    """llama.cpp's block formats (q4_1, q8_0) as MatMulNBits nodes (export.nbits)."""
+    head_level = preset.accuracy_level if preset.method == "q8_0" else Q8_HEAD_ACCURACY_LEVEL
     plan = RewritePlan(block_size=preset.block_size, accuracy_level=preset.accuracy_level, head_format=preset.lm_head,
-                       head_accuracy_level=Q8_HEAD_ACCURACY_LEVEL, vocab_size=vocab_size)
+                       head_accuracy_level=head_level, vocab_size=vocab_size, body_format=preset.method,
+                       keep_float=keep_float)
     rewrite_matmuls(model, plan)
     _save(model, target)
 
@@ -228,14 +300,15 @@ def recipe_for(preset: QuantizationPreset, num_quantized: int, source_graph: Pat
 
 def _tool(preset: QuantizationPreset) -> str:
     tool = f"onnxruntime {metadata.version('onnxruntime')}"
-    if preset.method == "q4_1":
+    if preset.method in ("q4_1", "q8_0"):
         tool += f" MatMulNBits, graph rewritten by export.nbits (onnx {metadata.version('onnx')})"
     return tool
 
 
 def quantize_export(options: QuantizeOptions) -> tuple[Manifest, VariantQuality]:
     """Quantize, copy the serving files, measure quality against the float32 export, gate; then publish."""
-    preset = resolve_preset(options.method, options.block_size, options.accuracy_level, options.lm_head)
+    preset = resolve_preset(options.method, options.block_size, options.accuracy_level, options.lm_head,
+                            options.smoothing_alpha, options.float_share)
     staging = options.out_dir.with_name(options.out_dir.name + ".tmp")
     manifest = write_quantized(options.export_dir, staging, preset)
     print(f"[quantize] {manifest.quantization.num_quantized} weight matrices quantized; "
@@ -261,7 +334,7 @@ def write_quantized(export_dir: Path, out_dir: Path, preset: QuantizationPreset)
     out_dir.mkdir(parents=True)
     graph = export_dir / source.model_file
     print(f"[quantize] {preset.name}: quantizing {graph}")
-    count = quantize_graph(graph, out_dir / source.model_file, preset, source.model_config.vocab_size)
+    count = quantize_graph(graph, out_dir / source.model_file, preset, source)
     for name in COPIED_FILES:
         if (export_dir / name).is_file():
             shutil.copy2(export_dir / name, out_dir / name)

@@ -155,6 +155,11 @@ def held_out_windows(tokenizer_file: Path, num_windows: int, length: int) -> np.
     return spaced_windows(token_stream(tokenizer_file, split_modules(stdlib_modules()).held_out), num_windows, length)
 
 
+def calibration_windows(tokenizer_file: Path, num_windows: int, length: int) -> np.ndarray:
+    """Windows [num_windows, length] from the training modules (never the held-out ones quality is measured on)."""
+    return spaced_windows(token_stream(tokenizer_file, split_modules(stdlib_modules()).train), num_windows, length)
+
+
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     """Linear warmup, then cosine decay to a tenth of the peak at total_steps."""
     if step < warmup_steps:

@@ -177,7 +177,7 @@ def test_default_preset_is_gated_and_recorded(grid_export, tmp_path):
 
 
 def test_bad_q4_1_requests_are_clear_errors():
-    with pytest.raises(QuantizationError, match="--lm-head applies to q4_1 only"):
+    with pytest.raises(QuantizationError, match="--lm-head applies to q4_1 and q8_0 only"):
         resolve_preset("int4", None, None, "fp32")
     with pytest.raises(QuantizationError, match="one of fp32, q8_0, q4_1"):
         resolve_preset("q4_1", None, None, "int2")
