@@ -79,7 +79,9 @@ def smoothing_plan(model: onnx.ModelProto) -> dict[str, tuple[list[str], Fold]]:
                                   for n in readers):
             continue
         fold = _foldable(producer[activation], inits, consumers, producer, outputs)
-        if fold is not None:
+        width = inits[readers[0].input[1]].dims[0]  # NOTE: K; a [1] constant (a scalar) cannot take s
+        if fold is not None and (fold.how == "columns" or inits[fold.initializer].dims[0] == width) \
+                and (fold.how == "vector" or fold.stop - fold.start == width):
             plan[activation] = ([n.input[1] for n in readers], fold)
     return plan
 
