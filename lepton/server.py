@@ -280,6 +280,9 @@ def _parse_args(argv: list[str] | None):
                         help="port of the OpenAI-compatible API (openai_api) started with Triton; 0 = none")
     parser.add_argument("--api-key", default=os.environ.get("LEPTON_API_KEY"),
                         help="key the OpenAI API requires (default: $LEPTON_API_KEY; none: no key)")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the name OpenAI API clients pass as `model` (default: the name of the --model "
+                             "folder, whichever configuration --auto serves)")
     parser.add_argument("--auto", action="store_true",
                         help="unless --param runner=... is given: time the model's eligible configurations on "
                              "this processor (torch, and its ONNX exports under build/onnx whose quality gate "
@@ -305,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     params = dict(item.split("=", 1) for item in args.param if "=" in item)
     if len(params) != len(args.param):
         sys.exit("error: --param takes KEY=VALUE")
+    # NOTE: the API's model name is fixed before --auto swaps the folder for an export of it, so clients
+    # keep one name whichever configuration this processor gets.
+    args.served_model_name = args.served_model_name or Path(args.model).resolve().name
     if args.auto and "runner" not in params:
         chosen_threads = "num_threads" not in params
         args.model, params = _auto_configuration(args.model, params)
@@ -386,7 +392,7 @@ def _start_api(args):
 
     triton_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     config = ApiConfig(host=args.host, port=args.api_port, triton_url=f"{triton_host}:{args.grpc_port}",
-                       api_key=args.api_key, log_level="warning")
+                       api_key=args.api_key, served_model_name=args.served_model_name, log_level="warning")
     return ApiServer(config).start()
 
 

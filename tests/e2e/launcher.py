@@ -32,6 +32,14 @@ def wait_gone(pids: list[int], timeout: float) -> list[int]:
     return [pid for pid in pids if alive(pid)]
 
 
+def is_tritonserver(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read().split(b"\0")[0].endswith(b"/tritonserver")
+    except OSError:
+        return False
+
+
 class Launcher:
     """`python -m lepton.server` on free loopback ports, with its process tree."""
 
@@ -46,7 +54,8 @@ class Launcher:
             cwd=PROJECT_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
         )
         self.wait_ready()
-        self.triton = descendants(self.process.pid)[0]
+        # NOTE: not the first child: --auto leaves multiprocessing's resource tracker beside tritonserver.
+        self.triton = next(pid for pid in descendants(self.process.pid) if is_tritonserver(pid))
         self.stubs = descendants(self.triton)
         assert self.stubs, "no backend stub process under tritonserver"
 

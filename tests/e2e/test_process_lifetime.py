@@ -1,17 +1,19 @@
 """The launcher, tritonserver and the backend stubs live and die together (issue 12, defects 9 and 10).
 
 Each test starts `python -m lepton.server` as `make serve` does and checks what is left after a
-hard kill or a stop with a stuck model: no process, no port.
+hard kill or a stop with a stuck model: no process, no port; and the name the OpenAI API serves under.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -71,3 +73,27 @@ def test_10_a_taken_port_is_reported_clearly(demo_model_dir):
         )
     assert result.returncode != 0
     assert f"the HTTP port 127.0.0.1:{port} is already in use" in result.stderr, result.stderr
+
+
+def served_models(launcher) -> list[str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{launcher.ports[3]}/v1/models", timeout=10) as response:
+        return [m["id"] for m in json.loads(response.read())["data"]]
+
+
+def test_the_api_name_is_the_model_folder_whichever_configuration_auto_serves(demo_model_dir, tmp_path):
+    # NOTE: --auto may serve an export of the folder (build/onnx/...); clients keep the folder's name.
+    started = Launcher(demo_model_dir, tmp_path, extra_args=("--auto",))
+    try:
+        log = open(started.log.name).read()
+        assert "[auto] chose" in log
+        assert served_models(started) == [demo_model_dir.name]
+    finally:
+        started.cleanup()
+
+
+def test_served_model_name_names_the_model_for_api_clients(demo_model_dir, tmp_path):
+    started = Launcher(demo_model_dir, tmp_path, extra_args=("--served-model-name", "chat-small"))
+    try:
+        assert served_models(started) == ["chat-small"]
+    finally:
+        started.cleanup()
