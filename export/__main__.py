@@ -83,13 +83,13 @@ def _add_quantize_parser(commands) -> None:
                                "(default: int4 4, q4_1 0, q8_0 4)")
     quantize.add_argument("--lm-head", choices=("fp32", "q8_0", "q4_1"), default=None,
                           help="q4_1: the lm_head float32 (default), 8-bit blocks (accuracy level 4) or q4_1; "
-                               "q8_0: 8-bit blocks (default) or float32")
+                               "q8_0: float32 (default) or 8-bit blocks")
     quantize.add_argument("--smoothing-alpha", type=float, default=None,
                           help="q8_0: SmoothQuant strength in [0, 1) moving activation outliers into the weights, "
-                               "calibrated on training text (default 0.5; 0 = none)")
+                               "calibrated on training text (default 0.65; 0 = none)")
     quantize.add_argument("--float-share", type=float, default=None,
                           help="q8_0: share in [0, 1) of the weight products' inputs (those losing most to int8 "
-                               "blocks after smoothing, measured on training text) kept in float32 (default 0.125)")
+                               "blocks after smoothing, measured on training text) kept in float32 (default 0)")
     quantize.add_argument("--no-quality-gate", action="store_true", help="report quality, never fail on it")
     quantize.add_argument("--min-top1", type=float, default=None, help="override the gate's top-1 agreement")
     quantize.add_argument("--max-kl-mean", type=float, default=None, help="override the gate's mean KL")
