@@ -33,7 +33,7 @@ QUANTIZED_OPS = {"int8": ("MatMulInteger",), "int4": ("MatMulNBits",), "q4_1": (
 # NOTE: int8 (one activation scale per tensor) with smoothing was tried on SmolLM2: KL 0.45 -> 0.116
 # (alpha 0.65) and 0.079 (alpha 0.85, a quarter of the products in float32), far from the gate; so q8_0 only.
 SMOOTHED = ("q8_0",)  # methods whose int8 activations smoothing and float32 products apply to
-HEAD_FORMATS = ("fp32", "q8_0", "q4_1")  # q4_1 method: how the lm_head (N = vocab) is stored
+HEAD_FORMATS = ("fp32", "q8_0", "q4_1")  # q4_1 / q8_0 methods: how the lm_head (N = vocab) is stored
 
 
 class QuantizationError(RuntimeError):
@@ -102,8 +102,8 @@ class QuantizeOptions:
     export_dir: Path  # a float32 export folder (python -m export onnx)
     out_dir: Path
     method: str  # "int8", "int4", "q4_1" or "q8_0"
-    block_size: int | None = None  # int4 / q4_1 block size override
-    accuracy_level: int | None = None  # int4 / q4_1 accuracy level override
+    block_size: int | None = None  # int4 / q4_1 / q8_0 block size override
+    accuracy_level: int | None = None  # int4 / q4_1 / q8_0 accuracy level override
     lm_head: str | None = None  # q4_1 / q8_0 lm_head format override (HEAD_FORMATS)
     smoothing_alpha: float | None = None  # q8_0 smoothing strength override (0 = none)
     float_share: float | None = None  # q8_0: share of activations whose products stay float32, override

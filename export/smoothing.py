@@ -25,7 +25,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from lepton.runners.onnx_runner import INDEX_INPUTS, make_session
+from export.validation import index_feeds
+from lepton.runners.onnx_runner import make_session
 
 MIN_SCALE = 1e-2  # NOTE: bounds s so a channel silent in calibration keeps usable weights
 MAX_SCALE = 1e2
@@ -56,8 +57,9 @@ def smoothing_plan(model: onnx.ModelProto) -> dict[str, tuple[list[str], Fold]]:
     """activation -> (weight initializers of the products reading it, where its 1 / s folds).
 
     Only activations every consumer of which is a weight MatMul, whose producer is a Mul by a [K]
-    constant read by nothing else (a norm weight), or a Mul with a weight product's output, or one
-    part of its Split, read by nothing else (SwiGLU's up projection, fused with gate or not).
+    constant (a norm weight; smooth() gives the Mul its own copy when others read it too), or a Mul
+    with a weight product's output, or one part of its Split, read by nothing else (SwiGLU's up
+    projection, fused with gate or not).
     """
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
@@ -228,5 +230,4 @@ def calibration_feeds(inputs, num_blocks: int, block_size: int, num_kv_heads: in
     """Graph feeds of prefill steps (ModelInput) over empty K/V pools."""
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     pools = {f"{kind}_pool_{layer}": np.zeros(shape, np.float32) for layer in range(num_layers) for kind in "kv"}
-    return [{**{name: np.ascontiguousarray(getattr(batch, name), dtype=np.int64) for name in INDEX_INPUTS}, **pools}
-            for batch in inputs]
+    return [{**index_feeds(batch), **pools} for batch in inputs]

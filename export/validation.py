@@ -142,9 +142,14 @@ def run_scenario(scenario: Scenario, torch_runner: TorchRunner, onnx_runner: Onn
                        tolerance.logits_atol, tolerance.kv_atol, passed)
 
 
+def index_feeds(batch: ModelInput) -> dict[str, np.ndarray]:
+    """The step graph's index inputs for one step (int64, contiguous)."""
+    return {name: np.ascontiguousarray(getattr(batch, name), dtype=np.int64) for name in INDEX_INPUTS}
+
+
 def step_feeds(batch: ModelInput, runner: OnnxRunner) -> dict[str, np.ndarray]:
     """The graph's inputs for one step, with copies of the pools as they are before it."""
-    feeds = {name: np.ascontiguousarray(getattr(batch, name), dtype=np.int64) for name in INDEX_INPUTS}
+    feeds = index_feeds(batch)
     for layer, (k_pool, v_pool) in enumerate(zip(runner.k_pools, runner.v_pools)):
         feeds[f"k_pool_{layer}"], feeds[f"v_pool_{layer}"] = k_pool.copy(), v_pool.copy()
     return feeds
