@@ -3,10 +3,14 @@
     .venv/bin/python -m benchmarks.step_shapes --decodes 16 --context 192 --prefill 128 \
         --param runner=onnxruntime --model-dir build/onnx/smollm-shape-int8 [--baseline-dir OLD_EXPORT]
 
-Shapes (and, with --baseline-dir, the two exports) are interleaved and each is timed `--repeats`
-times, so both see the same machine; medians are the figures to quote (minimums are printed too).
+Shapes (and, with --baseline-dir or --versus, the two configurations) are interleaved and each is
+timed `--repeats` times, so both see the same machine; medians are the figures to quote (minimums are
+printed too). Every (configuration, shape) has a runner of its own, so each steps the way a server in
+that shape would (attention=slots keeps decode rows in its lowest slots; one runner stepping through
+all shapes in turn would move rows between slots every step).
 --baseline-dir runs a second export folder the way the runner ran every step before mixed steps
-were split: the whole batch as one graph run (`OnnxRunner.run`).
+were split: the whole batch as one graph run (`OnnxRunner.run`). --versus KEY=VALUE runs the same
+model with one engine parameter changed (e.g. attention=paged).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ def parse_args(argv):
     p.add_argument("--model-dir", type=Path, default=PROJECT_ROOT / "build/models/smollm-shape")
     p.add_argument("--baseline-dir", type=Path, default=None,
                    help="an older export folder to time side by side (onnxruntime only), one graph run per step")
+    p.add_argument("--versus", default=None, metavar="KEY=VALUE",
+                   help="time a second configuration side by side: these parameters with KEY=VALUE")
     p.add_argument("--decodes", type=int, default=32, help="decoding sequences in the batch")
     p.add_argument("--context", type=int, default=192, help="tokens already cached per decoding sequence")
     p.add_argument("--prefill", type=int, default=128, help="tokens of the prefill chunk")
@@ -56,31 +62,44 @@ def make_step(num_decodes: int, context: int, prefill: int, block_size: int):
     return SchedulerOutput(items, sum(n for _, _, n in rows))
 
 
-def step_functions(args, params: dict[str, str]) -> dict[str, tuple[object, int]]:
-    """label -> (one-step function of a ModelInput, block size): the runner, and the baseline if asked."""
-    config = EngineConfig.from_parameters(params)
-    runner = make_runner(open_folder(config), config)
-    functions = {"new": (runner.execute, config.cache.block_size)}
+def step_functions(args, params: dict[str, str], shapes: list[str]) -> dict[tuple[str, str], tuple[object, int]]:
+    """(label, shape) -> (one-step function of a ModelInput, block size): a runner of its own for each shape,
+    "new" from params, and "old" from --baseline-dir or --versus if asked."""
+    configs = {"new": EngineConfig.from_parameters(params)}
     if args.baseline_dir is not None:
-        base_config = EngineConfig.from_parameters({**params, "model_dir": str(args.baseline_dir)})
-        baseline = make_runner(open_folder(base_config), base_config)
-        functions = {"old": (lambda batch: baseline.run(batch)[0], base_config.cache.block_size), **functions}
+        configs = {"old": EngineConfig.from_parameters({**params, "model_dir": str(args.baseline_dir)}), **configs}
+    elif args.versus is not None:
+        key, value = args.versus.split("=", 1)
+        configs = {"old": EngineConfig.from_parameters({**params, key: value}), **configs}
+    functions = {}
+    for label, config in configs.items():
+        for shape in shapes:
+            runner = make_runner(open_folder(config), config)
+            whole = args.baseline_dir is not None and label == "old"
+            functions[label, shape] = (_whole_batch(runner) if whole else runner.execute, config.cache.block_size)
     return functions
+
+
+def _whole_batch(runner):
+    """The step as one graph run, not split by query length (how OnnxRunner ran before)."""
+    return lambda batch: runner.run(batch)[0]
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    params = {"model_dir": str(args.model_dir), "kv_cache_memory_bytes": "1G", **dict(
+    # NOTE: a runner per (configuration, shape): 256M of pools each holds 16 x 192 tokens of SmolLM2 twice over.
+    params = {"model_dir": str(args.model_dir), "kv_cache_memory_bytes": "256M", **dict(
         item.split("=", 1) for item in args.param)}
-    functions = step_functions(args, params)
     shapes = {
         "1 decode": (1, 0),
         f"{args.decodes} decodes": (args.decodes, 0),
         f"1 prefill x {args.prefill}": (0, args.prefill),
         f"{args.decodes} decodes + 1 prefill x {args.prefill}": (args.decodes, args.prefill),
     }
-    cases = {(label, shape): (fn, build_model_input(make_step(counts[0], args.context, counts[1], bs), bs))
-             for label, (fn, bs) in functions.items() for shape, counts in shapes.items()}
+    functions = step_functions(args, params, list(shapes))
+    labels = list(dict.fromkeys(label for label, _ in functions))
+    cases = {(label, shape): (fn, build_model_input(make_step(shapes[shape][0], args.context, shapes[shape][1], bs), bs))
+             for (label, shape), (fn, bs) in functions.items()}
     times: dict[tuple[str, str], list[float]] = {key: [] for key in cases}
     for fn, batch in cases.values():  # NOTE: warm-up, one of each
         fn(batch)
@@ -90,14 +109,16 @@ def main(argv=None) -> int:
             fn(batch)
             times[key].append((time.perf_counter() - start) * 1e3)
     medians = {key: statistics.median(values) for key, values in times.items()}
-    print(f"{'shape':>36} " + "".join(f"{label + ' median':>14}{label + ' min':>11}" for label in functions)
-          + ("   new/old" if len(functions) > 1 else ""))
+    if args.versus:
+        print(f"old = {args.versus}")
+    print(f"{'shape':>36} " + "".join(f"{label + ' median':>14}{label + ' min':>11}" for label in labels)
+          + ("   new/old" if len(labels) > 1 else ""))
     for shape in shapes:
-        row = "".join(f"{medians[label, shape]:11.1f} ms{min(times[label, shape]):8.1f} ms" for label in functions)
-        ratio = f"{medians['new', shape] / medians['old', shape]:10.2f}" if len(functions) > 1 else ""
+        row = "".join(f"{medians[label, shape]:11.1f} ms{min(times[label, shape]):8.1f} ms" for label in labels)
+        ratio = f"{medians['new', shape] / medians['old', shape]:10.2f}" if len(labels) > 1 else ""
         print(f"{shape:>36} {row}{ratio}")
     names = list(shapes)
-    for label in functions:
+    for label in labels:
         decode, prefill, mixed = (medians[label, name] for name in names[1:])
         print(f"{label}: mixed / (decodes + prefill) = {mixed / (decode + prefill):.2f} (1.0 = no cost from mixing)")
     if args.ort_profile:
@@ -110,7 +131,7 @@ def main(argv=None) -> int:
 OP_KINDS = {
     "weight GEMMs": ("DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits", "Gemm",
                      "MatMulIntegerToFloat"),
-    "attention": ("MatMul", "FusedMatMul", "Softmax", "Einsum"),
+    "attention": ("MatMul", "FusedMatMul", "Softmax", "Einsum", "GroupQueryAttention"),
     "K/V gathers, index": ("Gather", "GatherND", "GatherElements", "ScatterND", "Concat", "Where",
                            "Expand", "Slice", "Range", "Less", "LessOrEqual", "And", "Not"),
 }
@@ -123,11 +144,14 @@ def print_breakdown(params: dict[str, str], batches: dict, repeats: int) -> None
     import json
     import tempfile
 
-    from lepton.runners.onnx_runner import OnnxRunner, split_by_query_len
+    from lepton.runners import make_runner
+    from lepton.runners.onnx_runner import split_by_query_len
+    from lepton.runners.slot_runner import SlotRunner
 
     config = EngineConfig.from_parameters(params)
     prefix = tempfile.mkdtemp(prefix="lepton-ortprof-") + "/step"
-    runner = OnnxRunner(open_folder(config), config, profile_prefix=prefix)
+    runner_class = type(make_runner(open_folder(config), config))  # NOTE: attention=auto: slots or paged
+    runner = runner_class(open_folder(config), config, profile_prefix=prefix)
     walls = {}
     for shape, batch in batches.items():
         runner.execute(batch)
@@ -140,12 +164,17 @@ def print_breakdown(params: dict[str, str], batches: dict, repeats: int) -> None
     runs = [e for e in events if e.get("name") == "model_run"]
     nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     kind_of = {op: kind for kind, ops in OP_KINDS.items() for op in ops}
+    if runner_class is SlotRunner:  # NOTE: attention is GroupQueryAttention alone; a MatMul is a float32 weight
+        kind_of["MatMul"] = "weight GEMMs"
     first = 0
     print(f"\nwhere the time goes (ms, the median of {repeats} steps; ORT op profile, profiling on):")
     print(f"{'shape':>36} {'step':>7} {'graph':>7} " + "".join(f"{k:>20}" for k in OP_KINDS)
           + f"{'other ops':>10}{'outside graph':>14}")
     for shape, batch in batches.items():
-        per_step = len(split_by_query_len(batch, config.cache.block_size))  # NOTE: a mixed step is two runs
+        if runner_class is SlotRunner:  # NOTE: the decode rows in one run, each longer row in one of its own
+            per_step = int((batch.query_lens == 1).any()) + int((batch.query_lens > 1).sum())
+        else:  # NOTE: a mixed step is two runs
+            per_step = len(split_by_query_len(batch, config.cache.block_size))
         steps = []  # (wall, graph, op kinds) of each timed step; the first step warmed up
         for i, wall in enumerate(walls[shape], start=1):
             spans = [(r["ts"], r["ts"] + r["dur"]) for r in runs[first + i * per_step: first + (i + 1) * per_step]]

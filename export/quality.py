@@ -21,6 +21,7 @@ from export.validation import step_feeds
 from lepton.batch import ModelInput, build_model_input
 from lepton.config import CacheConfig, EngineConfig, RunnerConfig
 from lepton.manifest import MANIFEST_FILE, Manifest
+from lepton.runners import make_runner, open_folder
 from lepton.runners.onnx_runner import OnnxRunner
 from lepton.sampling_params import SamplingParams
 from lepton.scheduler import ScheduledSeq, SchedulerOutput
@@ -159,13 +160,13 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def sized_runner(export_dir: Path, num_blocks: int, num_threads: int) -> OnnxRunner:
-    """An OnnxRunner over exactly num_blocks KV blocks."""
+    """The runner the engine serves this export with (attention=auto), over exactly num_blocks KV blocks."""
     cfg = Manifest.load(Path(export_dir) / MANIFEST_FILE)
     per_block = 2 * cfg.model_config.num_layers * cfg.block_size * cfg.model_config.num_kv_heads
     per_block *= cfg.model_config.head_dim * np.dtype(cfg.kv_dtype).itemsize
     config = EngineConfig(model_dir=Path(export_dir), cache=CacheConfig(cfg.block_size, num_blocks * per_block),
                           runner=RunnerConfig(runner="onnxruntime", dtype=cfg.kv_dtype, num_threads=num_threads))
-    return OnnxRunner(export_dir, config)
+    return make_runner(open_folder(config), config)
 
 
 def step_latency(dirs: dict[str, Path], options: EvalOptions) -> dict[str, float]:

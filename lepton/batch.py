@@ -40,6 +40,7 @@ class ModelInput:
     # NOTE: the single padded layout above is the exported graph's contract; runners that can run
     # several attention calls use these groups so that decodes are not padded to a prefill chunk.
     groups: tuple[AttentionGroup, ...] = ()
+    request_ids: tuple[str, ...] = ()  # [S] the request of each scheduled sequence (the slot runner's key)
 
     @property
     def num_tokens(self) -> int:
@@ -75,6 +76,7 @@ def build_model_input(output: SchedulerOutput, block_size: int) -> ModelInput:
         logits_indices=(starts + query_lens - 1)[sampled],
         sample_request_ids=tuple(items[row].seq.request_id for row in sampled),
         groups=_groups(starts, query_lens, tables, [len(it.block_table) for it in items]),
+        request_ids=tuple(it.seq.request_id for it in items),
     )
 
 

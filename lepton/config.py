@@ -16,6 +16,10 @@ if TYPE_CHECKING:
 
 RUNNERS = ("torch", "onnxruntime", "tensorrt")
 DTYPES = ("float32", "bfloat16")
+# NOTE: onnxruntime only. "slots": each running sequence's K/V also in a contiguous cache, attended by
+# ONNX Runtime's fused GroupQueryAttention (lepton/runners/slot_runner.py); "paged": the exported graph
+# as it is, gathering K/V from the block pools each layer; "auto": slots where the graph allows it.
+ATTENTIONS = ("auto", "slots", "paged")
 SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
@@ -52,6 +56,7 @@ class RunnerConfig:
     # NOTE: true: a request's logits do not depend on what else is batched (lepton/models/batch_invariant.py)
     deterministic: bool = False
     device_id: int = 0  # the CUDA device of the tensorrt runner (a KIND_GPU instance sets its GPU)
+    attention: str = "auto"  # onnxruntime: "auto", "slots" or "paged" (see ATTENTIONS)
 
     @property
     def compute_threads(self) -> int:
@@ -110,6 +115,7 @@ class EngineConfig:
         _positive(self.scheduler, "max_num_batched_tokens", "max_num_seqs", "max_queue_size")
         _choice("runner", self.runner.runner, RUNNERS)
         _choice("dtype", self.runner.dtype, DTYPES)
+        _choice("attention", self.runner.attention, ATTENTIONS)
         _choice("policy", self.scheduler.policy, SCHEDULING_POLICIES)
         if not 0.0 <= self.cache.kv_cache_memory_fraction < 1.0:
             raise ConfigError(f"kv_cache_memory_fraction: must be in [0, 1), got {self.cache.kv_cache_memory_fraction}")

@@ -48,7 +48,23 @@ def _torch_runner(folder: ModelFolder, config: EngineConfig) -> Runner:
 
 def _onnx_runner(folder: ModelFolder, config: EngineConfig) -> Runner:
     from lepton.runners.onnx_runner import OnnxRunner
+    from lepton.runners.slot_graph import SlotGraphError
 
+    attention = config.runner.attention
+    if config.runner.deterministic:  # NOTE: batch invariance was measured on the paged graph only
+        if attention == "slots":
+            raise ConfigError("attention: slots is not batch-invariant as measured; deterministic=true serves "
+                              "attention=paged (or auto)")
+        attention = "paged"
+    if attention != "paged":
+        from lepton.runners.slot_runner import SlotRunner
+
+        try:
+            return SlotRunner(folder, config)
+        except SlotGraphError as error:
+            if attention == "slots":
+                raise ConfigError(f"attention: slots cannot serve {folder.path}: {error}") from None
+            print(f"[lepton] attention=auto: {error}; serving the paged graph", flush=True)
     return OnnxRunner(folder, config)
 
 

@@ -35,9 +35,13 @@ def open_export_folder(path: str | Path) -> ModelFolder:
     return ModelFolder(path=path, config=config, weight_files=(), tokenizer_file=path / "tokenizer.json")
 
 
-def make_session(model_file: Path, num_threads: int, profile_prefix: str | None = None) -> ort.InferenceSession:
-    """A CPU session: intra-op threads from the config, sequential execution; profile_prefix: ORT's op profile."""
+def make_session(model: Path | bytes, num_threads: int, profile_prefix: str | None = None,
+                 data_folder: Path | None = None) -> ort.InferenceSession:
+    """A CPU session over a graph file or serialized graph: intra-op threads from the config, sequential
+    execution; profile_prefix: ORT's op profile; data_folder: where a serialized graph's external data is."""
     options = ort.SessionOptions()
+    if data_folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(data_folder))
     if profile_prefix is not None:
         options.enable_profiling, options.profile_file_prefix = True, profile_prefix
     options.intra_op_num_threads = num_threads
@@ -47,7 +51,8 @@ def make_session(model_file: Path, num_threads: int, profile_prefix: str | None 
     # NOTE: no spin-waiting between ops: the engine thread samples with torch right after each step,
     # and spinning workers would take those cycles (measured no faster on 2 cores).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 class OnnxRunner:
@@ -70,8 +75,7 @@ class OnnxRunner:
         kv_bytes = kv_budget_bytes(config.cache, weights)
         check_fits(path, weights, kv_bytes)
         self.num_blocks = _num_blocks(self.manifest, kv_bytes)
-        self.session = make_session(path / self.manifest.model_file, config.runner.compute_threads, profile_prefix)
-        _check_graph(self.session, self.manifest, path)
+        self.session = self._session(path, config, profile_prefix)
         cfg = self.model_config
         shape = (self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
         dtype = np.dtype(self.manifest.kv_dtype)
@@ -79,6 +83,14 @@ class OnnxRunner:
         # These arrays are never reallocated: the OrtValues below wrap their memory.
         self.k_pools = [np.zeros(shape, dtype) for _ in range(cfg.num_layers)]
         self.v_pools = [np.zeros(shape, dtype) for _ in range(cfg.num_layers)]
+        self._bind_pools()
+
+    def _session(self, path: Path, config: EngineConfig, profile_prefix: str | None) -> ort.InferenceSession:
+        session = make_session(path / self.manifest.model_file, config.runner.compute_threads, profile_prefix)
+        _check_graph(session, self.manifest, path)
+        return session
+
+    def _bind_pools(self) -> None:
         self._binding = self.session.io_binding()
         self.pool_values: list[ort.OrtValue] = []  # the pools' memory, bound as graph inputs once
         for layer, (k_pool, v_pool) in enumerate(zip(self.k_pools, self.v_pools)):
@@ -88,6 +100,11 @@ class OnnxRunner:
                     raise RuntimeError(f"onnxruntime copied pool {name}; the runner relies on zero-copy binding")
                 self._binding.bind_ortvalue_input(name, value)
                 self.pool_values.append(value)
+
+    def clear(self) -> None:
+        """Forget every cached K/V (validation runs scenarios from empty pools)."""
+        for pool in self.k_pools + self.v_pools:
+            pool.fill(0)
 
     def execute(self, batch: ModelInput) -> torch.Tensor:
         """Compute one step, write its K/V into the pools, return float32 logits [L, vocab]."""
@@ -156,6 +173,7 @@ def _sub_batch(batch: ModelInput, rows: np.ndarray, block_size: int) -> tuple[Mo
         context_lens=batch.context_lens[rows], block_tables=batch.block_tables[rows, :width],
         slot_mapping=batch.slot_mapping[tokens], logits_indices=sampled[logits_rows],
         sample_request_ids=tuple(batch.sample_request_ids[i] for i in logits_rows),
+        request_ids=tuple(batch.request_ids[i] for i in rows) if batch.request_ids else (),
     )
     return part, logits_rows
 

@@ -15,7 +15,8 @@ from lepton.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest, ManifestErr
 from export.onnx_export import DYNAMIC_AXES, ExportError, check_pool_reads
 from export.validation import FP32_TOLERANCE, StepDriver, pool_blocks, scenarios
 
-CHECKS = ["prefill", "decode", "chunked_prefill", "ragged_batch", "shuffled_blocks", "polygraphy_graph"]
+SCENARIOS = ["prefill", "decode", "chunked_prefill", "ragged_batch", "shuffled_blocks"]
+CHECKS = SCENARIOS + ["polygraphy_graph"] + [f"slots_{name}" for name in SCENARIOS]
 
 
 def assert_validated(manifest: Manifest) -> None:

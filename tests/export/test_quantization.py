@@ -41,13 +41,13 @@ def quantized(tiny_exports, tmp_path_factory):
     return source, get
 
 
-def generate(model_dir, runner="onnxruntime"):
+def generate(model_dir, runner="onnxruntime", attention="auto"):
     """Greedy tokens for PROMPTS through the engine, and the engine."""
     from lepton.engine import LLMEngine
 
     config = EngineConfig(model_dir=model_dir, cache=CacheConfig(block_size=8, kv_cache_memory_bytes=2 << 20),
                           scheduler=SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=4),
-                          runner=RunnerConfig(runner=runner))
+                          runner=RunnerConfig(runner=runner, attention=attention))
     engine = LLMEngine(config)
     for i, prompt in enumerate(PROMPTS):
         engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
@@ -59,18 +59,22 @@ def generate(model_dir, runner="onnxruntime"):
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
-def test_engine_serves_the_quantized_export_with_pools_intact(quantized, method):
+@pytest.mark.parametrize("attention", ["paged", "slots"])
+def test_engine_serves_the_quantized_export_with_pools_intact(quantized, method, attention):
     _, get = quantized
     out, _, _ = get(method)
-    tokens, engine = generate(out)
+    tokens, engine = generate(out, attention=attention)
     runner = engine.runner
     assert all(len(t) == MAX_TOKENS for t in tokens.values()) and len(tokens) == len(PROMPTS)
     vocab = runner.model_config.vocab_size
     assert all(0 <= token < vocab for t in tokens.values() for token in t)
     pools = runner.k_pools + runner.v_pools
     assert all(pool.dtype == np.float32 for pool in pools)
-    assert sorted(v.data_ptr() for v in runner.pool_values) == sorted(p.ctypes.data for p in pools)
-    assert all(pool.any() for pool in pools), "K/V were never written into the bound pools"
+    if attention == "paged":
+        assert sorted(v.data_ptr() for v in runner.pool_values) == sorted(p.ctypes.data for p in pools)
+    else:  # NOTE: the graph reads the slots; every step's K/V are copied into the pools too
+        assert runner.slots.num_slots == len(PROMPTS) and runner.slots.refills == 0
+    assert all(pool.any() for pool in pools), "K/V were never written into the pools"
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])

@@ -1,0 +1,191 @@
+"""Contiguous per-sequence K/V caches ("slots") beside the block pools, for the slot runner.
+
+The block pools stay the engine's truth: the block manager accounts in blocks, prefix caching shares
+them, and every step's K/V are written there too. A slot is a copy that ONNX Runtime's fused attention
+can read in place: per layer, keys and values [slots, KVH, capacity, D]. A slot is valid for a request
+when it holds exactly the tokens the step says are cached; otherwise it is filled from the pools through
+the block table (a prefix-cache hit, a resumed request, a slot taken by another request). Numpy only.
+
+One graph run attends over the slots [first, first + B): the decode rows of a step are kept in slots
+0 .. B-1 (moving rows between slots as requests come and go), every longer row runs alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+EMPTY = np.zeros(0, np.int64)
+# NOTE: capacity grows in these steps (and doubles), so a long context reallocates only a few times.
+CAPACITY_STEP = 256
+
+
+@dataclass
+class SlotCache:
+    """Keys and values per layer [slots, KVH, capacity, D]; who holds each slot and how many tokens."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: np.dtype
+    block_size: int
+    max_capacity: int  # the model's context: no slot ever holds more
+    keys: list[np.ndarray] = field(default_factory=list)
+    values: list[np.ndarray] = field(default_factory=list)
+    owner: list[str | None] = field(default_factory=list)
+    length: list[int] = field(default_factory=list)
+    last_used: list[int] = field(default_factory=list)
+    tables: list[np.ndarray] = field(default_factory=list)  # the blocks whose tokens each slot holds
+    index: dict[str, int] = field(default_factory=dict)  # request -> slot
+    generation: int = 0  # bumped on every reallocation (bound buffers must be rebound)
+    moves: int = 0  # slot-to-slot copies so far
+    refills: int = 0  # fills from the pools so far
+    _clock: int = 0
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.owner)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.keys + self.values)
+
+    def reserve(self, num_slots: int, capacity: int) -> None:
+        """At least num_slots slots of at least capacity tokens (contents kept)."""
+        if capacity > self.max_capacity:
+            raise ValueError(f"capacity {capacity} exceeds the model's {self.max_capacity} positions")
+        slots, cap = self.num_slots, self.capacity
+        if num_slots <= slots and capacity <= cap:
+            return
+        new_slots = max(num_slots, slots)
+        new_cap = cap
+        if capacity > cap:
+            new_cap = min(self.max_capacity, max(-(-capacity // CAPACITY_STEP) * CAPACITY_STEP, 2 * cap))
+        shape = (new_slots, self.num_kv_heads, new_cap, self.head_dim)
+        for arrays in (self.keys, self.values):
+            old = list(arrays)
+            arrays.clear()
+            for layer in range(self.num_layers):
+                arrays.append(np.zeros(shape, self.dtype))
+                if old:
+                    arrays[layer][:slots, :, :cap] = old[layer]
+        grow = new_slots - slots
+        self.owner += [None] * grow
+        self.length += [0] * grow
+        self.last_used += [0] * grow
+        self.tables += [EMPTY] * grow
+        self.generation += 1
+
+    def drop_all(self) -> None:
+        """No slot holds anything (the pools were cleared under them)."""
+        for slot in range(self.num_slots):
+            self._evict(slot)
+
+    def place(self, decodes: list[str], others: list[str]) -> None:
+        """Slots for this step's rows: decodes in slots 0 .. len(decodes)-1, the others above."""
+        self._clock += 1
+        num_decodes = len(decodes)
+        self.reserve(num_decodes + len(others), max(self.capacity, 1))
+        in_step = set(decodes) | set(others)
+        decode_set = set(decodes)
+        low = [s for s in range(num_decodes) if self.owner[s] not in decode_set]
+        # NOTE: decodes that hold a slot above go first, swapping with a longer row of this step where
+        # they must; once none is above, a spare slot above exists for every longer row moved up.
+        for request in sorted(decodes, key=lambda r: r not in self.index):
+            slot = self.index.get(request)
+            if slot is not None and slot < num_decodes:
+                continue
+            target = low.pop()
+            if self.owner[target] in in_step and slot is not None:
+                self._swap(slot, target)
+                continue
+            if self.owner[target] in in_step:  # NOTE: a longer row of this step: it moves up
+                self._move(target, self._spare(num_decodes, in_step))
+            else:
+                self._evict(target)
+            if slot is not None:
+                self._move(slot, target)
+            else:
+                self._take(target, request)
+        for request in others:
+            if request not in self.index:
+                slot = self._spare(num_decodes, in_step)
+                self._evict(slot)
+                self._take(slot, request)
+        for request in in_step:
+            self.last_used[self.index[request]] = self._clock
+
+    def fill(self, request: str, cached: int, block_table: np.ndarray, k_pools: list[np.ndarray],
+             v_pools: list[np.ndarray]) -> None:
+        """Make the request's slot hold its first `cached` tokens; copied from the pools if it does not.
+
+        The slot is trusted when it holds at least that many tokens *of the same blocks*: blocks a live
+        request holds never change below its computed tokens, and a request id reused after a finish
+        has other blocks (or prefix-cache hits of the same tokens).
+        """
+        slot = self.index[request]
+        blocks = np.asarray(block_table[: -(-cached // self.block_size)], np.int64)
+        held = self.tables[slot]
+        if self.length[slot] >= cached and held.size >= blocks.size and np.array_equal(held[: blocks.size], blocks):
+            self.length[slot] = cached
+            return
+        if cached:
+            for pools, caches in ((k_pools, self.keys), (v_pools, self.values)):
+                for pool, cache in zip(pools, caches):
+                    rows = pool[blocks].reshape(-1, self.num_kv_heads, self.head_dim)[:cached]
+                    cache[slot, :, :cached] = rows.transpose(1, 0, 2)
+            self.refills += 1
+        self.length[slot], self.tables[slot] = cached, blocks
+
+    def commit(self, request: str, length: int, block_table: np.ndarray) -> None:
+        """After a step: the request's slot holds `length` tokens of these blocks."""
+        slot = self.index[request]
+        self.length[slot] = length
+        self.tables[slot] = np.array(block_table[: -(-length // self.block_size)], np.int64)
+
+    def _spare(self, above: int, in_step: set[str]) -> int:
+        """A slot >= above held by no row of this step: an empty one, else the least recently used."""
+        candidates = [s for s in range(above, self.num_slots) if self.owner[s] not in in_step]
+        return min(candidates, key=lambda s: (self.owner[s] is not None, self.last_used[s]))
+
+    def _take(self, slot: int, request: str) -> None:
+        self.owner[slot], self.length[slot], self.tables[slot] = request, 0, EMPTY
+        self.index[request] = slot
+
+    def _evict(self, slot: int) -> None:
+        if self.owner[slot] is not None:
+            del self.index[self.owner[slot]]
+        self.owner[slot], self.length[slot], self.tables[slot] = None, 0, EMPTY
+
+    def _swap(self, first: int, second: int) -> None:
+        """Exchange two held slots (contents and owners)."""
+        count = max(self.length[first], self.length[second])
+        for arrays in (self.keys, self.values):
+            for cache in arrays:
+                held = cache[first, :, :count].copy()
+                cache[first, :, :count] = cache[second, :, :count]
+                cache[second, :, :count] = held
+        for table in (self.owner, self.length, self.last_used, self.tables):
+            table[first], table[second] = table[second], table[first]
+        for slot in (first, second):
+            self.index[self.owner[slot]] = slot
+        self.moves += 2
+
+    def _move(self, source: int, target: int) -> None:
+        """Copy a slot's valid tokens to an empty target slot and hand it over."""
+        count = self.length[source]
+        for arrays in (self.keys, self.values):
+            for cache in arrays:
+                cache[target, :, :count] = cache[source, :, :count]
+        request = self.owner[source]
+        self._evict(target)
+        self._take(target, request)
+        self.length[target], self.last_used[target] = count, self.last_used[source]
+        self.tables[target] = self.tables[source]
+        self.owner[source], self.length[source], self.tables[source] = None, 0, EMPTY
+        self.moves += 1

@@ -1,0 +1,152 @@
+"""The step graph rewritten to attend over per-sequence contiguous caches ("slots") with ONNX Runtime's
+fused GroupQueryAttention, in memory, for any export of the paged graph (float32 or quantized).
+
+The paged graph (lepton/models/llama.py `paged_attention`) gathers every sequence's K/V rows out of the
+block pools each layer and runs ~30 small ops of rotary, scatter, products and masking. Here each
+layer's region between its fused qkv product and its o_proj product becomes one GroupQueryAttention
+node (packed qkv, rotary inside, past and present caches [B, KVH, M, D] that the runner binds to one
+buffer, so this step's K/V are written in place). Every weight product, norm and the lm_head are kept
+as exported, so each quantized variant keeps its numbers.
+
+Graph contract (what `lepton.runners.slot_runner` binds):
+- input_ids [B, S] int64: S new tokens of each of B sequences (B = 1 when S > 1 and tokens are cached);
+- seqlens_k [B] int32: each sequence's cached tokens after this step, minus one;
+- total_sequence_length [] int32: max(seqlens_k) + 1;
+- logits_indices [L] int64: rows of the flat [B * S] tokens whose logits are returned;
+- past_key_{i} / past_value_{i} [B, KVH, M, D] float32; outputs present_key_{i} / present_value_{i}
+  (the same buffers when bound so) and logits [L, V].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from lepton.models.llama import ModelConfig
+
+MS_DOMAIN = "com.microsoft"
+SLOT_INPUTS = ("input_ids", "seqlens_k", "total_sequence_length", "logits_indices")
+
+
+class SlotGraphError(RuntimeError):
+    """The graph is not a paged step graph this rewrite knows; serve it with attention=paged."""
+
+
+def slot_graph(model: onnx.ModelProto, cfg: ModelConfig, cos_half: np.ndarray, sin_half: np.ndarray) -> onnx.ModelProto:
+    """Rewrite the paged step graph in place (see the module docstring); returns it.
+
+    cos_half / sin_half: [max positions, head_dim / 2] float32, the rotate-half tables of the model's RoPE.
+    """
+    graph = model.graph
+    splits = [n for n in graph.node if n.op_type == "Split" and len(n.output) == 3]
+    outputs = _attention_outputs(graph)
+    if len(splits) != cfg.num_layers or len(outputs) != cfg.num_layers:
+        raise SlotGraphError(f"found {len(splits)} qkv splits and {len(outputs)} attention outputs for "
+                             f"{cfg.num_layers} layers; not a paged step graph of this model")
+    nodes = [
+        helper.make_node("Shape", ["input_ids"], ["slot.batch_len"], name="slot.shape"),
+        helper.make_node("Concat", ["slot.batch_len", "slot.minus_one"], ["slot.qkv_shape"], axis=0,
+                         name="slot.qkv_shape"),
+        helper.make_node("Reshape", ["input_ids", "slot.minus_one"], ["slot.flat_ids"], name="slot.flat_ids"),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([-1], np.int64), "slot.minus_one"),
+        numpy_helper.from_array(np.array([-1, cfg.num_heads * cfg.head_dim], np.int64), "slot.out_shape"),
+        numpy_helper.from_array(np.ascontiguousarray(cos_half, np.float32), "slot.cos_cache"),
+        numpy_helper.from_array(np.ascontiguousarray(sin_half, np.float32), "slot.sin_cache"),
+    ]
+    renamed, fused = {"input_ids": "slot.flat_ids"}, {}
+    for layer, (split, attention_out) in enumerate(zip(splits, outputs)):
+        fused[split.output[0]] = _fused_layer(layer, split.input[0], cfg)
+        renamed[attention_out] = f"slot.out_{layer}"
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+        nodes.append(node)
+        if node.op_type == "Split":  # NOTE: right after the qkv split, so the order stays topological
+            nodes += fused.get(node.output[0], [])
+    _set_io(graph, cfg)
+    live = [_copy(node) for node in _live(nodes, [o.name for o in graph.output])]
+    graph.ClearField("node")
+    graph.node.extend(live)
+    graph.initializer.extend(inits)
+    _drop_unused(graph)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return model
+
+
+def _fused_layer(layer: int, qkv: str, cfg: ModelConfig) -> list[onnx.NodeProto]:
+    """qkv [B * S, (N + 2 KVH) D] -> [B, S, ...] -> GroupQueryAttention -> [B * S, N D] (slot.out_{layer})."""
+    return [
+        helper.make_node("Reshape", [qkv, "slot.qkv_shape"], [f"slot.qkv_{layer}"], name=f"slot.qkv_{layer}"),
+        helper.make_node(
+            "GroupQueryAttention",
+            [f"slot.qkv_{layer}", "", "", f"past_key_{layer}", f"past_value_{layer}", "seqlens_k",
+             "total_sequence_length", "slot.cos_cache", "slot.sin_cache"],
+            [f"slot.attention_{layer}", f"present_key_{layer}", f"present_value_{layer}"],
+            name=f"slot.gqa_{layer}", domain=MS_DOMAIN, num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads,
+            scale=float(cfg.head_dim ** -0.5), do_rotary=1, rotary_interleaved=0,
+        ),
+        helper.make_node("Reshape", [f"slot.attention_{layer}", "slot.out_shape"], [f"slot.out_{layer}"],
+                         name=f"slot.out_{layer}"),
+    ]
+
+
+def _attention_outputs(graph: onnx.GraphProto) -> list[str]:
+    """Each layer's attention output: the rows picked by token_slot from the padded [S * Q] layout
+    (`out.reshape(S * Q, -1)[token_slot]`, a GatherND over Unsqueeze(token_slot) or a Gather of it)."""
+    unsqueezed = {n.output[0] for n in graph.node if n.op_type == "Unsqueeze" and n.input[0] == "token_slot"}
+    found = []
+    for node in graph.node:
+        if node.op_type == "GatherND" and node.input[1] in unsqueezed:
+            found.append(node.output[0])
+        elif node.op_type == "Gather" and node.input[1] == "token_slot":
+            found.append(node.output[0])
+    return found
+
+
+def _set_io(graph: onnx.GraphProto, cfg: ModelConfig) -> None:
+    """The slot graph's inputs and outputs (see the module docstring)."""
+    cache = ["B", cfg.num_kv_heads, "M", cfg.head_dim]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "S"]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["B"]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+        helper.make_tensor_value_info("logits_indices", TensorProto.INT64, ["L"]),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["L", cfg.vocab_size])]
+    for layer in range(cfg.num_layers):
+        for kv in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_{kv}_{layer}", TensorProto.FLOAT, cache))
+            outputs.append(helper.make_tensor_value_info(f"present_{kv}_{layer}", TensorProto.FLOAT, cache))
+    graph.ClearField("input")
+    graph.input.extend(inputs)
+    graph.ClearField("output")
+    graph.output.extend(outputs)
+    graph.ClearField("value_info")
+
+
+def _live(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:
+    """The nodes the outputs depend on, in their order (the paged index and gather nodes drop out)."""
+    needed, keep = set(outputs), []
+    for node in reversed(nodes):
+        if any(name in needed for name in node.output):
+            keep.append(node)
+            needed.update(name for name in node.input if name)
+    return keep[::-1]
+
+
+def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    return copy
+
+
+def _drop_unused(graph: onnx.GraphProto) -> None:
+    used = {name for node in graph.node for name in node.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept)

@@ -1,0 +1,146 @@
+"""The ONNX Runtime runner with fused attention over per-sequence caches (attention=slots).
+
+Same export folder, pools and step contract as OnnxRunner; the graph is rewritten at load
+(lepton/runners/slot_graph.py) so that each layer's attention is one GroupQueryAttention over a
+contiguous cache per running sequence (lepton/runners/slot_cache.py) instead of per-layer gathers
+from the block pools. A step runs its decode rows as one graph run over slots 0 .. B-1 and each
+longer row (a prompt chunk) as a run of its own; this step's K/V are then copied into the pools,
+which stay what prefix caching, validation and a refilled slot read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from lepton.batch import ModelInput
+from lepton.config import EngineConfig
+from lepton.models.loader import rope_parameters
+from lepton.runners.onnx_runner import OnnxRunner, make_session, open_export_folder
+from lepton.runners.slot_cache import SlotCache
+from lepton.runners.slot_graph import SLOT_INPUTS, SlotGraphError, slot_graph
+
+# NOTE: bindings are cached per (first slot, rows); a server sees at most max_num_seqs + 1 kinds.
+MAX_BINDINGS = 256
+
+
+class SlotRunner(OnnxRunner):
+    """OnnxRunner whose graph attends over slots; `slots` holds the per-sequence caches."""
+
+    def _session(self, path: Path, config: EngineConfig, profile_prefix: str | None) -> ort.InferenceSession:
+        cfg = self.model_config
+        inv_freq, scaling = rope_parameters(open_export_folder(path))
+        freqs = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float32), inv_freq.float())
+        # NOTE: external weights stay in their file: the rewritten graph (without them) is handed over
+        # serialized, which protobuf caps at 2 GiB, and ONNX Runtime reads the weights from the folder.
+        external = self.manifest.external_data is not None
+        model = slot_graph(onnx.load(str(path / self.manifest.model_file), load_external_data=not external), cfg,
+                           (freqs.cos() * scaling).numpy(), (freqs.sin() * scaling).numpy())
+        session = make_session(model.SerializeToString(), config.runner.compute_threads, profile_prefix,
+                               data_folder=path if external else None)
+        names = {node.name for node in session.get_inputs()}
+        if not set(SLOT_INPUTS) <= names:
+            raise SlotGraphError(f"{path}: the rewritten graph lacks inputs {sorted(set(SLOT_INPUTS) - names)}")
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        return session
+
+    def _bind_pools(self) -> None:
+        cfg = self.model_config
+        self.slots = SlotCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, np.dtype(self.manifest.kv_dtype),
+                               self.block_size, max_capacity=self.max_model_len)
+        self._bindings: dict[tuple[int, int, int], ort.SessionIOBinding] = {}
+
+    def clear(self) -> None:
+        super().clear()
+        self.slots.drop_all()
+
+    def run_step(self, batch: ModelInput) -> np.ndarray:
+        return self.run(batch)[0]
+
+    def run(self, batch: ModelInput) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One step: float32 logits [L, vocab] in scheduled order and the step's new_k, new_v
+        [layers, T, KVH, D], which are also written into the pools."""
+        if len(batch.request_ids) != len(batch.query_lens):
+            raise ValueError("the slot runner needs ModelInput.request_ids (lepton.batch.build_model_input sets them)")
+        ids, query_lens, context_lens = batch.request_ids, batch.query_lens, batch.context_lens
+        starts = np.concatenate([[0], np.cumsum(query_lens)[:-1]]).astype(np.int64)
+        decodes, others = np.flatnonzero(query_lens == 1), np.flatnonzero(query_lens > 1)
+        self.slots.reserve(0, int(context_lens.max()))
+        if len(self._bindings) > MAX_BINDINGS or any(key[2] != self.slots.generation for key in self._bindings):
+            self._bindings.clear()
+        self.slots.place([ids[r] for r in decodes], [ids[r] for r in others])
+        for row, request in enumerate(ids):
+            self.slots.fill(request, int(context_lens[row] - query_lens[row]), batch.block_tables[row],
+                            self.k_pools, self.v_pools)
+        row_of_token = np.repeat(np.arange(len(ids)), query_lens)
+        logits_rows = row_of_token[batch.logits_indices]
+        logits = np.empty((len(batch.logits_indices), self.model_config.vocab_size), np.float32)
+        token_slots = np.empty(batch.num_tokens, np.int64)
+        if decodes.size:
+            slots = np.array([self.slots.index[ids[r]] for r in decodes])
+            rows = decodes[np.argsort(slots)]  # NOTE: graph row i is slot i
+            graph_row = np.full(len(ids), -1, np.int64)
+            graph_row[rows] = np.arange(rows.size)
+            wanted = np.flatnonzero(graph_row[logits_rows] >= 0)
+            logits[wanted] = self._run_graph(0, rows, starts, batch, graph_row[logits_rows[wanted]])
+            token_slots[starts[rows]] = np.arange(rows.size)
+        for row in others:
+            slot = self.slots.index[ids[row]]
+            wanted = np.flatnonzero(logits_rows == row)
+            logits[wanted] = self._run_graph(slot, np.array([row]), starts, batch,
+                                             batch.logits_indices[wanted] - starts[row])
+            token_slots[starts[row]:starts[row] + query_lens[row]] = slot
+        for row, request in enumerate(ids):
+            self.slots.commit(request, int(context_lens[row]), batch.block_tables[row])
+        return (logits, *self._store_new_kv(token_slots, batch))
+
+    def _run_graph(self, first: int, rows: np.ndarray, starts: np.ndarray, batch: ModelInput,
+                   logits_indices: np.ndarray) -> np.ndarray:
+        """One graph run over slots [first, first + len(rows)) for the batch's rows (all the same length)."""
+        length = int(batch.query_lens[rows[0]])
+        binding = self._binding(first, rows.size)
+        tokens = (starts[rows][:, None] + np.arange(length)[None, :]).reshape(-1)
+        context = batch.context_lens[rows]
+        inputs = {
+            "input_ids": np.ascontiguousarray(batch.input_ids[tokens].reshape(rows.size, length)),
+            "seqlens_k": (context - 1).astype(np.int32),
+            "total_sequence_length": np.array(context.max(), np.int32),
+            "logits_indices": np.ascontiguousarray(logits_indices, np.int64),
+        }
+        for name, array in inputs.items():
+            binding.bind_cpu_input(name, array)
+        binding.bind_output("logits", "cpu")
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
+
+    def _binding(self, first: int, count: int) -> ort.SessionIOBinding:
+        """A binding whose past and present caches are slots [first, first + count), shared in place."""
+        key = (first, count, self.slots.generation)
+        if key not in self._bindings:
+            binding = self.session.io_binding()
+            binding.bind_output("logits", "cpu")  # NOTE: first, so get_outputs()[0] is the logits
+            for layer in range(self.model_config.num_layers):
+                for kind, arrays in (("key", self.slots.keys), ("value", self.slots.values)):
+                    view = arrays[layer][first:first + count]
+                    value = ort.OrtValue.ortvalue_from_numpy(view)
+                    if value.data_ptr() != view.ctypes.data:
+                        raise RuntimeError("onnxruntime copied a slot cache; the runner relies on zero-copy binding")
+                    binding.bind_ortvalue_input(f"past_{kind}_{layer}", value)
+                    binding.bind_ortvalue_output(f"present_{kind}_{layer}", value)
+            self._bindings[key] = binding
+        return self._bindings[key]
+
+    def _store_new_kv(self, token_slots: np.ndarray, batch: ModelInput) -> tuple[np.ndarray, np.ndarray]:
+        """This step's K/V read back from the slots [layers, T, KVH, D] and written into the pools."""
+        news = []
+        for pools, caches in ((self.k_pools, self.slots.keys), (self.v_pools, self.slots.values)):
+            new = np.empty((len(pools), batch.num_tokens, *pools[0].shape[2:]), pools[0].dtype)
+            for layer, (pool, cache) in enumerate(zip(pools, caches)):
+                new[layer] = cache[token_slots, :, batch.positions, :]
+                pool.reshape(-1, *pool.shape[2:])[batch.slot_mapping] = new[layer]
+            news.append(new)
+        return news[0], news[1]

@@ -1,0 +1,93 @@
+"""SlotCache bookkeeping: where rows go, what moves keep, when a slot is trusted or refilled."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lepton.runners.slot_cache import CAPACITY_STEP, SlotCache
+
+LAYERS, KVH, D, BS = 2, 2, 4, 4
+
+
+def cache(max_capacity: int = 1024) -> SlotCache:
+    return SlotCache(LAYERS, KVH, D, np.dtype(np.float32), BS, max_capacity=max_capacity)
+
+
+def mark(slots: SlotCache, request: str, value: float, length: int) -> None:
+    """Write a request-specific value into its slot's first `length` positions (as a step would)."""
+    slot = slots.index[request]
+    for array in slots.keys + slots.values:
+        array[slot, :, :length] = value
+    slots.commit(request, length, np.arange(100, 100 + -(-length // BS)))
+
+
+def held(slots: SlotCache, request: str, length: int) -> set[float]:
+    slot = slots.index[request]
+    return {float(v) for array in slots.keys + slots.values for v in np.unique(array[slot, :, :length])}
+
+
+def test_decodes_take_the_lowest_slots_and_longer_rows_go_above():
+    slots = cache()
+    slots.reserve(0, 8)
+    slots.place([], ["a", "b", "c"])  # NOTE: three prompts: any slots
+    for value, request in enumerate("abc", start=1):
+        mark(slots, request, value, 5)
+    slots.place(["c", "a"], ["b"])
+    assert {slots.index["c"], slots.index["a"]} == {0, 1}
+    assert slots.index["b"] >= 2
+    for value, request in enumerate("abc", start=1):
+        assert held(slots, request, 5) == {float(value)}, "a move lost or mixed a slot's contents"
+    slots.place(["b"], ["a"])  # NOTE: b must come down to slot 0; whoever is there moves or is dropped
+    assert slots.index["b"] == 0 and slots.index["a"] >= 1
+    assert held(slots, "b", 5) == {2.0} and held(slots, "a", 5) == {1.0}
+    assert len(set(slots.index.values())) == len(slots.index)
+
+
+def test_a_decode_above_swaps_with_a_prompt_below_when_no_slot_is_spare():
+    slots = cache()
+    slots.reserve(0, 8)
+    slots.place([], ["p", "d"])
+    assert (slots.index["p"], slots.index["d"]) == (0, 1)
+    mark(slots, "p", 7.0, 3)
+    mark(slots, "d", 9.0, 6)
+    slots.place(["d"], ["p"])
+    assert (slots.index["d"], slots.index["p"]) == (0, 1)
+    assert held(slots, "d", 6) == {9.0} and held(slots, "p", 3) == {7.0}
+    assert slots.num_slots == 2 and slots.moves == 2
+
+
+def test_a_slot_is_trusted_only_for_the_same_blocks():
+    slots = cache()
+    pools = [np.arange(8 * BS * KVH * D, dtype=np.float32).reshape(8, BS, KVH, D) + 1000 * i for i in range(LAYERS)]
+    slots.reserve(0, 16)
+    slots.place(["a"], [])
+    slots.fill("a", 6, np.array([3, 5]), pools, pools)
+    assert slots.refills == 1
+    expected = pools[1][[3, 5]].reshape(-1, KVH, D)[:6].transpose(1, 0, 2)
+    np.testing.assert_array_equal(slots.keys[1][0, :, :6], expected)
+    slots.commit("a", 7, np.array([3, 5]))
+    slots.fill("a", 7, np.array([3, 5]), pools, pools)  # NOTE: the next decode step: trusted
+    slots.fill("a", 4, np.array([3, 5]), pools, pools)  # NOTE: recomputed from an earlier token: trusted
+    assert slots.refills == 1 and slots.length[0] == 4
+    slots.fill("a", 6, np.array([6, 5]), pools, pools)  # NOTE: the same id over other blocks: refilled
+    assert slots.refills == 2
+    np.testing.assert_array_equal(slots.values[0][0, :, :4], pools[0][6].transpose(1, 0, 2))
+    slots.fill("a", 0, np.array([], np.int64), pools, pools)
+    assert slots.refills == 2 and slots.length[0] == 0
+
+
+def test_capacity_grows_in_steps_keeping_contents_and_stops_at_the_model_context():
+    slots = cache(max_capacity=600)
+    slots.reserve(0, 10)
+    assert slots.capacity == CAPACITY_STEP
+    slots.place([], ["a"])
+    mark(slots, "a", 3.0, 10)
+    generation = slots.generation
+    slots.reserve(0, CAPACITY_STEP + 1)
+    assert slots.capacity == 2 * CAPACITY_STEP and slots.generation == generation + 1
+    assert held(slots, "a", 10) == {3.0}
+    slots.reserve(0, 600)
+    assert slots.capacity == 600
+    with pytest.raises(ValueError, match="exceeds the model's 600 positions"):
+        slots.reserve(0, 601)
