@@ -17,8 +17,19 @@ from dataclasses import dataclass, field
 import numpy as np
 
 EMPTY = np.zeros(0, np.int64)
-# NOTE: capacity grows in these steps (and doubles), so a long context reallocates only a few times.
+# NOTE: capacity is a multiple of CAPACITY_STEP with a quarter of headroom when it grows, and slots a
+# multiple of SLOT_STEP a quarter above the rows asking: a context or batch that grows step by step
+# reallocates (copying this step's rows) every few hundred tokens or every few requests, not each time.
 CAPACITY_STEP = 256
+SLOT_STEP = 8
+
+
+def _rounded(tokens: int, ceiling: int) -> int:
+    return min(ceiling, max(CAPACITY_STEP, -(-tokens // CAPACITY_STEP) * CAPACITY_STEP))
+
+
+def _headroom(rows: int) -> int:
+    return -(-(rows + rows // 4) // SLOT_STEP) * SLOT_STEP
 
 
 @dataclass
@@ -55,30 +66,40 @@ class SlotCache:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.keys + self.values)
 
-    def reserve(self, num_slots: int, capacity: int) -> None:
-        """At least num_slots slots of at least capacity tokens (contents kept)."""
+    def reserve(self, requests: list[str], capacity: int) -> None:
+        """Room for one step: a slot for each of `requests`, `capacity` tokens in every slot.
+
+        The arrays are reallocated when too small, and when twice too large (after a burst of
+        requests or a long context), so that they stay near rows x longest context: 64 slots of 2,048
+        tokens are 6 GB for SmolLM2. A reallocation keeps the slots of `requests` (packed in front) and
+        drops the others; a dropped request that comes back is refilled from the pools.
+        """
         if capacity > self.max_capacity:
             raise ValueError(f"capacity {capacity} exceeds the model's {self.max_capacity} positions")
-        slots, cap = self.num_slots, self.capacity
-        if num_slots <= slots and capacity <= cap:
+        want_slots, want_cap = len(requests), _rounded(capacity, self.max_capacity)
+        too_small = want_slots > self.num_slots or capacity > self.capacity
+        too_large = self.num_slots > 2 * _headroom(want_slots) or self.capacity > 2 * want_cap
+        if not (too_small or too_large):
             return
-        new_slots = max(num_slots, slots)
-        new_cap = cap
-        if capacity > cap:
-            new_cap = min(self.max_capacity, max(-(-capacity // CAPACITY_STEP) * CAPACITY_STEP, 2 * cap))
+        new_slots = _headroom(max(1, want_slots))
+        keep_cap = capacity <= self.capacity <= 2 * want_cap
+        new_cap = self.capacity if keep_cap else _rounded(capacity + capacity // 4, self.max_capacity)
+        kept = [(self.index[r], r) for r in requests if r in self.index]
         shape = (new_slots, self.num_kv_heads, new_cap, self.head_dim)
         for arrays in (self.keys, self.values):
             old = list(arrays)
             arrays.clear()
             for layer in range(self.num_layers):
                 arrays.append(np.zeros(shape, self.dtype))
-                if old:
-                    arrays[layer][:slots, :, :cap] = old[layer]
-        grow = new_slots - slots
-        self.owner += [None] * grow
-        self.length += [0] * grow
-        self.last_used += [0] * grow
-        self.tables += [EMPTY] * grow
+                for new, (slot, _) in enumerate(kept):
+                    count = self.length[slot]
+                    arrays[layer][new, :, :count] = old[layer][slot, :, :count]
+        state = [(r, self.length[slot], self.last_used[slot], self.tables[slot]) for slot, r in kept]
+        self.owner, self.length = [None] * new_slots, [0] * new_slots
+        self.last_used, self.tables, self.index = [0] * new_slots, [EMPTY] * new_slots, {}
+        for new, (request, length, used, table) in enumerate(state):
+            self._take(new, request)
+            self.length[new], self.last_used[new], self.tables[new] = length, used, table
         self.generation += 1
 
     def drop_all(self) -> None:
@@ -90,7 +111,8 @@ class SlotCache:
         """Slots for this step's rows: decodes in slots 0 .. len(decodes)-1, the others above."""
         self._clock += 1
         num_decodes = len(decodes)
-        self.reserve(num_decodes + len(others), max(self.capacity, 1))
+        if num_decodes + len(others) > self.num_slots:
+            self.reserve(decodes + others, max(self.capacity, 1))
         in_step = set(decodes) | set(others)
         decode_set = set(decodes)
         low = [s for s in range(num_decodes) if self.owner[s] not in decode_set]

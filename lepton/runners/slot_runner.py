@@ -69,7 +69,7 @@ class SlotRunner(OnnxRunner):
         ids, query_lens, context_lens = batch.request_ids, batch.query_lens, batch.context_lens
         starts = np.concatenate([[0], np.cumsum(query_lens)[:-1]]).astype(np.int64)
         decodes, others = np.flatnonzero(query_lens == 1), np.flatnonzero(query_lens > 1)
-        self.slots.reserve(0, int(context_lens.max()))
+        self.slots.reserve(list(ids), int(context_lens.max()))
         if len(self._bindings) > MAX_BINDINGS or any(key[2] != self.slots.generation for key in self._bindings):
             self._bindings.clear()
         self.slots.place([ids[r] for r in decodes], [ids[r] for r in others])

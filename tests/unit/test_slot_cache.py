@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lepton.runners.slot_cache import CAPACITY_STEP, SlotCache
+from lepton.runners.slot_cache import CAPACITY_STEP, SLOT_STEP, SlotCache
 
 LAYERS, KVH, D, BS = 2, 2, 4, 4
 
@@ -29,7 +29,7 @@ def held(slots: SlotCache, request: str, length: int) -> set[float]:
 
 def test_decodes_take_the_lowest_slots_and_longer_rows_go_above():
     slots = cache()
-    slots.reserve(0, 8)
+    slots.reserve([], 8)
     slots.place([], ["a", "b", "c"])  # NOTE: three prompts: any slots
     for value, request in enumerate("abc", start=1):
         mark(slots, request, value, 5)
@@ -46,7 +46,7 @@ def test_decodes_take_the_lowest_slots_and_longer_rows_go_above():
 
 def test_a_decode_above_swaps_with_a_prompt_below_when_no_slot_is_spare():
     slots = cache()
-    slots.reserve(0, 8)
+    slots.reserve([], 8)
     slots.place([], ["p", "d"])
     assert (slots.index["p"], slots.index["d"]) == (0, 1)
     mark(slots, "p", 7.0, 3)
@@ -54,13 +54,13 @@ def test_a_decode_above_swaps_with_a_prompt_below_when_no_slot_is_spare():
     slots.place(["d"], ["p"])
     assert (slots.index["d"], slots.index["p"]) == (0, 1)
     assert held(slots, "d", 6) == {9.0} and held(slots, "p", 3) == {7.0}
-    assert slots.num_slots == 2 and slots.moves == 2
+    assert slots.num_slots == SLOT_STEP and slots.moves == 2
 
 
 def test_a_slot_is_trusted_only_for_the_same_blocks():
     slots = cache()
     pools = [np.arange(8 * BS * KVH * D, dtype=np.float32).reshape(8, BS, KVH, D) + 1000 * i for i in range(LAYERS)]
-    slots.reserve(0, 16)
+    slots.reserve([], 16)
     slots.place(["a"], [])
     slots.fill("a", 6, np.array([3, 5]), pools, pools)
     assert slots.refills == 1
@@ -77,17 +77,36 @@ def test_a_slot_is_trusted_only_for_the_same_blocks():
     assert slots.refills == 2 and slots.length[0] == 0
 
 
-def test_capacity_grows_in_steps_keeping_contents_and_stops_at_the_model_context():
+def test_capacity_grows_in_steps_keeping_this_steps_rows_and_stops_at_the_model_context():
     slots = cache(max_capacity=600)
-    slots.reserve(0, 10)
+    slots.reserve([], 10)
     assert slots.capacity == CAPACITY_STEP
-    slots.place([], ["a"])
+    slots.place([], ["a", "b"])
     mark(slots, "a", 3.0, 10)
+    mark(slots, "b", 4.0, 10)
     generation = slots.generation
-    slots.reserve(0, CAPACITY_STEP + 1)
+    slots.reserve(["b"], CAPACITY_STEP + 1)  # NOTE: a quarter of headroom, rounded up to a step
     assert slots.capacity == 2 * CAPACITY_STEP and slots.generation == generation + 1
-    assert held(slots, "a", 10) == {3.0}
-    slots.reserve(0, 600)
+    assert slots.index == {"b": 0} and held(slots, "b", 10) == {4.0}, "only this step's rows keep a slot"
+    slots.reserve(["b"], 600)
     assert slots.capacity == 600
     with pytest.raises(ValueError, match="exceeds the model's 600 positions"):
-        slots.reserve(0, 601)
+        slots.reserve(["b"], 601)
+
+
+def test_arrays_shrink_after_a_burst_and_a_long_context():
+    slots = cache(max_capacity=4096)
+    burst = [f"r{i}" for i in range(64)]
+    slots.reserve(burst, 2000)
+    slots.place(burst, [])
+    assert (slots.num_slots, slots.capacity) == (80, 2560)
+    mark(slots, "r7", 5.0, 3)
+    slots.reserve(["r7", "r9"], 300)  # NOTE: two rows of 300 tokens left: 8 x 512, not 80 x 2,560
+    assert (slots.num_slots, slots.capacity) == (SLOT_STEP, 512)
+    assert held(slots, "r7", 3) == {5.0} and set(slots.index) == {"r7", "r9"}
+    generation = slots.generation
+    slots.reserve([f"r{i}" for i in range(8)], 400)  # NOTE: within twice the need either way: kept as they are
+    slots.reserve(["r7", "r9"], 200)
+    assert slots.generation == generation
+    slots.reserve([f"r{i}" for i in range(9)], 400)  # NOTE: one row too many: 16 slots, this step's rows kept
+    assert slots.generation == generation + 1 and slots.num_slots == 16 and held(slots, "r7", 3) == {5.0}
