@@ -107,12 +107,17 @@ class SlotCache:
         for slot in range(self.num_slots):
             self._evict(slot)
 
-    def place(self, decodes: list[str], others: list[str]) -> None:
-        """Slots for this step's rows: decodes in slots 0 .. len(decodes)-1, the others above."""
+    def place(self, decodes: list[str], others: list[str], fresh: list[str] = ()) -> None:
+        """Slots for this step's rows: decodes in slots 0 .. D-1, prompts from their first token (`fresh`,
+        which hold nothing yet) in D .. D+F-1, the other rows (chunks after cached tokens) above."""
         self._clock += 1
-        num_decodes = len(decodes)
-        if num_decodes + len(others) > self.num_slots:
-            self.reserve(decodes + others, max(self.capacity, 1))
+        fresh = list(fresh)
+        num_decodes, top = len(decodes), len(decodes) + len(fresh)
+        if top + len(others) > self.num_slots:
+            self.reserve(decodes + fresh + others, max(self.capacity, 1))
+        for request in fresh:  # NOTE: nothing to keep: they are placed after the others have room
+            if request in self.index:
+                self._evict(self.index[request])
         in_step = set(decodes) | set(others)
         decode_set = set(decodes)
         low = [s for s in range(num_decodes) if self.owner[s] not in decode_set]
@@ -127,16 +132,26 @@ class SlotCache:
                 self._swap(slot, target)
                 continue
             if self.owner[target] in in_step:  # NOTE: a longer row of this step: it moves up
-                self._move(target, self._spare(num_decodes, in_step))
+                self._move(target, self._spare(top, in_step))
             else:
                 self._evict(target)
             if slot is not None:
                 self._move(slot, target)
             else:
                 self._take(target, request)
+        for target, request in zip(range(num_decodes, top), fresh):
+            if self.owner[target] in in_step:
+                self._move(target, self._spare(top, in_step | set(fresh)))
+            else:
+                self._evict(target)
+            self._take(target, request)
+        in_step |= set(fresh)
         for request in others:
-            if request not in self.index:
-                slot = self._spare(num_decodes, in_step)
+            if request not in self.index or self.index[request] < top:
+                if request in self.index:  # NOTE: a swap left it below: up it goes
+                    self._move(self.index[request], self._spare(top, in_step))
+                    continue
+                slot = self._spare(top, in_step)
                 self._evict(slot)
                 self._take(slot, request)
         for request in in_step:

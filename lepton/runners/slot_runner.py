@@ -68,42 +68,50 @@ class SlotRunner(OnnxRunner):
             raise ValueError("the slot runner needs ModelInput.request_ids (lepton.batch.build_model_input sets them)")
         ids, query_lens, context_lens = batch.request_ids, batch.query_lens, batch.context_lens
         starts = np.concatenate([[0], np.cumsum(query_lens)[:-1]]).astype(np.int64)
-        decodes, others = np.flatnonzero(query_lens == 1), np.flatnonzero(query_lens > 1)
+        cached = context_lens - query_lens
+        decodes = np.flatnonzero(query_lens == 1)
+        fresh = np.flatnonzero((query_lens > 1) & (cached == 0))  # NOTE: whole prompts or first chunks
+        others = np.flatnonzero((query_lens > 1) & (cached > 0))
         self.slots.reserve(list(ids), int(context_lens.max()))
         if len(self._bindings) > MAX_BINDINGS or any(key[2] != self.slots.generation for key in self._bindings):
             self._bindings.clear()
-        self.slots.place([ids[r] for r in decodes], [ids[r] for r in others])
+        self.slots.place([ids[r] for r in decodes], [ids[r] for r in others], [ids[r] for r in fresh])
         for row, request in enumerate(ids):
-            self.slots.fill(request, int(context_lens[row] - query_lens[row]), batch.block_tables[row],
-                            self.k_pools, self.v_pools)
-        row_of_token = np.repeat(np.arange(len(ids)), query_lens)
-        logits_rows = row_of_token[batch.logits_indices]
+            self.slots.fill(request, int(cached[row]), batch.block_tables[row], self.k_pools, self.v_pools)
+        logits_rows = np.repeat(np.arange(len(ids)), query_lens)[batch.logits_indices]
         logits = np.empty((len(batch.logits_indices), self.model_config.vocab_size), np.float32)
         token_slots = np.empty(batch.num_tokens, np.int64)
-        if decodes.size:
-            slots = np.array([self.slots.index[ids[r]] for r in decodes])
-            rows = decodes[np.argsort(slots)]  # NOTE: graph row i is slot i
-            graph_row = np.full(len(ids), -1, np.int64)
-            graph_row[rows] = np.arange(rows.size)
-            wanted = np.flatnonzero(graph_row[logits_rows] >= 0)
-            logits[wanted] = self._run_graph(0, rows, starts, batch, graph_row[logits_rows[wanted]])
-            token_slots[starts[rows]] = np.arange(rows.size)
-        for row in others:
-            slot = self.slots.index[ids[row]]
-            wanted = np.flatnonzero(logits_rows == row)
-            logits[wanted] = self._run_graph(slot, np.array([row]), starts, batch,
-                                             batch.logits_indices[wanted] - starts[row])
-            token_slots[starts[row]:starts[row] + query_lens[row]] = slot
+        # NOTE: one run for the decodes (slots 0 .. D-1), one for the fresh prompts padded to the longest
+        # (slots D ..), one per chunk after cached tokens (GroupQueryAttention takes those one at a time).
+        for rows in [decodes, fresh] + [np.array([row]) for row in others]:
+            if rows.size:
+                self._run_rows(rows, starts, batch, logits_rows, logits, token_slots)
         for row, request in enumerate(ids):
             self.slots.commit(request, int(context_lens[row]), batch.block_tables[row])
         return (logits, *self._store_new_kv(token_slots, batch))
 
-    def _run_graph(self, first: int, rows: np.ndarray, starts: np.ndarray, batch: ModelInput,
+    def _run_rows(self, rows: np.ndarray, starts: np.ndarray, batch: ModelInput, logits_rows: np.ndarray,
+                  logits: np.ndarray, token_slots: np.ndarray) -> None:
+        """One graph run over the rows' slots (consecutive), filling their logits and their tokens' slots."""
+        slots = np.array([self.slots.index[batch.request_ids[r]] for r in rows])
+        rows = rows[np.argsort(slots)]  # NOTE: graph row i is slot first + i
+        first = int(slots.min())
+        length = int(batch.query_lens[rows].max())
+        graph_row = np.full(len(batch.query_lens), -1, np.int64)
+        graph_row[rows] = np.arange(rows.size)
+        wanted = np.flatnonzero(graph_row[logits_rows] >= 0)
+        local = graph_row[logits_rows[wanted]] * length + batch.logits_indices[wanted] - starts[logits_rows[wanted]]
+        logits[wanted] = self._run_graph(first, rows, length, starts, batch, local)
+        for slot, row in enumerate(rows, start=first):
+            token_slots[starts[row]:starts[row] + batch.query_lens[row]] = slot
+
+    def _run_graph(self, first: int, rows: np.ndarray, length: int, starts: np.ndarray, batch: ModelInput,
                    logits_indices: np.ndarray) -> np.ndarray:
-        """One graph run over slots [first, first + len(rows)) for the batch's rows (all the same length)."""
-        length = int(batch.query_lens[rows[0]])
+        """One graph run over slots [first, first + len(rows)); shorter rows are padded with their last token
+        (their padding's K/V land past their length, where nothing reads them)."""
         binding = self._binding(first, rows.size)
-        tokens = (starts[rows][:, None] + np.arange(length)[None, :]).reshape(-1)
+        offsets = np.minimum(np.arange(length)[None, :], batch.query_lens[rows][:, None] - 1)
+        tokens = (starts[rows][:, None] + offsets).reshape(-1)
         context = batch.context_lens[rows]
         inputs = {
             "input_ids": np.ascontiguousarray(batch.input_ids[tokens].reshape(rows.size, length)),

@@ -110,3 +110,16 @@ def test_arrays_shrink_after_a_burst_and_a_long_context():
     assert slots.generation == generation
     slots.reserve([f"r{i}" for i in range(9)], 400)  # NOTE: one row too many: 16 slots, this step's rows kept
     assert slots.generation == generation + 1 and slots.num_slots == 16 and held(slots, "r7", 3) == {5.0}
+
+
+def test_fresh_prompts_take_the_slots_right_above_the_decodes_and_chunks_go_higher():
+    slots = cache()
+    slots.reserve([], 8)
+    slots.place([], ["c1", "c2"])
+    mark(slots, "c1", 1.0, 4)
+    mark(slots, "c2", 2.0, 4)
+    slots.place(["c2"], ["c1"], fresh=["f1", "f2", "f3"])
+    assert slots.index["c2"] == 0
+    assert sorted(slots.index[f] for f in ("f1", "f2", "f3")) == [1, 2, 3], "one padded run needs them side by side"
+    assert slots.index["c1"] >= 4 and held(slots, "c1", 4) == {1.0} and held(slots, "c2", 4) == {2.0}
+    assert all(slots.length[slots.index[f]] == 0 for f in ("f1", "f2", "f3"))
