@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-MS_DOMAIN = "com.microsoft"
+from lepton.runners.graph_edit import MS_DOMAIN, replace_nodes
 Q4_ZERO = 8  # MatMulNBits' default zero point for bits=4 (no zero_points input)
 Q8_ZERO = 128  # and for bits=8
 
@@ -149,12 +149,7 @@ def rewrite_matmuls(model: onnx.ModelProto, plan: RewritePlan) -> int:
         count += 1
     if head is not None:
         nodes = _gather_tied_embedding(nodes, inits, weights, *head)
-    graph.ClearField("node")
-    graph.node.extend(nodes)
-    graph.initializer.extend(inits)
-    drop_unused_initializers(graph)
-    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    replace_nodes(model, nodes, inits)
     return count
 
 
@@ -204,11 +199,3 @@ def _block_sum_nodes(activation: str, size: int, block_size: int, nodes: list, i
         inits.append(numpy_helper.from_array(block_indicator(size, block_size), indicator))
     nodes.append(helper.make_node("MatMul", [activation, indicator], [name], name=f"{name}.matmul"))
     return name
-
-
-def drop_unused_initializers(graph: onnx.GraphProto) -> None:
-    """Remove initializers no node or output reads."""
-    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    kept = [t for t in graph.initializer if t.name in used]
-    graph.ClearField("initializer")
-    graph.initializer.extend(kept)

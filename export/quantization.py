@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from export.nbits import RewritePlan, drop_unused_initializers, rewrite_matmuls
+from export.nbits import RewritePlan, rewrite_matmuls
 from export.onnx_export import COPIED_FILES, MAX_INLINE_BYTES, check_pool_reads
 from export.quality import (REPORT_FILE, EvalOptions, QualityGate, VariantQuality, evaluate, require_gate,
                             teacher_forced_inputs, write_report)
@@ -25,6 +25,7 @@ from export.smoothing import (activation_ranges, block_int8_errors, calibration_
                               weight_product_inputs)
 from export.training import calibration_windows
 from lepton.manifest import MANIFEST_FILE, Manifest, QuantizationRecipe, sha256_file, tool_versions
+from lepton.runners.graph_edit import drop_unused_initializers
 from lepton.runners.onnx_runner import INDEX_INPUTS
 
 METHODS = ("int8", "int4", "q4_1", "q8_0")

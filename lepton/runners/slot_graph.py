@@ -24,8 +24,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from lepton.models.llama import ModelConfig
-
-MS_DOMAIN = "com.microsoft"
+from lepton.runners.graph_edit import MS_DOMAIN, replace_nodes
 SLOT_INPUTS = ("input_ids", "seqlens_k", "total_sequence_length", "logits_indices")
 
 
@@ -68,13 +67,7 @@ def slot_graph(model: onnx.ModelProto, cfg: ModelConfig, cos_half: np.ndarray, s
         if node.op_type == "Split":  # NOTE: right after the qkv split, so the order stays topological
             nodes += fused.get(node.output[0], [])
     _set_io(graph, cfg)
-    live = [_copy(node) for node in _live(nodes, [o.name for o in graph.output])]
-    graph.ClearField("node")
-    graph.node.extend(live)
-    graph.initializer.extend(inits)
-    _drop_unused(graph)
-    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    replace_nodes(model, [_copy(node) for node in _live(nodes, [o.name for o in graph.output])], inits)
     return model
 
 
@@ -143,10 +136,3 @@ def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
     copy = onnx.NodeProto()
     copy.CopyFrom(node)
     return copy
-
-
-def _drop_unused(graph: onnx.GraphProto) -> None:
-    used = {name for node in graph.node for name in node.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    graph.ClearField("initializer")
-    graph.initializer.extend(kept)

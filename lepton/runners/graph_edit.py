@@ -1,0 +1,28 @@
+"""Edits of an ONNX graph shared by the exporter's quantizers (export/nbits.py) and the slot rewrite."""
+
+from __future__ import annotations
+
+import onnx
+from onnx import helper
+
+MS_DOMAIN = "com.microsoft"
+
+
+def replace_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto]) -> None:
+    """The graph's nodes become `nodes` (in this order), `initializers` are added, unused ones dropped,
+    and the com.microsoft opset is imported (MatMulNBits, GroupQueryAttention)."""
+    graph = model.graph
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    graph.initializer.extend(initializers)
+    drop_unused_initializers(graph)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
+def drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    """Remove initializers no node or output reads."""
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    kept = [t for t in graph.initializer if t.name in used]
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept)
