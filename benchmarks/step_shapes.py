@@ -150,7 +150,7 @@ def print_breakdown(params: dict[str, str], batches: dict, repeats: int) -> None
 
     config = EngineConfig.from_parameters(params)
     prefix = tempfile.mkdtemp(prefix="lepton-ortprof-") + "/step"
-    runner_class = type(make_runner(open_folder(config), config))  # NOTE: attention=auto: slots or paged
+    runner_class = type(make_runner(open_folder(config), config))  # NOTE: the attention parameter: slots or paged
     runner = runner_class(open_folder(config), config, profile_prefix=prefix)
     walls = {}
     for shape, batch in batches.items():

@@ -160,7 +160,7 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def sized_runner(export_dir: Path, num_blocks: int, num_threads: int) -> OnnxRunner:
-    """The runner the engine serves this export with (attention=auto), over exactly num_blocks KV blocks."""
+    """The runner the engine serves this export with (its default attention), over exactly num_blocks KV blocks."""
     cfg = Manifest.load(Path(export_dir) / MANIFEST_FILE)
     per_block = 2 * cfg.model_config.num_layers * cfg.block_size * cfg.model_config.num_kv_heads
     per_block *= cfg.model_config.head_dim * np.dtype(cfg.kv_dtype).itemsize
