@@ -174,7 +174,7 @@ def graph_check(torch_runner: TorchRunner, export_dir: Path, onnx_runner: OnnxRu
 def validate_export(folder: ModelFolder, export_dir: Path, block_size: int,
                     tolerance: Tolerance = FP32_TOLERANCE, num_threads: int = 0) -> tuple[CheckResult, ...]:
     """Every scenario through TorchRunner and OnnxRunner, one polygraphy graph comparison, then every
-    scenario again through the SlotRunner (the graph with fused attention, as served by default)."""
+    scenario again through the SlotRunner (the graph with fused attention, served with attention=slots)."""
     torch_runner, onnx_runner, config = _runners(folder, export_dir, block_size, num_threads)
     tolerance = tolerance.scaled(*_reference_scale(torch_runner, block_size), onnx_runner.model_config.num_layers)
     results, feeds = [], []
@@ -182,8 +182,8 @@ def validate_export(folder: ModelFolder, export_dir: Path, block_size: int,
         record = feeds if scenario.shuffle_blocks else None
         results.append(run_scenario(scenario, torch_runner, onnx_runner, tolerance, record))
     results.append(graph_check(torch_runner, export_dir, onnx_runner, feeds, tolerance))
-    # NOTE: the graph as ONNX Runtime serves it by default (attention=slots, rewritten at load), same
-    # scenarios; a graph the rewrite does not take is served paged, and checked as such above.
+    # NOTE: the graph as ONNX Runtime serves it with attention=slots (rewritten at load), same
+    # scenarios; a graph the rewrite does not take is refused by attention=slots and checked paged above.
     try:
         slot_runner = SlotRunner(export_dir, config)
     except SlotGraphError as error:
