@@ -278,6 +278,13 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+def rope_tables(inv_freq: torch.Tensor, attention_scaling: float, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [max_positions, head_dim / 2] of every position (rotate-half layout: each half of a
+    head uses the same table)."""
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq.float())
+    return freqs.cos() * attention_scaling, freqs.sin() * attention_scaling
+
+
 class PagedCausalLM(nn.Module):
     """The whole model as one step function over flat tokens and per-layer K/V pools."""
 
@@ -293,11 +300,8 @@ class PagedCausalLM(nn.Module):
 
     def set_rope(self, inv_freq: torch.Tensor, attention_scaling: float) -> None:
         """Precompute cos/sin tables for every position up to max_position_embeddings."""
-        positions = torch.arange(self.cfg.max_position_embeddings, dtype=torch.float32)
-        freqs = torch.outer(positions, inv_freq.float())
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.cos_cache = emb.cos() * attention_scaling
-        self.sin_cache = emb.sin() * attention_scaling
+        cos, sin = rope_tables(inv_freq, attention_scaling, self.cfg.max_position_embeddings)
+        self.cos_cache, self.sin_cache = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
 
     def forward(self, input_ids, positions, token_index, token_slot, query_lens, context_lens,
                 block_tables, logits_indices, k_pools: list[torch.Tensor], v_pools: list[torch.Tensor]):

@@ -83,14 +83,14 @@ class OnnxRunner:
         # These arrays are never reallocated: the OrtValues below wrap their memory.
         self.k_pools = [np.zeros(shape, dtype) for _ in range(cfg.num_layers)]
         self.v_pools = [np.zeros(shape, dtype) for _ in range(cfg.num_layers)]
-        self._bind_pools()
+        self._bind_pools(config)
 
     def _session(self, path: Path, config: EngineConfig, profile_prefix: str | None) -> ort.InferenceSession:
         session = make_session(path / self.manifest.model_file, config.runner.compute_threads, profile_prefix)
         _check_graph(session, self.manifest, path)
         return session
 
-    def _bind_pools(self) -> None:
+    def _bind_pools(self, config: EngineConfig) -> None:
         self._binding = self.session.io_binding()
         self.pool_values: list[ort.OrtValue] = []  # the pools' memory, bound as graph inputs once
         for layer, (k_pool, v_pool) in enumerate(zip(self.k_pools, self.v_pools)):

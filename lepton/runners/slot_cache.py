@@ -146,11 +146,8 @@ class SlotCache:
                 self._evict(target)
             self._take(target, request)
         in_step |= set(fresh)
-        for request in others:
-            if request not in self.index or self.index[request] < top:
-                if request in self.index:  # NOTE: a swap left it below: up it goes
-                    self._move(self.index[request], self._spare(top, in_step))
-                    continue
+        for request in others:  # NOTE: any of them below `top` was moved up above
+            if request not in self.index:
                 slot = self._spare(top, in_step)
                 self._evict(slot)
                 self._take(slot, request)

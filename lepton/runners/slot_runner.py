@@ -3,9 +3,10 @@
 Same export folder, pools and step contract as OnnxRunner; the graph is rewritten at load
 (lepton/runners/slot_graph.py) so that each layer's attention is one GroupQueryAttention over a
 contiguous cache per running sequence (lepton/runners/slot_cache.py) instead of per-layer gathers
-from the block pools. A step runs its decode rows as one graph run over slots 0 .. B-1 and each
-longer row (a prompt chunk) as a run of its own; this step's K/V are then copied into the pools,
-which stay what prefix caching, validation and a refilled slot read.
+from the block pools. A step runs its decode rows as one graph run over slots 0 .. B-1, its prompts from their first
+token as one padded run right above them, and each chunk after cached tokens as a run of its own;
+this step's K/V are then copied into the pools, which stay what prefix caching, validation and a
+refilled slot read.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-import torch
 
 from lepton.batch import ModelInput
 from lepton.config import EngineConfig
+from lepton.models.llama import rope_tables
 from lepton.models.loader import rope_parameters
 from lepton.runners.onnx_runner import OnnxRunner, make_session, open_export_folder
 from lepton.runners.slot_cache import SlotCache
-from lepton.runners.slot_graph import SLOT_INPUTS, SlotGraphError, slot_graph
+from lepton.runners.slot_graph import slot_graph
 
 # NOTE: bindings are cached per (first slot, rows); a server sees at most max_num_seqs + 1 kinds.
 MAX_BINDINGS = 256
@@ -33,26 +34,22 @@ class SlotRunner(OnnxRunner):
 
     def _session(self, path: Path, config: EngineConfig, profile_prefix: str | None) -> ort.InferenceSession:
         cfg = self.model_config
-        inv_freq, scaling = rope_parameters(open_export_folder(path))
-        freqs = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float32), inv_freq.float())
+        cos, sin = rope_tables(*rope_parameters(open_export_folder(path)), cfg.max_position_embeddings)
         # NOTE: external weights stay in their file: the rewritten graph (without them) is handed over
         # serialized, which protobuf caps at 2 GiB, and ONNX Runtime reads the weights from the folder.
         external = self.manifest.external_data is not None
         model = slot_graph(onnx.load(str(path / self.manifest.model_file), load_external_data=not external), cfg,
-                           (freqs.cos() * scaling).numpy(), (freqs.sin() * scaling).numpy())
-        session = make_session(model.SerializeToString(), config.runner.compute_threads, profile_prefix,
-                               data_folder=path if external else None)
-        names = {node.name for node in session.get_inputs()}
-        if not set(SLOT_INPUTS) <= names:
-            raise SlotGraphError(f"{path}: the rewritten graph lacks inputs {sorted(set(SLOT_INPUTS) - names)}")
-        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        return session
+                           cos.numpy(), sin.numpy())
+        return make_session(model.SerializeToString(), config.runner.compute_threads, profile_prefix,
+                            data_folder=path if external else None)
 
-    def _bind_pools(self) -> None:
+    def _bind_pools(self, config: EngineConfig) -> None:
         cfg = self.model_config
+        max_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.slots = SlotCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, np.dtype(self.manifest.kv_dtype),
-                               self.block_size, max_capacity=self.max_model_len)
-        self._bindings: dict[tuple[int, int, int], ort.SessionIOBinding] = {}
+                               self.block_size, max_capacity=max_len)
+        self._bindings: dict[tuple[int, int], ort.SessionIOBinding] = {}  # (first slot, rows) -> binding
+        self._bindings_generation = self.slots.generation
 
     def clear(self) -> None:
         super().clear()
@@ -73,8 +70,6 @@ class SlotRunner(OnnxRunner):
         fresh = np.flatnonzero((query_lens > 1) & (cached == 0))  # NOTE: whole prompts or first chunks
         others = np.flatnonzero((query_lens > 1) & (cached > 0))
         self.slots.reserve(list(ids), int(context_lens.max()))
-        if len(self._bindings) > MAX_BINDINGS or any(key[2] != self.slots.generation for key in self._bindings):
-            self._bindings.clear()
         self.slots.place([ids[r] for r in decodes], [ids[r] for r in others], [ids[r] for r in fresh])
         for row, request in enumerate(ids):
             self.slots.fill(request, int(cached[row]), batch.block_tables[row], self.k_pools, self.v_pools)
@@ -127,7 +122,10 @@ class SlotRunner(OnnxRunner):
 
     def _binding(self, first: int, count: int) -> ort.SessionIOBinding:
         """A binding whose past and present caches are slots [first, first + count), shared in place."""
-        key = (first, count, self.slots.generation)
+        if self._bindings_generation != self.slots.generation or len(self._bindings) > MAX_BINDINGS:
+            self._bindings.clear()  # NOTE: reallocated arrays: the bound views are stale
+            self._bindings_generation = self.slots.generation
+        key = (first, count)
         if key not in self._bindings:
             binding = self.session.io_binding()
             binding.bind_output("logits", "cpu")  # NOTE: first, so get_outputs()[0] is the logits
