@@ -51,19 +51,22 @@ def _onnx_runner(folder: ModelFolder, config: EngineConfig) -> Runner:
     from lepton.runners.slot_graph import SlotGraphError
 
     attention = config.runner.attention
-    if config.runner.deterministic and attention == "slots":  # NOTE: batch invariance measured paged only
-        raise ConfigError("attention: slots is not batch-invariant as measured; deterministic=true serves "
-                          "attention=paged (or auto)")
-    # NOTE: auto serves the paged graph: in alternating served pairs (docs/performance.md) slots tied on
-    # 16-stream throughput and took 1.4-2.3x longer to the first token behind a shared prefix (chunks
-    # after cached tokens run one graph each), though its steps are 0.75-0.9x in process.
-    if attention == "slots":
+    if config.runner.deterministic:  # NOTE: batch invariance was measured on the paged graph only
+        if attention == "slots":
+            raise ConfigError("attention: slots is not batch-invariant as measured; deterministic=true serves "
+                              "attention=paged (or auto)")
+        attention = "paged"
+    # NOTE: auto serves slots: in alternating served pairs (docs/performance.md) they made 1.4x the
+    # 16-stream throughput of the paged graph, with lower single-stream latency and time to first token.
+    if attention != "paged":
         from lepton.runners.slot_runner import SlotRunner
 
         try:
             return SlotRunner(folder, config)
         except SlotGraphError as error:
-            raise ConfigError(f"attention: slots cannot serve {folder.path}: {error}") from None
+            if attention == "slots":
+                raise ConfigError(f"attention: slots cannot serve {folder.path}: {error}") from None
+            print(f"[lepton] attention=auto: {error}; serving the paged graph", flush=True)
     return OnnxRunner(folder, config)
 
 

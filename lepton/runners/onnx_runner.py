@@ -58,6 +58,8 @@ def make_session(model: Path | bytes, num_threads: int, profile_prefix: str | No
 class OnnxRunner:
     """An ONNX Runtime session plus per-layer K and V pools [num_blocks, block_size, KVH, D]."""
 
+    weight_copies = 1  # sessions holding the weights (each prepacks its own)
+
     def __init__(self, folder: ModelFolder | str | Path, config: EngineConfig,
                  profile_prefix: str | None = None) -> None:
         """profile_prefix: write ONNX Runtime's per-op profile there (benchmarks.step_shapes --ort-profile)."""
@@ -72,6 +74,7 @@ class OnnxRunner:
         if config.runner.deterministic:
             _check_deterministic(self.manifest, path)
         weights = sum(f.stat().st_size for f in path.iterdir() if f.name.startswith(self.manifest.model_file))
+        weights *= self.weight_copies
         kv_bytes = kv_budget_bytes(config.cache, weights)
         check_fits(path, weights, kv_bytes)
         self.num_blocks = _num_blocks(self.manifest, kv_bytes)
@@ -91,15 +94,7 @@ class OnnxRunner:
         return session
 
     def _bind_pools(self, config: EngineConfig) -> None:
-        self._binding = self.session.io_binding()
-        self.pool_values: list[ort.OrtValue] = []  # the pools' memory, bound as graph inputs once
-        for layer, (k_pool, v_pool) in enumerate(zip(self.k_pools, self.v_pools)):
-            for name, pool in ((f"k_pool_{layer}", k_pool), (f"v_pool_{layer}", v_pool)):
-                value = ort.OrtValue.ortvalue_from_numpy(pool)
-                if value.data_ptr() != pool.ctypes.data:
-                    raise RuntimeError(f"onnxruntime copied pool {name}; the runner relies on zero-copy binding")
-                self._binding.bind_ortvalue_input(name, value)
-                self.pool_values.append(value)
+        self._binding, self.pool_values = bind_pools(self.session, self.k_pools, self.v_pools)
 
     def clear(self) -> None:
         """Forget every cached K/V (validation runs scenarios from empty pools)."""
@@ -123,21 +118,41 @@ class OnnxRunner:
     def run(self, batch: ModelInput) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One graph run over the whole batch, as laid out: numpy logits [L, V] and the step's new_k,
         new_v [layers, T, KVH, D]; the new K/V are written into the pools."""
-        # NOTE: bind_cpu_input wraps each array without copying; `indices` keeps them alive through the run.
-        indices = [np.ascontiguousarray(getattr(batch, name), dtype=np.int64) for name in INDEX_INPUTS]
-        for name, array in zip(INDEX_INPUTS, indices):
-            self._binding.bind_cpu_input(name, array)
-        self._binding.clear_binding_outputs()
-        for name in OUTPUTS:
-            self._binding.bind_output(name, "cpu")
-        self.session.run_with_iobinding(self._binding)
-        logits, new_k, new_v = (value.numpy() for value in self._binding.get_outputs())
-        slots = batch.slot_mapping
-        for layer, (k_pool, v_pool) in enumerate(zip(self.k_pools, self.v_pools)):
-            # NOTE: reshape of a contiguous pool is a view, so this writes the bound memory in place.
-            k_pool.reshape(-1, *k_pool.shape[2:])[slots] = new_k[layer]
-            v_pool.reshape(-1, *v_pool.shape[2:])[slots] = new_v[layer]
-        return logits, new_k, new_v
+        return run_paged(self.session, self._binding, batch, self.k_pools, self.v_pools)
+
+
+def bind_pools(session: ort.InferenceSession, k_pools: list[np.ndarray],
+               v_pools: list[np.ndarray]) -> tuple[ort.SessionIOBinding, list[ort.OrtValue]]:
+    """A binding of the paged graph with the pools' memory bound as its pool inputs, once (no copy)."""
+    binding, values = session.io_binding(), []
+    for layer, (k_pool, v_pool) in enumerate(zip(k_pools, v_pools)):
+        for name, pool in ((f"k_pool_{layer}", k_pool), (f"v_pool_{layer}", v_pool)):
+            value = ort.OrtValue.ortvalue_from_numpy(pool)
+            if value.data_ptr() != pool.ctypes.data:
+                raise RuntimeError(f"onnxruntime copied pool {name}; the runner relies on zero-copy binding")
+            binding.bind_ortvalue_input(name, value)
+            values.append(value)
+    return binding, values
+
+
+def run_paged(session: ort.InferenceSession, binding: ort.SessionIOBinding, batch: ModelInput,
+              k_pools: list[np.ndarray], v_pools: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One run of the paged graph over the batch as laid out; its new K/V are written into the pools."""
+    # NOTE: bind_cpu_input wraps each array without copying; `indices` keeps them alive through the run.
+    indices = [np.ascontiguousarray(getattr(batch, name), dtype=np.int64) for name in INDEX_INPUTS]
+    for name, array in zip(INDEX_INPUTS, indices):
+        binding.bind_cpu_input(name, array)
+    binding.clear_binding_outputs()
+    for name in OUTPUTS:
+        binding.bind_output(name, "cpu")
+    session.run_with_iobinding(binding)
+    logits, new_k, new_v = (value.numpy() for value in binding.get_outputs())
+    slots = batch.slot_mapping
+    for layer, (k_pool, v_pool) in enumerate(zip(k_pools, v_pools)):
+        # NOTE: reshape of a contiguous pool is a view, so this writes the bound memory in place.
+        k_pool.reshape(-1, *k_pool.shape[2:])[slots] = new_k[layer]
+        v_pool.reshape(-1, *v_pool.shape[2:])[slots] = new_v[layer]
+    return logits, new_k, new_v
 
 
 def split_by_query_len(batch: ModelInput, block_size: int) -> list[tuple[ModelInput, np.ndarray]]:
@@ -150,10 +165,10 @@ def split_by_query_len(batch: ModelInput, block_size: int) -> list[tuple[ModelIn
     is_decode = batch.query_lens == 1
     if is_decode.all() or not is_decode.any():
         return [(batch, np.arange(len(batch.logits_indices)))]
-    return [_sub_batch(batch, np.flatnonzero(rows), block_size) for rows in (is_decode, ~is_decode)]
+    return [sub_batch(batch, np.flatnonzero(rows), block_size) for rows in (is_decode, ~is_decode)]
 
 
-def _sub_batch(batch: ModelInput, rows: np.ndarray, block_size: int) -> tuple[ModelInput, np.ndarray]:
+def sub_batch(batch: ModelInput, rows: np.ndarray, block_size: int) -> tuple[ModelInput, np.ndarray]:
     """The rows' tokens as a batch of their own, and which rows of the full logits they give."""
     query_lens = batch.query_lens[rows]
     starts = batch.token_index[rows, 0]  # NOTE: a row's first flat token

@@ -7,7 +7,8 @@ when it holds exactly the tokens the step says are cached; otherwise it is fille
 the block table (a prefix-cache hit, a resumed request, a slot taken by another request). Numpy only.
 
 One graph run attends over the slots [first, first + B): the decode rows of a step are kept in slots
-0 .. B-1 (moving rows between slots as requests come and go), every longer row runs alone.
+0 .. B-1 (moving rows between slots as requests come and go), prompts from their first token right
+above them, a chunk after cached tokens above those.
 """
 
 from __future__ import annotations

@@ -4,9 +4,12 @@ Same export folder, pools and step contract as OnnxRunner; the graph is rewritte
 (lepton/runners/slot_graph.py) so that each layer's attention is one GroupQueryAttention over a
 contiguous cache per running sequence (lepton/runners/slot_cache.py) instead of per-layer gathers
 from the block pools. A step runs its decode rows as one graph run over slots 0 .. B-1, its prompts from their first
-token as one padded run right above them, and each chunk after cached tokens as a run of its own;
-this step's K/V are then copied into the pools, which stay what prefix caching, validation and a
-refilled slot read.
+token as one padded run right above them, and a chunk after cached tokens (a prefix-cache hit, a long
+prompt's later chunk) in its slot when it is the step's only one. GroupQueryAttention's CPU kernel takes
+such chunks one sequence at a time, so two or more run together through the paged graph instead (a
+second session over the same export, reading the pools): one pass over the weights, as OnnxRunner
+does. Every step's K/V end in the pools, which stay what prefix caching, validation and a refilled
+slot read.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from lepton.batch import ModelInput
 from lepton.config import EngineConfig
 from lepton.models.llama import rope_tables
 from lepton.models.loader import rope_parameters
-from lepton.runners.onnx_runner import OnnxRunner, make_session, open_export_folder
+from lepton.runners.onnx_runner import OnnxRunner, bind_pools, make_session, open_export_folder, run_paged, sub_batch
 from lepton.runners.slot_cache import SlotCache
 from lepton.runners.slot_graph import slot_graph
 
@@ -30,9 +33,13 @@ MAX_BINDINGS = 256
 
 
 class SlotRunner(OnnxRunner):
-    """OnnxRunner whose graph attends over slots; `slots` holds the per-sequence caches."""
+    """OnnxRunner whose graph attends over slots; `slots` holds the per-sequence caches, `paged_session`
+    runs the export as it is for steps with several chunks after cached tokens."""
+
+    weight_copies = 2  # NOTE: the slot graph's session and the paged one each hold (and prepack) the weights
 
     def _session(self, path: Path, config: EngineConfig, profile_prefix: str | None) -> ort.InferenceSession:
+        self.paged_session = super()._session(path, config, None)
         cfg = self.model_config
         cos, sin = rope_tables(*rope_parameters(open_export_folder(path)), cfg.max_position_embeddings)
         # NOTE: external weights stay in their file: the rewritten graph (without them) is handed over
@@ -50,6 +57,8 @@ class SlotRunner(OnnxRunner):
                                self.block_size, max_capacity=max_len)
         self._bindings: dict[tuple[int, int], ort.SessionIOBinding] = {}  # (first slot, rows) -> binding
         self._bindings_generation = self.slots.generation
+        self._paged_binding, self.pool_values = bind_pools(self.paged_session, self.k_pools, self.v_pools)
+        self.paged_runs = 0  # steps whose chunks after cached tokens ran through the paged graph
 
     def clear(self) -> None:
         super().clear()
@@ -69,21 +78,32 @@ class SlotRunner(OnnxRunner):
         decodes = np.flatnonzero(query_lens == 1)
         fresh = np.flatnonzero((query_lens > 1) & (cached == 0))  # NOTE: whole prompts or first chunks
         others = np.flatnonzero((query_lens > 1) & (cached > 0))
-        self.slots.reserve(list(ids), int(context_lens.max()))
-        self.slots.place([ids[r] for r in decodes], [ids[r] for r in others], [ids[r] for r in fresh])
-        for row, request in enumerate(ids):
-            self.slots.fill(request, int(cached[row]), batch.block_tables[row], self.k_pools, self.v_pools)
+        paged, alone = (others, others[:0]) if others.size > 1 else (others[:0], others)
+        in_slots = np.concatenate([decodes, fresh, alone])
         logits_rows = np.repeat(np.arange(len(ids)), query_lens)[batch.logits_indices]
         logits = np.empty((len(batch.logits_indices), self.model_config.vocab_size), np.float32)
-        token_slots = np.empty(batch.num_tokens, np.int64)
+        token_slots = np.full(batch.num_tokens, -1, np.int64)  # NOTE: -1: computed by the paged graph
+        if in_slots.size:
+            self.slots.reserve([ids[r] for r in in_slots], int(context_lens[in_slots].max()))
+            self.slots.place([ids[r] for r in decodes], [ids[r] for r in alone], [ids[r] for r in fresh])
+            for row in in_slots:
+                self.slots.fill(ids[row], int(cached[row]), batch.block_tables[row], self.k_pools, self.v_pools)
         # NOTE: one run for the decodes (slots 0 .. D-1), one for the fresh prompts padded to the longest
-        # (slots D ..), one per chunk after cached tokens (GroupQueryAttention takes those one at a time).
-        for rows in [decodes, fresh] + [np.array([row]) for row in others]:
+        # (slots D ..), one for a lone chunk after cached tokens; several such chunks: one paged run.
+        for rows in (decodes, fresh, alone):
             if rows.size:
                 self._run_rows(rows, starts, batch, logits_rows, logits, token_slots)
-        for row, request in enumerate(ids):
-            self.slots.commit(request, int(context_lens[row]), batch.block_tables[row])
-        return (logits, *self._store_new_kv(token_slots, batch))
+        for row in in_slots:
+            self.slots.commit(ids[row], int(context_lens[row]), batch.block_tables[row])
+        new_k, new_v = self._store_new_kv(token_slots, batch)
+        if paged.size:  # NOTE: their slots keep what they held; the next step that needs them refills them
+            part, rows = sub_batch(batch, paged, self.block_size)
+            self.paged_runs += 1
+            logits[rows], part_k, part_v = run_paged(self.paged_session, self._paged_binding, part,
+                                                     self.k_pools, self.v_pools)
+            tokens = np.flatnonzero(token_slots < 0)  # NOTE: the paged rows' tokens, in order
+            new_k[:, tokens], new_v[:, tokens] = part_k, part_v
+        return logits, new_k, new_v
 
     def _run_rows(self, rows: np.ndarray, starts: np.ndarray, batch: ModelInput, logits_rows: np.ndarray,
                   logits: np.ndarray, token_slots: np.ndarray) -> None:
@@ -141,12 +161,18 @@ class SlotRunner(OnnxRunner):
         return self._bindings[key]
 
     def _store_new_kv(self, token_slots: np.ndarray, batch: ModelInput) -> tuple[np.ndarray, np.ndarray]:
-        """This step's K/V read back from the slots [layers, T, KVH, D] and written into the pools."""
+        """This step's K/V [layers, T, KVH, D] read back from the slots and written into the pools (tokens
+        with a slot; the others are left to the paged run)."""
+        tokens = np.flatnonzero(token_slots >= 0)
+        slots, positions, targets = token_slots[tokens], batch.positions[tokens], batch.slot_mapping[tokens]
+        if tokens.size == batch.num_tokens:
+            tokens = slice(None)  # NOTE: the common step: no paged rows, no scattered copy
         news = []
         for pools, caches in ((self.k_pools, self.slots.keys), (self.v_pools, self.slots.values)):
             new = np.empty((len(pools), batch.num_tokens, *pools[0].shape[2:]), pools[0].dtype)
             for layer, (pool, cache) in enumerate(zip(pools, caches)):
-                new[layer] = cache[token_slots, :, batch.positions, :]
-                pool.reshape(-1, *pool.shape[2:])[batch.slot_mapping] = new[layer]
+                if slots.size:
+                    new[layer, tokens] = cache[slots, :, positions, :]
+                    pool.reshape(-1, *pool.shape[2:])[targets] = new[layer, tokens]
             news.append(new)
         return news[0], news[1]

@@ -70,11 +70,14 @@ def run_schedule(paged, slots) -> float:
     for rows in steps:
         batch = plan.step(rows)
         worst = max(worst, float(np.abs(paged.execute(batch).numpy() - slots.execute(batch).numpy()).max()))
-    # NOTE: d shares a's first two blocks (16 tokens, computed by a) and starts after them.
-    plan.add("d", plan.seqs["a"].all_token_ids[:16] + plan.tokens(20), plan.tables["a"][:2], cached=16)
+    # NOTE: d and e share a's first two blocks (16 tokens, computed by a) and start after them: two
+    # chunks after cached tokens in one step run through the paged graph, alone and beside decodes.
+    for request in ("d", "e"):
+        plan.add(request, plan.seqs["a"].all_token_ids[:16] + plan.tokens(20), plan.tables["a"][:2], cached=16)
     # NOTE: b finished; a new request named b with other tokens and blocks must not see the old slot.
     plan.add("b", plan.tokens(30))
-    for rows in [[("d", 12), ("a", 1), ("c", 1)], [("b", 9), ("d", 1)], [("a", 1), ("b", 1), ("c", 1), ("d", 1)]]:
+    for rows in [[("d", 8), ("e", 8)], [("d", 4), ("a", 1), ("e", 4), ("c", 1)], [("b", 9), ("d", 1)],
+                 [("a", 1), ("b", 1), ("c", 1), ("d", 1), ("e", 1)]]:
         batch = plan.step(rows)
         worst = max(worst, float(np.abs(paged.execute(batch).numpy() - slots.execute(batch).numpy()).max()))
     return worst
@@ -90,7 +93,8 @@ def test_slots_give_the_paged_graphs_logits_and_pools(tiny_exports, kind, export
     for ref, got in zip(paged.k_pools + paged.v_pools, slots.k_pools + slots.v_pools):
         np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
     assert slots.slots.moves >= 1, "the schedule should have moved a decode row down"
-    assert slots.slots.refills >= 2, "the prefix hit and the row moved out should have been refilled"
+    assert slots.slots.refills >= 2, "the prefix hits and the row moved out should have been refilled"
+    assert slots.paged_runs == 2, "the two steps with two chunks after cached tokens run the paged graph"
 
 
 def test_the_rewrite_leaves_one_fused_attention_per_layer_and_no_pool_reads(tiny_exports):
@@ -120,7 +124,7 @@ def test_attention_setting_picks_the_runner(tiny_exports):
     export_dir, _ = tiny_exports("llama", "torchscript")
     assert type(runner(export_dir, "slots")) is SlotRunner
     assert type(runner(export_dir, "paged")) is OnnxRunner
-    assert type(runner(export_dir, "auto")) is OnnxRunner  # NOTE: paged until slots win served (docs/performance.md)
+    assert type(runner(export_dir, "auto")) is SlotRunner
     # NOTE: deterministic=true was measured batch-invariant on the paged graph only.
     assert type(runner(export_dir, "auto", deterministic=True)) is OnnxRunner
     with pytest.raises(ConfigError, match="deterministic=true serves attention=paged"):
