@@ -33,6 +33,10 @@ def _headroom(rows: int) -> int:
     return -(-(rows + rows // 4) // SLOT_STEP) * SLOT_STEP
 
 
+def _slot_count(rows: int) -> int:
+    return -(-max(1, rows) // SLOT_STEP) * SLOT_STEP
+
+
 @dataclass
 class SlotCache:
     """Keys and values per layer [slots, KVH, capacity, D]; who holds each slot and how many tokens."""
@@ -43,6 +47,7 @@ class SlotCache:
     dtype: np.dtype
     block_size: int
     max_capacity: int  # the model's context: no slot ever holds more
+    max_bytes: int | None = None  # keys and values of all layers never exceed this (None: unbounded)
     keys: list[np.ndarray] = field(default_factory=list)
     values: list[np.ndarray] = field(default_factory=list)
     owner: list[str | None] = field(default_factory=list)
@@ -67,16 +72,39 @@ class SlotCache:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.keys + self.values)
 
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of one token in one slot, keys and values of all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * np.dtype(self.dtype).itemsize
+
+    def fits(self, rows: int, capacity: int) -> bool:
+        """Whether `rows` slots of `capacity` tokens (rounded as reserve rounds them, no headroom) stay
+        within max_bytes."""
+        need = _slot_count(rows) * _rounded(capacity, self.max_capacity) * self.token_bytes
+        return self.max_bytes is None or need <= self.max_bytes
+
+    def release(self) -> None:
+        """Free the arrays (a step over the budget runs without slots); the next reserve allocates anew."""
+        self.keys.clear()
+        self.values.clear()
+        self.owner, self.length, self.last_used, self.tables, self.index = [], [], [], [], {}
+        self.generation += 1
+
     def reserve(self, requests: list[str], capacity: int) -> None:
         """Room for one step: a slot for each of `requests`, `capacity` tokens in every slot.
 
         The arrays are reallocated when too small, and when twice too large (after a burst of
         requests or a long context), so that they stay near rows x longest context: 64 slots of 2,048
         tokens are 6 GB for SmolLM2. A reallocation keeps the slots of `requests` (packed in front) and
-        drops the others; a dropped request that comes back is refilled from the pools.
+        drops the others; a dropped request that comes back is refilled from the pools. Headroom is
+        left out where it would pass max_bytes; a step that does not fit even so is refused (check
+        `fits` first).
         """
         if capacity > self.max_capacity:
             raise ValueError(f"capacity {capacity} exceeds the model's {self.max_capacity} positions")
+        if not self.fits(len(requests), capacity):
+            raise ValueError(f"{len(requests)} slots of {capacity} tokens exceed the slot budget of "
+                             f"{self.max_bytes} bytes")
         want_slots, want_cap = len(requests), _rounded(capacity, self.max_capacity)
         too_small = want_slots > self.num_slots or capacity > self.capacity
         too_large = self.num_slots > 2 * _headroom(want_slots) or self.capacity > 2 * want_cap
@@ -85,6 +113,8 @@ class SlotCache:
         new_slots = _headroom(max(1, want_slots))
         keep_cap = capacity <= self.capacity <= 2 * want_cap
         new_cap = self.capacity if keep_cap else _rounded(capacity + capacity // 4, self.max_capacity)
+        if self.max_bytes is not None and new_slots * new_cap * self.token_bytes > self.max_bytes:
+            new_slots, new_cap = _slot_count(want_slots), want_cap  # NOTE: fits, checked above
         kept = [(self.index[r], r) for r in requests if r in self.index]
         shape = (new_slots, self.num_kv_heads, new_cap, self.head_dim)
         for arrays in (self.keys, self.values):

@@ -8,8 +8,8 @@ token as one padded run right above them, and a chunk after cached tokens (a pre
 prompt's later chunk) in its slot when it is the step's only one. GroupQueryAttention's CPU kernel takes
 such chunks one sequence at a time, so two or more run together through the paged graph instead (a
 second session over the same export, reading the pools): one pass over the weights, as OnnxRunner
-does. Every step's K/V end in the pools, which stay what prefix caching, validation and a refilled
-slot read.
+does; so does a whole step whose slots would pass their memory budget (SLOT_BUDGET_POOLS). Every
+step's K/V end in the pools, which stay what prefix caching, validation and a refilled slot read.
 """
 
 from __future__ import annotations
@@ -24,12 +24,21 @@ from lepton.batch import ModelInput
 from lepton.config import EngineConfig
 from lepton.models.llama import rope_tables
 from lepton.models.loader import rope_parameters
-from lepton.runners.onnx_runner import OnnxRunner, bind_pools, make_session, open_export_folder, run_paged, sub_batch
+from lepton.memory import available_bytes
+from lepton.runners.onnx_runner import (OnnxRunner, bind_pools, make_session, open_export_folder, run_paged,
+                                        split_by_query_len, sub_batch)
 from lepton.runners.slot_cache import SlotCache
 from lepton.runners.slot_graph import slot_graph
 
 # NOTE: bindings are cached per (first slot, rows); a server sees at most max_num_seqs + 1 kinds.
 MAX_BINDINGS = 256
+# NOTE: the slots hold a copy of every running sequence's K/V, a shared prefix once per sequence, padded
+# to the step's longest context: they may take SLOT_BUDGET_POOLS times the pools' bytes, at least
+# SLOT_BUDGET_FLOOR (pools sized to a few requests, as validation sizes them, still fit their steps), at
+# most half the memory available at load; a step needing more runs through the paged graph. The served
+# workloads of docs/benchmarks.md needed up to 1.4 GB with 1 GiB of pools for SmolLM2 (16 x 1,040 tokens).
+SLOT_BUDGET_POOLS = 4
+SLOT_BUDGET_FLOOR = 256 << 20
 
 
 class SlotRunner(OnnxRunner):
@@ -53,12 +62,16 @@ class SlotRunner(OnnxRunner):
     def _bind_pools(self, config: EngineConfig) -> None:
         cfg = self.model_config
         max_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        pool_bytes = sum(pool.nbytes for pool in self.k_pools + self.v_pools)
         self.slots = SlotCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, np.dtype(self.manifest.kv_dtype),
-                               self.block_size, max_capacity=max_len)
+                               self.block_size, max_capacity=max_len,
+                               max_bytes=min(max(SLOT_BUDGET_POOLS * pool_bytes, SLOT_BUDGET_FLOOR),
+                                             available_bytes() // 2))
         self._bindings: dict[tuple[int, int], ort.SessionIOBinding] = {}  # (first slot, rows) -> binding
         self._bindings_generation = self.slots.generation
         self._paged_binding, self.pool_values = bind_pools(self.paged_session, self.k_pools, self.v_pools)
         self.paged_runs = 0  # steps whose chunks after cached tokens ran through the paged graph
+        self.over_budget_steps = 0  # steps that ran wholly through the paged graph: slots over their budget
 
     def clear(self) -> None:
         super().clear()
@@ -80,6 +93,11 @@ class SlotRunner(OnnxRunner):
         others = np.flatnonzero((query_lens > 1) & (cached > 0))
         paged, alone = (others, others[:0]) if others.size > 1 else (others[:0], others)
         in_slots = np.concatenate([decodes, fresh, alone])
+        if in_slots.size and not self.slots.fits(in_slots.size, int(context_lens[in_slots].max())):
+            self.slots.release()  # NOTE: the pools hold everything; slots refill when a step fits again
+            self._bindings.clear()  # NOTE: the bound views keep the old arrays alive
+            self.over_budget_steps += 1
+            return self._run_paged_step(batch, starts)
         logits_rows = np.repeat(np.arange(len(ids)), query_lens)[batch.logits_indices]
         logits = np.empty((len(batch.logits_indices), self.model_config.vocab_size), np.float32)
         token_slots = np.full(batch.num_tokens, -1, np.int64)  # NOTE: -1: computed by the paged graph
@@ -103,6 +121,18 @@ class SlotRunner(OnnxRunner):
                                                      self.k_pools, self.v_pools)
             tokens = np.flatnonzero(token_slots < 0)  # NOTE: the paged rows' tokens, in order
             new_k[:, tokens], new_v[:, tokens] = part_k, part_v
+        return logits, new_k, new_v
+
+    def _run_paged_step(self, batch: ModelInput, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The whole step through the paged graph, decodes and longer rows apart (as OnnxRunner runs it)."""
+        logits = np.empty((len(batch.logits_indices), self.model_config.vocab_size), np.float32)
+        layers, kv_shape = self.model_config.num_layers, self.k_pools[0].shape[2:]
+        new_k, new_v = (np.empty((layers, batch.num_tokens, *kv_shape), self.k_pools[0].dtype) for _ in range(2))
+        for part, rows in split_by_query_len(batch, self.block_size):
+            seqs = np.flatnonzero(np.isin(batch.request_ids, part.request_ids))
+            tokens = np.concatenate([np.arange(starts[r], starts[r] + batch.query_lens[r]) for r in seqs])
+            logits[rows], new_k[:, tokens], new_v[:, tokens] = run_paged(
+                self.paged_session, self._paged_binding, part, self.k_pools, self.v_pools)
         return logits, new_k, new_v
 
     def _run_rows(self, rows: np.ndarray, starts: np.ndarray, batch: ModelInput, logits_rows: np.ndarray,

@@ -97,6 +97,30 @@ def test_slots_give_the_paged_graphs_logits_and_pools(tiny_exports, kind, export
     assert slots.paged_runs == 2, "the two steps with two chunks after cached tokens run the paged graph"
 
 
+def test_steps_over_the_slot_budget_run_through_the_paged_graph(tiny_exports):
+    export_dir, _ = tiny_exports("llama", "torchscript")
+    paged, slots = runner(export_dir, "paged"), runner(export_dir, "slots")
+    pools = sum(pool.nbytes for pool in slots.k_pools + slots.v_pools)
+    budget = slots.slots.max_bytes
+    assert budget == max(4 * pools, 256 << 20)  # NOTE: 4x the pools, at least 256 MiB (unless memory is short)
+    steps, execute = [], slots.execute
+
+    def every_other_step_over_budget(batch):
+        # NOTE: a budget below one slot for even steps: they run paged and free the slots; odd steps
+        # refill from the pools what they need.
+        slots.slots.max_bytes = budget if len(steps) % 2 else 1
+        steps.append(slots.slots.max_bytes)
+        return execute(batch)
+
+    slots.execute = every_other_step_over_budget
+    assert run_schedule(paged, slots) <= ATOL
+    for ref, got in zip(paged.k_pools + paged.v_pools, slots.k_pools + slots.v_pools):
+        np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
+    # NOTE: of the 6 even steps, the one of two prefix hits alone has no slot rows: it runs paged anyway.
+    assert len(steps) == 12 and slots.over_budget_steps == 5 and slots.paged_runs == 2
+    assert slots.slots.nbytes > 0 and slots.slots.refills >= 6
+
+
 def test_the_rewrite_leaves_one_fused_attention_per_layer_and_no_pool_reads(tiny_exports):
     export_dir, manifest = tiny_exports("llama", "torchscript")
     cfg = manifest.model_config

@@ -123,3 +123,22 @@ def test_fresh_prompts_take_the_slots_right_above_the_decodes_and_chunks_go_high
     assert sorted(slots.index[f] for f in ("f1", "f2", "f3")) == [1, 2, 3], "one padded run needs them side by side"
     assert slots.index["c1"] >= 4 and held(slots, "c1", 4) == {1.0} and held(slots, "c2", 4) == {2.0}
     assert all(slots.length[slots.index[f]] == 0 for f in ("f1", "f2", "f3"))
+
+
+def test_the_budget_drops_headroom_first_then_refuses_and_release_frees_everything():
+    slots = cache()
+    token = 2 * LAYERS * KVH * D * 4
+    assert slots.token_bytes == token
+    slots.max_bytes = SLOT_STEP * CAPACITY_STEP * token  # NOTE: 8 slots of 256 tokens, no more
+    requests = [f"r{i}" for i in range(8)]
+    assert slots.fits(8, 200) and not slots.fits(9, 200) and not slots.fits(8, 300)
+    slots.reserve(requests, 200)  # NOTE: headroom would make 16 slots of 256: dropped, within the budget
+    assert (slots.num_slots, slots.capacity) == (SLOT_STEP, CAPACITY_STEP) and slots.nbytes == slots.max_bytes
+    with pytest.raises(ValueError, match="9 slots of 200 tokens exceed the slot budget of 262144 bytes"):
+        slots.reserve(requests + ["r8"], 200)
+    generation = slots.generation
+    slots.release()
+    assert (slots.num_slots, slots.capacity, slots.nbytes, slots.index) == (0, 0, 0, {})
+    assert slots.generation == generation + 1
+    slots.reserve(["r0"], 10)  # NOTE: allocates anew
+    assert (slots.num_slots, slots.capacity) == (SLOT_STEP, CAPACITY_STEP)
