@@ -193,7 +193,7 @@ def validate_export(folder: ModelFolder, export_dir: Path, block_size: int,
         result = run_scenario(scenario, torch_runner, slot_runner, tolerance)
         results.append(dataclasses.replace(result, name=f"slots_{scenario.name}"))
     if slot_runner.over_budget_steps:  # NOTE: such steps ran the paged graph: the slot checks would not check slots
-        raise RuntimeError(f"{slot_runner.over_budget_steps} validation steps exceeded the slot budget "
+        raise ValidationError(f"{slot_runner.over_budget_steps} validation steps exceeded the slot budget "
                            f"({slot_runner.slots.max_bytes} bytes); the attention=slots checks did not run on slots")
     return tuple(results)
 

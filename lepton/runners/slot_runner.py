@@ -25,8 +25,7 @@ from lepton.config import EngineConfig
 from lepton.models.llama import rope_tables
 from lepton.models.loader import rope_parameters
 from lepton.memory import available_bytes
-from lepton.runners.onnx_runner import (OnnxRunner, bind_pools, make_session, open_export_folder, run_paged,
-                                        split_by_query_len, sub_batch)
+from lepton.runners.onnx_runner import OnnxRunner, bind_pools, make_session, open_export_folder, run_paged, sub_batch
 from lepton.runners.slot_cache import SlotCache
 from lepton.runners.slot_graph import slot_graph
 
@@ -97,7 +96,7 @@ class SlotRunner(OnnxRunner):
             self.slots.release()  # NOTE: the pools hold everything; slots refill when a step fits again
             self._bindings.clear()  # NOTE: the bound views keep the old arrays alive
             self.over_budget_steps += 1
-            return self._run_paged_step(batch, starts)
+            return self._run_paged_step(batch)
         logits_rows = np.repeat(np.arange(len(ids)), query_lens)[batch.logits_indices]
         logits = np.empty((len(batch.logits_indices), self.model_config.vocab_size), np.float32)
         token_slots = np.full(batch.num_tokens, -1, np.int64)  # NOTE: -1: computed by the paged graph
@@ -115,25 +114,31 @@ class SlotRunner(OnnxRunner):
             self.slots.commit(ids[row], int(context_lens[row]), batch.block_tables[row])
         new_k, new_v = self._store_new_kv(token_slots, batch)
         if paged.size:  # NOTE: their slots keep what they held; the next step that needs them refills them
-            part, rows = sub_batch(batch, paged, self.block_size)
             self.paged_runs += 1
-            logits[rows], part_k, part_v = run_paged(self.paged_session, self._paged_binding, part,
-                                                     self.k_pools, self.v_pools)
-            tokens = np.flatnonzero(token_slots < 0)  # NOTE: the paged rows' tokens, in order
-            new_k[:, tokens], new_v[:, tokens] = part_k, part_v
+            self._run_paged_rows(batch, paged, logits, new_k, new_v)
         return logits, new_k, new_v
 
-    def _run_paged_step(self, batch: ModelInput, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _run_paged_step(self, batch: ModelInput) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The whole step through the paged graph, decodes and longer rows apart (as OnnxRunner runs it)."""
         logits = np.empty((len(batch.logits_indices), self.model_config.vocab_size), np.float32)
         layers, kv_shape = self.model_config.num_layers, self.k_pools[0].shape[2:]
         new_k, new_v = (np.empty((layers, batch.num_tokens, *kv_shape), self.k_pools[0].dtype) for _ in range(2))
-        for part, rows in split_by_query_len(batch, self.block_size):
-            seqs = np.flatnonzero(np.isin(batch.request_ids, part.request_ids))
-            tokens = np.concatenate([np.arange(starts[r], starts[r] + batch.query_lens[r]) for r in seqs])
-            logits[rows], new_k[:, tokens], new_v[:, tokens] = run_paged(
-                self.paged_session, self._paged_binding, part, self.k_pools, self.v_pools)
+        is_decode = batch.query_lens == 1
+        for rows in (np.flatnonzero(is_decode), np.flatnonzero(~is_decode)):
+            if rows.size:
+                self._run_paged_rows(batch, rows, logits, new_k, new_v)
         return logits, new_k, new_v
+
+    def _run_paged_rows(self, batch: ModelInput, rows: np.ndarray, logits: np.ndarray, new_k: np.ndarray,
+                        new_v: np.ndarray) -> None:
+        """One paged-graph run over the rows (which write their K/V into the pools), filling their logits
+        and their tokens' new K/V."""
+        part, logits_rows = sub_batch(batch, rows, self.block_size)
+        picked = np.zeros(len(batch.query_lens), bool)
+        picked[rows] = True
+        tokens = np.flatnonzero(np.repeat(picked, batch.query_lens))  # NOTE: the rows' tokens, in order
+        logits[logits_rows], new_k[:, tokens], new_v[:, tokens] = run_paged(
+            self.paged_session, self._paged_binding, part, self.k_pools, self.v_pools)
 
     def _run_rows(self, rows: np.ndarray, starts: np.ndarray, batch: ModelInput, logits_rows: np.ndarray,
                   logits: np.ndarray, token_slots: np.ndarray) -> None:
