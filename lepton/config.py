@@ -58,6 +58,10 @@ class RunnerConfig:
     deterministic: bool = False
     device_id: int = 0  # the CUDA device of the tensorrt runner (a KIND_GPU instance sets its GPU)
     attention: str = "auto"  # onnxruntime: "auto", "slots" or "paged" (see ATTENTIONS)
+    # NOTE: onnxruntime: true: intra-op threads spin between ops while a step runs and sleep once it returns
+    # (session.force_spinning_stop); false: they sleep between ops too. Off by default: in process 1.2x the
+    # 16-stream throughput, served on 2 cores 0.90-1.03x with later first tokens (docs/performance.md)
+    spin_wait: bool = False
 
     @property
     def compute_threads(self) -> int:

@@ -36,9 +36,10 @@ def open_export_folder(path: str | Path) -> ModelFolder:
 
 
 def make_session(model: Path | bytes, num_threads: int, profile_prefix: str | None = None,
-                 data_folder: Path | None = None) -> ort.InferenceSession:
+                 data_folder: Path | None = None, spin_wait: bool = False) -> ort.InferenceSession:
     """A CPU session over a graph file or serialized graph: intra-op threads from the config, sequential
-    execution; profile_prefix: ORT's op profile; data_folder: where a serialized graph's external data is."""
+    execution; profile_prefix: ORT's op profile; data_folder: where a serialized graph's external data is;
+    spin_wait: threads spin between ops while a run lasts (never after it)."""
     options = ort.SessionOptions()
     if data_folder is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(data_folder))
@@ -48,9 +49,10 @@ def make_session(model: Path | bytes, num_threads: int, profile_prefix: str | No
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # NOTE: no spin-waiting between ops: the engine thread samples with torch right after each step,
-    # and spinning workers would take those cycles (measured no faster on 2 cores).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # NOTE: never spinning after a run: the engine thread samples with torch right after each step, and
+    # Triton's front end shares the cores; spinning would take those cycles.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
@@ -89,7 +91,8 @@ class OnnxRunner:
         self._bind_pools(config)
 
     def _session(self, path: Path, config: EngineConfig, profile_prefix: str | None) -> ort.InferenceSession:
-        session = make_session(path / self.manifest.model_file, config.runner.compute_threads, profile_prefix)
+        session = make_session(path / self.manifest.model_file, config.runner.compute_threads, profile_prefix,
+                               spin_wait=config.runner.spin_wait)
         _check_graph(session, self.manifest, path)
         return session
 

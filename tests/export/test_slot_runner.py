@@ -155,3 +155,24 @@ def test_attention_setting_picks_the_runner(tiny_exports):
         runner(export_dir, "slots", deterministic=True)
     with pytest.raises(ConfigError, match="attention: must be one of auto, slots, paged, got 'fused'"):
         EngineConfig.from_parameters({"model_dir": str(export_dir), "attention": "fused"})
+
+
+@pytest.mark.parametrize("attention", ["slots", "paged"])
+def test_spin_wait_reaches_every_session_and_spinning_stops_after_a_run(tiny_exports, attention):
+    export_dir, _ = tiny_exports("llama", "torchscript")
+
+    def spinning(spin_wait: str) -> list[tuple[str, str]]:
+        config = EngineConfig.from_parameters({"model_dir": str(export_dir), "runner": "onnxruntime",
+                                               "attention": attention, "spin_wait": spin_wait,
+                                               "kv_cache_memory_bytes": "4M", "block_size": str(BLOCK_SIZE)})
+        built = make_runner(open_folder(config), config)
+        sessions = [built.session] + ([built.paged_session] if attention == "slots" else [])
+        return [(s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning"),
+                 s.get_session_options().get_session_config_entry("session.force_spinning_stop")) for s in sessions]
+
+    count = 2 if attention == "slots" else 1
+    assert spinning("true") == [("1", "1")] * count
+    assert spinning("false") == [("0", "1")] * count  # NOTE: the default
+    assert EngineConfig.from_parameters({"model_dir": str(export_dir)}).runner.spin_wait is False
+    with pytest.raises(ConfigError, match="spin_wait: expected bool, got 'sometimes'"):
+        EngineConfig.from_parameters({"model_dir": str(export_dir), "spin_wait": "sometimes"})
