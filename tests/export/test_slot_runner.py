@@ -172,7 +172,7 @@ def test_spin_wait_reaches_every_session_and_spinning_stops_after_a_run(tiny_exp
 
     count = 2 if attention == "slots" else 1
     assert spinning("true") == [("1", "1")] * count
-    assert spinning("false") == [("0", "1")] * count  # NOTE: the default
+    assert spinning("false") == [("0", "1")] * count
     assert EngineConfig.from_parameters({"model_dir": str(export_dir)}).runner.spin_wait is False
     with pytest.raises(ConfigError, match="spin_wait: expected bool, got 'sometimes'"):
         EngineConfig.from_parameters({"model_dir": str(export_dir), "spin_wait": "sometimes"})
