@@ -113,8 +113,9 @@ def candidates(model_dir: Path, exports_root: Path, quality_dir: Path = QUALITY_
     threads = sorted({cores, max(1, cores - 1)}, reverse=True)
     # NOTE: torch leaves a core to Triton's front end, timed alone or not: its OpenMP threads spin,
     # and served on 2 cores torch bf16 with 2 threads gave 0.67-0.88x the 16-stream throughput of
-    # 1 thread (in process 1.14-1.37x). ONNX Runtime's threads do not spin: 2 threads served it
-    # 1.24-1.56x better (docs/performance.md, "Threads when served").
+    # 1 thread (in process 1.14-1.37x). ONNX Runtime's threads spin at most 100 us between ops and stop when a
+    # step returns (spin_wait): 2 threads served it 1.24-1.56x better while they slept between ops
+    # (docs/performance.md, "Threads when served"), and spinning 100 us served it better still.
     torch_threads = [max(1, cores - 1)]
     found = [Candidate(f"torch fp32, {n} threads", "torch", model_dir, n) for n in torch_threads]
     skipped = []

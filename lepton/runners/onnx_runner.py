@@ -36,10 +36,12 @@ def open_export_folder(path: str | Path) -> ModelFolder:
 
 
 def make_session(model: Path | bytes, num_threads: int, profile_prefix: str | None = None,
-                 data_folder: Path | None = None, spin_wait: bool = False) -> ort.InferenceSession:
+                 data_folder: Path | None = None, spin_wait: bool = False,
+                 spin_duration_us: int = 0) -> ort.InferenceSession:
     """A CPU session over a graph file or serialized graph: intra-op threads from the config, sequential
     execution; profile_prefix: ORT's op profile; data_folder: where a serialized graph's external data is;
-    spin_wait: threads spin between ops while a run lasts (never after it)."""
+    spin_wait: threads spin between ops while a run lasts (never after it), each time for at most
+    spin_duration_us (0: ONNX Runtime's default)."""
     options = ort.SessionOptions()
     if data_folder is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(data_folder))
@@ -53,6 +55,8 @@ def make_session(model: Path | bytes, num_threads: int, profile_prefix: str | No
     # Triton's front end shares the cores; spinning would take those cycles.
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin_wait else "0")
     options.add_session_config_entry("session.force_spinning_stop", "1")
+    if spin_wait and spin_duration_us:
+        options.add_session_config_entry("session.intra_op.spin_duration_us", str(spin_duration_us))
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
@@ -92,7 +96,8 @@ class OnnxRunner:
 
     def _session(self, path: Path, config: EngineConfig, profile_prefix: str | None) -> ort.InferenceSession:
         session = make_session(path / self.manifest.model_file, config.runner.compute_threads, profile_prefix,
-                               spin_wait=config.runner.spin_wait)
+                               spin_wait=config.runner.spin_wait,
+                               spin_duration_us=config.runner.spin_duration_us)
         _check_graph(session, self.manifest, path)
         return session
 

@@ -56,7 +56,8 @@ class SlotRunner(OnnxRunner):
         model = slot_graph(onnx.load(str(path / self.manifest.model_file), load_external_data=not external), cfg,
                            cos.numpy(), sin.numpy())
         return make_session(model.SerializeToString(), config.runner.compute_threads, profile_prefix,
-                            data_folder=path if external else None, spin_wait=config.runner.spin_wait)
+                            data_folder=path if external else None, spin_wait=config.runner.spin_wait,
+                            spin_duration_us=config.runner.spin_duration_us)
 
     def _bind_pools(self, config: EngineConfig) -> None:
         cfg = self.model_config

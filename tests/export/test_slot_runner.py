@@ -158,21 +158,35 @@ def test_attention_setting_picks_the_runner(tiny_exports):
 
 
 @pytest.mark.parametrize("attention", ["slots", "paged"])
-def test_spin_wait_reaches_every_session_and_spinning_stops_after_a_run(tiny_exports, attention):
+def test_spin_settings_reach_every_session_and_spinning_stops_after_a_run(tiny_exports, attention):
     export_dir, _ = tiny_exports("llama", "torchscript")
 
-    def spinning(spin_wait: str) -> list[tuple[str, str]]:
+    def spinning(spin_wait: str, **extra: str) -> list[tuple[str, str, str | None]]:
         config = EngineConfig.from_parameters({"model_dir": str(export_dir), "runner": "onnxruntime",
                                                "attention": attention, "spin_wait": spin_wait,
-                                               "kv_cache_memory_bytes": "4M", "block_size": str(BLOCK_SIZE)})
+                                               "kv_cache_memory_bytes": "4M", "block_size": str(BLOCK_SIZE),
+                                               **extra})
         built = make_runner(open_folder(config), config)
         sessions = [built.session] + ([built.paged_session] if attention == "slots" else [])
-        return [(s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning"),
-                 s.get_session_options().get_session_config_entry("session.force_spinning_stop")) for s in sessions]
+        return [(entry(s, "session.intra_op.allow_spinning"), entry(s, "session.force_spinning_stop"),
+                 entry(s, "session.intra_op.spin_duration_us")) for s in sessions]
+
+    def entry(session, key: str) -> str | None:
+        try:
+            return session.get_session_options().get_session_config_entry(key)
+        except RuntimeError:  # NOTE: onnxruntime's answer for an entry never set
+            return None
 
     count = 2 if attention == "slots" else 1
-    assert spinning("true") == [("1", "1")] * count
-    assert spinning("false") == [("0", "1")] * count
-    assert EngineConfig.from_parameters({"model_dir": str(export_dir)}).runner.spin_wait is False
+    assert spinning("true") == [("1", "1", "100")] * count  # NOTE: the default duration
+    assert spinning("true", spin_duration_us="20") == [("1", "1", "20")] * count
+    assert spinning("true", spin_duration_us="0") == [("1", "1", None)] * count  # NOTE: ONNX Runtime's own
+    assert spinning("false") == [("0", "1", None)] * count  # NOTE: no spinning to bound
+    defaults = EngineConfig.from_parameters({"model_dir": str(export_dir)}).runner
+    assert (defaults.spin_wait, defaults.spin_duration_us) == (True, 100)
     with pytest.raises(ConfigError, match="spin_wait: expected bool, got 'sometimes'"):
         EngineConfig.from_parameters({"model_dir": str(export_dir), "spin_wait": "sometimes"})
+    with pytest.raises(ConfigError, match="spin_duration_us: expected int, got '-5'"):
+        EngineConfig.from_parameters({"model_dir": str(export_dir), "spin_duration_us": "-5"})
+    with pytest.raises(ConfigError, match="spin_duration_us: must be >= 0, got -5"):
+        EngineConfig(model_dir=export_dir, runner=RunnerConfig(runner="onnxruntime", spin_duration_us=-5))
