@@ -3,6 +3,11 @@
 Front ends (Triton's model.py) call `submit`, `drain` and `shutdown` from any thread. Prompts are
 tokenized and checked on tokenizer threads (so a long prompt never stalls the running streams); only
 the loop thread touches the engine's state, so the engine and its bookkeeping need no locks.
+
+Nothing that may wait on another process runs on the loop thread between steps: through Triton's
+Python backend, asking whether a client cancelled and setting a metric are each a round trip to
+tritonserver, so they run on threads of their own (a cancel watcher, the sender), overlapping the
+model's steps.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from lepton.errors import LeptonError, ServerShuttingDown
 from lepton.sampling_params import SamplingParams
 
 NUM_TOKENIZER_THREADS = 2
+CANCEL_POLL_S = 0.1  # NOTE: how often every open request is asked whether its client cancelled
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +58,10 @@ class EngineLoop:
         engine: LLMEngine,
         on_stats: Callable[[EngineStats], None] | None = None,
         stats_interval_s: float = 0.05,
+        cancel_poll_s: float = CANCEL_POLL_S,
     ) -> None:
         self.engine = engine
-        self._on_stats = on_stats
+        self._has_stats = on_stats is not None
         self._stats_interval_s = stats_interval_s
         self._stats_published_at = 0.0
         self._inbox: deque[tuple[PreparedRequest, OutputSink]] = deque()
@@ -73,7 +80,8 @@ class EngineLoop:
             threading.Thread(target=self._prepare_loop, name=f"lepton-tokenizer-{i}", daemon=True)
             for i in range(NUM_TOKENIZER_THREADS)
         ]
-        self._sender = _Sender()
+        self._sender = _Sender(on_stats)
+        self._watcher = _CancelWatcher(cancel_poll_s)
         self._thread = threading.Thread(target=self._run, name="lepton-engine", daemon=True)
         for thread in (*self._preparers, self._thread):
             thread.start()
@@ -182,14 +190,12 @@ class EngineLoop:
             self._deliver(output)
 
     def _publish_stats(self, force: bool) -> None:
+        """A snapshot of the engine's counters, published by the sender thread, in order with the outputs."""
         now = time.monotonic()
-        if self._on_stats is None or (not force and now - self._stats_published_at < self._stats_interval_s):
+        if not self._has_stats or (not force and now - self._stats_published_at < self._stats_interval_s):
             return
         self._stats_published_at = now
-        try:
-            self._on_stats(self.engine.stats())
-        except Exception:  # NOTE: metrics must never take the engine down
-            logger.exception("publishing engine stats failed")
+        self._sender.put_stats(self.engine.stats())
 
     def _admit(self, arrivals) -> None:
         for prepared, sink in arrivals:
@@ -201,6 +207,7 @@ class EngineLoop:
                 self._send_error(sink, exc)
                 continue
             self._sinks[prepared.request_id] = sink
+            self._watcher.watch(prepared.request_id, sink)
 
     @staticmethod
     def _send_error(sink: OutputSink, error: Exception) -> None:
@@ -212,9 +219,8 @@ class EngineLoop:
     def _reap_cancelled(self) -> None:
         for request_id in self._sender.take_failed():  # NOTE: the client went away mid-stream
             self._deliver(self.engine.abort(request_id))
-        for request_id, sink in list(self._sinks.items()):
-            if sink.is_cancelled():
-                self._deliver(self.engine.abort(request_id))
+        for request_id in self._watcher.take_cancelled():
+            self._deliver(self.engine.abort(request_id))
 
     def _step(self) -> None:
         try:
@@ -225,6 +231,7 @@ class EngineLoop:
             for request_id, sink in list(self._sinks.items()):
                 self.engine.abort(request_id)
                 self._sinks.pop(request_id)
+                self._watcher.forget(request_id)
                 self._sender.put_error(sink, exc)  # NOTE: after the outputs already queued
             return
         if any(output.finished for output in outputs):
@@ -240,6 +247,7 @@ class EngineLoop:
         sink = self._sinks.get(output.request_id)
         if output.finished:
             self._sinks.pop(output.request_id, None)
+            self._watcher.forget(output.request_id)
         if sink is None:
             return
         self._sender.put(sink, output)
@@ -252,17 +260,82 @@ class EngineLoop:
             self._inbox.clear()
         for _, sink in leftovers:
             self._send_error(sink, ServerShuttingDown())
+        self._watcher.stop()
         self._sender.stop()
 
 
-class _Sender:
-    """Sends outputs to their sinks, in order, on a thread of its own.
+class _CancelWatcher:
+    """Asks each open request's sink whether its client cancelled, every poll_s, on a thread of its own.
 
-    Building and sending a Triton response per stream per token takes a few ms a step; here it
-    overlaps the next model step (the runners release the GIL) instead of adding to it.
+    The loop thread takes what it found between steps (`take_cancelled`). Through Triton each question
+    is a round trip to tritonserver; asked of every stream before every step on the loop thread, the
+    questions took ~5 % of its time at 16 streams (docs/performance.md).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, poll_s: float) -> None:
+        self._poll_s = poll_s
+        self._sinks: dict[str, OutputSink] = {}
+        self._cancelled: list[str] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lepton-cancel-watch", daemon=True)
+        self._thread.start()
+
+    def watch(self, request_id: str, sink: OutputSink) -> None:
+        with self._lock:
+            self._sinks[request_id] = sink
+
+    def forget(self, request_id: str) -> None:
+        with self._lock:
+            self._sinks.pop(request_id, None)
+
+    def take_cancelled(self) -> list[str]:
+        """Requests whose client cancelled since the last call (each reported once)."""
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, []
+        return cancelled
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self._poll_s):
+            with self._lock:
+                watched = list(self._sinks.items())
+            found = [request_id for request_id, sink in watched if self._is_cancelled(request_id, sink)]
+            if found:
+                with self._lock:
+                    for request_id in found:
+                        if self._sinks.pop(request_id, None) is not None:  # NOTE: not finished meanwhile
+                            self._cancelled.append(request_id)
+
+    @staticmethod
+    def _is_cancelled(request_id: str, sink: OutputSink) -> bool:
+        try:
+            return sink.is_cancelled()
+        except Exception:  # NOTE: a sink that cannot tell has lost its client: stop the request
+            logger.exception("asking whether %s was cancelled failed", request_id)
+            return True
+
+
+@dataclass(frozen=True)
+class _Stats:
+    """A stats snapshot queued for publishing between the outputs sent before and after it."""
+
+    stats: EngineStats
+
+
+class _Sender:
+    """Sends outputs to their sinks, and publishes stats, in order, on a thread of its own.
+
+    Building and sending a Triton response per stream per token takes a few ms a step, and setting
+    Triton's metrics is a round trip to tritonserver per value; here they overlap the next model
+    step (the runners release the GIL) instead of adding to it.
+    """
+
+    def __init__(self, on_stats: Callable[[EngineStats], None] | None = None) -> None:
+        self._on_stats = on_stats
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._failed: list[str] = []  # NOTE: appended here, taken by the engine thread
         self._lock = threading.Lock()
@@ -274,6 +347,9 @@ class _Sender:
 
     def put_error(self, sink: OutputSink, error: Exception) -> None:
         self._queue.put((sink, None, error))
+
+    def put_stats(self, stats: EngineStats) -> None:
+        self._queue.put(_Stats(stats))
 
     def take_failed(self) -> list[str]:
         """Requests whose sending failed (the client went away) since the last call."""
@@ -297,6 +373,9 @@ class _Sender:
             if isinstance(item, threading.Event):
                 item.set()
                 continue
+            if isinstance(item, _Stats):
+                self._publish(item.stats)
+                continue
             sink, output, error = item
             if error is not None:
                 EngineLoop._send_error(sink, error)
@@ -308,3 +387,9 @@ class _Sender:
                 if not output.finished:
                     with self._lock:
                         self._failed.append(output.request_id)
+
+    def _publish(self, stats: EngineStats) -> None:
+        try:
+            self._on_stats(stats)
+        except Exception:  # NOTE: metrics must never take the engine down
+            logger.exception("publishing engine stats failed")

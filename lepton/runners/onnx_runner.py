@@ -89,9 +89,12 @@ class OnnxRunner:
         shape = (self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
         dtype = np.dtype(self.manifest.kv_dtype)
         # NOTE: zero-filled so masked-out slots never hold NaN (0 * NaN would poison attention).
-        # These arrays are never reallocated: the OrtValues below wrap their memory.
-        self.k_pools = [np.zeros(shape, dtype) for _ in range(cfg.num_layers)]
-        self.v_pools = [np.zeros(shape, dtype) for _ in range(cfg.num_layers)]
+        # These arrays are never reallocated: the OrtValues below wrap their memory. Each layer's pool
+        # is a view of one array per kind [layers, blocks, block_size, KVH, D], so that writing a step's
+        # K/V into every layer is one numpy operation.
+        self.k_store = np.zeros((cfg.num_layers, *shape), dtype)
+        self.v_store = np.zeros((cfg.num_layers, *shape), dtype)
+        self.k_pools, self.v_pools = list(self.k_store), list(self.v_store)
         self._bind_pools(config)
 
     def _session(self, path: Path, config: EngineConfig, profile_prefix: str | None) -> ort.InferenceSession:
@@ -106,8 +109,8 @@ class OnnxRunner:
 
     def clear(self) -> None:
         """Forget every cached K/V (validation runs scenarios from empty pools)."""
-        for pool in self.k_pools + self.v_pools:
-            pool.fill(0)
+        self.k_store.fill(0)
+        self.v_store.fill(0)
 
     def execute(self, batch: ModelInput) -> torch.Tensor:
         """Compute one step, write its K/V into the pools, return float32 logits [L, vocab]."""

@@ -2,7 +2,9 @@
 
 The block pools stay the engine's truth: the block manager accounts in blocks, prefix caching shares
 them, and every step's K/V are written there too. A slot is a copy that ONNX Runtime's fused attention
-can read in place: per layer, keys and values [slots, KVH, capacity, D]. A slot is valid for a request
+can read in place: per layer, keys and values [slots, KVH, capacity, D], each layer a view of one
+array per kind [layers, slots, KVH, capacity, D] so that a copy across all layers is one numpy
+operation. A slot is valid for a request
 when it holds exactly the tokens the step says are cached; otherwise it is filled from the pools through
 the block table (a prefix-cache hit, a resumed request, a slot taken by another request). Numpy only.
 
@@ -39,7 +41,11 @@ def _slot_count(rows: int) -> int:
 
 @dataclass
 class SlotCache:
-    """Keys and values per layer [slots, KVH, capacity, D]; who holds each slot and how many tokens."""
+    """Keys and values per layer [slots, KVH, capacity, D]; who holds each slot and how many tokens.
+
+    `keys[layer]` is `key_store[layer]` (a view), and the same for values; the stores are None until
+    the first reserve and after a release.
+    """
 
     num_layers: int
     num_kv_heads: int
@@ -50,6 +56,8 @@ class SlotCache:
     max_bytes: int | None = None  # keys and values of all layers never exceed this (None: unbounded)
     keys: list[np.ndarray] = field(default_factory=list)
     values: list[np.ndarray] = field(default_factory=list)
+    key_store: np.ndarray | None = None  # [layers, slots, KVH, capacity, D]
+    value_store: np.ndarray | None = None
     owner: list[str | None] = field(default_factory=list)
     length: list[int] = field(default_factory=list)
     last_used: list[int] = field(default_factory=list)
@@ -87,6 +95,7 @@ class SlotCache:
         """Free the arrays (a step over the budget runs without slots); the next reserve allocates anew."""
         self.keys.clear()
         self.values.clear()
+        self.key_store = self.value_store = None
         self.owner, self.length, self.last_used, self.tables, self.index = [], [], [], [], {}
         self.generation += 1
 
@@ -116,15 +125,16 @@ class SlotCache:
         if self.max_bytes is not None and new_slots * new_cap * self.token_bytes > self.max_bytes:
             new_slots, new_cap = _slot_count(want_slots), want_cap  # NOTE: fits, checked above
         kept = [(self.index[r], r) for r in requests if r in self.index]
-        shape = (new_slots, self.num_kv_heads, new_cap, self.head_dim)
-        for arrays in (self.keys, self.values):
-            old = list(arrays)
-            arrays.clear()
-            for layer in range(self.num_layers):
-                arrays.append(np.zeros(shape, self.dtype))
-                for new, (slot, _) in enumerate(kept):
-                    count = self.length[slot]
-                    arrays[layer][new, :, :count] = old[layer][slot, :, :count]
+        shape = (self.num_layers, new_slots, self.num_kv_heads, new_cap, self.head_dim)
+        stores = []
+        for old in (self.key_store, self.value_store):
+            store = np.zeros(shape, self.dtype)
+            for new, (slot, _) in enumerate(kept):
+                count = self.length[slot]
+                store[:, new, :, :count] = old[:, slot, :, :count]
+            stores.append(store)
+        self.key_store, self.value_store = stores
+        self.keys[:], self.values[:] = list(self.key_store), list(self.value_store)
         state = [(r, self.length[slot], self.last_used[slot], self.tables[slot]) for slot, r in kept]
         self.owner, self.length = [None] * new_slots, [0] * new_slots
         self.last_used, self.tables, self.index = [0] * new_slots, [EMPTY] * new_slots, {}
@@ -185,9 +195,11 @@ class SlotCache:
         for request in in_step:
             self.last_used[self.index[request]] = self._clock
 
-    def fill(self, request: str, cached: int, block_table: np.ndarray, k_pools: list[np.ndarray],
-             v_pools: list[np.ndarray]) -> None:
+    def fill(self, request: str, cached: int, block_table: np.ndarray, k_store: np.ndarray,
+             v_store: np.ndarray) -> None:
         """Make the request's slot hold its first `cached` tokens; copied from the pools if it does not.
+
+        k_store, v_store: the pools of all layers, [layers, blocks, block_size, KVH, D].
 
         The slot is trusted when it holds at least that many tokens *of the same blocks*: blocks a live
         request holds never change below its computed tokens, and a request id reused after a finish
@@ -200,10 +212,9 @@ class SlotCache:
             self.length[slot] = cached
             return
         if cached:
-            for pools, caches in ((k_pools, self.keys), (v_pools, self.values)):
-                for pool, cache in zip(pools, caches):
-                    rows = pool[blocks].reshape(-1, self.num_kv_heads, self.head_dim)[:cached]
-                    cache[slot, :, :cached] = rows.transpose(1, 0, 2)
+            for pools, store in ((k_store, self.key_store), (v_store, self.value_store)):
+                rows = pools[:, blocks].reshape(self.num_layers, -1, self.num_kv_heads, self.head_dim)[:, :cached]
+                store[:, slot, :, :cached] = rows.transpose(0, 2, 1, 3)
             self.refills += 1
         self.length[slot], self.tables[slot] = cached, blocks
 
@@ -230,11 +241,10 @@ class SlotCache:
     def _swap(self, first: int, second: int) -> None:
         """Exchange two held slots (contents and owners)."""
         count = max(self.length[first], self.length[second])
-        for arrays in (self.keys, self.values):
-            for cache in arrays:
-                held = cache[first, :, :count].copy()
-                cache[first, :, :count] = cache[second, :, :count]
-                cache[second, :, :count] = held
+        for store in (self.key_store, self.value_store):
+            held = store[:, first, :, :count].copy()
+            store[:, first, :, :count] = store[:, second, :, :count]
+            store[:, second, :, :count] = held
         for table in (self.owner, self.length, self.last_used, self.tables):
             table[first], table[second] = table[second], table[first]
         for slot in (first, second):
@@ -244,9 +254,8 @@ class SlotCache:
     def _move(self, source: int, target: int) -> None:
         """Copy a slot's valid tokens to an empty target slot and hand it over."""
         count = self.length[source]
-        for arrays in (self.keys, self.values):
-            for cache in arrays:
-                cache[target, :, :count] = cache[source, :, :count]
+        for store in (self.key_store, self.value_store):
+            store[:, target, :, :count] = store[:, source, :, :count]
         request = self.owner[source]
         self._evict(target)
         self._take(target, request)

@@ -59,6 +59,12 @@ def test_greedy_rows_in_mixed_batch_are_argmax():
     assert out.token_ids[2] == logits[2].argmax().item()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_takes_the_first_maximum_on_ties(dtype):
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [5.0, 2.0, 5.0, 5.0], [-1.0, -1.0, -1.0, -1.0]], dtype=dtype)
+    assert sample(logits, [row(temperature=0.0)] * 3).token_ids == [1, 0, 0]
+
+
 def test_greedy_bf16_logits_are_upcast():
     logits = random_logits(3).to(torch.bfloat16)
     assert sample(logits, [row(temperature=0.0)] * 3).token_ids == logits.float().argmax(-1).tolist()

@@ -59,7 +59,8 @@ def test_a_decode_above_swaps_with_a_prompt_below_when_no_slot_is_spare():
 
 def test_a_slot_is_trusted_only_for_the_same_blocks():
     slots = cache()
-    pools = [np.arange(8 * BS * KVH * D, dtype=np.float32).reshape(8, BS, KVH, D) + 1000 * i for i in range(LAYERS)]
+    pools = np.stack([np.arange(8 * BS * KVH * D, dtype=np.float32).reshape(8, BS, KVH, D) + 1000 * i
+                      for i in range(LAYERS)])  # NOTE: [layers, blocks, block_size, KVH, D]
     slots.reserve([], 16)
     slots.place(["a"], [])
     slots.fill("a", 6, np.array([3, 5]), pools, pools)

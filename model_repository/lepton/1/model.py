@@ -98,6 +98,7 @@ class Metrics:
         self.counters = {k: self._metric(f"{k}_total", d, counter) for k, d in self.COUNTERS.items()}
         self.usage = self._metric("kv_cache_usage", "Fraction of KV cache blocks in use", gauge)
         self.last = {k: 0 for k in self.COUNTERS}
+        self.gauge_values: dict[str, float] = {}  # NOTE: as last set; a gauge not yet set reads 0
         histogram = pb_utils.MetricFamily.HISTOGRAM
         self.ttft = self._metric("time_to_first_token_seconds", "Request arrival to first token", histogram,
                                  buckets=[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30])
@@ -109,13 +110,20 @@ class Metrics:
         return self.families[-1].Metric(labels=self.labels, **options)
 
     def publish(self, stats: EngineStats) -> None:
+        """Sends what changed since the last snapshot only: each set or increment is a round trip to tritonserver."""
         for name, gauge in self.gauges.items():
-            gauge.set(getattr(stats, name))
-        self.usage.set(stats.kv_blocks_used / max(stats.kv_blocks_total, 1))
+            self._set(name, gauge, getattr(stats, name))
+        self._set("kv_cache_usage", self.usage, stats.kv_blocks_used / max(stats.kv_blocks_total, 1))
         for name, counter in self.counters.items():
             value = getattr(stats, name)
-            counter.increment(value - self.last[name])
-            self.last[name] = value
+            if value != self.last[name]:
+                counter.increment(value - self.last[name])
+                self.last[name] = value
+
+    def _set(self, name: str, gauge, value: float) -> None:
+        if self.gauge_values.get(name) != value:
+            gauge.set(value)
+            self.gauge_values[name] = value
 
 
 class TritonSink:
