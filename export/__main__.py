@@ -84,6 +84,8 @@ def _add_quantize_parser(commands) -> None:
     quantize.add_argument("--lm-head", choices=("fp32", "q8_0", "q4_1"), default=None,
                           help="q4_1: the lm_head float32 (default), 8-bit blocks (accuracy level 4) or q4_1; "
                                "q8_0: float32 (default) or 8-bit blocks")
+    quantize.add_argument("--lm-head-block-size", type=int, default=None,
+                          help="q4_1 / q8_0 with a quantized lm_head: its weights per scale (default: --block-size)")
     quantize.add_argument("--smoothing-alpha", type=float, default=None,
                           help="q8_0: SmoothQuant strength in [0, 1) moving activation outliers into the weights, "
                                "calibrated on training text (default 0.65; 0 = none)")
@@ -168,7 +170,8 @@ def _quantize(args: argparse.Namespace) -> int:
                              latency_context=_or(args.latency_context, defaults.latency_context))
     options = QuantizeOptions(export_dir=args.export, out_dir=args.out, method=args.method,
                               block_size=args.block_size, accuracy_level=args.accuracy_level,
-                              lm_head=args.lm_head, smoothing_alpha=args.smoothing_alpha,
+                              lm_head=args.lm_head, lm_head_block_size=args.lm_head_block_size,
+                              smoothing_alpha=args.smoothing_alpha,
                               float_share=args.float_share, gate=gate,
                               quality_gate=not args.no_quality_gate, evaluation=evaluation)
     try:

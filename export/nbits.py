@@ -115,6 +115,7 @@ class RewritePlan:
     vocab_size: int  # identifies the lm_head: the weight MatMul with N = vocab_size
     body_format: str = "q4_1"  # every other weight: "q4_1" or "q8_0" (at accuracy_level)
     keep_float: frozenset[str] = frozenset()  # activations whose weight products stay float32 MatMuls
+    head_block_size: int | None = None  # of a quantized lm_head; None: block_size
 
 
 def rewrite_matmuls(model: onnx.ModelProto, plan: RewritePlan) -> int:
@@ -126,23 +127,24 @@ def rewrite_matmuls(model: onnx.ModelProto, plan: RewritePlan) -> int:
         matrix = _weight_of(node, weights)
         is_head = matrix is not None and matrix.shape[1] == plan.vocab_size
         fmt = plan.head_format if is_head else plan.body_format
-        if (matrix is None or fmt == "fp32" or matrix.shape[0] % plan.block_size
+        block_size = (plan.head_block_size or plan.block_size) if is_head else plan.block_size
+        if (matrix is None or fmt == "fp32" or matrix.shape[0] % block_size
                 or node.input[0] in plan.keep_float):
             nodes.append(node)
             continue
         weight_nk = np.ascontiguousarray(matrix.T)
         prefix = node.name or node.output[0]
         if fmt == "q8_0":
-            block = quantize_q8_0(weight_nk, plan.block_size)
+            block = quantize_q8_0(weight_nk, block_size)
             level = plan.head_accuracy_level if is_head else plan.accuracy_level
             new, extra = nbits_nodes(node.input[0], node.output[0], block, prefix, level, None)
             if is_head:
                 head = (weight_nk, block, extra[0].name)
         else:
-            block = quantize_q4_1(weight_nk, plan.block_size)
-            key = (node.input[0], plan.block_size)
+            block = quantize_q4_1(weight_nk, block_size)
+            key = (node.input[0], block_size)
             if key not in sums:
-                sums[key] = _block_sum_nodes(node.input[0], matrix.shape[0], plan.block_size, nodes, inits)
+                sums[key] = _block_sum_nodes(node.input[0], matrix.shape[0], block_size, nodes, inits)
             new, extra = nbits_nodes(node.input[0], node.output[0], block, prefix, plan.accuracy_level, sums[key])
         nodes += new
         inits += extra

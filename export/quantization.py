@@ -57,6 +57,7 @@ class QuantizationPreset:
     smoothing_alpha: float = 0.0  # q8_0: SmoothQuant's migration strength (export.smoothing); 0 = none
     float_share: float = 0.0  # q8_0: this share of the weight products' inputs, those losing most to int8 blocks
     # after smoothing, keep float32 products
+    lm_head_block_size: int | None = None  # q4_1 / q8_0: weights per scale of a quantized lm_head (None: block_size)
 
 
 # NOTE: measured on this AVX2 CPU (no VNNI). int8: ORT's u8s8 kernel sums pairs of u8 x s8 products
@@ -84,6 +85,8 @@ class QuantizationPreset:
 # 0.0011 at 1.1-1.2x the step, so it is off by default. Its step is 0.6-0.85x fp32's for 16 decodes and
 # about fp32's for a 128-token prefill here: MatMulNBits' 8-bit kernels are ~1.5x slower than int8's
 # DynamicQuantizeMatMul (which keeps one activation scale per tensor and fails the gate, KL 0.45).
+# The head in 8 bits too (2026-12-04, AVX2 EPYC): blocks of 32 KL 0.00215 (fails); the head alone in blocks of
+# 16 KL 0.0019, max |logit err| 1.92 (passes barely) for a one-decode step 0.85-0.9x, others level: not the preset.
 PRESETS = {
     "int8": QuantizationPreset("int8-dynamic-per-channel-7bit", "int8", "int8", True, None, True, None, True),
     "int4": QuantizationPreset("int4-block32-sym-acc4", "int4", "int4", False, 32, True, 4, False),
@@ -106,6 +109,7 @@ class QuantizeOptions:
     block_size: int | None = None  # int4 / q4_1 / q8_0 block size override
     accuracy_level: int | None = None  # int4 / q4_1 / q8_0 accuracy level override
     lm_head: str | None = None  # q4_1 / q8_0 lm_head format override (HEAD_FORMATS)
+    lm_head_block_size: int | None = None  # q4_1 / q8_0: a quantized lm_head's block size override
     smoothing_alpha: float | None = None  # q8_0 smoothing strength override (0 = none)
     float_share: float | None = None  # q8_0: share of activations whose products stay float32, override
     gate: QualityGate | None = None  # None = the method's default gate (quality.GATES)
@@ -115,7 +119,7 @@ class QuantizeOptions:
 
 def resolve_preset(method: str, block_size: int | None, accuracy_level: int | None,
                    lm_head: str | None = None, smoothing_alpha: float | None = None,
-                   float_share: float | None = None) -> QuantizationPreset:
+                   float_share: float | None = None, lm_head_block_size: int | None = None) -> QuantizationPreset:
     """The method's preset with CLI overrides applied and checked."""
     if method not in PRESETS:
         raise QuantizationError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -128,8 +132,9 @@ def resolve_preset(method: str, block_size: int | None, accuracy_level: int | No
         raise QuantizationError(f"--smoothing-alpha applies to q8_0 only and lies in [0, 1), got {smoothing_alpha}")
     if float_share is not None and (method not in SMOOTHED or not 0.0 <= float_share < 1.0):
         raise QuantizationError(f"--float-share applies to q8_0 only and lies in [0, 1), got {float_share}")
-    if block_size is not None and (block_size < 16 or block_size & (block_size - 1)):
-        raise QuantizationError(f"block size must be a power of two >= 16, got {block_size}")
+    for size in (block_size, lm_head_block_size):
+        if size is not None and (size < 16 or size & (size - 1)):
+            raise QuantizationError(f"block size must be a power of two >= 16, got {size}")
     if accuracy_level is not None and accuracy_level not in (0, 1, 2, 3, 4):
         raise QuantizationError(f"accuracy level must be 0..4 (see MatMulNBits), got {accuracy_level}")
     preset = dataclasses.replace(
@@ -139,9 +144,14 @@ def resolve_preset(method: str, block_size: int | None, accuracy_level: int | No
         lm_head=preset.lm_head if lm_head is None else lm_head,
         smoothing_alpha=preset.smoothing_alpha if smoothing_alpha is None else smoothing_alpha,
         float_share=preset.float_share if float_share is None else float_share,
+        lm_head_block_size=preset.lm_head_block_size if lm_head_block_size is None else lm_head_block_size,
     )
+    if preset.lm_head_block_size is not None and preset.lm_head not in ("q8_0", "q4_1"):
+        raise QuantizationError(f"--lm-head-block-size applies to a quantized lm_head (--lm-head q8_0 or q4_1), "
+                                f"not to {preset.lm_head}")
     if method in ("q4_1", "q8_0"):
         name = f"{method}-block{preset.block_size}-acc{preset.accuracy_level}-head-{preset.lm_head}"
+        name += f"-block{preset.lm_head_block_size}" if preset.lm_head_block_size else ""
         name += f"-smooth{preset.smoothing_alpha:g}" if preset.smoothing_alpha else ""
         name += f"-float{preset.float_share:g}" if preset.float_share else ""
         preset = dataclasses.replace(preset, name=name)
@@ -278,7 +288,7 @@ def _quantize_blocks(model: onnx.ModelProto, target: Path, preset: QuantizationP
     head_level = preset.accuracy_level if preset.method == "q8_0" else Q8_HEAD_ACCURACY_LEVEL
     plan = RewritePlan(block_size=preset.block_size, accuracy_level=preset.accuracy_level, head_format=preset.lm_head,
                        head_accuracy_level=head_level, vocab_size=vocab_size, body_format=preset.method,
-                       keep_float=keep_float)
+                       keep_float=keep_float, head_block_size=preset.lm_head_block_size)
     rewrite_matmuls(model, plan)
     _save(model, target)
 
@@ -309,7 +319,7 @@ def _tool(preset: QuantizationPreset) -> str:
 def quantize_export(options: QuantizeOptions) -> tuple[Manifest, VariantQuality]:
     """Quantize, copy the serving files, measure quality against the float32 export, gate; then publish."""
     preset = resolve_preset(options.method, options.block_size, options.accuracy_level, options.lm_head,
-                            options.smoothing_alpha, options.float_share)
+                            options.smoothing_alpha, options.float_share, options.lm_head_block_size)
     staging = options.out_dir.with_name(options.out_dir.name + ".tmp")
     manifest = write_quantized(options.export_dir, staging, preset)
     print(f"[quantize] {manifest.quantization.num_quantized} weight matrices quantized; "

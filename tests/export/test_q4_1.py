@@ -176,11 +176,28 @@ def test_default_preset_is_gated_and_recorded(grid_export, tmp_path):
     assert all(len(tokens) == 8 for tokens in greedy(tmp_path / "q4_1").values())
 
 
+def test_a_quantized_lm_head_may_have_blocks_of_its_own(grid_export, tmp_path):
+    preset = resolve_preset("q8_0", None, None, "q8_0", lm_head_block_size=16)
+    assert preset.name == "q8_0-block32-acc4-head-q8_0-block16-smooth0.65"
+    manifest = write_quantized(grid_export, tmp_path / "q8_0", preset)
+    assert manifest.quantization.num_quantized == 9  # 2 layers x 4 + the lm_head
+    graph = onnx.load(str(tmp_path / "q8_0" / "model.onnx")).graph
+    blocks = sorted(({a.name: helper.get_attribute_value(a) for a in n.attribute}["block_size"], n.op_type)
+                    for n in graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized"))
+    # NOTE: the head and the tied embedding's Gather read the same 8-bit codes, in blocks of 16
+    assert blocks == [(16, "GatherBlockQuantized"), (16, "MatMulNBits")] + [(32, "MatMulNBits")] * 8
+    assert all(len(tokens) == 8 for tokens in greedy(tmp_path / "q8_0").values())
+
+
 def test_bad_q4_1_requests_are_clear_errors():
     with pytest.raises(QuantizationError, match="--lm-head applies to q4_1 and q8_0 only"):
         resolve_preset("int4", None, None, "fp32")
     with pytest.raises(QuantizationError, match="one of fp32, q8_0, q4_1"):
         resolve_preset("q4_1", None, None, "int2")
+    with pytest.raises(QuantizationError, match="--lm-head-block-size applies to a quantized lm_head"):
+        resolve_preset("q8_0", None, None, lm_head_block_size=16)  # NOTE: q8_0's head is float32 by default
+    with pytest.raises(QuantizationError, match="power of two >= 16, got 24"):
+        resolve_preset("q8_0", None, None, "q8_0", lm_head_block_size=24)
 
 
 @pytest.mark.skipif(not (SMOLLM2_MODEL / "config.json").is_file(), reason="no SmolLM2 folder (export smollm2)")
