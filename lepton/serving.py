@@ -27,6 +27,8 @@ from lepton.sampling_params import SamplingParams
 
 NUM_TOKENIZER_THREADS = 2
 CANCEL_POLL_S = 0.1  # NOTE: how often every open request is asked whether its client cancelled
+STEPS_AHEAD = 8  # steps of outputs the loop may have queued for sending before it waits to step again
+SEND_WAIT_S = 0.25  # NOTE: the longest wait for the sender before the loop looks at its inbox again
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +174,7 @@ class EngineLoop:
             self._reap_cancelled()
             if past_deadline:
                 self._cancel_all()
-            if self._sinks:
+            if self._sinks and self._sender.wait_backlog(STEPS_AHEAD * (len(self._sinks) + 1), SEND_WAIT_S):
                 self._step()
             self._publish_stats(force=False)
         self._abort_all()
@@ -331,25 +333,46 @@ class _Sender:
 
     Building and sending a Triton response per stream per token takes a few ms a step, and setting
     Triton's metrics is a round trip to tritonserver per value; here they overlap the next model
-    step (the runners release the GIL) instead of adding to it.
+    step (the runners release the GIL) instead of adding to it. The loop waits for it when it is
+    STEPS_AHEAD steps behind (wait_backlog): a model whose steps are shorter than their sending would
+    otherwise queue responses without bound, and clients and the metrics port would fall ever further
+    behind the engine.
     """
 
     def __init__(self, on_stats: Callable[[EngineStats], None] | None = None) -> None:
         self._on_stats = on_stats
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._backlog = 0  # NOTE: items put and not yet handled (guarded by _handled)
+        self._handled = threading.Condition()
         self._failed: list[str] = []  # NOTE: appended here, taken by the engine thread
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="lepton-sender", daemon=True)
         self._thread.start()
 
     def put(self, sink: OutputSink, output: RequestOutput) -> None:
-        self._queue.put((sink, output, output.error))
+        self._put((sink, output, output.error))
 
     def put_error(self, sink: OutputSink, error: Exception) -> None:
-        self._queue.put((sink, None, error))
+        self._put((sink, None, error))
 
     def put_stats(self, stats: EngineStats) -> None:
-        self._queue.put(_Stats(stats))
+        self._put(_Stats(stats))
+
+    @property
+    def backlog(self) -> int:
+        """Outputs, errors and stats snapshots queued and not yet sent."""
+        with self._handled:
+            return self._backlog
+
+    def wait_backlog(self, limit: int, timeout: float) -> bool:
+        """Wait until at most limit items are queued; False if still more after timeout seconds."""
+        with self._handled:
+            return self._handled.wait_for(lambda: self._backlog <= limit, timeout)
+
+    def _put(self, item) -> None:
+        with self._handled:
+            self._backlog += 1
+        self._queue.put(item)
 
     def take_failed(self) -> list[str]:
         """Requests whose sending failed (the client went away) since the last call."""
@@ -373,20 +396,28 @@ class _Sender:
             if isinstance(item, threading.Event):
                 item.set()
                 continue
-            if isinstance(item, _Stats):
-                self._publish(item.stats)
-                continue
-            sink, output, error = item
-            if error is not None:
-                EngineLoop._send_error(sink, error)
-                continue
             try:
-                sink.send(output)
-            except Exception:  # NOTE: the client went away; the engine thread aborts the request
-                logger.exception("sending output of %s failed", output.request_id)
-                if not output.finished:
-                    with self._lock:
-                        self._failed.append(output.request_id)
+                self._handle(item)
+            finally:
+                with self._handled:
+                    self._backlog -= 1
+                    self._handled.notify_all()
+
+    def _handle(self, item) -> None:
+        if isinstance(item, _Stats):
+            self._publish(item.stats)
+            return
+        sink, output, error = item
+        if error is not None:
+            EngineLoop._send_error(sink, error)
+            return
+        try:
+            sink.send(output)
+        except Exception:  # NOTE: the client went away; the engine thread aborts the request
+            logger.exception("sending output of %s failed", output.request_id)
+            if not output.finished:
+                with self._lock:
+                    self._failed.append(output.request_id)
 
     def _publish(self, stats: EngineStats) -> None:
         try:

@@ -39,6 +39,13 @@ def test_full_queue_answers_busy_and_the_server_recovers(server):
     # NOTE: Triton 2.51's generate extension answers every model error with 400; the text says busy.
     status, text = http_post(server.http_url, "/v2/models/lepton/generate", {"text_input": "Hi", "max_tokens": 2})
     assert status == 400 and "server busy" in text
+    # NOTE: the metrics port shows the full engine within a few steps (the loop waits for its sender
+    # when it is STEPS_AHEAD steps ahead); only then does "idle" below mean the cancelled requests are gone.
+    deadline = time.monotonic() + 10
+    while (seen := metrics(server.metrics_url)).get("lepton_num_running") != SEATS \
+            or seen.get("lepton_num_waiting") != QUEUE:
+        assert time.monotonic() < deadline, seen
+        time.sleep(0.05)
     client.stop_stream(cancel_requests=True)
     client.close()
     wait_idle(server)

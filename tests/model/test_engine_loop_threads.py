@@ -101,3 +101,38 @@ def test_stats_are_published_by_the_sender_before_the_final_output_they_count(de
         assert events[final - 1] == ("stats", 0, 0)
     finally:
         loop.shutdown()
+
+
+class SlowSink(RecordingSink):
+    """Sending takes 5 ms (a busy tritonserver); records how much was queued at each send."""
+
+    def __init__(self, events: list, loop_box: list) -> None:
+        super().__init__(events)
+        self.loop_box, self.backlogs = loop_box, []
+
+    def send(self, output: RequestOutput) -> None:
+        self.backlogs.append(self.loop_box[0]._sender.backlog)
+        time.sleep(0.005)
+        super().send(output)
+
+
+def test_the_loop_runs_at_most_a_few_steps_ahead_of_a_slow_sender(demo_model_dir):
+    from lepton.serving import STEPS_AHEAD
+
+    events, stats_threads, box = [], set(), []
+    loop = make_loop(demo_model_dir, events, stats_threads)
+    box.append(loop)
+    try:
+        streams, tokens = 4, 40
+        sinks = [SlowSink(events, box) for _ in range(streams)]
+        for i, sink in enumerate(sinks):
+            loop.submit(f"s{i}", PROMPT, SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True), sink)
+        assert all(sink.done.wait(60) for sink in sinks)
+        assert all(sink.outputs[-1].num_output_tokens == tokens for sink in sinks)
+        # NOTE: a demo step takes ~1-3 ms, sending it 20 ms: without waiting, 137 items were queued by the end.
+        # The loop steps once at most STEPS_AHEAD x (streams + 1) are queued; a step adds an output per stream
+        # and up to two stats snapshots.
+        most = max(b for sink in sinks for b in sink.backlogs)
+        assert 2 * streams <= most <= STEPS_AHEAD * (streams + 1) + streams + 2
+    finally:
+        loop.shutdown()
