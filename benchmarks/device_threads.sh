@@ -9,7 +9,8 @@
 # No GPU is used: the engine's GPU runner needs TensorRT, which that machine lacks.
 set -u
 OUT=${OUT:-build/reports/threads}
-THREADS=${THREADS:-"1 2 4 8 15 16"}
+# NOTE: 1 thread is left out by default: with it the twelve runs did not fit one 10-minute device call.
+THREADS=${THREADS:-"2 4 8 15 16"}
 WORK=${WORK:-/tmp/lepton-threads}
 PY=${PY:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
