@@ -86,6 +86,9 @@ def _add_quantize_parser(commands) -> None:
                                "q8_0: float32 (default) or 8-bit blocks")
     quantize.add_argument("--lm-head-block-size", type=int, default=None,
                           help="q4_1 / q8_0 with a quantized lm_head: its weights per scale (default: --block-size)")
+    quantize.add_argument("--lm-head-rescore", type=int, default=None,
+                          help="q4_1 / q8_0 with a quantized lm_head: recompute the logits of each row's top N "
+                               "candidates in float32 from the tied embedding (or a float32 copy); 0 = none")
     quantize.add_argument("--smoothing-alpha", type=float, default=None,
                           help="q8_0: SmoothQuant strength in [0, 1) moving activation outliers into the weights, "
                                "calibrated on training text (default 0.65; 0 = none)")
@@ -171,6 +174,7 @@ def _quantize(args: argparse.Namespace) -> int:
     options = QuantizeOptions(export_dir=args.export, out_dir=args.out, method=args.method,
                               block_size=args.block_size, accuracy_level=args.accuracy_level,
                               lm_head=args.lm_head, lm_head_block_size=args.lm_head_block_size,
+                              lm_head_rescore=args.lm_head_rescore,
                               smoothing_alpha=args.smoothing_alpha,
                               float_share=args.float_share, gate=gate,
                               quality_gate=not args.no_quality_gate, evaluation=evaluation)

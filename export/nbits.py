@@ -116,6 +116,7 @@ class RewritePlan:
     body_format: str = "q4_1"  # every other weight: "q4_1" or "q8_0" (at accuracy_level)
     keep_float: frozenset[str] = frozenset()  # activations whose weight products stay float32 MatMuls
     head_block_size: int | None = None  # of a quantized lm_head; None: block_size
+    head_rescore: int = 0  # a quantized lm_head: the logits of its top candidates recomputed in float32; 0 = none
 
 
 def rewrite_matmuls(model: onnx.ModelProto, plan: RewritePlan) -> int:
@@ -134,18 +135,25 @@ def rewrite_matmuls(model: onnx.ModelProto, plan: RewritePlan) -> int:
             continue
         weight_nk = np.ascontiguousarray(matrix.T)
         prefix = node.name or node.output[0]
+        rescore = is_head and plan.head_rescore > 0
+        product = f"{prefix}.approx" if rescore else node.output[0]
         if fmt == "q8_0":
             block = quantize_q8_0(weight_nk, block_size)
             level = plan.head_accuracy_level if is_head else plan.accuracy_level
-            new, extra = nbits_nodes(node.input[0], node.output[0], block, prefix, level, None)
-            if is_head:
-                head = (weight_nk, block, extra[0].name)
+            new, extra = nbits_nodes(node.input[0], product, block, prefix, level, None)
         else:
             block = quantize_q4_1(weight_nk, block_size)
             key = (node.input[0], block_size)
             if key not in sums:
                 sums[key] = _block_sum_nodes(node.input[0], matrix.shape[0], block_size, nodes, inits)
-            new, extra = nbits_nodes(node.input[0], node.output[0], block, prefix, plan.accuracy_level, sums[key])
+            new, extra = nbits_nodes(node.input[0], product, block, prefix, plan.accuracy_level, sums[key])
+        if rescore:
+            # NOTE: the float32 rows stay in the graph, so the tied embedding's Gather keeps reading them.
+            table, scale = _float_rows(weight_nk, weights, inits, prefix)
+            new += rescore_nodes(node.input[0], product, node.output[0], table, scale,
+                                 min(plan.head_rescore, weight_nk.shape[0]), prefix, inits)
+        elif is_head and fmt == "q8_0":
+            head = (weight_nk, block, extra[0].name)
         nodes += new
         inits += extra
         count += 1
@@ -153,6 +161,65 @@ def rewrite_matmuls(model: onnx.ModelProto, plan: RewritePlan) -> int:
         nodes = _gather_tied_embedding(nodes, inits, weights, *head)
     replace_nodes(model, nodes, inits)
     return count
+
+
+def rescore_nodes(hidden: str, approx: str, output: str, table: str, scale: str | None, count: int, prefix: str,
+                  inits: list) -> list[onnx.NodeProto]:
+    """output = approx with each row's top `count` logits replaced by (hidden * scale) @ table[candidate] in
+    float32 (scale: per column of the table, None = 1).
+
+    The 8-bit head's error stays in the tail (whose probabilities are tiny); the candidates a sampler can
+    reach, and greedy's argmax, are the float32 head's whenever the true best lies in the approximate top
+    `count` (its int8 error is ~1 % of the largest logit)."""
+    k, axis = f"{prefix}.rescore_k", f"{prefix}.rescore_axis"
+    inits += [numpy_helper.from_array(np.array([count], np.int64), k),
+              numpy_helper.from_array(np.array([-1], np.int64), axis)]
+    p = f"{prefix}.rescore"
+    scaled = []
+    if scale is not None:
+        scaled = [helper.make_node("Mul", [hidden, scale], [f"{p}.scaled"], name=f"{p}.scaled")]
+        hidden = f"{p}.scaled"
+    # NOTE: sorted=0: the candidates' order does not matter to ScatterElements, and sorting costs.
+    return scaled + [
+        helper.make_node("TopK", [approx, k], [f"{p}.values", f"{p}.ids"], name=f"{p}.topk", axis=-1, largest=1,
+                         sorted=0),
+        helper.make_node("Gather", [table, f"{p}.ids"], [f"{p}.rows"], name=f"{p}.gather", axis=0),  # [L, k, K]
+        helper.make_node("Unsqueeze", [hidden, axis], [f"{p}.column"], name=f"{p}.column"),  # [L, K, 1]
+        helper.make_node("MatMul", [f"{p}.rows", f"{p}.column"], [f"{p}.exact3"], name=f"{p}.matmul"),
+        helper.make_node("Squeeze", [f"{p}.exact3", axis], [f"{p}.exact"], name=f"{p}.exact"),  # [L, k]
+        helper.make_node("ScatterElements", [approx, f"{p}.ids", f"{p}.exact"], [output], name=f"{p}.scatter",
+                         axis=-1),
+    ]
+
+
+def _float_rows(weight_nk: np.ndarray, weights: dict[str, onnx.TensorProto], inits: list,
+                prefix: str) -> tuple[str, str | None]:
+    """A float32 [N, K] table whose columns, times a scale, are the head's weight, and that scale's name (None:
+    equal): a tied embedding's (smoothing scales the head's K columns, 1 / s going into the final norm), else a
+    new float32 copy of the head."""
+    for name, tensor in weights.items():
+        if tuple(tensor.dims) != weight_nk.shape or tensor.data_type != onnx.TensorProto.FLOAT:
+            continue
+        table = numpy_helper.to_array(tensor)
+        if np.array_equal(table, weight_nk):
+            return name, None
+        scale = _column_scale(table, weight_nk)
+        if scale is not None:
+            inits.append(numpy_helper.from_array(scale, f"{prefix}.rescore_scale"))
+            return name, inits[-1].name
+    inits.append(numpy_helper.from_array(weight_nk, f"{prefix}.rows"))
+    return inits[-1].name, None
+
+
+def _column_scale(table: np.ndarray, weight: np.ndarray) -> np.ndarray | None:
+    """s [K] with weight = table * s to float32 rounding, or None."""
+    rows, cols = np.abs(table).argmax(axis=0), np.arange(table.shape[1])
+    pivot = table[rows, cols].astype(np.float64)
+    if not pivot.all():
+        return None
+    scale = (weight[rows, cols] / pivot).astype(np.float32)
+    # NOTE: smoothing rounds table * s (float64) to float32 once; s itself in float32 adds at most an ulp more.
+    return scale if np.allclose(table * scale, weight, rtol=2e-7 * 8, atol=0) else None
 
 
 def _gather_tied_embedding(nodes: list, inits: list, weights: dict[str, onnx.TensorProto], weight_nk: np.ndarray,

@@ -177,7 +177,7 @@ def test_default_preset_is_gated_and_recorded(grid_export, tmp_path):
 
 
 def test_a_quantized_lm_head_may_have_blocks_of_its_own(grid_export, tmp_path):
-    preset = resolve_preset("q8_0", None, None, "q8_0", lm_head_block_size=16)
+    preset = resolve_preset("q8_0", None, None, "q8_0", lm_head_block_size=16, lm_head_rescore=0)
     assert preset.name == "q8_0-block32-acc4-head-q8_0-block16-smooth0.65"
     manifest = write_quantized(grid_export, tmp_path / "q8_0", preset)
     assert manifest.quantization.num_quantized == 9  # 2 layers x 4 + the lm_head
@@ -195,7 +195,15 @@ def test_bad_q4_1_requests_are_clear_errors():
     with pytest.raises(QuantizationError, match="one of fp32, q8_0, q4_1"):
         resolve_preset("q4_1", None, None, "int2")
     with pytest.raises(QuantizationError, match="--lm-head-block-size applies to a quantized lm_head"):
-        resolve_preset("q8_0", None, None, lm_head_block_size=16)  # NOTE: q8_0's head is float32 by default
+        resolve_preset("q8_0", None, None, "fp32", lm_head_block_size=16)
+    with pytest.raises(QuantizationError, match="--lm-head-rescore applies to a quantized lm_head"):
+        resolve_preset("q8_0", None, None, "fp32", lm_head_rescore=8)
+    with pytest.raises(QuantizationError, match="--lm-head-rescore applies to a quantized lm_head"):
+        resolve_preset("q4_1", None, None, lm_head_rescore=8)  # NOTE: q4_1's head is float32 by default
+    with pytest.raises(QuantizationError, match=">= 0, got -1"):
+        resolve_preset("q8_0", None, None, lm_head_rescore=-1)
+    # NOTE: the q8_0 preset's rescoring belongs to its 8-bit head: a float32 head alone turns it off.
+    assert resolve_preset("q8_0", None, None, "fp32").name == "q8_0-block32-acc4-head-fp32-smooth0.65"
     with pytest.raises(QuantizationError, match="power of two >= 16, got 24"):
         resolve_preset("q8_0", None, None, "q8_0", lm_head_block_size=24)
 
@@ -248,6 +256,81 @@ def test_smollm2_q4_1_answers_as_transformers_on_the_float32_folder(tmp_path):
         if i == 0:
             assert text.startswith("The capital of France is Paris.")
     shutil.rmtree(tmp_path / "q4_1")
+
+
+def tied_head_model(table: np.ndarray, head: np.ndarray | None = None) -> onnx.ModelProto:
+    """Gather(table, ids) -> h; logits = h @ head^T (head: the table, a tied embedding and lm_head, unless
+    given), h also an output."""
+    head = table if head is None else head
+    vocab, hidden = table.shape
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["h"], name="embed", axis=0),
+             helper.make_node("MatMul", ["h", "table.kn"], ["logits"], name="head")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["T"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["T", vocab]),
+         helper.make_tensor_value_info("h", TensorProto.FLOAT, ["T", hidden])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(head.T.copy(), "table.kn")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def with_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["T", "V"]))
+    return model
+
+
+def assert_rescored(logits: np.ndarray, approx: np.ndarray, exact: np.ndarray, count: int) -> None:
+    """logits = the 8-bit head's approx with each row's top `count` of approx replaced by the exact logits."""
+    scale = np.abs(exact).max()
+    assert 1e-3 * scale < np.abs(approx - exact).max() < 2e-2 * scale  # NOTE: the 8-bit head errs, a little
+    top = np.argsort(-approx, axis=1)[:, :count]
+    expected = approx.astype(np.float64).copy()
+    np.put_along_axis(expected, top, np.take_along_axis(exact, top, axis=1), axis=1)
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5 * scale)
+    assert (logits.argmax(axis=1) == exact.argmax(axis=1)).all()
+
+
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_a_rescored_head_computes_its_top_candidates_in_float32_from_the_tied_table(smoothed):
+    rng = np.random.default_rng(5)
+    table = rng.normal(size=(300, 64)).astype(np.float32)  # NOTE: off the Q8_0 grid, so the 8-bit head errs
+    # NOTE: smoothing scales the head's input columns (1 / s folded into the final norm): head = table * s.
+    scale = rng.uniform(0.2, 5.0, 64) if smoothed else np.ones(64)
+    head = (table * scale).astype(np.float32)
+    model = tied_head_model(table, head)
+    plan = RewritePlan(block_size=32, accuracy_level=0, head_format="q8_0", head_accuracy_level=4, vocab_size=300,
+                       head_rescore=8)
+    assert rewrite_matmuls(model, plan) == 1
+    onnx.checker.check_model(with_output(model, "head.approx"))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops == ["Gather", "MatMulNBits"] + ["Mul"] * smoothed + [
+        "TopK", "Gather", "Unsqueeze", "MatMul", "Squeeze", "ScatterElements"]
+    # NOTE: the float32 table serves the embedding and the candidates' rows; no float32 head stays.
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert {"table", "head.codes", "head.scales"} <= set(inits) and not {"table.kn", "head.rows"} & set(inits)
+    if smoothed:
+        np.testing.assert_allclose(inits["head.rescore_scale"], scale, rtol=1e-6)
+    ids = rng.integers(0, 300, 9).astype(np.int64)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    logits, rows, approx = session.run(None, {"ids": ids})
+    np.testing.assert_array_equal(rows, table[ids])
+    assert_rescored(logits, approx, table[ids].astype(np.float64) @ head.T.astype(np.float64), 8)
+
+
+def test_an_untied_rescored_head_keeps_a_float32_copy_of_its_rows():
+    rng = np.random.default_rng(6)
+    layer, head = rng.normal(size=(64, 48)).astype(np.float32), rng.normal(size=(250, 64)).astype(np.float32)
+    model = matmul_model({"layer": layer.T.copy(), "head": head.T.copy()}, rows=6)
+    plan = RewritePlan(block_size=32, accuracy_level=4, head_format="q8_0", head_accuracy_level=4, vocab_size=250,
+                       head_rescore=300)  # NOTE: more candidates than the vocabulary: every logit in float32
+    assert rewrite_matmuls(model, plan) == 1  # NOTE: body_format q4_1 needs K % 32: 48 is not, "layer" stays
+    rows = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}["head.rows"]
+    np.testing.assert_array_equal(rows, head)
+    x = rng.normal(size=(6, 48)).astype(np.float32)
+    session = ort.InferenceSession(with_output(model, "head.approx").SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    logits, approx = session.run(None, {"x": x})
+    exact = (x.astype(np.float64) @ layer.T) @ head.T
+    assert_rescored(logits, approx, exact, 250)
 
 
 def test_a_tied_embedding_reads_the_q8_0_heads_codes():

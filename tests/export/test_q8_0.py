@@ -102,10 +102,11 @@ def test_q8_0_preset_is_smoothed_gated_recorded_and_served(tiny_export, tmp_path
     recipe = manifest.quantization
     assert recipe == Manifest.load(tmp_path / "q8_0" / MANIFEST_FILE).quantization
     assert (recipe.preset, recipe.method, recipe.block_size, recipe.accuracy_level) == (
-        "q8_0-block32-acc4-head-fp32-smooth0.65", "q8_0", 32, 4)
-    assert recipe.num_quantized == 8 and "export.nbits" in recipe.tool  # 2 layers x 4; the lm_head float32
+        "q8_0-block32-acc4-head-q8_0-rescore64-smooth0.65", "q8_0", 32, 4)
+    assert recipe.num_quantized == 9 and "export.nbits" in recipe.tool  # 2 layers x 4 + the 8-bit lm_head
     ops = [n.op_type for n in onnx.load(str(tmp_path / "q8_0" / "model.onnx")).graph.node]
-    assert ops.count("MatMulNBits") == 8 and "Gemm" not in ops
+    assert ops.count("MatMulNBits") == 9 and "Gemm" not in ops and "GatherBlockQuantized" not in ops
+    assert ops.count("TopK") == 1 and ops.count("ScatterElements") == 1  # the head's top 64 rescored in float32
     assert report.passed and report.kl_mean < 0.01 and report.top1_agreement > 0.9
     assert all(len(tokens) == 8 for tokens in greedy(tmp_path / "q8_0").values())
     # NOTE: ceil(8 / 8) = 1 product, the input losing most to int8 blocks, stays a float32 MatMul.
@@ -121,4 +122,4 @@ def test_bad_q8_0_requests_are_clear_errors():
     with pytest.raises(QuantizationError, match="--float-share applies to q8_0 only"):
         resolve_preset("q4_1", None, None, float_share=0.1)
     plain = resolve_preset("q8_0", None, None, "q8_0", smoothing_alpha=0.0, float_share=0.0)
-    assert plain.name == "q8_0-block32-acc4-head-q8_0" and not plain.smoothing_alpha
+    assert plain.name == "q8_0-block32-acc4-head-q8_0-rescore64" and not plain.smoothing_alpha
