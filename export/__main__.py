@@ -83,12 +83,13 @@ def _add_quantize_parser(commands) -> None:
                                "(default: int4 4, q4_1 0, q8_0 4)")
     quantize.add_argument("--lm-head", choices=("fp32", "q8_0", "q4_1"), default=None,
                           help="q4_1: the lm_head float32 (default), 8-bit blocks (accuracy level 4) or q4_1; "
-                               "q8_0: float32 (default) or 8-bit blocks")
+                               "q8_0: 8-bit blocks (default, with --lm-head-rescore 64) or float32")
     quantize.add_argument("--lm-head-block-size", type=int, default=None,
                           help="q4_1 / q8_0 with a quantized lm_head: its weights per scale (default: --block-size)")
     quantize.add_argument("--lm-head-rescore", type=int, default=None,
                           help="q4_1 / q8_0 with a quantized lm_head: recompute the logits of each row's top N "
-                               "candidates in float32 from the tied embedding (or a float32 copy); 0 = none")
+                               "candidates in float32 from the tied embedding (or a float32 copy); 0 = none "
+                               "(default: q8_0 64, q4_1 0)")
     quantize.add_argument("--smoothing-alpha", type=float, default=None,
                           help="q8_0: SmoothQuant strength in [0, 1) moving activation outliers into the weights, "
                                "calibrated on training text (default 0.65; 0 = none)")
