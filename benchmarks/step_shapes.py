@@ -75,9 +75,22 @@ def step_functions(args, params: dict[str, str], shapes: list[str]) -> dict[tupl
     for label, config in configs.items():
         for shape in shapes:
             runner = make_runner(open_folder(config), config)
+            _check_pools(runner, args, config)
             whole = args.baseline_dir is not None and label == "old"
             functions[label, shape] = (_whole_batch(runner) if whole else runner.execute, config.cache.block_size)
     return functions
+
+
+def _check_pools(runner, args, config: EngineConfig) -> None:
+    """The largest step (all decodes and the chunk) must fit the runner's block pools: a clear error, not an
+    IndexError from deep in a runner."""
+    size = config.cache.block_size
+    needed = args.decodes * -(-(args.context + 1) // size) + -(-args.prefill // size)
+    if needed > runner.num_blocks:
+        raise SystemExit(f"step_shapes: {args.decodes} decodes over {args.context} cached tokens and a "
+                         f"{args.prefill}-token chunk need {needed} blocks of {size} tokens; the pools hold "
+                         f"{runner.num_blocks} (kv_cache_memory_bytes {config.cache.kv_cache_memory_bytes}): "
+                         f"raise --param kv_cache_memory_bytes")
 
 
 def _whole_batch(runner):
