@@ -144,7 +144,7 @@ def main(argv=None) -> int:
 OP_KINDS = {
     "weight GEMMs": ("DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits", "Gemm",
                      "MatMulIntegerToFloat"),
-    "attention": ("MatMul", "FusedMatMul", "Softmax", "Einsum", "GroupQueryAttention"),
+    "attention": ("MatMul", "FusedMatMul", "Softmax", "Einsum", "GroupQueryAttention", "SlotAttention"),
     "K/V gathers, index": ("Gather", "GatherND", "GatherElements", "ScatterND", "Concat", "Where",
                            "Expand", "Slice", "Range", "Less", "LessOrEqual", "And", "Not"),
 }
@@ -177,7 +177,7 @@ def print_breakdown(params: dict[str, str], batches: dict, repeats: int) -> None
     runs = [e for e in events if e.get("name") == "model_run"]
     nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     kind_of = {op: kind for kind, ops in OP_KINDS.items() for op in ops}
-    if runner_class is SlotRunner:  # NOTE: attention is GroupQueryAttention alone; a MatMul is a float32 weight
+    if runner_class is SlotRunner:  # NOTE: attention is one fused op (GroupQueryAttention or SlotAttention); a MatMul is a float32 weight
         kind_of["MatMul"] = "weight GEMMs"
     first = 0
     print(f"\nwhere the time goes (ms, the median of {repeats} steps; ORT op profile, profiling on):")

@@ -299,7 +299,8 @@ def _fingerprint(candidate: Candidate) -> dict:
     stamp = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]
     package = Path(__file__).resolve().parent
     code = hashlib.sha256()
-    for source in sorted([*package.glob("runners/*.py"), *package.glob("models/*.py"), package / "batch.py"]):
+    for source in sorted([*package.glob("runners/*.py"), *package.glob("models/*.py"), *package.glob("native/*.c"),
+                          package / "batch.py"]):
         code.update(source.read_bytes())
     return {**dataclasses.asdict(candidate), "model_dir": str(candidate.model_dir), "files": stamp,
             "code": code.hexdigest()}

@@ -21,6 +21,9 @@ DTYPES = ("float32", "bfloat16")
 # as it is, gathering K/V from the block pools each layer; "auto": slots where the graph allows it, paged
 # with deterministic=true (lepton/runners/__init__.py).
 ATTENTIONS = ("auto", "slots", "paged")
+# NOTE: attention=slots: "lepton": lepton/native's SlotAttention operator (lepton/native/slot_attention.c);
+# "onnxruntime": ONNX Runtime's GroupQueryAttention; "auto": lepton's when its library is built.
+ATTENTION_KERNELS = ("auto", "lepton", "onnxruntime")
 SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
@@ -58,6 +61,7 @@ class RunnerConfig:
     deterministic: bool = False
     device_id: int = 0  # the CUDA device of the tensorrt runner (a KIND_GPU instance sets its GPU)
     attention: str = "auto"  # onnxruntime: "auto", "slots" or "paged" (see ATTENTIONS)
+    attention_kernel: str = "auto"  # attention=slots: "auto", "lepton" or "onnxruntime" (see ATTENTION_KERNELS)
     # NOTE: onnxruntime: true: intra-op threads spin between ops while a step runs and sleep once it returns
     # (session.force_spinning_stop); false: they sleep between ops too
     spin_wait: bool = True
@@ -124,6 +128,7 @@ class EngineConfig:
         _choice("runner", self.runner.runner, RUNNERS)
         _choice("dtype", self.runner.dtype, DTYPES)
         _choice("attention", self.runner.attention, ATTENTIONS)
+        _choice("attention_kernel", self.runner.attention_kernel, ATTENTION_KERNELS)
         _choice("policy", self.scheduler.policy, SCHEDULING_POLICIES)
         if not 0.0 <= self.cache.kv_cache_memory_fraction < 1.0:
             raise ConfigError(f"kv_cache_memory_fraction: must be in [0, 1), got {self.cache.kv_cache_memory_fraction}")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up shared by `make serve` and `make test`: virtual environment with the pinned
-# packages (one pip call), libb64 for perf_analyzer, the Python backend stub, and a start check.
+# packages (one pip call), Lepton's native operators, libb64 for perf_analyzer, the Python backend stub, and a start check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -22,6 +22,9 @@ if ! cmp -s requirements.txt "$stamp"; then
 else
   step "packages already installed ($VENV)"
 fi
+
+# NOTE: Lepton's ONNX Runtime operators (the slot runner's attention); skipped without a C compiler.
+bash scripts/build_native.sh
 
 if ! ldconfig -p | grep -q 'libb64.so.0d'; then
   step "installing libb64-0d (perf_analyzer links libb64.so.0d)"

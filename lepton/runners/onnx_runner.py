@@ -37,12 +37,15 @@ def open_export_folder(path: str | Path) -> ModelFolder:
 
 def make_session(model: Path | bytes, num_threads: int, profile_prefix: str | None = None,
                  data_folder: Path | None = None, spin_wait: bool = False,
-                 spin_duration_us: int = 0) -> ort.InferenceSession:
+                 spin_duration_us: int = 0, ops_library: Path | None = None) -> ort.InferenceSession:
     """A CPU session over a graph file or serialized graph: intra-op threads from the config, sequential
     execution; profile_prefix: ORT's op profile; data_folder: where a serialized graph's external data is;
     spin_wait: threads spin between ops while a run lasts (never after it), each time for at most
-    spin_duration_us (0: ONNX Runtime's default)."""
+    spin_duration_us (0: ONNX Runtime's default); ops_library: a custom-operator library to register
+    (lepton.native's)."""
     options = ort.SessionOptions()
+    if ops_library is not None:
+        options.register_custom_ops_library(str(ops_library))
     if data_folder is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(data_folder))
     if profile_prefix is not None:

@@ -5,7 +5,8 @@ The paged graph (lepton/models/llama.py `paged_attention`) gathers every sequenc
 block pools each layer and runs ~30 small ops of rotary, scatter, products and masking. Here each
 layer's region between its fused qkv product and its o_proj product becomes one GroupQueryAttention
 node (packed qkv, rotary inside, past and present caches [B, KVH, M, D] that the runner binds to one
-buffer, so this step's K/V are written in place). Every weight product, norm and the lm_head are kept
+buffer, so this step's K/V are written in place), or Lepton's SlotAttention (lepton/native), which
+computes the same from the same inputs. Every weight product, norm and the lm_head are kept
 as exported, so each quantized variant keeps its numbers.
 
 Graph contract (what `lepton.runners.slot_runner` binds):
@@ -24,7 +25,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from lepton.models.llama import ModelConfig
+from lepton.native import DOMAIN as LEPTON_DOMAIN
 from lepton.runners.graph_edit import MS_DOMAIN, replace_nodes
+KERNELS = ("onnxruntime", "lepton")  # GroupQueryAttention, SlotAttention
 SLOT_INPUTS = ("input_ids", "seqlens_k", "total_sequence_length", "logits_indices")
 
 
@@ -32,11 +35,16 @@ class SlotGraphError(RuntimeError):
     """The graph is not a paged step graph this rewrite knows; serve it with attention=paged."""
 
 
-def slot_graph(model: onnx.ModelProto, cfg: ModelConfig, cos_half: np.ndarray, sin_half: np.ndarray) -> onnx.ModelProto:
+def slot_graph(model: onnx.ModelProto, cfg: ModelConfig, cos_half: np.ndarray, sin_half: np.ndarray,
+               kernel: str = "onnxruntime") -> onnx.ModelProto:
     """Rewrite the paged step graph in place (see the module docstring); returns it.
 
-    cos_half / sin_half: [max positions, head_dim / 2] float32, the rotate-half tables of the model's RoPE.
+    cos_half / sin_half: [max positions, head_dim / 2] float32, the rotate-half tables of the model's RoPE;
+    kernel: "onnxruntime" (GroupQueryAttention) or "lepton" (SlotAttention: the session must register
+    lepton.native's library).
     """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
     graph = model.graph
     splits = [n for n in graph.node if n.op_type == "Split" and len(n.output) == 3]
     outputs = _attention_outputs(graph)
@@ -57,7 +65,7 @@ def slot_graph(model: onnx.ModelProto, cfg: ModelConfig, cos_half: np.ndarray, s
     ]
     renamed, fused = {"input_ids": "slot.flat_ids"}, {}
     for layer, (split, attention_out) in enumerate(zip(splits, outputs)):
-        fused[split.output[0]] = _fused_layer(layer, split.input[0], cfg)
+        fused[split.output[0]] = _fused_layer(layer, split.input[0], cfg, kernel)
         renamed[attention_out] = f"slot.out_{layer}"
     for node in graph.node:
         for i, name in enumerate(node.input):
@@ -68,21 +76,27 @@ def slot_graph(model: onnx.ModelProto, cfg: ModelConfig, cos_half: np.ndarray, s
             nodes += fused.get(node.output[0], [])
     _set_io(graph, cfg)
     replace_nodes(model, [_copy(node) for node in _live(nodes, [o.name for o in graph.output])], inits)
+    if kernel == "lepton" and not any(o.domain == LEPTON_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(LEPTON_DOMAIN, 1))
     return model
 
 
-def _fused_layer(layer: int, qkv: str, cfg: ModelConfig) -> list[onnx.NodeProto]:
-    """qkv [B * S, (N + 2 KVH) D] -> [B, S, ...] -> GroupQueryAttention -> [B * S, N D] (slot.out_{layer})."""
+def _fused_layer(layer: int, qkv: str, cfg: ModelConfig, kernel: str) -> list[onnx.NodeProto]:
+    """qkv [B * S, (N + 2 KVH) D] -> [B, S, ...] -> attention -> [B * S, N D] (slot.out_{layer})."""
+    caches = [f"past_key_{layer}", f"past_value_{layer}"]
+    lengths = ["seqlens_k", "total_sequence_length", "slot.cos_cache", "slot.sin_cache"]
+    outputs = [f"slot.attention_{layer}", f"present_key_{layer}", f"present_value_{layer}"]
+    heads = dict(num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, scale=float(cfg.head_dim ** -0.5))
+    if kernel == "lepton":
+        attention = helper.make_node("SlotAttention", [f"slot.qkv_{layer}", *caches, *lengths], outputs,
+                                     name=f"slot.attention_{layer}", domain=LEPTON_DOMAIN, **heads)
+    else:
+        attention = helper.make_node("GroupQueryAttention", [f"slot.qkv_{layer}", "", "", *caches, *lengths], outputs,
+                                     name=f"slot.gqa_{layer}", domain=MS_DOMAIN, do_rotary=1, rotary_interleaved=0,
+                                     **heads)
     return [
         helper.make_node("Reshape", [qkv, "slot.qkv_shape"], [f"slot.qkv_{layer}"], name=f"slot.qkv_{layer}"),
-        helper.make_node(
-            "GroupQueryAttention",
-            [f"slot.qkv_{layer}", "", "", f"past_key_{layer}", f"past_value_{layer}", "seqlens_k",
-             "total_sequence_length", "slot.cos_cache", "slot.sin_cache"],
-            [f"slot.attention_{layer}", f"present_key_{layer}", f"present_value_{layer}"],
-            name=f"slot.gqa_{layer}", domain=MS_DOMAIN, num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads,
-            scale=float(cfg.head_dim ** -0.5), do_rotary=1, rotary_interleaved=0,
-        ),
+        attention,
         helper.make_node("Reshape", [f"slot.attention_{layer}", "slot.out_shape"], [f"slot.out_{layer}"],
                          name=f"slot.out_{layer}"),
     ]

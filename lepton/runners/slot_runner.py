@@ -25,6 +25,7 @@ from lepton.config import EngineConfig
 from lepton.models.llama import rope_tables
 from lepton.models.loader import rope_parameters
 from lepton.memory import available_bytes
+from lepton.native import ops_library
 from lepton.runners.onnx_runner import OnnxRunner, bind_pools, make_session, open_export_folder, run_paged, sub_batch
 from lepton.runners.slot_cache import SlotCache
 from lepton.runners.slot_graph import slot_graph
@@ -40,6 +41,18 @@ SLOT_BUDGET_POOLS = 4
 SLOT_BUDGET_FLOOR = 256 << 20
 
 
+def attention_kernel(setting: str, library: Path | None) -> str:
+    """The slot graph's attention for RunnerConfig.attention_kernel: "lepton" (lepton.native's SlotAttention)
+    when asked or, with "auto", when its library is built; "onnxruntime" (GroupQueryAttention) otherwise."""
+    if setting == "lepton" and library is None:
+        raise RuntimeError("attention_kernel=lepton: lepton/native/liblepton_ops.so is not built (or older than "
+                           "its source); run scripts/build_native.sh (make setup does), or set attention_kernel="
+                           "onnxruntime")
+    if setting == "auto":
+        return "lepton" if library is not None else "onnxruntime"
+    return setting
+
+
 class SlotRunner(OnnxRunner):
     """OnnxRunner whose graph attends over slots; `slots` holds the per-sequence caches, `paged_session`
     runs the export as it is for steps with several chunks after cached tokens."""
@@ -53,11 +66,14 @@ class SlotRunner(OnnxRunner):
         # NOTE: external weights stay in their file: the rewritten graph (without them) is handed over
         # serialized, which protobuf caps at 2 GiB, and ONNX Runtime reads the weights from the folder.
         external = self.manifest.external_data is not None
+        library = ops_library()
+        self.attention_kernel = attention_kernel(config.runner.attention_kernel, library)
         model = slot_graph(onnx.load(str(path / self.manifest.model_file), load_external_data=not external), cfg,
-                           cos.numpy(), sin.numpy())
+                           cos.numpy(), sin.numpy(), kernel=self.attention_kernel)
         return make_session(model.SerializeToString(), config.runner.compute_threads, profile_prefix,
                             data_folder=path if external else None, spin_wait=config.runner.spin_wait,
-                            spin_duration_us=config.runner.spin_duration_us)
+                            spin_duration_us=config.runner.spin_duration_us,
+                            ops_library=library if self.attention_kernel == "lepton" else None)
 
     def _bind_pools(self, config: EngineConfig) -> None:
         cfg = self.model_config

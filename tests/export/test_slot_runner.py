@@ -24,9 +24,10 @@ BLOCK_SIZE = 8
 ATOL = 1e-4
 
 
-def runner(export_dir, attention: str, deterministic: bool = False):
+def runner(export_dir, attention: str, deterministic: bool = False, kernel: str = "auto"):
     config = EngineConfig(model_dir=export_dir, cache=CacheConfig(block_size=BLOCK_SIZE, kv_cache_memory_bytes=4 << 20),
-                          runner=RunnerConfig(runner="onnxruntime", attention=attention, deterministic=deterministic))
+                          runner=RunnerConfig(runner="onnxruntime", attention=attention, deterministic=deterministic,
+                                              attention_kernel=kernel))
     return make_runner(open_folder(config), config)
 
 
@@ -83,12 +84,13 @@ def run_schedule(paged, slots) -> float:
     return worst
 
 
+@pytest.mark.parametrize("kernel", ["lepton", "onnxruntime"])
 @pytest.mark.parametrize("kind,exporter", [("llama", "torchscript"), ("llama", "dynamo"), ("qwen2", "torchscript"),
                                            ("llama3_rope", "torchscript")])
-def test_slots_give_the_paged_graphs_logits_and_pools(tiny_exports, kind, exporter):
+def test_slots_give_the_paged_graphs_logits_and_pools(tiny_exports, kind, exporter, kernel):
     export_dir, _ = tiny_exports(kind, exporter)
-    paged, slots = runner(export_dir, "paged"), runner(export_dir, "slots")
-    assert type(paged) is OnnxRunner and type(slots) is SlotRunner
+    paged, slots = runner(export_dir, "paged"), runner(export_dir, "slots", kernel=kernel)
+    assert type(paged) is OnnxRunner and type(slots) is SlotRunner and slots.attention_kernel == kernel
     assert run_schedule(paged, slots) <= ATOL
     for ref, got in zip(paged.k_pools + paged.v_pools, slots.k_pools + slots.v_pools):
         np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
@@ -129,6 +131,10 @@ def test_the_rewrite_leaves_one_fused_attention_per_layer_and_no_pool_reads(tiny
     model = slot_graph(onnx.load(str(export_dir / manifest.model_file)), cfg, tables, tables)
     ops = [node.op_type for node in model.graph.node]
     assert ops.count("GroupQueryAttention") == cfg.num_layers
+    lepton = slot_graph(onnx.load(str(export_dir / manifest.model_file)), cfg, tables, tables, kernel="lepton")
+    assert [node.op_type for node in lepton.graph.node].count("SlotAttention") == cfg.num_layers
+    assert "GroupQueryAttention" not in [node.op_type for node in lepton.graph.node]
+    assert {o.domain: o.version for o in lepton.opset_import}["ai.lepton"] == 1
     assert "ScatterND" not in ops and "Softmax" not in ops, "the paged attention's ops should be gone"
     names = [i.name for i in model.graph.input]
     assert names[: len(SLOT_INPUTS)] == list(SLOT_INPUTS)

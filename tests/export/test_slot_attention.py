@@ -1,0 +1,150 @@
+"""lepton.native's SlotAttention against ONNX Runtime's GroupQueryAttention, one node each, same inputs.
+
+The slot graph may run either (RunnerConfig.attention_kernel); they must agree on every row that is
+read afterwards: the attention of each sequence's real tokens and the caches up to each sequence's
+length. Head sizes 64 and 128 take the vector-register paths of the C file, others its generic loop.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from lepton.config import ConfigError, EngineConfig
+from lepton.native import DOMAIN, LIBRARY, ops_library
+from lepton.runners.slot_runner import attention_kernel
+
+POSITIONS = 1024
+# NOTE: float32 sums in another order and an exp of ~2e-7 relative error; outputs are O(1).
+ATOL = 5e-6
+
+
+def session(kernel: str, heads: int, kv_heads: int, dim: int) -> ort.InferenceSession:
+    caches = ["past_key", "past_value"]
+    lengths = ["seqlens_k", "total_sequence_length", "cos", "sin"]
+    attrs = dict(num_heads=heads, kv_num_heads=kv_heads, scale=float(dim ** -0.5))
+    if kernel == "lepton":
+        node = helper.make_node("SlotAttention", ["qkv", *caches, *lengths], ["out", "key", "value"], domain=DOMAIN,
+                                **attrs)
+    else:
+        node = helper.make_node("GroupQueryAttention", ["qkv", "", "", *caches, *lengths], ["out", "key", "value"],
+                                domain="com.microsoft", do_rotary=1, rotary_interleaved=0, **attrs)
+    f, cache = TensorProto.FLOAT, ["B", kv_heads, "M", dim]
+    graph = helper.make_graph([node], "attention", [
+        helper.make_tensor_value_info("qkv", f, ["B", "S", "W"]),  # NOTE: any width: the kernel checks it
+        helper.make_tensor_value_info("past_key", f, cache), helper.make_tensor_value_info("past_value", f, cache),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["B"]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+        helper.make_tensor_value_info("cos", f, [POSITIONS, dim // 2]),
+        helper.make_tensor_value_info("sin", f, [POSITIONS, dim // 2]),
+    ], [helper.make_tensor_value_info("out", f, ["B", "S", heads * dim]),
+        helper.make_tensor_value_info("key", f, cache), helper.make_tensor_value_info("value", f, cache)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
+                                                    helper.make_opsetid(DOMAIN, 1)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    if kernel == "lepton":
+        options.register_custom_ops_library(str(LIBRARY))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def rope(dim: int) -> tuple[np.ndarray, np.ndarray]:
+    angles = np.arange(POSITIONS)[:, None] / (10000.0 ** (np.arange(0, dim, 2) / dim))[None]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def attend(sess: ort.InferenceSession, qkv, key, value, seqlens, in_place: bool = True):
+    """(out, key cache, value cache) after one run; in place: the past caches bound as the present ones."""
+    key, value = key.copy(), value.copy()
+    binding = sess.io_binding()
+    cos, sin = rope(key.shape[-1])
+    for name, array in (("qkv", qkv), ("seqlens_k", seqlens), ("cos", cos), ("sin", sin),
+                        ("total_sequence_length", np.array(seqlens.max() + 1, np.int32))):
+        binding.bind_cpu_input(name, array)
+    key_value, value_value = ort.OrtValue.ortvalue_from_numpy(key), ort.OrtValue.ortvalue_from_numpy(value)
+    binding.bind_ortvalue_input("past_key", key_value)
+    binding.bind_ortvalue_input("past_value", value_value)
+    binding.bind_output("out")
+    if in_place:
+        binding.bind_ortvalue_output("key", key_value)
+        binding.bind_ortvalue_output("value", value_value)
+    else:
+        binding.bind_output("key")
+        binding.bind_output("value")
+    sess.run_with_iobinding(binding)
+    outputs = binding.copy_outputs_to_cpu()
+    return (outputs[0], key, value) if in_place else tuple(outputs)
+
+
+CASES = {  # name: (heads, kv heads, dim, sequences, new tokens per row, seqlens_k)
+    "16 decodes, head 64, 3 heads a kv head": (9, 3, 64, 16, 1, list(range(3, 250, 16))),
+    "decodes over several 64-key chunks, head 128": (8, 2, 128, 3, 1, [200, 64, 129]),
+    "one decode, generic head size": (4, 4, 32, 1, 1, [70]),
+    "first prompts, right padded": (9, 3, 64, 3, 40, [39, 12, 0]),
+    "first prompts, head 128, 4 heads a kv head": (8, 2, 128, 2, 21, [20, 7]),
+    "a chunk after cached tokens": (9, 3, 64, 1, 37, [150]),
+    "a chunk after cached tokens, generic head size": (6, 2, 48, 1, 19, [90]),
+}
+
+
+@pytest.fixture(scope="module")
+def sessions():
+    made = {}
+
+    def get(kernel: str, heads: int, kv_heads: int, dim: int) -> ort.InferenceSession:
+        key = (kernel, heads, kv_heads, dim)
+        if key not in made:
+            made[key] = session(*key)
+        return made[key]
+    return get
+
+
+def test_the_library_is_built_by_setup():
+    assert ops_library() == LIBRARY, "scripts/build_native.sh (make setup) should have built lepton/native"
+
+
+@pytest.mark.parametrize("in_place", [True, False], ids=["in place", "two buffers"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_slot_attention_computes_what_group_query_attention_computes(sessions, case, in_place):
+    heads, kv_heads, dim, batch, length, seqlens = CASES[case]
+    rng = np.random.default_rng(7)
+    seqlens = np.array(seqlens, np.int32)
+    capacity = 256
+    qkv = rng.standard_normal((batch, length, (heads + 2 * kv_heads) * dim), np.float32)
+    key, value = (rng.standard_normal((batch, kv_heads, capacity, dim), np.float32) for _ in range(2))
+    want = attend(sessions("onnxruntime", heads, kv_heads, dim), qkv, key, value, seqlens, in_place)
+    got = attend(sessions("lepton", heads, kv_heads, dim), qkv, key, value, seqlens, in_place)
+    first_prompt = length == seqlens.max() + 1
+    for b, cached_after in enumerate(seqlens + 1):
+        new = cached_after if first_prompt else length
+        np.testing.assert_allclose(got[0][b, :new], want[0][b, :new], atol=ATOL, rtol=0)
+        np.testing.assert_allclose(got[1][b, :, :cached_after], want[1][b, :, :cached_after], atol=ATOL, rtol=0)
+        np.testing.assert_allclose(got[2][b, :, :cached_after], want[2][b, :, :cached_after], atol=0, rtol=0)
+        if first_prompt:  # NOTE: a padding row's attention is zero; GroupQueryAttention leaves something there
+            assert not got[0][b, new:].any()
+        if in_place:  # NOTE: rows past a sequence's length are never written: what was there stays
+            np.testing.assert_array_equal(got[1][b, :, cached_after:], key[b, :, cached_after:])
+
+
+def test_bad_inputs_are_refused_with_the_input_and_the_limit(sessions):
+    sess = sessions("lepton", 9, 3, 64)
+    rng = np.random.default_rng(0)
+    key = rng.standard_normal((2, 3, 32, 64), np.float32)
+    with pytest.raises(Exception, match="SlotAttention: qkv has 900 values per token, expected 960"):
+        attend(sess, rng.standard_normal((2, 1, 900), np.float32), key, key, np.array([5, 6], np.int32))
+    with pytest.raises(Exception, match="SlotAttention: 40 tokens do not fit a cache of 32"):
+        attend(sess, rng.standard_normal((2, 1, 960), np.float32), key, key, np.array([5, 39], np.int32))
+    with pytest.raises(Exception, match="SlotAttention: seqlens_k has 3 values for 2 sequences"):
+        attend(sess, rng.standard_normal((2, 1, 960), np.float32), key, key, np.array([5, 6, 7], np.int32))
+
+
+def test_the_kernel_setting(tmp_path):
+    assert attention_kernel("auto", LIBRARY) == "lepton"
+    assert attention_kernel("auto", None) == "onnxruntime"
+    assert attention_kernel("onnxruntime", LIBRARY) == "onnxruntime"
+    with pytest.raises(RuntimeError, match="attention_kernel=lepton: lepton/native/liblepton_ops.so is not built"):
+        attention_kernel("lepton", None)
+    with pytest.raises(ConfigError, match="attention_kernel: must be one of auto, lepton, onnxruntime, got 'fast'"):
+        EngineConfig.from_parameters({"model_dir": str(tmp_path), "attention_kernel": "fast"})
