@@ -157,32 +157,49 @@ static inline void rotate(float *restrict dst, const float *restrict src, const 
     }
 }
 
-/* e^x for x <= 0 (a score minus its row's maximum): 2^n e^r, |r| <= ln 2 / 2, Taylor to r^6
- * (relative error below 2e-7); written so that the loops calling it vectorize. */
+/* Eight floats (unaligned loads allowed) and eight int32 lanes, GCC's vector extensions: every clone
+ * compiles them for its own instruction set. */
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+
+/* e^x for x <= 0 (scores minus their row's maximum), eight at a time: 2^n e^r with n the nearest integer
+ * to x / ln 2 (rounded by adding 1.5 * 2^23, whose low mantissa bits are then n), |r| <= ln 2 / 2, Taylor
+ * to r^6 (relative error below 2e-7); below -87 it is e^-87 (~1.6e-38, never 0, never a subnormal). */
+static inline __attribute__((always_inline)) v8 exp8(v8 x) {
+    const v8 floor_ = {-87.0f, -87.0f, -87.0f, -87.0f, -87.0f, -87.0f, -87.0f, -87.0f};
+    const v8 magic = {12582912.0f, 12582912.0f, 12582912.0f, 12582912.0f,
+                      12582912.0f, 12582912.0f, 12582912.0f, 12582912.0f};
+    const i8 below = x < floor_;
+    x = (v8)(((i8)x & ~below) | ((i8)floor_ & below));
+    const v8 shifted = x * 1.44269504f + magic, n = shifted - magic;
+    const v8 r = x - n * 0.693145752f - n * 1.42860677e-6f;
+    const v8 p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
+    return p * (v8)((((i8)shifted - (i8)magic) + 127) << 23);
+}
+
 static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    float n = floorf(x * 1.44269504f + 0.5f);
-    float r = x - n * 0.693145752f - n * 1.42860677e-6f;
-    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
-    union { int32_t i; float f; } two = {.i = ((int32_t)n + 127) << 23};
-    return p * two.f;
+    const v8 all = {x, x, x, x, x, x, x, x};
+    return exp8(all)[0];
 }
 
 /* The softmax of one chunk's scores folded into a row's running maximum, sum and accumulator: returns
- * the factor the accumulator is scaled by; score[] becomes the chunk's weights. */
-static inline float fold(float *restrict score, int64_t count, float *maximum, float *sum) {
+ * the factor the accumulator is scaled by; score[] becomes the chunk's weights. score has room for
+ * `count` rounded up to a multiple of 8 (KEYS_PER_CHUNK is one): the lanes past count weigh e^-87, and
+ * are never read. */
+static inline __attribute__((always_inline)) float fold(float *restrict score, int64_t count, float *maximum, float *sum) {
     float top = *maximum;
 #pragma omp simd reduction(max : top)
     for (int64_t j = 0; j < count; j++) top = score[j] > top ? score[j] : top;
     const float rescale = exp_nonpositive(*maximum - top);
-    float total = *sum * rescale;
-#pragma omp simd reduction(+ : total)
-    for (int64_t j = 0; j < count; j++) {
-        score[j] = exp_nonpositive(score[j] - top);
-        total += score[j];
+    for (int64_t j = count; j % 8; j++) score[j] = -INFINITY;
+    v8 total = {*sum * rescale, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t j = 0; j < count; j += 8) {
+        const v8 weights = exp8(*(v8 *)(score + j) - top);
+        *(v8 *)(score + j) = weights;
+        total += weights;
     }
     *maximum = top;
-    *sum = total;
+    *sum = ((total[0] + total[4]) + (total[1] + total[5])) + ((total[2] + total[6]) + (total[3] + total[7]));
     return rescale;
 }
 
@@ -204,8 +221,6 @@ static inline void chunk_any(const float *restrict q, const float *restrict k, c
 }
 
 /* The same for a head size known here: the query and the accumulator stay in vector registers. */
-typedef float v8 __attribute__((vector_size(32), aligned(4)));
-typedef int32_t i8 __attribute__((vector_size(32)));
 
 /* The lane sums of eight vectors, as one vector: three rounds of pairwise shuffles and adds. */
 static inline __attribute__((always_inline)) v8 lane_sums(const v8 x[8]) {
