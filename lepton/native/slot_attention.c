@@ -125,6 +125,14 @@ struct CustomOp {
 
 enum { KEYS_PER_CHUNK = 64, QUERY_BLOCK = 16 };
 
+/* The hot functions in three versions, one picked by the loader for the processor it runs on; built
+ * with -DLEPTON_ONE_TARGET they are compiled once, for -march's target (the tests build each so). */
+#ifdef LEPTON_ONE_TARGET
+#define CLONED
+#else
+#define CLONED __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
+
 typedef struct {
     int64_t num_heads, kv_heads;
     float scale;
@@ -270,7 +278,7 @@ CHUNK_FIXED(128)
 
 /* Phase 1, one (sequence, kv head): the past rows into the present cache when they are two buffers,
  * then this step's keys (rotated) and values. */
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+CLONED
 static void write_cache(void *data, size_t task) {
     const Step *st = data;
     const int64_t b = (int64_t)task / st->kv_heads, g = (int64_t)task % st->kv_heads, dim = st->dim;
@@ -290,7 +298,7 @@ static void write_cache(void *data, size_t task) {
 
 /* Phase 2, one (sequence, kv head, block of query positions): every query head of the group over the
  * group's keys, chunk by chunk, with a running maximum and sum per query row. */
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+CLONED
 static void attend(void *data, size_t task) {
     const Step *st = data;
     const int64_t per_seq = st->kv_heads * st->blocks;
