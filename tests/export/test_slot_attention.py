@@ -7,13 +7,18 @@ length. Head sizes 64 and 128 take the vector-register paths of the C file, othe
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
 from lepton.config import ConfigError, EngineConfig
-from lepton.native import DOMAIN, LIBRARY, ops_library
+from lepton.native import DOMAIN, LIBRARY, SOURCE, ops_library
 from lepton.runners.slot_runner import attention_kernel
 
 POSITIONS = 1024
@@ -21,7 +26,7 @@ POSITIONS = 1024
 ATOL = 5e-6
 
 
-def session(kernel: str, heads: int, kv_heads: int, dim: int) -> ort.InferenceSession:
+def session(kernel: str, heads: int, kv_heads: int, dim: int, library: Path = LIBRARY) -> ort.InferenceSession:
     caches = ["past_key", "past_value"]
     lengths = ["seqlens_k", "total_sequence_length", "cos", "sin"]
     attrs = dict(num_heads=heads, kv_num_heads=kv_heads, scale=float(dim ** -0.5))
@@ -46,7 +51,7 @@ def session(kernel: str, heads: int, kv_heads: int, dim: int) -> ort.InferenceSe
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     if kernel == "lepton":
-        options.register_custom_ops_library(str(LIBRARY))
+        options.register_custom_ops_library(str(library))
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -93,12 +98,24 @@ CASES = {  # name: (heads, kv heads, dim, sequences, new tokens per row, seqlens
 def sessions():
     made = {}
 
-    def get(kernel: str, heads: int, kv_heads: int, dim: int) -> ort.InferenceSession:
-        key = (kernel, heads, kv_heads, dim)
+    def get(kernel: str, heads: int, kv_heads: int, dim: int, library: Path = LIBRARY) -> ort.InferenceSession:
+        key = (kernel, heads, kv_heads, dim, library)
         if key not in made:
             made[key] = session(*key)
         return made[key]
     return get
+
+
+def cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+# NOTE: the library's three versions of its hot functions, each built alone (the loader would pick only
+# the one of this processor); a level this processor lacks cannot run here.
+TARGETS = {"x86-64": set(), "x86-64-v3": {"avx2", "fma", "f16c"}, "x86-64-v4": {"avx512f", "avx512bw", "avx512vl"}}
 
 
 def test_the_library_is_built_by_setup():
@@ -108,6 +125,35 @@ def test_the_library_is_built_by_setup():
 @pytest.mark.parametrize("in_place", [True, False], ids=["in place", "two buffers"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_slot_attention_computes_what_group_query_attention_computes(sessions, case, in_place):
+    check_case(sessions, case, in_place, LIBRARY)
+
+
+@pytest.fixture(scope="module")
+def one_target_libraries(tmp_path_factory):
+    """The C file built once per x86-64 level this processor runs, by scripts/build_native.sh."""
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.fail("no C compiler: make setup needs one to build lepton/native")
+    built, flags = {}, cpu_flags()
+    for target, needs in TARGETS.items():
+        if needs <= flags:
+            out = tmp_path_factory.mktemp("native") / f"liblepton_ops_{target}.so"
+            env = {**os.environ, "EXTRA_CFLAGS": f"-DLEPTON_ONE_TARGET -march={target}"}
+            subprocess.run(["bash", str(SOURCE.parents[2] / "scripts" / "build_native.sh"), str(SOURCE), str(out)],
+                           check=True, env=env)
+            built[target] = out
+    return built
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("case", ["16 decodes, head 64, 3 heads a kv head", "first prompts, head 128, 4 heads a kv head",
+                                  "a chunk after cached tokens, generic head size"])
+def test_every_target_computes_the_same(sessions, one_target_libraries, target, case):
+    if target not in one_target_libraries:
+        pytest.skip(f"this processor does not run {target} code ({cpu_flags() & TARGETS[target]} of {TARGETS[target]})")
+    check_case(sessions, case, True, one_target_libraries[target])
+
+
+def check_case(sessions, case: str, in_place: bool, library: Path) -> None:
     heads, kv_heads, dim, batch, length, seqlens = CASES[case]
     rng = np.random.default_rng(7)
     seqlens = np.array(seqlens, np.int32)
@@ -115,7 +161,7 @@ def test_slot_attention_computes_what_group_query_attention_computes(sessions, c
     qkv = rng.standard_normal((batch, length, (heads + 2 * kv_heads) * dim), np.float32)
     key, value = (rng.standard_normal((batch, kv_heads, capacity, dim), np.float32) for _ in range(2))
     want = attend(sessions("onnxruntime", heads, kv_heads, dim), qkv, key, value, seqlens, in_place)
-    got = attend(sessions("lepton", heads, kv_heads, dim), qkv, key, value, seqlens, in_place)
+    got = attend(sessions("lepton", heads, kv_heads, dim, library), qkv, key, value, seqlens, in_place)
     first_prompt = length == seqlens.max() + 1
     for b, cached_after in enumerate(seqlens + 1):
         new = cached_after if first_prompt else length
