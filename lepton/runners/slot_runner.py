@@ -53,6 +53,15 @@ def attention_kernel(setting: str, library: Path | None) -> str:
     return setting
 
 
+def describe_kernel(kernel: str, setting: str) -> str:
+    """What attends, and why (printed at load)."""
+    if kernel == "lepton":
+        return f"Lepton's SlotAttention ({ops_library()})"
+    why = "attention_kernel=onnxruntime" if setting == "onnxruntime" else \
+        "lepton/native is not built or older than its source: scripts/build_native.sh builds it"
+    return f"ONNX Runtime's GroupQueryAttention ({why})"
+
+
 class SlotRunner(OnnxRunner):
     """OnnxRunner whose graph attends over slots; `slots` holds the per-sequence caches, `paged_session`
     runs the export as it is for steps with several chunks after cached tokens."""
@@ -68,6 +77,8 @@ class SlotRunner(OnnxRunner):
         external = self.manifest.external_data is not None
         library = ops_library()
         self.attention_kernel = attention_kernel(config.runner.attention_kernel, library)
+        print(f"[lepton] attention=slots: {describe_kernel(self.attention_kernel, config.runner.attention_kernel)}",
+              flush=True)
         model = slot_graph(onnx.load(str(path / self.manifest.model_file), load_external_data=not external), cfg,
                            cos.numpy(), sin.numpy(), kernel=self.attention_kernel)
         return make_session(model.SerializeToString(), config.runner.compute_threads, profile_prefix,

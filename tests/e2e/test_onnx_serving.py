@@ -29,3 +29,9 @@ def test_onnxruntime_greedy_equals_transformers(onnx_server, reference, prompt):
     reply = grpc_generate(onnx_server.grpc_url, fields)
     assert reply.text == reference[prompt]
     assert reply.num_output_tokens == MAX_TOKENS
+
+
+def test_the_slot_graph_is_served_with_leptons_attention_operator(onnx_server):
+    # NOTE: attention=auto serves the slot graph, attention_kernel=auto Lepton's operator (make setup builds it)
+    log = onnx_server.log_file.read_text()
+    assert "[lepton] attention=slots: Lepton's SlotAttention (" in log and "liblepton_ops.so)" in log, log[-3000:]

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper
 
 from lepton.config import ConfigError, EngineConfig
 from lepton.native import DOMAIN, LIBRARY, SOURCE, ops_library
-from lepton.runners.slot_runner import attention_kernel
+from lepton.runners.slot_runner import attention_kernel, describe_kernel
 
 POSITIONS = 1024
 # NOTE: float32 sums in another order and an exp of ~2e-7 relative error; outputs are O(1).
@@ -190,6 +190,9 @@ def test_the_kernel_setting(tmp_path):
     assert attention_kernel("auto", LIBRARY) == "lepton"
     assert attention_kernel("auto", None) == "onnxruntime"
     assert attention_kernel("onnxruntime", LIBRARY) == "onnxruntime"
+    assert describe_kernel("lepton", "auto") == f"Lepton's SlotAttention ({LIBRARY})"
+    assert describe_kernel("onnxruntime", "onnxruntime") == "ONNX Runtime's GroupQueryAttention (attention_kernel=onnxruntime)"
+    assert "scripts/build_native.sh builds it" in describe_kernel("onnxruntime", "auto")
     with pytest.raises(RuntimeError, match="attention_kernel=lepton: lepton/native/liblepton_ops.so is not built"):
         attention_kernel("lepton", None)
     with pytest.raises(ConfigError, match="attention_kernel: must be one of auto, lepton, onnxruntime, got 'fast'"):
