@@ -44,7 +44,7 @@ PYTEST_ARGS ?=
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
-setup:  ## venv with pinned packages, libb64, Python backend stub, start check (idempotent)
+setup:  ## venv with pinned packages, Lepton's native operators (lepton/native), libb64, Python backend stub, start check (idempotent)
 	@PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup.sh
 
 $(DEMO_MODEL)/config.json: export/demo_model.py export/corpus.py | setup

@@ -16,8 +16,8 @@ if TYPE_CHECKING:
 
 RUNNERS = ("torch", "onnxruntime", "tensorrt")
 DTYPES = ("float32", "bfloat16")
-# NOTE: onnxruntime only. "slots": each running sequence's K/V also in a contiguous cache, attended by
-# ONNX Runtime's fused GroupQueryAttention (lepton/runners/slot_runner.py); "paged": the exported graph
+# NOTE: onnxruntime only. "slots": each running sequence's K/V also in a contiguous cache, attended by one
+# fused operator per layer (ATTENTION_KERNELS; lepton/runners/slot_runner.py); "paged": the exported graph
 # as it is, gathering K/V from the block pools each layer; "auto": slots where the graph allows it, paged
 # with deterministic=true (lepton/runners/__init__.py).
 ATTENTIONS = ("auto", "slots", "paged")

@@ -13,8 +13,8 @@
  * seqlens_k[b] + 1 new tokens, its padding rows are zero in the output and never written to the caches);
  * otherwise every sequence has S new tokens after seqlens_k[b] + 1 - S cached ones.
  *
- * The library is built by `make` (build/native/liblepton_ops.so) and loaded by the slot runner when it
- * exists; the hot loops are compiled for AVX-512, AVX2 + FMA and plain x86-64, the loader picking one
+ * scripts/build_native.sh (run by `make setup`) builds it into lepton/native/liblepton_ops.so, which the
+ * slot runner loads when it exists; the hot loops are compiled for AVX-512, AVX2 + FMA and plain x86-64, the loader picking one
  * for the processor it runs on. Only the C ABI of ONNX Runtime is used (no headers: the pip wheel has
  * none); the few entries of its function table this file calls are listed below by their index.
  */
@@ -60,6 +60,7 @@ enum { REQUIRED = 0 };
 #define API_KERNEL_INFO_GET_ATTRIBUTE_INT64 86
 #define API_KERNEL_CONTEXT_GET_INPUT 90
 #define API_KERNEL_CONTEXT_GET_OUTPUT 91
+#define API_RELEASE_STATUS 93
 #define API_RELEASE_SHAPE 99 /* ReleaseTensorTypeAndShapeInfo */
 #define API_KERNEL_CONTEXT_PARALLEL_FOR 274
 
@@ -71,6 +72,7 @@ typedef OrtStatus *(*GetTensorMutableDataFn)(OrtValue *value, void **out);
 typedef OrtStatus *(*GetDimensionsCountFn)(const OrtShape *info, size_t *out);
 typedef OrtStatus *(*GetDimensionsFn)(const OrtShape *info, int64_t *values, size_t count);
 typedef OrtStatus *(*GetTensorTypeAndShapeFn)(const OrtValue *value, OrtShape **out);
+typedef void (*ReleaseStatusFn)(OrtStatus *status);
 typedef void (*ReleaseShapeFn)(OrtShape *info);
 typedef OrtStatus *(*GetAttributeFloatFn)(const OrtKernelInfo *info, const char *name, float *out);
 typedef OrtStatus *(*GetAttributeInt64Fn)(const OrtKernelInfo *info, const char *name, int64_t *out);
@@ -228,8 +230,6 @@ static inline void chunk_any(const float *restrict q, const float *restrict k, c
         for (int64_t d = 0; d < dim; d++) a[d] += score[j] * v[j * dim + d];
 }
 
-/* The same for a head size known here: the query and the accumulator stay in vector registers. */
-
 /* The lane sums of eight vectors, as one vector: three rounds of pairwise shuffles and adds. */
 static inline __attribute__((always_inline)) v8 lane_sums(const v8 x[8]) {
     const i8 even = {0, 8, 2, 10, 4, 12, 6, 14}, odd = {1, 9, 3, 11, 5, 13, 7, 15};
@@ -241,6 +241,7 @@ static inline __attribute__((always_inline)) v8 lane_sums(const v8 x[8]) {
     return __builtin_shuffle(q[0], q[1], first) + __builtin_shuffle(q[0], q[1], second);
 }
 
+/* chunk_any for a head size known here: the query and the accumulator stay in vector registers. */
 #define CHUNK_FIXED(DIM)                                                                                          \
     static inline __attribute__((always_inline)) void chunk_##DIM(                                                \
         const float *restrict q, const float *restrict k, const float *restrict v, int64_t count, float *restrict a, \
@@ -382,7 +383,7 @@ static OrtStatus *input(OrtKernelContext *context, size_t index, const void **da
     const OrtValue *value = NULL;
     size_t count = 0;
     TRY(API(GetInputFn, API_KERNEL_CONTEXT_GET_INPUT)(context, index, &value));
-    if (!value) return invalid("SlotAttention: input %lld is missing%lld", (long long)index, 0);
+    if (!value) return invalid("SlotAttention: input %lld of %lld is missing", (long long)index, 7);
     TRY(shape_of(value, dims, 4, &count));
     if (rank != (size_t)-1 && count != rank)
         return invalid("SlotAttention: input %lld has the wrong rank %lld", (long long)index, (long long)count);
@@ -397,8 +398,10 @@ static OrtStatus *output(OrtKernelContext *context, size_t index, const int64_t 
 
 static void run(OrtKernelContext *context, void (*fn)(void *, size_t), size_t total, Step *st) {
     OrtStatus *status = API(ParallelForFn, API_KERNEL_CONTEXT_PARALLEL_FOR)(context, fn, total, 0, st);
-    if (status) /* NOTE: no thread pool to hand the tasks to: run them here */
+    if (status) { /* NOTE: no thread pool to hand the tasks to: run them here */
+        API(ReleaseStatusFn, API_RELEASE_STATUS)(status);
         for (size_t i = 0; i < total; i++) fn(st, i);
+    }
 }
 
 static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {

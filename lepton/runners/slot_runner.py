@@ -1,12 +1,12 @@
 """The ONNX Runtime runner with fused attention over per-sequence caches (attention=slots).
 
 Same export folder, pools and step contract as OnnxRunner; the graph is rewritten at load
-(lepton/runners/slot_graph.py) so that each layer's attention is one GroupQueryAttention over a
-contiguous cache per running sequence (lepton/runners/slot_cache.py) instead of per-layer gathers
+(lepton/runners/slot_graph.py) so that each layer's attention is one fused operator (Lepton's
+SlotAttention, or ONNX Runtime's GroupQueryAttention: attention_kernel) over a contiguous cache per running sequence (lepton/runners/slot_cache.py) instead of per-layer gathers
 from the block pools. A step runs its decode rows as one graph run over slots 0 .. B-1, its prompts from their first
 token as one padded run right above them, and a chunk after cached tokens (a prefix-cache hit, a long
-prompt's later chunk) in its slot when it is the step's only one. GroupQueryAttention's CPU kernel takes
-such chunks one sequence at a time, so two or more run together through the paged graph instead (a
+prompt's later chunk) in its slot when it is the step's only one. Both operators take such chunks one
+sequence at a time (as GroupQueryAttention's CPU kernel defines them), so two or more run together through the paged graph instead (a
 second session over the same export, reading the pools): one pass over the weights, as OnnxRunner
 does; so does a whole step whose slots would pass their memory budget (SLOT_BUDGET_POOLS). Every
 step's K/V end in the pools, which stay what prefix caching, validation and a refilled slot read.
