@@ -300,7 +300,7 @@ def _fingerprint(candidate: Candidate) -> dict:
     package = Path(__file__).resolve().parent
     code = hashlib.sha256()
     for source in sorted([*package.glob("runners/*.py"), *package.glob("models/*.py"), *package.glob("native/*.c"),
-                          package / "batch.py"]):
+                          *package.glob("native/*.h"), package / "batch.py"]):
         code.update(source.read_bytes())
     return {**dataclasses.asdict(candidate), "model_dir": str(candidate.model_dir), "files": stamp,
             "code": code.hexdigest()}

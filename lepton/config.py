@@ -24,6 +24,10 @@ ATTENTIONS = ("auto", "slots", "paged")
 # NOTE: attention=slots: "lepton": lepton/native's SlotAttention operator (lepton/native/slot_attention.c);
 # "onnxruntime": ONNX Runtime's GroupQueryAttention; "auto": lepton's when its library is built.
 ATTENTION_KERNELS = ("auto", "lepton", "onnxruntime")
+# NOTE: onnxruntime, 8-bit exports (q8_0): "lepton": lepton/native's MatMulQ8 (lepton/native/q8_matmul.c)
+# for ONNX Runtime's MatMulNBits; "onnxruntime": MatMulNBits; "auto": lepton's when its library is built
+# and the processor has AVX-512 VNNI (lepton/runners/q8_graph.py).
+MATMUL_KERNELS = ("auto", "lepton", "onnxruntime")
 SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
@@ -62,6 +66,7 @@ class RunnerConfig:
     device_id: int = 0  # the CUDA device of the tensorrt runner (a KIND_GPU instance sets its GPU)
     attention: str = "auto"  # onnxruntime: "auto", "slots" or "paged" (see ATTENTIONS)
     attention_kernel: str = "auto"  # attention=slots: "auto", "lepton" or "onnxruntime" (see ATTENTION_KERNELS)
+    matmul_kernel: str = "auto"  # 8-bit weight products: "auto", "lepton" or "onnxruntime" (see MATMUL_KERNELS)
     # NOTE: onnxruntime: true: intra-op threads spin between ops while a step runs and sleep once it returns
     # (session.force_spinning_stop); false: they sleep between ops too
     spin_wait: bool = True
@@ -129,6 +134,7 @@ class EngineConfig:
         _choice("dtype", self.runner.dtype, DTYPES)
         _choice("attention", self.runner.attention, ATTENTIONS)
         _choice("attention_kernel", self.runner.attention_kernel, ATTENTION_KERNELS)
+        _choice("matmul_kernel", self.runner.matmul_kernel, MATMUL_KERNELS)
         _choice("policy", self.scheduler.policy, SCHEDULING_POLICIES)
         if not 0.0 <= self.cache.kv_cache_memory_fraction < 1.0:
             raise ConfigError(f"kv_cache_memory_fraction: must be in [0, 1), got {self.cache.kv_cache_memory_fraction}")

@@ -1,10 +1,14 @@
-"""Lepton's own ONNX Runtime operators, a C library (lepton/native/slot_attention.c) that
-scripts/build_native.sh compiles into this folder (`make setup` runs it).
+"""Lepton's own ONNX Runtime operators, a C library (lepton/native/*.c) that scripts/build_native.sh
+compiles into this folder (`make setup` runs it).
 
-`SlotAttention` (domain ai.lepton): the slot graph's attention (lepton/runners/slot_graph.py), the same
-computation as ONNX Runtime's GroupQueryAttention there, reading each (sequence, kv head)'s keys and
-values once for all the query heads that share them. The library is absent where no C compiler was
-there to build it; the slot runner then keeps GroupQueryAttention (RunnerConfig.attention_kernel).
+Domain ai.lepton:
+- `SlotAttention` (slot_attention.c): the slot graph's attention (lepton/runners/slot_graph.py), the same
+  computation as ONNX Runtime's GroupQueryAttention there, reading each (sequence, kv head)'s keys and
+  values once for all the query heads that share them;
+- `MatMulQ8` (q8_matmul.c): the 8-bit weight products of q8_0 exports, what MatMulNBits computes for
+  them, with the weights packed for AVX-512 VNNI (lepton/runners/q8_graph.py).
+The library is absent where no C compiler was there to build it; the runners then keep ONNX Runtime's
+own operators (RunnerConfig.attention_kernel, RunnerConfig.matmul_kernel).
 """
 
 from __future__ import annotations
@@ -12,12 +16,17 @@ from __future__ import annotations
 from pathlib import Path
 
 DOMAIN = "ai.lepton"
-SOURCE = Path(__file__).with_name("slot_attention.c")
-LIBRARY = Path(__file__).with_name("liblepton_ops.so")
+SOURCE_DIR = Path(__file__).parent
+LIBRARY = SOURCE_DIR / "liblepton_ops.so"
+
+
+def sources() -> list[Path]:
+    """The C files and headers the library is built from."""
+    return sorted([*SOURCE_DIR.glob("*.c"), *SOURCE_DIR.glob("*.h")])
 
 
 def ops_library() -> Path | None:
-    """The built library, or None when it was never built or is older than its source."""
-    if not LIBRARY.is_file() or LIBRARY.stat().st_mtime < SOURCE.stat().st_mtime:
+    """The built library, or None when it was never built or is older than one of its sources."""
+    if not LIBRARY.is_file() or LIBRARY.stat().st_mtime < max(p.stat().st_mtime for p in sources()):
         return None
     return LIBRARY

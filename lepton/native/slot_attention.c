@@ -14,9 +14,8 @@
  * otherwise every sequence has S new tokens after seqlens_k[b] + 1 - S cached ones.
  *
  * scripts/build_native.sh (run by `make setup`) builds it into lepton/native/liblepton_ops.so, which the
- * slot runner loads when it exists; the hot loops are compiled for AVX-512, AVX2 + FMA and plain x86-64, the loader picking one
- * for the processor it runs on. Only the C ABI of ONNX Runtime is used (no headers: the pip wheel has
- * none); the few entries of its function table this file calls are listed below by their index.
+ * slot runner loads when it exists; the hot loops are compiled for AVX-512, AVX2 + FMA and plain x86-64,
+ * the loader picking one for the processor it runs on. Only the C ABI of ONNX Runtime is used (ort.h).
  */
 #include <math.h>
 #include <stddef.h>
@@ -25,115 +24,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* ---- ONNX Runtime's C ABI: the parts used here ------------------------------------------------- */
-
-typedef struct OrtStatus OrtStatus;
-typedef struct OrtKernelInfo OrtKernelInfo;
-typedef struct OrtKernelContext OrtKernelContext;
-typedef struct OrtValue OrtValue;
-typedef struct OrtShape OrtShape; /* OrtTensorTypeAndShapeInfo */
-typedef struct OrtSessionOptions OrtSessionOptions;
-typedef struct OrtCustomOpDomain OrtCustomOpDomain;
-
-typedef struct {
-    const void *(*GetApi)(uint32_t version);
-    const char *(*GetVersionString)(void);
-} OrtApiBase;
-
-enum { ELEMENT_FLOAT = 1, ELEMENT_INT32 = 6 };
-enum { STATUS_INVALID_ARGUMENT = 2, STATUS_FAIL = 1 };
-enum { REQUIRED = 0 };
-
-/* API version asked for (and the OrtCustomOp version declared): KernelContext_ParallelFor came with 17. */
-#define API_VERSION 17
-
-/* Indices into OrtApi, the table of function pointers (it only ever grows at its end). */
-#define API_CREATE_STATUS 0
-#define API_CREATE_CUSTOM_OP_DOMAIN 26
-#define API_CUSTOM_OP_DOMAIN_ADD 27
-#define API_ADD_CUSTOM_OP_DOMAIN 28
-#define API_GET_TENSOR_MUTABLE_DATA 51
-#define API_GET_DIMENSIONS_COUNT 61
-#define API_GET_DIMENSIONS 62
-#define API_GET_TENSOR_TYPE_AND_SHAPE 65
-#define API_KERNEL_INFO_GET_ATTRIBUTE_FLOAT 85
-#define API_KERNEL_INFO_GET_ATTRIBUTE_INT64 86
-#define API_KERNEL_CONTEXT_GET_INPUT 90
-#define API_KERNEL_CONTEXT_GET_OUTPUT 91
-#define API_RELEASE_STATUS 93
-#define API_RELEASE_SHAPE 99 /* ReleaseTensorTypeAndShapeInfo */
-#define API_KERNEL_CONTEXT_PARALLEL_FOR 274
-
-typedef OrtStatus *(*CreateStatusFn)(int code, const char *msg);
-typedef OrtStatus *(*CreateCustomOpDomainFn)(const char *domain, OrtCustomOpDomain **out);
-typedef OrtStatus *(*CustomOpDomainAddFn)(OrtCustomOpDomain *domain, const void *op);
-typedef OrtStatus *(*AddCustomOpDomainFn)(OrtSessionOptions *options, OrtCustomOpDomain *domain);
-typedef OrtStatus *(*GetTensorMutableDataFn)(OrtValue *value, void **out);
-typedef OrtStatus *(*GetDimensionsCountFn)(const OrtShape *info, size_t *out);
-typedef OrtStatus *(*GetDimensionsFn)(const OrtShape *info, int64_t *values, size_t count);
-typedef OrtStatus *(*GetTensorTypeAndShapeFn)(const OrtValue *value, OrtShape **out);
-typedef void (*ReleaseStatusFn)(OrtStatus *status);
-typedef void (*ReleaseShapeFn)(OrtShape *info);
-typedef OrtStatus *(*GetAttributeFloatFn)(const OrtKernelInfo *info, const char *name, float *out);
-typedef OrtStatus *(*GetAttributeInt64Fn)(const OrtKernelInfo *info, const char *name, int64_t *out);
-typedef OrtStatus *(*GetInputFn)(const OrtKernelContext *context, size_t index, const OrtValue **out);
-typedef OrtStatus *(*GetOutputFn)(OrtKernelContext *context, size_t index, const int64_t *dims, size_t count,
-                                  OrtValue **out);
-typedef OrtStatus *(*ParallelForFn)(const OrtKernelContext *context, void (*fn)(void *, size_t), size_t total,
-                                    size_t num_batch, void *user_data);
-
-static const void *const *api;
-
-#define API(type, index) ((type)api[index])
-#define TRY(call)                      \
-    do {                               \
-        OrtStatus *status_ = (call);   \
-        if (status_) return status_;   \
-    } while (0)
-
-/* OrtCustomOp (CreateKernelV2 and KernelComputeV2, read from version 16, return a status; the four
- * in-place members stay NULL). */
-typedef struct CustomOp CustomOp;
-struct CustomOp {
-    uint32_t version;
-    void *(*CreateKernel)(const CustomOp *op, const void *api, const OrtKernelInfo *info);
-    const char *(*GetName)(const CustomOp *op);
-    const char *(*GetExecutionProviderType)(const CustomOp *op);
-    int (*GetInputType)(const CustomOp *op, size_t index);
-    size_t (*GetInputTypeCount)(const CustomOp *op);
-    int (*GetOutputType)(const CustomOp *op, size_t index);
-    size_t (*GetOutputTypeCount)(const CustomOp *op);
-    void (*KernelCompute)(void *kernel, OrtKernelContext *context);
-    void (*KernelDestroy)(void *kernel);
-    int (*GetInputCharacteristic)(const CustomOp *op, size_t index);
-    int (*GetOutputCharacteristic)(const CustomOp *op, size_t index);
-    int (*GetInputMemoryType)(const CustomOp *op, size_t index);
-    int (*GetVariadicInputMinArity)(const CustomOp *op);
-    int (*GetVariadicInputHomogeneity)(const CustomOp *op);
-    int (*GetVariadicOutputMinArity)(const CustomOp *op);
-    int (*GetVariadicOutputHomogeneity)(const CustomOp *op);
-    OrtStatus *(*CreateKernelV2)(const CustomOp *op, const void *api, const OrtKernelInfo *info, void **kernel);
-    OrtStatus *(*KernelComputeV2)(void *kernel, OrtKernelContext *context);
-    OrtStatus *(*InferOutputShapeFn)(const CustomOp *op, void *context);
-    int (*GetStartVersion)(const CustomOp *op);
-    int (*GetEndVersion)(const CustomOp *op);
-    size_t (*GetMayInplace)(int **inputs, int **outputs);
-    void (*ReleaseMayInplace)(int *inputs, int *outputs);
-    size_t (*GetAliasMap)(int **inputs, int **outputs);
-    void (*ReleaseAliasMap)(int *inputs, int *outputs);
-};
+#include "ort.h"
 
 /* ---- the computation ------------------------------------------------------------------------- */
 
 enum { KEYS_PER_CHUNK = 64, QUERY_BLOCK = 16 };
-
-/* The hot functions in three versions, one picked by the loader for the processor it runs on; built
- * with -DLEPTON_ONE_TARGET they are compiled once, for -march's target (the tests build each so). */
-#ifdef LEPTON_ONE_TARGET
-#define CLONED
-#else
-#define CLONED __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#endif
 
 typedef struct {
     int64_t num_heads, kv_heads;
@@ -363,45 +258,8 @@ static void attend(void *data, size_t task) {
 
 /* ---- the operator ------------------------------------------------------------------------------ */
 
-static OrtStatus *invalid(const char *format, long long a, long long b) {
-    char message[256];
-    snprintf(message, sizeof message, format, a, b);
-    return API(CreateStatusFn, API_CREATE_STATUS)(STATUS_INVALID_ARGUMENT, message);
-}
-
-static OrtStatus *shape_of(const OrtValue *value, int64_t *dims, size_t max_dims, size_t *count) {
-    OrtShape *info = NULL;
-    TRY(API(GetTensorTypeAndShapeFn, API_GET_TENSOR_TYPE_AND_SHAPE)(value, &info));
-    OrtStatus *status = API(GetDimensionsCountFn, API_GET_DIMENSIONS_COUNT)(info, count);
-    if (!status && *count > max_dims) status = invalid("SlotAttention: an input of rank %lld (at most %lld)", (long long)*count, (long long)max_dims);
-    if (!status) status = API(GetDimensionsFn, API_GET_DIMENSIONS)(info, dims, *count);
-    API(ReleaseShapeFn, API_RELEASE_SHAPE)(info);
-    return status;
-}
-
 static OrtStatus *input(OrtKernelContext *context, size_t index, const void **data, int64_t *dims, size_t rank) {
-    const OrtValue *value = NULL;
-    size_t count = 0;
-    TRY(API(GetInputFn, API_KERNEL_CONTEXT_GET_INPUT)(context, index, &value));
-    if (!value) return invalid("SlotAttention: input %lld of %lld is missing", (long long)index, 7);
-    TRY(shape_of(value, dims, 4, &count));
-    if (rank != (size_t)-1 && count != rank)
-        return invalid("SlotAttention: input %lld has the wrong rank %lld", (long long)index, (long long)count);
-    return API(GetTensorMutableDataFn, API_GET_TENSOR_MUTABLE_DATA)((OrtValue *)value, (void **)data);
-}
-
-static OrtStatus *output(OrtKernelContext *context, size_t index, const int64_t *dims, size_t rank, float **data) {
-    OrtValue *value = NULL;
-    TRY(API(GetOutputFn, API_KERNEL_CONTEXT_GET_OUTPUT)(context, index, dims, rank, &value));
-    return API(GetTensorMutableDataFn, API_GET_TENSOR_MUTABLE_DATA)(value, (void **)data);
-}
-
-static void run(OrtKernelContext *context, void (*fn)(void *, size_t), size_t total, Step *st) {
-    OrtStatus *status = API(ParallelForFn, API_KERNEL_CONTEXT_PARALLEL_FOR)(context, fn, total, 0, st);
-    if (status) { /* NOTE: no thread pool to hand the tasks to: run them here */
-        API(ReleaseStatusFn, API_RELEASE_STATUS)(status);
-        for (size_t i = 0; i < total; i++) fn(st, i);
-    }
+    return get_input("SlotAttention", 7, context, index, data, dims, rank, NULL);
 }
 
 static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
@@ -439,20 +297,20 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
             return invalid("SlotAttention: position %lld is past the rotary tables' %lld", past + fresh - 1, cos_dims[0]);
     }
     const int64_t out_dims[3] = {st.batch, st.length, st.heads * st.dim};
-    TRY(output(context, 0, out_dims, 3, &st.out));
-    TRY(output(context, 1, key_dims, 4, &st.key));
-    TRY(output(context, 2, value_dims, 4, &st.value));
+    TRY(get_output(context, 0, out_dims, 3, &st.out));
+    TRY(get_output(context, 1, key_dims, 4, &st.key));
+    TRY(get_output(context, 2, value_dims, 4, &st.value));
     st.blocks = (st.length + QUERY_BLOCK - 1) / QUERY_BLOCK;
-    run(context, write_cache, (size_t)(st.batch * st.kv_heads), &st);
-    run(context, attend, (size_t)(st.batch * st.kv_heads * st.blocks), &st);
-    if (st.out_of_memory) return API(CreateStatusFn, API_CREATE_STATUS)(STATUS_FAIL, "SlotAttention: out of memory");
+    parallel_for(context, write_cache, (size_t)(st.batch * st.kv_heads), 0, &st);
+    parallel_for(context, attend, (size_t)(st.batch * st.kv_heads * st.blocks), 0, &st);
+    if (st.out_of_memory) return out_of_memory("SlotAttention");
     return NULL;
 }
 
 static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const OrtKernelInfo *info, void **out) {
     (void)op, (void)ort_api;
     Kernel *kernel = calloc(1, sizeof(Kernel));
-    if (!kernel) return API(CreateStatusFn, API_CREATE_STATUS)(STATUS_FAIL, "SlotAttention: out of memory");
+    if (!kernel) return out_of_memory("SlotAttention");
     OrtStatus *status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "num_heads", &kernel->num_heads);
     if (!status) status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "kv_num_heads", &kernel->kv_heads);
     if (!status) status = API(GetAttributeFloatFn, API_KERNEL_INFO_GET_ATTRIBUTE_FLOAT)(info, "scale", &kernel->scale);
@@ -467,50 +325,21 @@ static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const O
 }
 
 static const char *op_name(const CustomOp *op) { (void)op; return "SlotAttention"; }
-static const char *op_provider(const CustomOp *op) { (void)op; return NULL; /* NULL: the CPU provider */ }
 static int input_type(const CustomOp *op, size_t index) {
     (void)op;
     return index == 3 || index == 4 ? ELEMENT_INT32 : ELEMENT_FLOAT;
 }
 static size_t input_count(const CustomOp *op) { (void)op; return 7; }
-static int output_type(const CustomOp *op, size_t index) { (void)op, (void)index; return ELEMENT_FLOAT; }
 static size_t output_count(const CustomOp *op) { (void)op; return 3; }
 static void destroy_kernel(void *kernel) { free(kernel); }
-static int required(const CustomOp *op, size_t index) { (void)op, (void)index; return REQUIRED; }
-static int default_memory(const CustomOp *op, size_t index) { (void)op, (void)index; return 0; }
-static int one(const CustomOp *op) { (void)op; return 1; }
-static int zero(const CustomOp *op) { (void)op; return 0; }
-static int start_version(const CustomOp *op) { (void)op; return 1; }
-static int end_version(const CustomOp *op) { (void)op; return 2147483647; }
 
-static const CustomOp slot_attention = {
-    .version = API_VERSION,
+const CustomOp lepton_slot_attention = {
+    COMMON_MEMBERS,
     .GetName = op_name,
-    .GetExecutionProviderType = op_provider,
     .GetInputType = input_type,
     .GetInputTypeCount = input_count,
-    .GetOutputType = output_type,
     .GetOutputTypeCount = output_count,
     .KernelDestroy = destroy_kernel,
-    .GetInputCharacteristic = required,
-    .GetOutputCharacteristic = required,
-    .GetInputMemoryType = default_memory,
-    .GetVariadicInputMinArity = one,
-    .GetVariadicInputHomogeneity = zero,
-    .GetVariadicOutputMinArity = one,
-    .GetVariadicOutputHomogeneity = zero,
     .CreateKernelV2 = create_kernel,
     .KernelComputeV2 = compute,
-    .GetStartVersion = start_version,
-    .GetEndVersion = end_version,
 };
-
-/* The entry point ONNX Runtime calls when a session registers this library. */
-__attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
-    api = base->GetApi(API_VERSION);
-    if (!api) return NULL; /* NOTE: an ONNX Runtime older than API_VERSION: nothing registered, the graph fails to load */
-    OrtCustomOpDomain *domain = NULL;
-    TRY(API(CreateCustomOpDomainFn, API_CREATE_CUSTOM_OP_DOMAIN)("ai.lepton", &domain));
-    TRY(API(CustomOpDomainAddFn, API_CUSTOM_OP_DOMAIN_ADD)(domain, &slot_attention));
-    return API(AddCustomOpDomainFn, API_ADD_CUSTOM_OP_DOMAIN)(options, domain);
-}

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 
@@ -15,6 +16,8 @@ from lepton.config import EngineConfig
 from lepton.errors import ConfigError, ModelFolderError
 from lepton.memory import check_fits, kv_budget_bytes
 from lepton.model_folder import ModelFolder
+from lepton.native import ops_library
+from lepton.runners.q8_graph import matmul_kernel, q8_graph
 
 INDEX_INPUTS = (
     "input_ids", "positions", "token_index", "token_slot", "query_lens",
@@ -101,11 +104,37 @@ class OnnxRunner:
         self._bind_pools(config)
 
     def _session(self, path: Path, config: EngineConfig, profile_prefix: str | None) -> ort.InferenceSession:
-        session = make_session(path / self.manifest.model_file, config.runner.compute_threads, profile_prefix,
-                               spin_wait=config.runner.spin_wait,
-                               spin_duration_us=config.runner.spin_duration_us)
+        model, library = self._products(path, config, None)
+        session = make_session(model.SerializeToString() if model is not None else path / self.manifest.model_file,
+                               config.runner.compute_threads, profile_prefix, spin_wait=config.runner.spin_wait,
+                               spin_duration_us=config.runner.spin_duration_us, ops_library=library)
         _check_graph(session, self.manifest, path)
         return session
+
+    def _products(self, path: Path, config: EngineConfig,
+                  model: onnx.ModelProto | None) -> tuple[onnx.ModelProto | None, Path | None]:
+        """A q8_0 export's weight products rewritten to Lepton's MatMulQ8 when RunnerConfig.matmul_kernel
+        picks it (lepton/runners/q8_graph.py; printed once, with why). model: the graph to rewrite, None
+        for the export's own. Returns the graph (rewritten, or `model` as given) and the library to
+        register (None when nothing was rewritten)."""
+        quantization = self.manifest.quantization
+        if quantization is None or quantization.method != "q8_0":
+            return model, None
+        library = ops_library()
+        kernel, why = matmul_kernel(config.runner.matmul_kernel, library)
+        if kernel == "lepton" and self.manifest.external_data is not None:
+            kernel, why = "onnxruntime", "the export keeps its weights in an external file"
+        count = 0
+        if kernel == "lepton":
+            model = onnx.load(str(path / self.manifest.model_file)) if model is None else model
+            count = q8_graph(model)
+            if not count:
+                why = "no MatMulNBits node of 8 bits, blocks of 32, accuracy level 4"
+        if not getattr(self, "_products_said", False):
+            self._products_said = True
+            what = f"Lepton's MatMulQ8 ({count} nodes; {why})" if count else f"ONNX Runtime's MatMulNBits ({why})"
+            print(f"[lepton] 8-bit weight products: {what}", flush=True)
+        return model, library if count else None
 
     def _bind_pools(self, config: EngineConfig) -> None:
         self._binding, self.pool_values = bind_pools(self.session, self.k_pools, self.v_pools)

@@ -81,10 +81,11 @@ class SlotRunner(OnnxRunner):
               flush=True)
         model = slot_graph(onnx.load(str(path / self.manifest.model_file), load_external_data=not external), cfg,
                            cos.numpy(), sin.numpy(), kernel=self.attention_kernel)
+        model, products_library = self._products(path, config, model)
         return make_session(model.SerializeToString(), config.runner.compute_threads, profile_prefix,
                             data_folder=path if external else None, spin_wait=config.runner.spin_wait,
                             spin_duration_us=config.runner.spin_duration_us,
-                            ops_library=library if self.attention_kernel == "lepton" else None)
+                            ops_library=library if self.attention_kernel == "lepton" else products_library)
 
     def _bind_pools(self, config: EngineConfig) -> None:
         cfg = self.model_config

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from export.onnx_export import ExportOptions, export_onnx
+from lepton.native import SOURCE_DIR
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -65,3 +68,32 @@ def tiny_exports(tmp_path_factory, tiny_models):
         return done[(kind, exporter)]
 
     return get
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags /proc/cpuinfo reports."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+# NOTE: the library's three versions of its hot functions, each built alone (the loader would pick only
+# the one of this processor); a level this processor lacks cannot run here.
+TARGETS = {"x86-64": set(), "x86-64-v3": {"avx2", "fma", "f16c"}, "x86-64-v4": {"avx512f", "avx512bw", "avx512vl"}}
+
+
+@pytest.fixture(scope="session")
+def one_target_libraries(tmp_path_factory):
+    """lepton/native built once per x86-64 level this processor runs, by scripts/build_native.sh."""
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.fail("no C compiler: make setup needs one to build lepton/native")
+    built, flags = {}, cpu_flags()
+    for target, needs in TARGETS.items():
+        if needs <= flags:
+            out = tmp_path_factory.mktemp("native") / f"liblepton_ops_{target}.so"
+            env = {**os.environ, "EXTRA_CFLAGS": f"-DLEPTON_ONE_TARGET -march={target}"}
+            subprocess.run(["bash", str(SOURCE_DIR.parents[1] / "scripts" / "build_native.sh"), str(SOURCE_DIR), str(out)],
+                           check=True, env=env)
+            built[target] = out
+    return built

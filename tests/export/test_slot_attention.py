@@ -7,9 +7,6 @@ length. Head sizes 64 and 128 take the vector-register paths of the C file, othe
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +15,9 @@ import pytest
 from onnx import TensorProto, helper
 
 from lepton.config import ConfigError, EngineConfig
-from lepton.native import DOMAIN, LIBRARY, SOURCE, ops_library
+from lepton.native import DOMAIN, LIBRARY, ops_library
 from lepton.runners.slot_runner import attention_kernel, describe_kernel
+from tests.export.conftest import TARGETS, cpu_flags
 
 POSITIONS = 1024
 # NOTE: float32 sums in another order and an exp of ~2e-7 relative error; outputs are O(1).
@@ -106,18 +104,6 @@ def sessions():
     return get
 
 
-def cpu_flags() -> set[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-# NOTE: the library's three versions of its hot functions, each built alone (the loader would pick only
-# the one of this processor); a level this processor lacks cannot run here.
-TARGETS = {"x86-64": set(), "x86-64-v3": {"avx2", "fma", "f16c"}, "x86-64-v4": {"avx512f", "avx512bw", "avx512vl"}}
-
-
 def test_the_library_is_built_by_setup():
     assert ops_library() == LIBRARY, "scripts/build_native.sh (make setup) should have built lepton/native"
 
@@ -126,22 +112,6 @@ def test_the_library_is_built_by_setup():
 @pytest.mark.parametrize("case", list(CASES))
 def test_slot_attention_computes_what_group_query_attention_computes(sessions, case, in_place):
     check_case(sessions, case, in_place, LIBRARY)
-
-
-@pytest.fixture(scope="module")
-def one_target_libraries(tmp_path_factory):
-    """The C file built once per x86-64 level this processor runs, by scripts/build_native.sh."""
-    if shutil.which(os.environ.get("CC", "cc")) is None:
-        pytest.fail("no C compiler: make setup needs one to build lepton/native")
-    built, flags = {}, cpu_flags()
-    for target, needs in TARGETS.items():
-        if needs <= flags:
-            out = tmp_path_factory.mktemp("native") / f"liblepton_ops_{target}.so"
-            env = {**os.environ, "EXTRA_CFLAGS": f"-DLEPTON_ONE_TARGET -march={target}"}
-            subprocess.run(["bash", str(SOURCE.parents[2] / "scripts" / "build_native.sh"), str(SOURCE), str(out)],
-                           check=True, env=env)
-            built[target] = out
-    return built
 
 
 @pytest.mark.parametrize("target", list(TARGETS))

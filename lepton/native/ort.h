@@ -1,0 +1,223 @@
+/* What Lepton's ONNX Runtime operators share: the parts of ONNX Runtime's C ABI they use (no headers: the
+ * pip wheel ships none; the entries of its function table are named by their index, checked against the
+ * library by calling each, and the table only ever grows at its end) and the helpers that read inputs,
+ * make outputs, refuse bad ones and spread work over ONNX Runtime's intra-op threads.
+ *
+ * ops.c registers the operators (RegisterCustomOps); slot_attention.c and q8_matmul.c define them.
+ */
+#ifndef LEPTON_ORT_H
+#define LEPTON_ORT_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#pragma GCC visibility push(hidden)
+
+/* ---- ONNX Runtime's C ABI: the parts used here ------------------------------------------------- */
+
+typedef struct OrtStatus OrtStatus;
+typedef struct OrtKernelInfo OrtKernelInfo;
+typedef struct OrtKernelContext OrtKernelContext;
+typedef struct OrtValue OrtValue;
+typedef struct OrtShape OrtShape; /* OrtTensorTypeAndShapeInfo */
+typedef struct OrtSessionOptions OrtSessionOptions;
+typedef struct OrtCustomOpDomain OrtCustomOpDomain;
+
+typedef struct {
+    const void *(*GetApi)(uint32_t version);
+    const char *(*GetVersionString)(void);
+} OrtApiBase;
+
+enum { ELEMENT_FLOAT = 1, ELEMENT_UINT8 = 2, ELEMENT_INT32 = 6 };
+enum { STATUS_INVALID_ARGUMENT = 2, STATUS_FAIL = 1 };
+enum { REQUIRED = 0 };
+
+/* API version asked for (and the OrtCustomOp version declared): KernelContext_ParallelFor came with 17. */
+#define API_VERSION 17
+
+/* Indices into OrtApi, the table of function pointers (it only ever grows at its end). */
+#define API_CREATE_STATUS 0
+#define API_CREATE_CUSTOM_OP_DOMAIN 26
+#define API_CUSTOM_OP_DOMAIN_ADD 27
+#define API_ADD_CUSTOM_OP_DOMAIN 28
+#define API_GET_TENSOR_MUTABLE_DATA 51
+#define API_GET_DIMENSIONS_COUNT 61
+#define API_GET_DIMENSIONS 62
+#define API_GET_TENSOR_TYPE_AND_SHAPE 65
+#define API_KERNEL_INFO_GET_ATTRIBUTE_FLOAT 85
+#define API_KERNEL_INFO_GET_ATTRIBUTE_INT64 86
+#define API_KERNEL_CONTEXT_GET_INPUT 90
+#define API_KERNEL_CONTEXT_GET_OUTPUT 91
+#define API_RELEASE_STATUS 93
+#define API_RELEASE_SHAPE 99 /* ReleaseTensorTypeAndShapeInfo */
+#define API_KERNEL_CONTEXT_PARALLEL_FOR 274
+
+typedef OrtStatus *(*CreateStatusFn)(int code, const char *msg);
+typedef OrtStatus *(*CreateCustomOpDomainFn)(const char *domain, OrtCustomOpDomain **out);
+typedef OrtStatus *(*CustomOpDomainAddFn)(OrtCustomOpDomain *domain, const void *op);
+typedef OrtStatus *(*AddCustomOpDomainFn)(OrtSessionOptions *options, OrtCustomOpDomain *domain);
+typedef OrtStatus *(*GetTensorMutableDataFn)(OrtValue *value, void **out);
+typedef OrtStatus *(*GetDimensionsCountFn)(const OrtShape *info, size_t *out);
+typedef OrtStatus *(*GetDimensionsFn)(const OrtShape *info, int64_t *values, size_t count);
+typedef OrtStatus *(*GetTensorTypeAndShapeFn)(const OrtValue *value, OrtShape **out);
+typedef void (*ReleaseStatusFn)(OrtStatus *status);
+typedef void (*ReleaseShapeFn)(OrtShape *info);
+typedef OrtStatus *(*GetAttributeFloatFn)(const OrtKernelInfo *info, const char *name, float *out);
+typedef OrtStatus *(*GetAttributeInt64Fn)(const OrtKernelInfo *info, const char *name, int64_t *out);
+typedef OrtStatus *(*GetInputFn)(const OrtKernelContext *context, size_t index, const OrtValue **out);
+typedef OrtStatus *(*GetOutputFn)(OrtKernelContext *context, size_t index, const int64_t *dims, size_t count,
+                                  OrtValue **out);
+typedef OrtStatus *(*ParallelForFn)(const OrtKernelContext *context, void (*fn)(void *, size_t), size_t total,
+                                    size_t num_batch, void *user_data);
+
+/* ONNX Runtime's function table, set by RegisterCustomOps (ops.c). */
+extern const void *const *lepton_api;
+
+#define API(type, index) ((type)lepton_api[index])
+#define TRY(call)                      \
+    do {                               \
+        OrtStatus *status_ = (call);   \
+        if (status_) return status_;   \
+    } while (0)
+
+/* OrtCustomOp (CreateKernelV2 and KernelComputeV2, read from version 16, return a status; the four
+ * in-place members stay NULL). */
+typedef struct CustomOp CustomOp;
+struct CustomOp {
+    uint32_t version;
+    void *(*CreateKernel)(const CustomOp *op, const void *api, const OrtKernelInfo *info);
+    const char *(*GetName)(const CustomOp *op);
+    const char *(*GetExecutionProviderType)(const CustomOp *op);
+    int (*GetInputType)(const CustomOp *op, size_t index);
+    size_t (*GetInputTypeCount)(const CustomOp *op);
+    int (*GetOutputType)(const CustomOp *op, size_t index);
+    size_t (*GetOutputTypeCount)(const CustomOp *op);
+    void (*KernelCompute)(void *kernel, OrtKernelContext *context);
+    void (*KernelDestroy)(void *kernel);
+    int (*GetInputCharacteristic)(const CustomOp *op, size_t index);
+    int (*GetOutputCharacteristic)(const CustomOp *op, size_t index);
+    int (*GetInputMemoryType)(const CustomOp *op, size_t index);
+    int (*GetVariadicInputMinArity)(const CustomOp *op);
+    int (*GetVariadicInputHomogeneity)(const CustomOp *op);
+    int (*GetVariadicOutputMinArity)(const CustomOp *op);
+    int (*GetVariadicOutputHomogeneity)(const CustomOp *op);
+    OrtStatus *(*CreateKernelV2)(const CustomOp *op, const void *api, const OrtKernelInfo *info, void **kernel);
+    OrtStatus *(*KernelComputeV2)(void *kernel, OrtKernelContext *context);
+    OrtStatus *(*InferOutputShapeFn)(const CustomOp *op, void *context);
+    int (*GetStartVersion)(const CustomOp *op);
+    int (*GetEndVersion)(const CustomOp *op);
+    size_t (*GetMayInplace)(int **inputs, int **outputs);
+    void (*ReleaseMayInplace)(int *inputs, int *outputs);
+    size_t (*GetAliasMap)(int **inputs, int **outputs);
+    void (*ReleaseAliasMap)(int *inputs, int *outputs);
+};
+
+/* The hot functions of an operator in three versions, one picked by the loader for the processor it runs
+ * on; built with -DLEPTON_ONE_TARGET they are compiled once, for -march's target (the tests build each so). */
+#ifdef LEPTON_ONE_TARGET
+#define CLONED
+#else
+#define CLONED __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
+
+/* A status naming what is wrong (format: the operator's name first, then two numbers). */
+static inline OrtStatus *invalid(const char *format, long long a, long long b) {
+    char message[256];
+    snprintf(message, sizeof message, format, a, b);
+    return API(CreateStatusFn, API_CREATE_STATUS)(STATUS_INVALID_ARGUMENT, message);
+}
+
+static inline OrtStatus *out_of_memory(const char *op) {
+    char message[128];
+    snprintf(message, sizeof message, "%s: out of memory", op);
+    return API(CreateStatusFn, API_CREATE_STATUS)(STATUS_FAIL, message);
+}
+
+static inline OrtStatus *shape_of(const char *op, const OrtValue *value, int64_t *dims, size_t max_dims, size_t *count) {
+    OrtShape *info = NULL;
+    TRY(API(GetTensorTypeAndShapeFn, API_GET_TENSOR_TYPE_AND_SHAPE)(value, &info));
+    OrtStatus *status = API(GetDimensionsCountFn, API_GET_DIMENSIONS_COUNT)(info, count);
+    if (!status && *count > max_dims) {
+        char format[128];
+        snprintf(format, sizeof format, "%s: an input of rank %%lld (at most %%lld)", op);
+        status = invalid(format, (long long)*count, (long long)max_dims);
+    }
+    if (!status) status = API(GetDimensionsFn, API_GET_DIMENSIONS)(info, dims, *count);
+    API(ReleaseShapeFn, API_RELEASE_SHAPE)(info);
+    return status;
+}
+
+/* Input `index` of `inputs` (at most 4 dimensions, into dims); rank (size_t)-1 takes any rank, which is
+ * then written to *rank_out when it is not NULL. */
+static inline OrtStatus *get_input(const char *op, size_t inputs, OrtKernelContext *context, size_t index,
+                                   const void **data, int64_t *dims, size_t rank, size_t *rank_out) {
+    const OrtValue *value = NULL;
+    size_t count = 0;
+    char format[128];
+    TRY(API(GetInputFn, API_KERNEL_CONTEXT_GET_INPUT)(context, index, &value));
+    if (!value) {
+        snprintf(format, sizeof format, "%s: input %%lld of %%lld is missing", op);
+        return invalid(format, (long long)index, (long long)inputs);
+    }
+    TRY(shape_of(op, value, dims, 4, &count));
+    if (rank != (size_t)-1 && count != rank) {
+        snprintf(format, sizeof format, "%s: input %%lld has the wrong rank %%lld", op);
+        return invalid(format, (long long)index, (long long)count);
+    }
+    if (rank_out) *rank_out = count;
+    return API(GetTensorMutableDataFn, API_GET_TENSOR_MUTABLE_DATA)((OrtValue *)value, (void **)data);
+}
+
+static inline OrtStatus *get_output(OrtKernelContext *context, size_t index, const int64_t *dims, size_t rank, float **data) {
+    OrtValue *value = NULL;
+    TRY(API(GetOutputFn, API_KERNEL_CONTEXT_GET_OUTPUT)(context, index, dims, rank, &value));
+    return API(GetTensorMutableDataFn, API_GET_TENSOR_MUTABLE_DATA)(value, (void **)data);
+}
+
+/* fn(data, i) for every i < total, on ONNX Runtime's intra-op threads: one i at a time to whichever thread
+ * is free (batches 0), or in `batches` runs of consecutive i, each run on one thread. */
+static inline void parallel_for(OrtKernelContext *context, void (*fn)(void *, size_t), size_t total, size_t batches,
+                                void *data) {
+    if (total == 1) {
+        fn(data, 0);
+        return;
+    }
+    OrtStatus *status = API(ParallelForFn, API_KERNEL_CONTEXT_PARALLEL_FOR)(context, fn, total, batches, data);
+    if (status) { /* NOTE: no thread pool to hand the tasks to: run them here */
+        API(ReleaseStatusFn, API_RELEASE_STATUS)(status);
+        for (size_t i = 0; i < total; i++) fn(data, i);
+    }
+}
+
+/* The members every operator here fills the same way. */
+static inline const char *op_provider(const CustomOp *op) { (void)op; return NULL; /* NULL: the CPU provider */ }
+static inline int required(const CustomOp *op, size_t index) { (void)op, (void)index; return REQUIRED; }
+static inline int default_memory(const CustomOp *op, size_t index) { (void)op, (void)index; return 0; }
+static inline int one(const CustomOp *op) { (void)op; return 1; }
+static inline int zero(const CustomOp *op) { (void)op; return 0; }
+static inline int start_version(const CustomOp *op) { (void)op; return 1; }
+static inline int end_version(const CustomOp *op) { (void)op; return 2147483647; }
+static inline int float_output(const CustomOp *op, size_t index) { (void)op, (void)index; return ELEMENT_FLOAT; }
+
+#define COMMON_MEMBERS                           \
+    .version = API_VERSION,                      \
+    .GetExecutionProviderType = op_provider,     \
+    .GetOutputType = float_output,               \
+    .GetInputCharacteristic = required,          \
+    .GetOutputCharacteristic = required,         \
+    .GetInputMemoryType = default_memory,        \
+    .GetVariadicInputMinArity = one,             \
+    .GetVariadicInputHomogeneity = zero,         \
+    .GetVariadicOutputMinArity = one,            \
+    .GetVariadicOutputHomogeneity = zero,        \
+    .GetStartVersion = start_version,            \
+    .GetEndVersion = end_version
+
+/* The operators (ops.c registers them). */
+extern const CustomOp lepton_slot_attention;
+extern const CustomOp lepton_q8_matmul;
+
+#pragma GCC visibility pop
+
+#endif

@@ -1,0 +1,327 @@
+/* Lepton's 8-bit weight product: an ONNX Runtime custom operator (domain "ai.lepton", op "MatMulQ8").
+ *
+ * It computes what com.microsoft MatMulNBits computes for bits=8, block_size=32, no zero points
+ * (weights (code - 128) * scale per block of 32 along K) at accuracy_level=4 (activations quantized to
+ * int8 per row and block of 32: scale max|a| / 127, rounded to nearest even): Y = A W^T, Y [..., N].
+ * The weights come packed for the vector units (lepton/runners/q8_graph.py packs them when the runner
+ * rewrites the graph): panels of 16 outputs, each block of 32 inputs as 8 groups of 4 inputs x 16
+ * outputs, so that one AVX-512 VNNI instruction (vpdpbusd: unsigned codes times signed activations,
+ * four products summed into each of 16 int32 lanes) advances 16 outputs by 4 inputs, and the codes'
+ * offset of 128 is taken off by starting each block's sums at -128 x the sum of its activations.
+ *
+ * Inputs: A float [..., K]; B uint8 [ceil(N / 16), K / 32, 512]; scales float [ceil(N / 16), K / 32, 16].
+ * Attributes: K, N; isa (optional): 0 = the best this processor runs, 1 = plain C, 2 = AVX2, 3 =
+ * AVX-512 VNNI (the tests run each; all give the same integers and the same float operations in the
+ * same order, so the same bits).
+ *
+ * Work: the rows of A are quantized once (on ONNX Runtime's intra-op threads when there are many), then
+ * each task computes one panel of 16 outputs for up to 64 rows, 8 rows at a time (16 int32 and 16 float
+ * accumulators in registers), the panel's codes staying in the first-level cache across the row tiles.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ort.h"
+
+enum { BLOCK = 32, LANES = 16, PANEL_BYTES = BLOCK * LANES, ROW_CHUNK = 64, QUANTIZE_ROWS = 16 };
+/* NOTE: codes read this far ahead are asked for early (the next panel's, past a panel's end): a 16-decode
+ * step of SmolLM2 q8_0 took 20.8 ms with 1,024 bytes, 22.2 without, 21.0 with 4,096 (step_shapes). */
+enum { PREFETCH_BYTES = 1024 };
+/* NOTE: the products' tasks go one at a time to whichever thread is free: in runs of consecutive panels
+ * (ParallelFor's batches) 2 runs measured the same, 8 runs 1.3x / 1.5x slower for 16 decodes / a prompt. */
+enum { ISA_BEST = 0, ISA_GENERIC = 1, ISA_AVX2 = 2, ISA_AVX512_VNNI = 3 };
+#define OP "MatMulQ8"
+
+typedef struct Product Product;
+typedef void (*TileFn)(const Product *pr, int64_t panel, int64_t m0, int64_t m1);
+
+typedef struct {
+    int64_t k, n;
+    TileFn tile;
+} Kernel;
+
+struct Product {
+    const float *a, *scales;
+    const uint8_t *b;
+    float *y;
+    int8_t *aq;      /* [rows, K] */
+    float *ascale;   /* [rows, blocks] */
+    int32_t *offset; /* [rows, blocks]: -128 x the block's sum of quantized activations */
+    int64_t rows, k, n, blocks, panels, chunks;
+    TileFn tile;
+};
+
+/* ---- activations ------------------------------------------------------------------------------- */
+
+/* Rows [QUANTIZE_ROWS task, ...) of A to int8, per block of 32: scale max|a| / 127, a / scale rounded to
+ * nearest even (adding and taking off 1.5 x 2^23: exact for |x| <= 2^22). */
+CLONED
+static void quantize_rows(void *data, size_t task) {
+    const Product *pr = data;
+    const int64_t m0 = (int64_t)task * QUANTIZE_ROWS;
+    const int64_t m1 = m0 + QUANTIZE_ROWS < pr->rows ? m0 + QUANTIZE_ROWS : pr->rows;
+    for (int64_t m = m0; m < m1; m++)
+        for (int64_t blk = 0; blk < pr->blocks; blk++) {
+            const float *x = pr->a + m * pr->k + blk * BLOCK;
+            int8_t *q = pr->aq + m * pr->k + blk * BLOCK;
+            float top = 0.0f;
+#pragma omp simd reduction(max : top)
+            for (int i = 0; i < BLOCK; i++) top = fabsf(x[i]) > top ? fabsf(x[i]) : top;
+            const float scale = top / 127.0f, inverse = top != 0.0f ? 1.0f / scale : 0.0f;
+            int32_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+            for (int i = 0; i < BLOCK; i++) {
+                const int32_t v = (int32_t)((x[i] * inverse + 12582912.0f) - 12582912.0f);
+                q[i] = (int8_t)v;
+                sum += v;
+            }
+            pr->ascale[m * pr->blocks + blk] = scale;
+            pr->offset[m * pr->blocks + blk] = -128 * sum;
+        }
+}
+
+/* ---- products: one panel of 16 outputs for rows [m0, m1) --------------------------------------- */
+
+static void store(const Product *pr, int64_t panel, int64_t m, const float *acc) {
+    const int64_t n0 = panel * LANES, count = pr->n - n0 < LANES ? pr->n - n0 : LANES;
+    memcpy(pr->y + m * pr->n + n0, acc, (size_t)count * sizeof(float));
+}
+
+/* Plain C: the same integers and the same float operations, in the same order, as the vector paths. */
+static void tile_generic(const Product *pr, int64_t panel, int64_t m0, int64_t m1) {
+    const uint8_t *codes = pr->b + panel * pr->blocks * PANEL_BYTES;
+    const float *scales = pr->scales + panel * pr->blocks * LANES;
+    for (int64_t m = m0; m < m1; m++) {
+        float acc[LANES] = {0};
+        for (int64_t blk = 0; blk < pr->blocks; blk++) {
+            const int8_t *q = pr->aq + m * pr->k + blk * BLOCK;
+            const uint8_t *w = codes + blk * PANEL_BYTES;
+            const float as = pr->ascale[m * pr->blocks + blk];
+            for (int l = 0; l < LANES; l++) {
+                int32_t dot = pr->offset[m * pr->blocks + blk];
+                for (int j = 0; j < BLOCK / 4; j++)
+                    for (int t = 0; t < 4; t++) dot += (int32_t)w[j * 4 * LANES + l * 4 + t] * q[j * 4 + t];
+                acc[l] = fmaf((float)dot, scales[blk * LANES + l] * as, acc[l]);
+            }
+        }
+        store(pr, panel, m, acc);
+    }
+}
+
+#define AVX2 __attribute__((target("avx2,fma")))
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
+
+/* AVX2 (no VNNI): codes made signed (xor 128), then vpmaddubsw of |a| with the codes carrying a's sign
+ * (|a| <= 127, |code - 128| <= 127: the pair sums never saturate) and vpmaddwd by ones; two rows of
+ * two 8-output halves at a time. */
+static inline __attribute__((always_inline)) AVX2 void avx2_rows(const Product *pr, int64_t panel, int64_t m, const int mt) {
+    const uint8_t *codes = pr->b + panel * pr->blocks * PANEL_BYTES;
+    const float *scales = pr->scales + panel * pr->blocks * LANES;
+    const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    __m256 acc[2][2];
+    for (int i = 0; i < mt; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int64_t blk = 0; blk < pr->blocks; blk++) {
+        __m256i dot[2][2];
+        for (int i = 0; i < mt; i++) dot[i][0] = dot[i][1] = _mm256_setzero_si256();
+        const uint8_t *w = codes + blk * PANEL_BYTES;
+        for (int j = 0; j < BLOCK / 4; j++) {
+            const __m256i w0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + j * 64)), flip);
+            const __m256i w1 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + j * 64 + 32)), flip);
+            for (int i = 0; i < mt; i++) {
+                int32_t four;
+                memcpy(&four, pr->aq + (m + i) * pr->k + blk * BLOCK + j * 4, 4);
+                const __m256i a = _mm256_set1_epi32(four), magnitude = _mm256_sign_epi8(a, a);
+                dot[i][0] = _mm256_add_epi32(dot[i][0], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(w0, a)), ones));
+                dot[i][1] = _mm256_add_epi32(dot[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(w1, a)), ones));
+            }
+        }
+        const __m256 s0 = _mm256_loadu_ps(scales + blk * LANES), s1 = _mm256_loadu_ps(scales + blk * LANES + 8);
+        for (int i = 0; i < mt; i++) {
+            const __m256 as = _mm256_set1_ps(pr->ascale[(m + i) * pr->blocks + blk]);
+            acc[i][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[i][0]), _mm256_mul_ps(s0, as), acc[i][0]);
+            acc[i][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[i][1]), _mm256_mul_ps(s1, as), acc[i][1]);
+        }
+    }
+    for (int i = 0; i < mt; i++) {
+        float out[LANES];
+        _mm256_storeu_ps(out, acc[i][0]);
+        _mm256_storeu_ps(out + 8, acc[i][1]);
+        store(pr, panel, m + i, out);
+    }
+}
+
+AVX2 static void tile_avx2(const Product *pr, int64_t panel, int64_t m0, int64_t m1) {
+    int64_t m = m0;
+    for (; m + 2 <= m1; m += 2) avx2_rows(pr, panel, m, 2);
+    if (m < m1) avx2_rows(pr, panel, m, 1);
+}
+
+/* AVX-512 VNNI: vpdpbusd of the 64 bytes of a group (16 outputs x 4 inputs) with each row's 4
+ * activations broadcast, `mt` rows at a time. */
+static inline __attribute__((always_inline)) VNNI void vnni_rows(const Product *pr, int64_t panel, int64_t m, const int mt) {
+    const uint8_t *codes = pr->b + panel * pr->blocks * PANEL_BYTES;
+    const float *scales = pr->scales + panel * pr->blocks * LANES;
+    const int8_t *aq = pr->aq + m * pr->k;
+    __m512 acc[8];
+    for (int i = 0; i < mt; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t blk = 0; blk < pr->blocks; blk++) {
+        __m512i dot[8];
+        for (int i = 0; i < mt; i++) dot[i] = _mm512_set1_epi32(pr->offset[(m + i) * pr->blocks + blk]);
+        const uint8_t *w = codes + blk * PANEL_BYTES;
+        for (int j = 0; j < BLOCK / 4; j++) {
+            _mm_prefetch((const char *)(w + j * 64 + PREFETCH_BYTES), _MM_HINT_T0);
+            const __m512i wj = _mm512_loadu_si512((const void *)(w + j * 64));
+            for (int i = 0; i < mt; i++) {
+                int32_t four;
+                memcpy(&four, aq + i * pr->k + blk * BLOCK + j * 4, 4);
+                dot[i] = _mm512_dpbusd_epi32(dot[i], wj, _mm512_set1_epi32(four));
+            }
+        }
+        const __m512 s = _mm512_loadu_ps(scales + blk * LANES);
+        for (int i = 0; i < mt; i++) {
+            const __m512 as = _mm512_set1_ps(pr->ascale[(m + i) * pr->blocks + blk]);
+            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i]), _mm512_mul_ps(s, as), acc[i]);
+        }
+    }
+    for (int i = 0; i < mt; i++) {
+        float out[LANES];
+        _mm512_storeu_ps(out, acc[i]);
+        store(pr, panel, m + i, out);
+    }
+}
+
+VNNI static void tile_vnni(const Product *pr, int64_t panel, int64_t m0, int64_t m1) {
+    int64_t m = m0;
+    for (; m + 8 <= m1; m += 8) vnni_rows(pr, panel, m, 8);
+    switch (m1 - m) {
+    case 7: vnni_rows(pr, panel, m, 7); break;
+    case 6: vnni_rows(pr, panel, m, 6); break;
+    case 5: vnni_rows(pr, panel, m, 5); break;
+    case 4: vnni_rows(pr, panel, m, 4); break;
+    case 3: vnni_rows(pr, panel, m, 3); break;
+    case 2: vnni_rows(pr, panel, m, 2); break;
+    case 1: vnni_rows(pr, panel, m, 1); break;
+    default: break;
+    }
+}
+
+/* One task: panel `task % panels` for the rows of chunk `task / panels`. */
+static void product_task(void *data, size_t task) {
+    const Product *pr = data;
+    const int64_t panel = (int64_t)task % pr->panels, chunk = (int64_t)task / pr->panels;
+    const int64_t m0 = chunk * ROW_CHUNK, m1 = m0 + ROW_CHUNK < pr->rows ? m0 + ROW_CHUNK : pr->rows;
+    pr->tile(pr, panel, m0, m1);
+}
+
+/* ---- the operator ------------------------------------------------------------------------------ */
+
+static int runs(int isa) {
+    __builtin_cpu_init();
+    switch (isa) {
+    case ISA_GENERIC: return 1;
+    case ISA_AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case ISA_AVX512_VNNI:
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    default: return 0;
+    }
+}
+
+static TileFn tile_for(int isa) {
+    return isa == ISA_AVX512_VNNI ? tile_vnni : isa == ISA_AVX2 ? tile_avx2 : tile_generic;
+}
+
+static OrtStatus *input(OrtKernelContext *context, size_t index, const void **data, int64_t *dims, size_t rank, size_t *rank_out) {
+    return get_input(OP, 3, context, index, data, dims, rank, rank_out);
+}
+
+static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
+    const Kernel *kernel = kernel_data;
+    int64_t a_dims[4], b_dims[4], s_dims[4];
+    size_t a_rank = 0;
+    Product pr = {0};
+    TRY(input(context, 0, (const void **)&pr.a, a_dims, (size_t)-1, &a_rank));
+    TRY(input(context, 1, (const void **)&pr.b, b_dims, 3, NULL));
+    TRY(input(context, 2, (const void **)&pr.scales, s_dims, 3, NULL));
+    pr.k = kernel->k, pr.n = kernel->n, pr.blocks = kernel->k / BLOCK, pr.panels = (kernel->n + LANES - 1) / LANES;
+    if (a_rank < 1 || a_dims[a_rank - 1] != pr.k)
+        return invalid(OP ": A has %lld values per row, expected K = %lld", a_rank ? a_dims[a_rank - 1] : 0, pr.k);
+    if (b_dims[0] != pr.panels || b_dims[1] != pr.blocks || b_dims[2] != PANEL_BYTES)
+        return invalid(OP ": B has %lld packed blocks, expected ceil(N / 16) x K / 32 = %lld of 512 bytes",
+                       b_dims[0] * b_dims[1], pr.panels * pr.blocks);
+    if (s_dims[0] != pr.panels || s_dims[1] != pr.blocks || s_dims[2] != LANES)
+        return invalid(OP ": scales has %lld blocks, expected ceil(N / 16) x K / 32 = %lld of 16",
+                       s_dims[0] * s_dims[1], pr.panels * pr.blocks);
+    int64_t y_dims[4];
+    pr.rows = 1;
+    for (size_t i = 0; i + 1 < a_rank; i++) pr.rows *= (y_dims[i] = a_dims[i]);
+    y_dims[a_rank - 1] = pr.n;
+    TRY(get_output(context, 0, y_dims, a_rank, &pr.y));
+    if (pr.rows == 0) return NULL;
+    char *buffer = malloc((size_t)(pr.rows * pr.k) + (size_t)(pr.rows * pr.blocks) * (sizeof(float) + sizeof(int32_t)));
+    if (!buffer) return out_of_memory(OP);
+    pr.ascale = (float *)buffer;
+    pr.offset = (int32_t *)(pr.ascale + pr.rows * pr.blocks);
+    pr.aq = (int8_t *)(pr.offset + pr.rows * pr.blocks);
+    pr.tile = kernel->tile;
+    const size_t quantize_tasks = (size_t)((pr.rows + QUANTIZE_ROWS - 1) / QUANTIZE_ROWS);
+    if (pr.rows * pr.k <= 32768) /* NOTE: a few microseconds: not worth waking the pool */
+        for (size_t t = 0; t < quantize_tasks; t++) quantize_rows(&pr, t);
+    else
+        parallel_for(context, quantize_rows, quantize_tasks, 0, &pr);
+    pr.chunks = (pr.rows + ROW_CHUNK - 1) / ROW_CHUNK;
+    parallel_for(context, product_task, (size_t)(pr.chunks * pr.panels), 0, &pr);
+    free(buffer);
+    return NULL;
+}
+
+static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const OrtKernelInfo *info, void **out) {
+    (void)op, (void)ort_api;
+    Kernel *kernel = calloc(1, sizeof(Kernel));
+    if (!kernel) return out_of_memory(OP);
+    int64_t isa = ISA_BEST;
+    OrtStatus *status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "isa", &isa);
+    if (status) { /* NOTE: optional: the best this processor runs */
+        API(ReleaseStatusFn, API_RELEASE_STATUS)(status);
+        isa = ISA_BEST;
+    }
+    status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "K", &kernel->k);
+    if (!status) status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "N", &kernel->n);
+    if (!status && (kernel->k < BLOCK || kernel->k % BLOCK))
+        status = invalid(OP ": K = %lld is not a positive multiple of the block size %lld", kernel->k, BLOCK);
+    if (!status && kernel->n < 1) status = invalid(OP ": N = %lld, expected at least %lld", kernel->n, 1);
+    if (!status && isa == ISA_BEST) isa = runs(ISA_AVX512_VNNI) ? ISA_AVX512_VNNI : runs(ISA_AVX2) ? ISA_AVX2 : ISA_GENERIC;
+    if (!status && !runs((int)isa))
+        status = invalid(OP ": isa = %lld needs instructions this processor lacks (1 plain C, 2 AVX2, 3 AVX-512 VNNI; it runs up to %lld)",
+                         isa, runs(ISA_AVX512_VNNI) ? ISA_AVX512_VNNI : runs(ISA_AVX2) ? ISA_AVX2 : ISA_GENERIC);
+    if (status) {
+        free(kernel);
+        return status;
+    }
+    kernel->tile = tile_for((int)isa);
+    *out = kernel;
+    return NULL;
+}
+
+static const char *op_name(const CustomOp *op) { (void)op; return OP; }
+static int input_type(const CustomOp *op, size_t index) {
+    (void)op;
+    return index == 1 ? ELEMENT_UINT8 : ELEMENT_FLOAT;
+}
+static size_t input_count(const CustomOp *op) { (void)op; return 3; }
+static size_t output_count(const CustomOp *op) { (void)op; return 1; }
+static void destroy_kernel(void *kernel) { free(kernel); }
+
+const CustomOp lepton_q8_matmul = {
+    COMMON_MEMBERS,
+    .GetName = op_name,
+    .GetInputType = input_type,
+    .GetInputTypeCount = input_count,
+    .GetOutputTypeCount = output_count,
+    .KernelDestroy = destroy_kernel,
+    .CreateKernelV2 = create_kernel,
+    .KernelComputeV2 = compute,
+};

@@ -1,0 +1,99 @@
+"""8-bit weight products rewritten to Lepton's MatMulQ8 (lepton/native/q8_matmul.c), in memory.
+
+ONNX Runtime's MatMulNBits with bits=8, block_size=32, no zero points and accuracy_level=4 (what
+`export quantize --method q8_0` writes) quantizes its activations to int8 per block of 32 and multiplies
+them with the weights' int8 codes; MatMulQ8 computes the same products with the codes packed for the
+vector units (AVX-512 VNNI vpdpbusd: 16 outputs x 4 inputs per instruction), so each node's weights are
+repacked here once, when the runner builds its session. Any other MatMulNBits (4 bits, zero points,
+another block size or accuracy level) is kept.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from lepton.autoselect import cpu_features
+from lepton.native import DOMAIN as LEPTON_DOMAIN
+from lepton.runners.graph_edit import MS_DOMAIN, drop_unused_initializers
+
+BLOCK, LANES = 32, 16
+
+
+def pack(codes: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits' codes [N, K / 32, 32] uint8 and scales [N * K / 32] (or [N, K / 32]) float32 ->
+    MatMulQ8's B [ceil(N / 16), K / 32, 512] uint8 (per block: 8 groups of 4 inputs x 16 outputs x 4)
+    and scales [ceil(N / 16), K / 32, 16]. Outputs past N in the last panel get code 128 and scale 0."""
+    n, blocks, block = codes.shape
+    if block != BLOCK:
+        raise ValueError(f"codes: blocks of {block} values, MatMulQ8 takes {BLOCK}")
+    scales = np.asarray(scales, np.float32).reshape(n, blocks)
+    panels = -(-n // LANES)
+    padded = np.full((panels * LANES, blocks, BLOCK), 128, np.uint8)
+    padded[:n] = codes
+    padded_scales = np.zeros((panels * LANES, blocks), np.float32)
+    padded_scales[:n] = scales
+    # [P, 16 lanes, blocks, 8 groups, 4] -> [P, blocks, 8 groups, 16 lanes, 4]
+    packed = padded.reshape(panels, LANES, blocks, BLOCK // 4, 4).transpose(0, 2, 3, 1, 4)
+    return (np.ascontiguousarray(packed).reshape(panels, blocks, BLOCK * LANES),
+            np.ascontiguousarray(padded_scales.reshape(panels, LANES, blocks).transpose(0, 2, 1)))
+
+
+def rewritable(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> bool:
+    """A MatMulNBits node MatMulQ8 computes the same as (see the module docstring)."""
+    if node.op_type != "MatMulNBits" or node.domain != MS_DOMAIN:
+        return False
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    extra = [name for name in node.input[3:] if name]  # NOTE: zero points, g_idx, bias
+    return (attrs.get("bits") == 8 and attrs.get("block_size") == BLOCK and attrs.get("accuracy_level") == 4
+            and attrs.get("K", 0) % BLOCK == 0 and not extra
+            and node.input[1] in initializers and node.input[2] in initializers)
+
+
+def q8_graph(model: onnx.ModelProto) -> int:
+    """Rewrite every rewritable MatMulNBits of the model in place; returns how many."""
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    added, count = [], 0
+    for node in graph.node:
+        if not rewritable(node, initializers):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        codes = numpy_helper.to_array(initializers[node.input[1]]).reshape(attrs["N"], attrs["K"] // BLOCK, BLOCK)
+        b, s = pack(codes, numpy_helper.to_array(initializers[node.input[2]]))
+        names = [f"{node.name or node.output[0]}.q8_codes", f"{node.name or node.output[0]}.q8_scales"]
+        added += [numpy_helper.from_array(b, names[0]), numpy_helper.from_array(s, names[1])]
+        replacement = helper.make_node("MatMulQ8", [node.input[0], *names], list(node.output), name=node.name,
+                                       domain=LEPTON_DOMAIN, K=attrs["K"], N=attrs["N"])
+        node.CopyFrom(replacement)
+        count += 1
+    if count:
+        graph.initializer.extend(added)
+        drop_unused_initializers(graph)
+        if not any(o.domain == LEPTON_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(LEPTON_DOMAIN, 1))
+    return count
+
+
+def matmul_kernel(setting: str, library: Path | None, cpu: dict | None = None) -> tuple[str, str]:
+    """RunnerConfig.matmul_kernel -> ("lepton" or "onnxruntime", why): "auto" takes Lepton's MatMulQ8 when
+    its library is built and the processor has AVX-512 VNNI (where it was measured faster than
+    MatMulNBits, docs/performance.md); elsewhere MatMulQ8 runs its AVX2 or plain C path, which only an
+    explicit matmul_kernel=lepton asks for."""
+    if setting == "onnxruntime":
+        return "onnxruntime", "matmul_kernel=onnxruntime"
+    if library is None:
+        if setting == "lepton":
+            raise RuntimeError("matmul_kernel=lepton: lepton/native/liblepton_ops.so is not built (or older than "
+                               "its sources); run scripts/build_native.sh (make setup does), or set "
+                               "matmul_kernel=onnxruntime")
+        return "onnxruntime", "lepton/native is not built or older than its sources: scripts/build_native.sh builds it"
+    if setting == "lepton":
+        return "lepton", "matmul_kernel=lepton"
+    cpu = cpu_features() if cpu is None else cpu
+    if cpu.get("avx512_vnni") and cpu.get("avx512f"):
+        return "lepton", "AVX-512 VNNI"
+    return "onnxruntime", "no AVX-512 VNNI on this processor"
