@@ -11,6 +11,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 
 #pragma GCC visibility push(hidden)
 
@@ -200,19 +201,35 @@ static inline int start_version(const CustomOp *op) { (void)op; return 1; }
 static inline int end_version(const CustomOp *op) { (void)op; return 2147483647; }
 static inline int float_output(const CustomOp *op, size_t index) { (void)op, (void)index; return ELEMENT_FLOAT; }
 
-#define COMMON_MEMBERS                           \
-    .version = API_VERSION,                      \
-    .GetExecutionProviderType = op_provider,     \
-    .GetOutputType = float_output,               \
-    .GetInputCharacteristic = required,          \
-    .GetOutputCharacteristic = required,         \
-    .GetInputMemoryType = default_memory,        \
-    .GetVariadicInputMinArity = one,             \
-    .GetVariadicInputHomogeneity = zero,         \
-    .GetVariadicOutputMinArity = one,            \
-    .GetVariadicOutputHomogeneity = zero,        \
-    .GetStartVersion = start_version,            \
-    .GetEndVersion = end_version
+static inline void free_kernel(void *kernel) { free(kernel); }
+
+/* An operator `var` named `name` with `inputs` inputs (their types from input_type_fn), `outputs` float
+ * outputs, a kernel made by create_fn (freed with free) and run by compute_fn. */
+#define OPERATOR(var, name, inputs, outputs, input_type_fn, create_fn, compute_fn)                  \
+    static const char *var##_name(const CustomOp *op) { (void)op; return name; }                 \
+    static size_t var##_inputs(const CustomOp *op) { (void)op; return inputs; }                  \
+    static size_t var##_outputs(const CustomOp *op) { (void)op; return outputs; }                \
+    const CustomOp var = {                                                                       \
+        .version = API_VERSION,                                                                  \
+        .GetName = var##_name,                                                                   \
+        .GetExecutionProviderType = op_provider,                                                 \
+        .GetInputType = input_type_fn,                                                           \
+        .GetInputTypeCount = var##_inputs,                                                       \
+        .GetOutputType = float_output,                                                           \
+        .GetOutputTypeCount = var##_outputs,                                                     \
+        .KernelDestroy = free_kernel,                                                            \
+        .GetInputCharacteristic = required,                                                      \
+        .GetOutputCharacteristic = required,                                                     \
+        .GetInputMemoryType = default_memory,                                                    \
+        .GetVariadicInputMinArity = one,                                                         \
+        .GetVariadicInputHomogeneity = zero,                                                     \
+        .GetVariadicOutputMinArity = one,                                                        \
+        .GetVariadicOutputHomogeneity = zero,                                                    \
+        .CreateKernelV2 = create_fn,                                                             \
+        .KernelComputeV2 = compute_fn,                                                           \
+        .GetStartVersion = start_version,                                                        \
+        .GetEndVersion = end_version,                                                            \
+    }
 
 /* The operators (ops.c registers them). */
 extern const CustomOp lepton_slot_attention;

@@ -306,22 +306,9 @@ static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const O
     return NULL;
 }
 
-static const char *op_name(const CustomOp *op) { (void)op; return OP; }
 static int input_type(const CustomOp *op, size_t index) {
     (void)op;
     return index == 1 ? ELEMENT_UINT8 : ELEMENT_FLOAT;
 }
-static size_t input_count(const CustomOp *op) { (void)op; return 3; }
-static size_t output_count(const CustomOp *op) { (void)op; return 1; }
-static void destroy_kernel(void *kernel) { free(kernel); }
 
-const CustomOp lepton_q8_matmul = {
-    COMMON_MEMBERS,
-    .GetName = op_name,
-    .GetInputType = input_type,
-    .GetInputTypeCount = input_count,
-    .GetOutputTypeCount = output_count,
-    .KernelDestroy = destroy_kernel,
-    .CreateKernelV2 = create_kernel,
-    .KernelComputeV2 = compute,
-};
+OPERATOR(lepton_q8_matmul, OP, 3, 1, input_type, create_kernel, compute);

@@ -324,22 +324,9 @@ static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const O
     return NULL;
 }
 
-static const char *op_name(const CustomOp *op) { (void)op; return "SlotAttention"; }
 static int input_type(const CustomOp *op, size_t index) {
     (void)op;
     return index == 3 || index == 4 ? ELEMENT_INT32 : ELEMENT_FLOAT;
 }
-static size_t input_count(const CustomOp *op) { (void)op; return 7; }
-static size_t output_count(const CustomOp *op) { (void)op; return 3; }
-static void destroy_kernel(void *kernel) { free(kernel); }
 
-const CustomOp lepton_slot_attention = {
-    COMMON_MEMBERS,
-    .GetName = op_name,
-    .GetInputType = input_type,
-    .GetInputTypeCount = input_count,
-    .GetOutputTypeCount = output_count,
-    .KernelDestroy = destroy_kernel,
-    .CreateKernelV2 = create_kernel,
-    .KernelComputeV2 = compute,
-};
+OPERATOR(lepton_slot_attention, "SlotAttention", 7, 3, input_type, create_kernel, compute);
