@@ -56,8 +56,9 @@ struct Product {
 
 /* ---- activations ------------------------------------------------------------------------------- */
 
-/* Rows [QUANTIZE_ROWS task, ...) of A to int8, per block of 32: scale max|a| / 127, a / scale rounded to
- * nearest even (adding and taking off 1.5 x 2^23: exact for |x| <= 2^22). */
+/* Rows [QUANTIZE_ROWS task, ...) of A to int8, per block of 32: scale max|a| / 127, a x (1 / scale)
+ * rounded to nearest even (rintf: vroundps where the clone has SSE4.1; a product and a rounding, nothing
+ * a compiler may fuse, so every clone gives the same codes). */
 CLONED
 static void quantize_rows(void *data, size_t task) {
     const Product *pr = data;
@@ -74,7 +75,7 @@ static void quantize_rows(void *data, size_t task) {
             int32_t sum = 0;
 #pragma omp simd reduction(+ : sum)
             for (int i = 0; i < BLOCK; i++) {
-                const int32_t v = (int32_t)((x[i] * inverse + 12582912.0f) - 12582912.0f);
+                const int32_t v = (int32_t)__builtin_rintf(x[i] * inverse);
                 q[i] = (int8_t)v;
                 sum += v;
             }

@@ -107,6 +107,22 @@ def test_every_instruction_set_gives_the_same_bits_and_matmulnbits_numbers(case)
     np.testing.assert_allclose(got[1], reference(a, codes, scales), rtol=0, atol=2e-6 * scale)
 
 
+def test_activations_round_half_to_even_on_every_path():
+    """Scale 1 (max |a| = 127): halves are ties, which go to the even code (as MLAS rounds them)."""
+    rng = np.random.default_rng(10)
+    codes, scales = random_weights(rng, 32, 16)
+    a = np.array([[127.0] + [v + 0.5 for v in range(-15, 16)]], np.float32)  # NOTE: -14.5 ... 15.5
+    want = reference(a, codes, scales)
+    away = np.floor(np.abs(a) + 0.5) * np.sign(a)  # NOTE: half away from zero, what the kernel must not do
+    weights = (codes.astype(np.float64) - 128) * scales.reshape(16, 1, 1)
+    wrong = np.einsum("mi,ni->mn", away, weights[:, 0])
+    assert np.abs(wrong - want).max() > 1e-3 * np.abs(want).max()  # NOTE: the two are told apart
+    for isa, needs in ISAS.items():
+        if needs <= cpu_flags():
+            got = session(product_model("MatMulQ8", 32, 16, 2, q8_initializers(codes, scales), isa=isa)).run(None, {"a": a})[0]
+            np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("target", ["x86-64", "x86-64-v3", "x86-64-v4"])
 def test_each_compiled_target_gives_the_same_bits(one_target_libraries, target):
     """The library built for one x86-64 level (its activation quantization compiled for that level alone)."""
