@@ -104,7 +104,12 @@ class OnnxRunner:
         self._bind_pools(config)
 
     def _session(self, path: Path, config: EngineConfig, profile_prefix: str | None) -> ort.InferenceSession:
-        model, library = self._products(path, config, None)
+        return self._export_session(path, config, profile_prefix, *self._products(path, config, None))
+
+    def _export_session(self, path: Path, config: EngineConfig, profile_prefix: str | None,
+                        model: onnx.ModelProto | None, library: Path | None) -> ort.InferenceSession:
+        """A session over the export's graph: `model` (its products rewritten, `library` registered) or,
+        when None, the file as it is."""
         session = make_session(model.SerializeToString() if model is not None else path / self.manifest.model_file,
                                config.runner.compute_threads, profile_prefix, spin_wait=config.runner.spin_wait,
                                spin_duration_us=config.runner.spin_duration_us, ops_library=library)
@@ -114,8 +119,8 @@ class OnnxRunner:
     def _products(self, path: Path, config: EngineConfig,
                   model: onnx.ModelProto | None) -> tuple[onnx.ModelProto | None, Path | None]:
         """A q8_0 export's weight products rewritten to Lepton's MatMulQ8 when RunnerConfig.matmul_kernel
-        picks it (lepton/runners/q8_graph.py; printed once, with why). model: the graph to rewrite, None
-        for the export's own. Returns the graph (rewritten, or `model` as given) and the library to
+        picks it (lepton/runners/q8_graph.py; printed, with why). model: the export's graph to rewrite,
+        None to read it here. Returns the graph (rewritten, or `model` as given) and the library to
         register (None when nothing was rewritten)."""
         quantization = self.manifest.quantization
         if quantization is None or quantization.method != "q8_0":
@@ -130,10 +135,8 @@ class OnnxRunner:
             count = q8_graph(model)
             if not count:
                 why = "no MatMulNBits node of 8 bits, blocks of 32, accuracy level 4"
-        if not getattr(self, "_products_said", False):
-            self._products_said = True
-            what = f"Lepton's MatMulQ8 ({count} nodes; {why})" if count else f"ONNX Runtime's MatMulNBits ({why})"
-            print(f"[lepton] 8-bit weight products: {what}", flush=True)
+        what = f"Lepton's MatMulQ8 ({count} nodes; {why})" if count else f"ONNX Runtime's MatMulNBits ({why})"
+        print(f"[lepton] 8-bit weight products: {what}", flush=True)
         return model, library if count else None
 
     def _bind_pools(self, config: EngineConfig) -> None:

@@ -69,19 +69,24 @@ class SlotRunner(OnnxRunner):
     weight_copies = 2  # NOTE: the slot graph's session and the paged one each hold (and prepack) the weights
 
     def _session(self, path: Path, config: EngineConfig, profile_prefix: str | None) -> ort.InferenceSession:
-        self.paged_session = super()._session(path, config, None)
         cfg = self.model_config
         cos, sin = rope_tables(*rope_parameters(open_export_folder(path)), cfg.max_position_embeddings)
         # NOTE: external weights stay in their file: the rewritten graph (without them) is handed over
         # serialized, which protobuf caps at 2 GiB, and ONNX Runtime reads the weights from the folder.
         external = self.manifest.external_data is not None
+        # NOTE: the export read and its products rewritten once, for both sessions (the paged one gets a copy)
+        model, products_library = self._products(
+            path, config, onnx.load(str(path / self.manifest.model_file), load_external_data=not external))
+        paged = None
+        if products_library is not None:
+            paged = onnx.ModelProto()
+            paged.CopyFrom(model)
+        self.paged_session = self._export_session(path, config, None, paged, products_library)
         library = ops_library()
         self.attention_kernel = attention_kernel(config.runner.attention_kernel, library)
         print(f"[lepton] attention=slots: {describe_kernel(self.attention_kernel, config.runner.attention_kernel)}",
               flush=True)
-        model = slot_graph(onnx.load(str(path / self.manifest.model_file), load_external_data=not external), cfg,
-                           cos.numpy(), sin.numpy(), kernel=self.attention_kernel)
-        model, products_library = self._products(path, config, model)
+        model = slot_graph(model, cfg, cos.numpy(), sin.numpy(), kernel=self.attention_kernel)
         return make_session(model.SerializeToString(), config.runner.compute_threads, profile_prefix,
                             data_folder=path if external else None, spin_wait=config.runner.spin_wait,
                             spin_duration_us=config.runner.spin_duration_us,
