@@ -176,15 +176,14 @@ static inline OrtStatus *get_output(OrtKernelContext *context, size_t index, con
     return API(GetTensorMutableDataFn, API_GET_TENSOR_MUTABLE_DATA)(value, (void **)data);
 }
 
-/* fn(data, i) for every i < total, on ONNX Runtime's intra-op threads: one i at a time to whichever thread
- * is free (batches 0), or in `batches` runs of consecutive i, each run on one thread. */
-static inline void parallel_for(OrtKernelContext *context, void (*fn)(void *, size_t), size_t total, size_t batches,
-                                void *data) {
+/* fn(data, i) for every i < total, on ONNX Runtime's intra-op threads, one i at a time to whichever
+ * thread is free. */
+static inline void parallel_for(OrtKernelContext *context, void (*fn)(void *, size_t), size_t total, void *data) {
     if (total == 1) {
         fn(data, 0);
         return;
     }
-    OrtStatus *status = API(ParallelForFn, API_KERNEL_CONTEXT_PARALLEL_FOR)(context, fn, total, batches, data);
+    OrtStatus *status = API(ParallelForFn, API_KERNEL_CONTEXT_PARALLEL_FOR)(context, fn, total, 0, data);
     if (status) { /* NOTE: no thread pool to hand the tasks to: run them here */
         API(ReleaseStatusFn, API_RELEASE_STATUS)(status);
         for (size_t i = 0; i < total; i++) fn(data, i);

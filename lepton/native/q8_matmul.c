@@ -30,8 +30,9 @@ enum { BLOCK = 32, LANES = 16, PANEL_BYTES = BLOCK * LANES, ROW_CHUNK = 64, QUAN
 /* NOTE: codes read this far ahead are asked for early (the next panel's, past a panel's end): a 16-decode
  * step of SmolLM2 q8_0 took 20.8 ms with 1,024 bytes, 22.2 without, 21.0 with 4,096 (step_shapes). */
 enum { PREFETCH_BYTES = 1024 };
-/* NOTE: the products' tasks go one at a time to whichever thread is free: in runs of consecutive panels
- * (ParallelFor's batches) 2 runs measured the same, 8 runs 1.3x / 1.5x slower for 16 decodes / a prompt. */
+/* NOTE: the products' tasks go one at a time to whichever thread is free: handed out in runs of
+ * consecutive panels (ParallelFor's batches), a run waits for its thread when another job holds that core
+ * (16 decodes 20.7 ms in one run, 27.0 in another; docs/performance.md). */
 enum { ISA_BEST = 0, ISA_GENERIC = 1, ISA_AVX2 = 2, ISA_AVX512_VNNI = 3 };
 #define OP "MatMulQ8"
 
@@ -231,6 +232,8 @@ static int runs(int isa) {
     }
 }
 
+static int best_isa(void) { return runs(ISA_AVX512_VNNI) ? ISA_AVX512_VNNI : runs(ISA_AVX2) ? ISA_AVX2 : ISA_GENERIC; }
+
 static TileFn tile_for(int isa) {
     return isa == ISA_AVX512_VNNI ? tile_vnni : isa == ISA_AVX2 ? tile_avx2 : tile_generic;
 }
@@ -272,9 +275,9 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     if (pr.rows * pr.k <= 32768) /* NOTE: a few microseconds: not worth waking the pool */
         for (size_t t = 0; t < quantize_tasks; t++) quantize_rows(&pr, t);
     else
-        parallel_for(context, quantize_rows, quantize_tasks, 0, &pr);
+        parallel_for(context, quantize_rows, quantize_tasks, &pr);
     pr.chunks = (pr.rows + ROW_CHUNK - 1) / ROW_CHUNK;
-    parallel_for(context, product_task, (size_t)(pr.chunks * pr.panels), 0, &pr);
+    parallel_for(context, product_task, (size_t)(pr.chunks * pr.panels), &pr);
     free(buffer);
     return NULL;
 }
@@ -294,10 +297,10 @@ static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const O
     if (!status && (kernel->k < BLOCK || kernel->k % BLOCK))
         status = invalid(OP ": K = %lld is not a positive multiple of the block size %lld", kernel->k, BLOCK);
     if (!status && kernel->n < 1) status = invalid(OP ": N = %lld, expected at least %lld", kernel->n, 1);
-    if (!status && isa == ISA_BEST) isa = runs(ISA_AVX512_VNNI) ? ISA_AVX512_VNNI : runs(ISA_AVX2) ? ISA_AVX2 : ISA_GENERIC;
+    if (!status && isa == ISA_BEST) isa = best_isa();
     if (!status && !runs((int)isa))
         status = invalid(OP ": isa = %lld needs instructions this processor lacks (1 plain C, 2 AVX2, 3 AVX-512 VNNI; it runs up to %lld)",
-                         isa, runs(ISA_AVX512_VNNI) ? ISA_AVX512_VNNI : runs(ISA_AVX2) ? ISA_AVX2 : ISA_GENERIC);
+                         isa, best_isa());
     if (status) {
         free(kernel);
         return status;

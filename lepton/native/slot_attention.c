@@ -301,8 +301,8 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     TRY(get_output(context, 1, key_dims, 4, &st.key));
     TRY(get_output(context, 2, value_dims, 4, &st.value));
     st.blocks = (st.length + QUERY_BLOCK - 1) / QUERY_BLOCK;
-    parallel_for(context, write_cache, (size_t)(st.batch * st.kv_heads), 0, &st);
-    parallel_for(context, attend, (size_t)(st.batch * st.kv_heads * st.blocks), 0, &st);
+    parallel_for(context, write_cache, (size_t)(st.batch * st.kv_heads), &st);
+    parallel_for(context, attend, (size_t)(st.batch * st.kv_heads * st.blocks), &st);
     if (st.out_of_memory) return out_of_memory("SlotAttention");
     return NULL;
 }
