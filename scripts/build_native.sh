@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Compile Lepton's ONNX Runtime operators (lepton/native/*.c: SlotAttention, MatMulQ8) into
-# lepton/native/liblepton_ops.so when the library is missing or older than a source. Hot loops are
+# Compile Lepton's ONNX Runtime operators (lepton/native/*.c: SlotAttention, MatMulQ8) and the slot
+# runner's K/V copy (called through ctypes) into lepton/native/liblepton_ops.so when the library is
+# missing or older than a source. Hot loops are
 # compiled for AVX-512, AVX2 + FMA and plain x86-64 (target_clones, or one function per instruction
 # set picked at load): the processor it runs on decides. Without a C compiler nothing is built and the
 # runners keep ONNX Runtime's own operators. Usage: scripts/build_native.sh [SOURCE_DIR OUT];
@@ -17,6 +18,6 @@ if ! command -v "$CC" >/dev/null; then
 fi
 echo "[native] compiling $SRC/*.c -> $OUT"
 # shellcheck disable=SC2086  # NOTE: EXTRA_CFLAGS is a list of flags
-"$CC" -O3 -std=gnu11 -fPIC -shared -fopenmp-simd -fvisibility=hidden -Wall -Wextra -Wno-psabi ${EXTRA_CFLAGS:-} \
+"$CC" -O3 -std=gnu11 -fPIC -shared -pthread -fopenmp-simd -fvisibility=hidden -Wall -Wextra -Wno-psabi ${EXTRA_CFLAGS:-} \
   -o "$OUT.tmp" "$SRC"/*.c
 mv "$OUT.tmp" "$OUT"

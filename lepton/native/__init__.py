@@ -7,12 +7,16 @@ Domain ai.lepton:
   values once for all the query heads that share them;
 - `MatMulQ8` (q8_matmul.c): the 8-bit weight products of q8_0 exports, what MatMulNBits computes for
   them, with the weights packed for AVX-512 VNNI (lepton/runners/q8_graph.py).
+And one plain function, called through ctypes: `lepton_slots_to_pools` (kv_copy.c), the slot runner's
+copy of each step's K/V into the block pools (lepton/runners/slot_cache.py).
 The library is absent where no C compiler was there to build it; the runners then keep ONNX Runtime's
-own operators (RunnerConfig.attention_kernel, RunnerConfig.matmul_kernel).
+own operators (RunnerConfig.attention_kernel, RunnerConfig.matmul_kernel) and numpy's copy.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from pathlib import Path
 
 DOMAIN = "ai.lepton"
@@ -30,3 +34,16 @@ def ops_library() -> Path | None:
     if not LIBRARY.is_file() or LIBRARY.stat().st_mtime < max(p.stat().st_mtime for p in sources()):
         return None
     return LIBRARY
+
+
+@functools.cache
+def slots_to_pools():
+    """The library's `lepton_slots_to_pools` (a ctypes function; kv_copy.c says what it copies), or None
+    when the library is not built or older than its sources."""
+    library = ops_library()
+    if library is None:
+        return None
+    function = ctypes.CDLL(str(library)).lepton_slots_to_pools
+    function.restype = ctypes.c_int64
+    function.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 8
+    return function

@@ -6,7 +6,8 @@ can read in place: per layer, keys and values [slots, KVH, capacity, D], each la
 array per kind [layers, slots, KVH, capacity, D] so that a copy across all layers is one numpy
 operation. A slot is valid for a request
 when it holds exactly the tokens the step says are cached; otherwise it is filled from the pools through
-the block table (a prefix-cache hit, a resumed request, a slot taken by another request). Numpy only.
+the block table (a prefix-cache hit, a resumed request, a slot taken by another request). Numpy, and
+the copy into the pools after each step in C (lepton.native.slots_to_pools) when the library is built.
 
 One graph run attends over the slots [first, first + B): the decode rows of a step are kept in slots
 0 .. B-1 (moving rows between slots as requests come and go), prompts from their first token right
@@ -18,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from lepton.native import slots_to_pools
 
 EMPTY = np.zeros(0, np.int64)
 # NOTE: capacity is a multiple of CAPACITY_STEP with a quarter of headroom when it grows, and slots a
@@ -54,6 +57,7 @@ class SlotCache:
     block_size: int
     max_capacity: int  # the model's context: no slot ever holds more
     max_bytes: int | None = None  # keys and values of all layers never exceed this (None: unbounded)
+    copy_threads: int = 1  # threads copying a step's K/V into the pools (to_pools), when lepton.native is built
     keys: list[np.ndarray] = field(default_factory=list)
     values: list[np.ndarray] = field(default_factory=list)
     key_store: np.ndarray | None = None  # [layers, slots, KVH, capacity, D]
@@ -217,6 +221,27 @@ class SlotCache:
                 store[:, slot, :, :cached] = rows.transpose(0, 2, 1, 3)
             self.refills += 1
         self.length[slot], self.tables[slot] = cached, blocks
+
+    def to_pools(self, slots: np.ndarray, positions: np.ndarray, targets: np.ndarray, k_store: np.ndarray,
+                 v_store: np.ndarray) -> None:
+        """Copy tokens' keys and values (slot slots[i], position positions[i]) into pool row targets[i]
+        (block x block_size + offset) of k_store, v_store [layers, blocks, block_size, KVH, D]."""
+        copy = slots_to_pools()
+        index = [np.ascontiguousarray(a, np.int64) for a in (slots, positions, targets)]
+        for pools, store in ((k_store, self.key_store), (v_store, self.value_store)):
+            layers, pool_rows = pools.shape[0], pools.shape[1] * pools.shape[2]
+            if copy is None or pools.dtype != store.dtype or not (pools.flags.c_contiguous and store.flags.c_contiguous):
+                # NOTE: two index arrays apart put their axis first: [n, layers, KVH, D]
+                rows = store[:, index[0], :, index[1], :].transpose(1, 0, 2, 3)
+                pools.reshape(layers, pool_rows, *pools.shape[3:])[:, index[2]] = rows
+                continue
+            _, num_slots, kv_heads, capacity, head_dim = store.shape
+            bad = copy(store.ctypes.data, pools.ctypes.data, *(a.ctypes.data for a in index), index[0].size, layers,
+                       num_slots, kv_heads, capacity, pool_rows, head_dim * store.itemsize, self.copy_threads)
+            if bad:
+                i = bad - 1
+                raise IndexError(f"token {i}: slot {index[0][i]} (of {num_slots}), position {index[1][i]} "
+                                 f"(capacity {capacity}) or pool row {index[2][i]} (of {pool_rows}) out of range")
 
     def commit(self, request: str, length: int, block_table: np.ndarray) -> None:
         """After a step: the request's slot holds `length` tokens of these blocks."""

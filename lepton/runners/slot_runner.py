@@ -99,7 +99,8 @@ class SlotRunner(OnnxRunner):
         self.slots = SlotCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, np.dtype(self.manifest.kv_dtype),
                                self.block_size, max_capacity=max_len,
                                max_bytes=min(max(SLOT_BUDGET_POOLS * pool_bytes, SLOT_BUDGET_FLOOR),
-                                             available_bytes() // 2))
+                                             available_bytes() // 2),
+                               copy_threads=config.runner.compute_threads)
         self._bindings: dict[tuple[int, int], ort.SessionIOBinding] = {}  # (first slot, rows) -> binding
         self._bindings_generation = self.slots.generation
         self._paged_binding, self.pool_values = bind_pools(self.paged_session, self.k_pools, self.v_pools)
@@ -111,14 +112,10 @@ class SlotRunner(OnnxRunner):
         self.slots.drop_all()
 
     def run_step(self, batch: ModelInput) -> np.ndarray:
-        return self.run(batch)[0]
-
-    def run(self, batch: ModelInput) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One step: float32 logits [L, vocab] in scheduled order and the step's new_k, new_v
-        [layers, T, KVH, D], which are also written into the pools."""
-        if len(batch.request_ids) != len(batch.query_lens):
-            raise ValueError("the slot runner needs ModelInput.request_ids (lepton.batch.build_model_input sets them)")
+        """One step: float32 logits [L, vocab] in scheduled order; its K/V are written into the pools."""
         ids, query_lens, context_lens = batch.request_ids, batch.query_lens, batch.context_lens
+        if len(ids) != len(query_lens):
+            raise ValueError("the slot runner needs ModelInput.request_ids (lepton.batch.build_model_input sets them)")
         starts = np.concatenate([[0], np.cumsum(query_lens)[:-1]]).astype(np.int64)
         cached = context_lens - query_lens
         decodes = np.flatnonzero(query_lens == 1)
@@ -146,33 +143,37 @@ class SlotRunner(OnnxRunner):
                 self._run_rows(rows, starts, batch, logits_rows, logits, token_slots)
         for row in in_slots:
             self.slots.commit(ids[row], int(context_lens[row]), batch.block_tables[row])
-        new_k, new_v = self._store_new_kv(token_slots, batch)
+        tokens = np.flatnonzero(token_slots >= 0)
+        if tokens.size:
+            self.slots.to_pools(token_slots[tokens], batch.positions[tokens], batch.slot_mapping[tokens],
+                                self.k_store, self.v_store)
         if paged.size:  # NOTE: their slots keep what they held; the next step that needs them refills them
             self.paged_runs += 1
-            self._run_paged_rows(batch, paged, logits, new_k, new_v)
+            self._run_paged_rows(batch, paged, logits)
+        return logits
+
+    def run(self, batch: ModelInput) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One step: float32 logits [L, vocab] in scheduled order and the step's new_k, new_v
+        [layers, T, KVH, D] (read back from the pools, where the step wrote them)."""
+        logits = self.run_step(batch)
+        layers, kv_shape = self.k_store.shape[0], self.k_store.shape[3:]
+        new_k, new_v = (np.take(store.reshape(layers, -1, *kv_shape), batch.slot_mapping, axis=1)
+                        for store in (self.k_store, self.v_store))
         return logits, new_k, new_v
 
-    def _run_paged_step(self, batch: ModelInput) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _run_paged_step(self, batch: ModelInput) -> np.ndarray:
         """The whole step through the paged graph, decodes and longer rows apart (as OnnxRunner runs it)."""
         logits = np.empty((len(batch.logits_indices), self.model_config.vocab_size), np.float32)
-        layers, kv_shape = self.model_config.num_layers, self.k_pools[0].shape[2:]
-        new_k, new_v = (np.empty((layers, batch.num_tokens, *kv_shape), self.k_pools[0].dtype) for _ in range(2))
         is_decode = batch.query_lens == 1
         for rows in (np.flatnonzero(is_decode), np.flatnonzero(~is_decode)):
             if rows.size:
-                self._run_paged_rows(batch, rows, logits, new_k, new_v)
-        return logits, new_k, new_v
+                self._run_paged_rows(batch, rows, logits)
+        return logits
 
-    def _run_paged_rows(self, batch: ModelInput, rows: np.ndarray, logits: np.ndarray, new_k: np.ndarray,
-                        new_v: np.ndarray) -> None:
-        """One paged-graph run over the rows (which write their K/V into the pools), filling their logits
-        and their tokens' new K/V."""
+    def _run_paged_rows(self, batch: ModelInput, rows: np.ndarray, logits: np.ndarray) -> None:
+        """One paged-graph run over the rows (which write their K/V into the pools), filling their logits."""
         part, logits_rows = sub_batch(batch, rows, self.block_size)
-        picked = np.zeros(len(batch.query_lens), bool)
-        picked[rows] = True
-        tokens = np.flatnonzero(np.repeat(picked, batch.query_lens))  # NOTE: the rows' tokens, in order
-        logits[logits_rows], new_k[:, tokens], new_v[:, tokens] = run_paged(
-            self.paged_session, self._paged_binding, part, self.k_pools, self.v_pools)
+        logits[logits_rows] = run_paged(self.paged_session, self._paged_binding, part, self.k_pools, self.v_pools)[0]
 
     def _run_rows(self, rows: np.ndarray, starts: np.ndarray, batch: ModelInput, logits_rows: np.ndarray,
                   logits: np.ndarray, token_slots: np.ndarray) -> None:
@@ -233,22 +234,3 @@ class SlotRunner(OnnxRunner):
                     binding.bind_ortvalue_output(f"present_{kind}_{layer}", value)
             self._bindings[key] = binding
         return self._bindings[key]
-
-    def _store_new_kv(self, token_slots: np.ndarray, batch: ModelInput) -> tuple[np.ndarray, np.ndarray]:
-        """This step's K/V [layers, T, KVH, D] read back from the slots and written into the pools (tokens
-        with a slot; the others are left to the paged run). One read and one write per kind for all
-        layers: per layer, they were ~7 % of a one-decode step served."""
-        tokens = np.flatnonzero(token_slots >= 0)
-        slots, positions, targets = token_slots[tokens], batch.positions[tokens], batch.slot_mapping[tokens]
-        if tokens.size == batch.num_tokens:
-            tokens = slice(None)  # NOTE: the common step: no paged rows, no scattered copy
-        news = []
-        for pools, store in ((self.k_store, self.slots.key_store), (self.v_store, self.slots.value_store)):
-            layers, kv_shape = pools.shape[0], pools.shape[3:]
-            new = np.empty((layers, batch.num_tokens, *kv_shape), pools.dtype)
-            if slots.size:
-                # NOTE: two index arrays apart put their axis first: [n, layers, KVH, D]
-                new[:, tokens] = store[:, slots, :, positions, :].transpose(1, 0, 2, 3)
-                pools.reshape(layers, -1, *kv_shape)[:, targets] = new[:, tokens]
-            news.append(new)
-        return news[0], news[1]

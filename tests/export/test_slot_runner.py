@@ -99,6 +99,19 @@ def test_slots_give_the_paged_graphs_logits_and_pools(tiny_exports, kind, export
     assert slots.paged_runs == 2, "the two steps with two chunks after cached tokens run the paged graph"
 
 
+def test_run_returns_the_steps_keys_and_values_as_the_paged_graph_does(tiny_exports):
+    export_dir, _ = tiny_exports("llama", "torchscript")
+    paged, slots = runner(export_dir, "paged"), runner(export_dir, "slots")
+    plan = Schedule(paged.model_config.vocab_size)
+    for request in ("a", "b"):
+        plan.add(request, plan.tokens(30))
+    for rows in ([("a", 21), ("b", 5)], [("a", 1), ("b", 9)], [("b", 1), ("a", 1)]):
+        batch = plan.step(rows)
+        for ref, got in zip(paged.run(batch), slots.run(batch)):
+            assert got.shape == ref.shape
+            np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
+
+
 def test_steps_over_the_slot_budget_run_through_the_paged_graph(tiny_exports):
     export_dir, _ = tiny_exports("llama", "torchscript")
     paged, slots = runner(export_dir, "paged"), runner(export_dir, "slots")

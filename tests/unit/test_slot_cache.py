@@ -143,3 +143,61 @@ def test_the_budget_drops_headroom_first_then_refuses_and_release_frees_everythi
     assert slots.generation == generation + 1
     slots.reserve(["r0"], 10)  # NOTE: allocates anew
     assert (slots.num_slots, slots.capacity) == (SLOT_STEP, CAPACITY_STEP)
+
+
+def filled_cache() -> SlotCache:
+    """Three slots whose keys and values hold distinct random numbers (seeded)."""
+    slots = cache()
+    slots.reserve([], 8)
+    slots.place([], ["a", "b", "c"])
+    rng = np.random.default_rng(0)
+    for store in (slots.key_store, slots.value_store):
+        store[:] = rng.standard_normal(store.shape, np.float32)
+    return slots
+
+
+# NOTE: a decode (slot 2, position 5), a prompt of 7 tokens over two blocks (slot 0), the last position
+# of slot 1 into the last pool row
+TOKENS = (np.array([2, 0, 0, 0, 0, 0, 0, 0, 1]), np.array([5, 0, 1, 2, 3, 4, 5, 6, -1]),
+          np.array([13, 16, 17, 18, 19, 28, 29, 30, 39]))
+
+
+@pytest.mark.parametrize("native,threads", [(True, 1), (True, 2), (True, 5), (False, 1)],
+                         ids=["native-1-thread", "native-2-threads", "native-5-threads", "numpy"])
+def test_to_pools_copies_each_tokens_keys_and_values_to_its_pool_row(native, threads, monkeypatch):
+    from lepton.native import slots_to_pools
+    from lepton.runners import slot_cache
+
+    if native and slots_to_pools() is None:
+        pytest.skip("lepton/native is not built here (no C compiler)")
+    if not native:
+        monkeypatch.setattr(slot_cache, "slots_to_pools", lambda: None)
+    slots = filled_cache()
+    slots.copy_threads = threads  # NOTE: 5 > LAYERS: one thread a layer
+    slot_ids, positions, targets = TOKENS
+    positions = np.where(positions < 0, slots.capacity - 1, positions)
+    pools = [np.zeros((LAYERS, 10, BS, KVH, D), np.float32) for _ in range(2)]
+    slots.to_pools(slot_ids, positions, targets, *pools)
+    for pool, store in zip(pools, (slots.key_store, slots.value_store)):
+        rows = pool.reshape(LAYERS, 40, KVH, D)
+        for slot, position, target in zip(slot_ids, positions, targets):
+            assert np.array_equal(rows[:, target], store[:, slot, :, position, :])
+        untouched = np.setdiff1d(np.arange(40), targets)
+        assert not rows[:, untouched].any()
+
+
+def test_to_pools_refuses_an_index_out_of_range_naming_the_token_and_copies_nothing():
+    from lepton.native import slots_to_pools
+
+    if slots_to_pools() is None:
+        pytest.skip("lepton/native is not built here (no C compiler)")
+    slots = filled_cache()
+    pools = [np.zeros((LAYERS, 10, BS, KVH, D), np.float32) for _ in range(2)]
+    capacity = slots.capacity
+    cases = [(np.array([0, 1]), np.array([0, capacity]), np.array([0, 1]), f"token 1: slot 1 (of 8), position {capacity}"),
+             (np.array([0, 8]), np.array([0, 0]), np.array([0, 1]), "token 1: slot 8 (of 8)"),
+             (np.array([0, 1]), np.array([0, 0]), np.array([40, 1]), "pool row 40 (of 40) out of range")]
+    for slot_ids, positions, targets, message in cases:
+        with pytest.raises(IndexError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            slots.to_pools(slot_ids, positions, targets, *pools)
+        assert not pools[0].any() and not pools[1].any()
