@@ -13,6 +13,12 @@ def floors_ms(num_params: int, bandwidth_gbps: float) -> dict[str, float]:
     return {p: round(num_params * b / (bandwidth_gbps * 1e9) * 1e3, 3) for p, b in BYTES_PER_PARAM.items()}
 
 
+def fails_gate(system: dict) -> bool:
+    """A Lepton export this sitting could only build with --no-quality-gate (its quality table misses the
+    gate): `make serve` never serves it, so it is never the Lepton side of a comparison with the peers."""
+    return "--no-quality-gate" in (system.get("quality_gate") or "")
+
+
 def _get(system: dict, workload: str, key: str, stat: str = "p50"):
     s = system["workloads"].get(workload) or {}
     if key == "output_tok_per_s":
@@ -38,38 +44,53 @@ def _row(name: str, lepton, peer, goal: float, sense: str, note: str = "") -> di
             "goal": f"{sense} {goal:g}", "met": met, "note": note}
 
 
+def _versus_peers(name: str, lepton: list[dict], peers: list[dict], workload: str, key: str, higher: bool,
+                  goal: float, sense: str, precision: str | None = None) -> dict:
+    """Best Lepton system that passes its quality gate against the best peer; a gate-failing Lepton
+    system that would have done better is named in the note, not counted."""
+    counted, failing = [s for s in lepton if not fails_gate(s)], [s for s in lepton if fails_gate(s)]
+    row = _row(name, _best(counted, workload, key, higher, precision), _best(peers, workload, key, higher, precision),
+               goal, sense)
+    value, label = _best(failing, workload, key, higher, precision)
+    if value is not None and (row["lepton"] is None or (value > row["lepton"]) == higher):
+        ratio = f" ({value / row['reference']:.3f})" if row["reference"] else ""
+        row["note"] = f"not counted: {label}, which fails its quality gate, {value:,.2f}{ratio}"
+    return row
+
+
 def compute(result: dict) -> list[dict]:
     """Every ratio of deliverable 2 that this run's results allow."""
     systems = [s for s in result["systems"] if s.get("workloads")]
     lepton = [s for s in systems if s["peer"] == "lepton"]
     peers = [s for s in systems if s["peer"] != "lepton"]
     rate = "output_tok_per_s"
-    rows = [_row("W2 output tok/s, best Lepton / best peer (any precision)",
-                 _best(lepton, "w2", rate, True), _best(peers, "w2", rate, True), 1.5, ">=")]
+    rows = [_versus_peers("W2 output tok/s, best Lepton / best peer (any precision)", lepton, peers, "w2", rate,
+                          True, 1.5, ">=")]
     for p in PRECISIONS:
-        rows.append(_row(f"W2 output tok/s, {p}: best Lepton / best peer", _best(lepton, "w2", rate, True, p),
-                         _best(peers, "w2", rate, True, p), 1.5, ">="))
+        rows.append(_versus_peers(f"W2 output tok/s, {p}: best Lepton / best peer", lepton, peers, "w2", rate,
+                                  True, 1.5, ">=", p))
     for w in ("w1", "w2"):
-        rows.append(_row(f"{w.upper()} TTFT p50, best Lepton / best peer", _best(lepton, w, "ttft_ms", False),
-                         _best(peers, w, "ttft_ms", False), 1.0, "<="))
+        rows.append(_versus_peers(f"{w.upper()} TTFT p50, best Lepton / best peer", lepton, peers, w, "ttft_ms",
+                                  False, 1.0, "<="))
     for p in PRECISIONS:
-        rows.append(_row(f"W1 ITL p50, {p}: best Lepton / best peer", _best(lepton, "w1", "itl_ms", False, p),
-                         _best(peers, "w1", "itl_ms", False, p), 1.0, "<="))
+        rows.append(_versus_peers(f"W1 ITL p50, {p}: best Lepton / best peer", lepton, peers, "w1", "itl_ms",
+                                  False, 1.0, "<=", p))
     floors = result["floors_ms"]
+    gate = {s["label"]: "fails its quality gate" if fails_gate(s) else "" for s in lepton}
     for s in lepton:
         floor = floors[s["precision"]]
         rows.append(_row(f"W1 ITL p50 / bandwidth floor ({s['precision']}, {floor:.2f} ms)",
-                         (_get(s, "w1", "itl_ms"), s["label"]), (floor, "floor"), 1.3, "<="))
+                         (_get(s, "w1", "itl_ms"), s["label"]), (floor, "floor"), 1.3, "<=", gate[s["label"]]))
     for s in lepton:
         rows.append(_row("64 concurrent / 16 concurrent (W2) output tok/s", (_get(s, "c64", rate), s["label"]),
-                         (_get(s, "w2", rate), s["label"]), 1.0, ">="))
+                         (_get(s, "w2", rate), s["label"]), 1.0, ">=", gate[s["label"]]))
     for s in lepton:
         if "prefix_no_caching" in s:
             off = (s["prefix_no_caching"].get("ttft_ms") or {}).get("p50")
             rows.append(_row("shared prefix TTFT p50, caching on / off", (_get(s, "prefix", "ttft_ms"), s["label"]),
-                             (off, s["label"] + ", no prefix caching"), 0.1, "<="))
+                             (off, s["label"] + ", no prefix caching"), 0.1, "<=", gate[s["label"]]))
     for s in lepton:
         inproc = s.get("w2_in_process") or {}
-        rows.append(_row("W2 output tok/s, through Triton / engine in process",
-                         (_get(s, "w2", rate), s["label"]), (inproc.get(rate), s["label"] + " in process"), 0.95, ">="))
+        rows.append(_row("W2 output tok/s, through Triton / engine in process", (_get(s, "w2", rate), s["label"]),
+                         (inproc.get(rate), s["label"] + " in process"), 0.95, ">=", gate[s["label"]]))
     return rows
