@@ -19,6 +19,10 @@ def fails_gate(system: dict) -> bool:
     return "--no-quality-gate" in (system.get("quality_gate") or "")
 
 
+def _gate_note(system: dict) -> str:
+    return "fails its quality gate" if fails_gate(system) else ""
+
+
 def _get(system: dict, workload: str, key: str, stat: str = "p50"):
     s = system["workloads"].get(workload) or {}
     if key == "output_tok_per_s":
@@ -76,21 +80,20 @@ def compute(result: dict) -> list[dict]:
         rows.append(_versus_peers(f"W1 ITL p50, {p}: best Lepton / best peer", lepton, peers, "w1", "itl_ms",
                                   False, 1.0, "<=", p))
     floors = result["floors_ms"]
-    gate = {s["label"]: "fails its quality gate" if fails_gate(s) else "" for s in lepton}
     for s in lepton:
         floor = floors[s["precision"]]
         rows.append(_row(f"W1 ITL p50 / bandwidth floor ({s['precision']}, {floor:.2f} ms)",
-                         (_get(s, "w1", "itl_ms"), s["label"]), (floor, "floor"), 1.3, "<=", gate[s["label"]]))
+                         (_get(s, "w1", "itl_ms"), s["label"]), (floor, "floor"), 1.3, "<=", _gate_note(s)))
     for s in lepton:
         rows.append(_row("64 concurrent / 16 concurrent (W2) output tok/s", (_get(s, "c64", rate), s["label"]),
-                         (_get(s, "w2", rate), s["label"]), 1.0, ">=", gate[s["label"]]))
+                         (_get(s, "w2", rate), s["label"]), 1.0, ">=", _gate_note(s)))
     for s in lepton:
         if "prefix_no_caching" in s:
             off = (s["prefix_no_caching"].get("ttft_ms") or {}).get("p50")
             rows.append(_row("shared prefix TTFT p50, caching on / off", (_get(s, "prefix", "ttft_ms"), s["label"]),
-                             (off, s["label"] + ", no prefix caching"), 0.1, "<=", gate[s["label"]]))
+                             (off, s["label"] + ", no prefix caching"), 0.1, "<=", _gate_note(s)))
     for s in lepton:
         inproc = s.get("w2_in_process") or {}
         rows.append(_row("W2 output tok/s, through Triton / engine in process", (_get(s, "w2", rate), s["label"]),
-                         (inproc.get(rate), s["label"] + " in process"), 0.95, ">=", gate[s["label"]]))
+                         (inproc.get(rate), s["label"] + " in process"), 0.95, ">=", _gate_note(s)))
     return rows

@@ -4,35 +4,40 @@
  * indexing did the same in 1.2 ms a 16-decode step and 24 ms a 512-token step (SmolLM2: 30 layers,
  * 3 kv heads of 64), most of it per-row overhead: each token's row of one layer and kv head is a
  * separate 256-byte piece on both sides. Here: pieces prefetched a few ahead, written with streaming
- * stores (the pools are read again only by refills, prefix hits and the paged graph), the layers split
- * over two threads: 0.30 and 3.9 ms a kind (one thread: 0.35, 6.8). */
+ * stores (the pools are read again only by refills, prefix hits and the paged graph), keys and values
+ * of every layer split over the runner's compute threads: with two, 0.30 and 3.9 ms a kind (one
+ * thread: 0.35, 6.8). */
 #include <immintrin.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 
 typedef struct {
-    const char *store;
-    char *pools;
+    const char *stores[2]; /* NOTE: keys, values */
+    char *pools[2];
     const int64_t *slots, *positions, *targets;
-    int64_t count, first_layer, end_layer, num_slots, kv_heads, capacity, pool_rows, row_bytes;
+    int64_t count, first, end; /* NOTE: a share of the (kind, layer) pairs: kind = i / layers, layer = i % layers */
+    int64_t layers, num_slots, kv_heads, capacity, pool_rows, row_bytes;
 } Copy;
 
 #define AHEAD 8 /* NOTE: pieces prefetched ahead */
 #define MAX_THREADS 8
 
 static void copy_layers(const Copy *c) {
-    const int streamed = c->row_bytes % 64 == 0 && ((uintptr_t)c->pools | (uintptr_t)c->store) % 64 == 0;
-    for (int64_t layer = c->first_layer; layer < c->end_layer; layer++) {
+    for (int64_t pair = c->first; pair < c->end; pair++) {
+        const int64_t layer = pair % c->layers;
+        const char *store = c->stores[pair / c->layers];
+        char *pools = c->pools[pair / c->layers];
+        const int streamed = c->row_bytes % 64 == 0 && ((uintptr_t)pools | (uintptr_t)store) % 64 == 0;
         for (int64_t head = 0; head < c->kv_heads; head++) {
             for (int64_t i = 0; i < c->count; i++) {
                 if (i + AHEAD < c->count) {
                     int64_t j = i + AHEAD;
-                    const char *next = c->store + (((layer * c->num_slots + c->slots[j]) * c->kv_heads + head) * c->capacity + c->positions[j]) * c->row_bytes;
+                    const char *next = store + (((layer * c->num_slots + c->slots[j]) * c->kv_heads + head) * c->capacity + c->positions[j]) * c->row_bytes;
                     for (int64_t b = 0; b < c->row_bytes; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
                 }
-                const char *src = c->store + (((layer * c->num_slots + c->slots[i]) * c->kv_heads + head) * c->capacity + c->positions[i]) * c->row_bytes;
-                char *dst = c->pools + ((layer * c->pool_rows + c->targets[i]) * c->kv_heads + head) * c->row_bytes;
+                const char *src = store + (((layer * c->num_slots + c->slots[i]) * c->kv_heads + head) * c->capacity + c->positions[i]) * c->row_bytes;
+                char *dst = pools + ((layer * c->pool_rows + c->targets[i]) * c->kv_heads + head) * c->row_bytes;
                 if (streamed) {
                     for (int64_t b = 0; b < c->row_bytes; b += 32)
                         _mm_stream_si128((__m128i *)(dst + b), _mm_load_si128((const __m128i *)(src + b))),
@@ -51,15 +56,15 @@ static void *copy_thread(void *c) {
     return NULL;
 }
 
-/* Token i's rows (slot slots[i], position positions[i]) of every layer and kv head of `store`
- * [layers, num_slots, kv_heads, capacity, row_bytes] go to row targets[i] of `pools`
- * [layers, pool_rows, kv_heads, row_bytes], the layers split over up to `threads` threads (the caller's
- * and ones started here: ONNX Runtime's are idle between runs). Returns 0, or i + 1 for the first token
- * with an index out of range (then nothing is copied). */
+/* Token i's rows (slot slots[i], position positions[i]) of every layer and kv head of the key and value
+ * stores [layers, num_slots, kv_heads, capacity, row_bytes] go to row targets[i] of the key and value
+ * pools [layers, pool_rows, kv_heads, row_bytes], the (kind, layer) pairs split over up to `threads`
+ * threads (the caller's and ones started here: ONNX Runtime's are idle between runs). Returns 0, or
+ * i + 1 for the first token with an index out of range (then nothing is copied). */
 __attribute__((visibility("default"))) int64_t lepton_slots_to_pools(
-    const char *store, char *pools, const int64_t *slots, const int64_t *positions, const int64_t *targets,
-    int64_t count, int64_t layers, int64_t num_slots, int64_t kv_heads, int64_t capacity, int64_t pool_rows,
-    int64_t row_bytes, int64_t threads) {
+    const char *key_store, const char *value_store, char *key_pools, char *value_pools, const int64_t *slots,
+    const int64_t *positions, const int64_t *targets, int64_t count, int64_t layers, int64_t num_slots,
+    int64_t kv_heads, int64_t capacity, int64_t pool_rows, int64_t row_bytes, int64_t threads) {
     for (int64_t i = 0; i < count; i++) {
         if (slots[i] < 0 || slots[i] >= num_slots || positions[i] < 0 || positions[i] >= capacity ||
             targets[i] < 0 || targets[i] >= pool_rows)
@@ -67,11 +72,13 @@ __attribute__((visibility("default"))) int64_t lepton_slots_to_pools(
     }
     Copy parts[MAX_THREADS];
     pthread_t helpers[MAX_THREADS];
+    const int64_t pairs = 2 * layers;
     int64_t n = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
-    if (n > layers) n = layers;
+    if (n > pairs) n = pairs;
     for (int64_t t = 0; t < n; t++)
-        parts[t] = (Copy){store, pools, slots, positions, targets, count, t * layers / n, (t + 1) * layers / n,
-                          num_slots, kv_heads, capacity, pool_rows, row_bytes};
+        parts[t] = (Copy){{key_store, value_store}, {key_pools, value_pools}, slots, positions, targets, count,
+                          t * pairs / n, (t + 1) * pairs / n, layers, num_slots, kv_heads, capacity, pool_rows,
+                          row_bytes};
     int started[MAX_THREADS] = {0};
     for (int64_t t = 1; t < n; t++) started[t] = pthread_create(&helpers[t], NULL, copy_thread, &parts[t]) == 0;
     copy_layers(&parts[0]);

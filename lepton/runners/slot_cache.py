@@ -228,20 +228,26 @@ class SlotCache:
         (block x block_size + offset) of k_store, v_store [layers, blocks, block_size, KVH, D]."""
         copy = slots_to_pools()
         index = [np.ascontiguousarray(a, np.int64) for a in (slots, positions, targets)]
-        for pools, store in ((k_store, self.key_store), (v_store, self.value_store)):
-            layers, pool_rows = pools.shape[0], pools.shape[1] * pools.shape[2]
-            if copy is None or pools.dtype != store.dtype or not (pools.flags.c_contiguous and store.flags.c_contiguous):
+        stores, pools = (self.key_store, self.value_store), (k_store, v_store)
+        layers, num_slots, kv_heads, capacity, head_dim = stores[0].shape
+        pool_rows = k_store.shape[1] * k_store.shape[2]
+        # NOTE: the C copy trusts these shapes; anything else takes numpy's copy (which raises on a mismatch)
+        native = copy is not None and all(
+            a.dtype == stores[0].dtype and a.flags.c_contiguous for a in (*stores, *pools)) and all(
+            p.shape == (layers, *k_store.shape[1:3], kv_heads, head_dim) for p in pools) and (
+            stores[1].shape == stores[0].shape)
+        if not native:
+            for pool, store in zip(pools, stores):
                 # NOTE: two index arrays apart put their axis first: [n, layers, KVH, D]
                 rows = store[:, index[0], :, index[1], :].transpose(1, 0, 2, 3)
-                pools.reshape(layers, pool_rows, *pools.shape[3:])[:, index[2]] = rows
-                continue
-            _, num_slots, kv_heads, capacity, head_dim = store.shape
-            bad = copy(store.ctypes.data, pools.ctypes.data, *(a.ctypes.data for a in index), index[0].size, layers,
-                       num_slots, kv_heads, capacity, pool_rows, head_dim * store.itemsize, self.copy_threads)
-            if bad:
-                i = bad - 1
-                raise IndexError(f"token {i}: slot {index[0][i]} (of {num_slots}), position {index[1][i]} "
-                                 f"(capacity {capacity}) or pool row {index[2][i]} (of {pool_rows}) out of range")
+                pool.reshape(pool.shape[0], pool_rows, *pool.shape[3:])[:, index[2]] = rows
+            return
+        bad = copy(*(a.ctypes.data for a in (*stores, *pools, *index)), index[0].size, layers, num_slots, kv_heads,
+                   capacity, pool_rows, head_dim * stores[0].itemsize, self.copy_threads)
+        if bad:
+            i = bad - 1
+            raise IndexError(f"token {i}: slot {index[0][i]} (of {num_slots}), position {index[1][i]} "
+                             f"(capacity {capacity}) or pool row {index[2][i]} (of {pool_rows}) out of range")
 
     def commit(self, request: str, length: int, block_table: np.ndarray) -> None:
         """After a step: the request's slot holds `length` tokens of these blocks."""

@@ -173,7 +173,7 @@ def test_to_pools_copies_each_tokens_keys_and_values_to_its_pool_row(native, thr
     if not native:
         monkeypatch.setattr(slot_cache, "slots_to_pools", lambda: None)
     slots = filled_cache()
-    slots.copy_threads = threads  # NOTE: 5 > LAYERS: one thread a layer
+    slots.copy_threads = threads  # NOTE: 5 > 2 x LAYERS: one thread a (kind, layer) pair
     slot_ids, positions, targets = TOKENS
     positions = np.where(positions < 0, slots.capacity - 1, positions)
     pools = [np.zeros((LAYERS, 10, BS, KVH, D), np.float32) for _ in range(2)]
