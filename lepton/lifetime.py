@@ -98,6 +98,15 @@ def kill_tree(pid: int) -> None:
             pass
 
 
+def accepts(host: str, port: int, timeout: float = 2.0) -> bool:
+    """Whether something accepts a TCP connection on host:port now."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def port_in_use(host: str, port: int) -> bool:
     """Whether another process listens on host:port (a socket in TIME_WAIT does not count)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -23,7 +23,7 @@ from pathlib import Path
 from google.protobuf import text_format
 
 from lepton.instances import write_instance_groups
-from lepton.lifetime import descendants, kill_tree, kill_with_parent, port_in_use
+from lepton.lifetime import accepts, descendants, kill_tree, kill_with_parent, port_in_use
 from lepton.shutdown import (
     CONTROL_KEY_HEADER, DRAINED_PREFIX, DRAINING_PREFIX, DrainAck, drain_acks, num_engines, refuse_readiness,
     request_drain, wait_for_files,
@@ -191,6 +191,8 @@ class TritonServer:
         return self
 
     def wait_ready(self, timeout: float) -> None:
+        """Until HTTP says ready and the metrics and gRPC endpoints answer too: tritonserver starts its
+        endpoints one after another, so HTTP can be ready while the metrics port still refuses."""
         deadline = time.monotonic() + timeout
         url = f"http://{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
@@ -198,7 +200,11 @@ class TritonServer:
                 raise RuntimeError(f"tritonserver exited with code {self.process.returncode}{self._log_hint()}")
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
+                    ready = response.status == 200
+                if ready:
+                    with urllib.request.urlopen(self.metrics_url, timeout=2) as response:
+                        response.read()
+                    if accepts(self.options.host, self.options.grpc_port):
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
