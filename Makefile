@@ -138,7 +138,8 @@ serve: setup  ## serve MODEL (default: SmolLM2-135M-Instruct) with RUNNER=auto|t
 	@if [ "$(MODEL)" = "$(SMOLLM2_MODEL)" ]; then $(MAKE) --no-print-directory $(SMOLLM2_MODEL)/config.json; fi
 	@if [ "$(MODEL)" = "$(SMOLLM2_MODEL)" ] && [ "$(RUNNER)" = auto ]; then \
 		$(MAKE) --no-print-directory $(ONNX_SMOLLM2)/manifest.json $(VARIANT_DIR_q8_0)/manifest.json && \
-		$(PY) -m export.runner_quality --model $(SMOLLM2_MODEL) --reference $(ONNX_SMOLLM2) --if-supported; fi
+		$(PY) -m export.runner_quality --model $(SMOLLM2_MODEL) --reference $(ONNX_SMOLLM2) --if-supported && \
+		$(PY) -m export.runner_quality --runner onnxruntime --reference $(ONNX_SMOLLM2) --if-supported; fi
 	@if [ "$(MODEL)" = "$(ONNX_DEMO)" ]; then $(MAKE) --no-print-directory $(ONNX_DEMO)/manifest.json; fi
 	@for dir in $(VARIANT_DIR_fp32) $(VARIANT_DIR_int8) $(VARIANT_DIR_int4) $(VARIANT_DIR_q8_0); do \
 		if [ "$(MODEL)" = "$$dir" ]; then $(MAKE) --no-print-directory $$dir/manifest.json || exit 1; fi; done

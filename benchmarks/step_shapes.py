@@ -142,8 +142,8 @@ def main(argv=None) -> int:
 # NOTE: op types by what they compute. Weight products are Gemm (float32, dynamo) or the quantized ops;
 # MatMul is then attention's two products (in a torchscript float32 graph it counts weights too).
 OP_KINDS = {
-    "weight GEMMs": ("DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits", "MatMulQ8", "Gemm",
-                     "MatMulIntegerToFloat"),
+    "weight GEMMs": ("DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits", "MatMulQ8",
+                     "MatMulBF16", "Gemm", "MatMulIntegerToFloat"),
     "attention": ("MatMul", "FusedMatMul", "Softmax", "Einsum", "GroupQueryAttention", "SlotAttention"),
     "K/V gathers, index": ("Gather", "GatherND", "GatherElements", "ScatterND", "Concat", "Where",
                            "Expand", "Slice", "Range", "Less", "LessOrEqual", "And", "Not"),

@@ -159,13 +159,15 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
 
 
-def sized_runner(export_dir: Path, num_blocks: int, num_threads: int) -> OnnxRunner:
-    """The runner the engine serves this export with (its default attention), over exactly num_blocks KV blocks."""
+def sized_runner(export_dir: Path, num_blocks: int, num_threads: int, weight_dtype: str = "export") -> OnnxRunner:
+    """The runner the engine serves this export with (its default attention), over exactly num_blocks KV blocks;
+    weight_dtype: RunnerConfig.weight_dtype."""
     cfg = Manifest.load(Path(export_dir) / MANIFEST_FILE)
     per_block = 2 * cfg.model_config.num_layers * cfg.block_size * cfg.model_config.num_kv_heads
     per_block *= cfg.model_config.head_dim * np.dtype(cfg.kv_dtype).itemsize
     config = EngineConfig(model_dir=Path(export_dir), cache=CacheConfig(cfg.block_size, num_blocks * per_block),
-                          runner=RunnerConfig(runner="onnxruntime", dtype=cfg.kv_dtype, num_threads=num_threads))
+                          runner=RunnerConfig(runner="onnxruntime", dtype=cfg.kv_dtype, num_threads=num_threads,
+                                              weight_dtype=weight_dtype))
     return make_runner(open_folder(config), config)
 
 

@@ -1,10 +1,14 @@
-"""Quality of a runner setting that is not an export: the torch runner computing in bfloat16.
+"""Quality of a runner setting that is not an export: the torch runner computing in bfloat16, and ONNX
+Runtime serving a float32 export with its weight products in bfloat16 (weight_dtype=bfloat16).
 
-A model folder served by the torch runner in bfloat16 (weights, activations and K/V cache) is compared with
-the model's float32 ONNX export on the same held-out windows as `export.quality` (teacher forced: the first
-half of every window prefilled in one step, the rest decoded one token per step), and judged by the same kind
-of gate. The report (`build/quality/<model>-torch-bfloat16.json`) names the files it was computed from;
-`lepton.autoselect` offers the setting only while that report matches the folder and passed its gate.
+torch: a model folder served by the torch runner in bfloat16 (weights, activations and K/V cache);
+onnxruntime: the float32 export with its products rewritten to Lepton's MatMulBF16 (weights and each
+product's activations rounded to bfloat16; everything else, the K/V cache included, float32). Either is
+compared with the model's float32 ONNX export on the same held-out windows as `export.quality` (teacher
+forced: the first half of every window prefilled in one step, the rest decoded one token per step), and
+judged by the same kind of gate. The report (`build/quality/<folder>-<runner>-bfloat16.json`) names the
+files and code it was computed from; `lepton.autoselect` offers the setting only while that report matches
+and passed its gate.
 """
 
 from __future__ import annotations
@@ -63,6 +67,27 @@ def evaluate_runner(model_dir: Path, reference_dir: Path, dtype: str, options: E
     return VariantQuality(**{**asdict(report), "gate": report.gate, "failures": gate_failures(report, report.gate)})
 
 
+def evaluate_onnxruntime(export_dir: Path, dtype: str, options: EvalOptions) -> VariantQuality:
+    """The float32 export with weight_dtype=dtype against itself as exported."""
+    reference = Manifest.load(Path(export_dir) / MANIFEST_FILE)
+    if reference.quantization is not None:
+        raise ValueError(f"{export_dir} is a {reference.quantization.method} export, not a float32 one")
+    windows = held_out_windows(Path(export_dir) / "tokenizer.json", options.num_windows, options.window_len)
+    inputs = teacher_forced_inputs(windows, reference.block_size)
+    num_blocks = options.num_windows * -(-options.window_len // reference.block_size)
+    ref_logits, ref_ms = _window_logits(sized_runner(export_dir, num_blocks, options.num_threads).execute,
+                                        inputs, windows.shape)
+    runner = sized_runner(export_dir, num_blocks, options.num_threads, weight_dtype=dtype)
+    logits, step_ms = _window_logits(runner.execute, inputs, windows.shape)
+    metrics = logit_metrics(ref_logits, logits, windows)
+    report = VariantQuality(
+        name=f"onnxruntime {dtype} weights", export_dir=str(Path(export_dir).resolve()), reference_dir=str(export_dir),
+        preset=f"onnxruntime-weights-{dtype}", max_abs_logit_error=float(np.abs(ref_logits - logits).max()),
+        max_abs_kv_error=0.0, step_ms=step_ms, reference_step_ms=ref_ms, gate=GATES.get(dtype), failures=(),
+        **metrics)
+    return VariantQuality(**{**asdict(report), "gate": report.gate, "failures": gate_failures(report, report.gate)})
+
+
 def _window_logits(execute, inputs, shape: tuple[int, int]) -> tuple[np.ndarray, float]:
     """Logits of every window position, and the median decode step in ms."""
     num_windows, length = shape
@@ -79,9 +104,9 @@ def _window_logits(execute, inputs, shape: tuple[int, int]) -> tuple[np.ndarray,
     return logits, statistics.median(decode_ms)
 
 
-def write(report: VariantQuality, model_dir: Path, path: Path, options: EvalOptions) -> None:
+def write(report: VariantQuality, model_dir: Path, path: Path, options: EvalOptions, runner: str = "torch") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"model_dir": str(Path(model_dir).resolve()), "fingerprint": fingerprint(model_dir),
+    data = {"model_dir": str(Path(model_dir).resolve()), "fingerprint": fingerprint(model_dir, runner),
             "evaluation": asdict(options), "variants": [asdict(report) | {"passed": report.passed}]}
     path.write_text(json.dumps(data, indent=2) + "\n")
     path.with_suffix(".md").write_text(format_table([report]) + "\n\nstep ms: decode steps of the evaluation "
@@ -91,28 +116,45 @@ def write(report: VariantQuality, model_dir: Path, path: Path, options: EvalOpti
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.runner_quality", description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", type=Path, required=True, help="the model folder the torch runner serves")
+    parser.add_argument("--runner", default="torch", choices=("torch", "onnxruntime"),
+                        help="torch: --model in bfloat16; onnxruntime: the --reference export's products in bfloat16")
+    parser.add_argument("--model", type=Path, default=None, help="torch: the model folder the torch runner serves")
     parser.add_argument("--reference", type=Path, required=True, help="its float32 export (python -m export onnx)")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(GATES))
     parser.add_argument("--windows", type=int, default=8, help="held-out windows of 256 tokens")
-    parser.add_argument("--out", type=Path, default=None, help="default: build/quality/<model>-torch-<dtype>.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: build/quality/<model>-torch-<dtype>.json or <reference>-onnxruntime-<dtype>.json")
     parser.add_argument("--if-supported", action="store_true",
-                        help="do nothing (exit 0) on a processor without bfloat16 compute")
+                        help="do nothing (exit 0) on a processor without bfloat16 compute (onnxruntime: AVX512-BF16, "
+                             "or without lepton/native built)")
     args = parser.parse_args(argv)
-    if args.if_supported and not has_bf16_compute(cpu_features()):
-        print(f"[quality] no AVX512-BF16 / AMX on this processor: torch {args.dtype} is not a candidate; skipped")
+    if args.runner == "torch" and args.model is None:
+        parser.error("--model: required with --runner torch")
+    cpu = cpu_features()
+    if args.if_supported and not (has_bf16_compute(cpu) if args.runner == "torch" else _bf16_weights_supported(cpu)):
+        print(f"[quality] {args.runner} {args.dtype}: this processor (or build) cannot compute it fast; skipped")
         return 0
-    out = args.out or report_path(args.model, "torch", args.dtype)
-    if out.is_file() and json.loads(out.read_text()).get("fingerprint") == fingerprint(args.model):
+    folder = args.model if args.runner == "torch" else args.reference
+    out = args.out or report_path(folder, args.runner, args.dtype)
+    if out.is_file() and json.loads(out.read_text()).get("fingerprint") == fingerprint(folder, args.runner):
         print(f"[quality] {out} is up to date")
         return 0
     options = EvalOptions(num_windows=args.windows)
-    report = evaluate_runner(args.model, args.reference, args.dtype, options)
-    write(report, args.model, out, options)
+    if args.runner == "torch":
+        report = evaluate_runner(args.model, args.reference, args.dtype, options)
+    else:
+        report = evaluate_onnxruntime(args.reference, args.dtype, options)
+    write(report, folder, out, options, args.runner)
     print(format_table([report]))
-    print(f"[quality] torch {args.dtype}: {'passed' if report.passed else 'FAILED: ' + '; '.join(report.failures)} "
+    print(f"[quality] {args.runner} {args.dtype}: {'passed' if report.passed else 'FAILED: ' + '; '.join(report.failures)} "
           f"-> {out}")
     return 0
+
+
+def _bf16_weights_supported(cpu: dict) -> bool:
+    from lepton.native import ops_library
+
+    return bool(cpu.get("avx512_bf16") and cpu.get("avx512f")) and ops_library() is not None
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ class Candidate:
     model_dir: Path
     num_threads: int
     dtype: str = "float32"
+    weight_dtype: str = "export"  # onnxruntime: "bfloat16" = a float32 export's products in bfloat16
 
 
 @dataclass(frozen=True)
@@ -95,14 +96,16 @@ def report_path(model_dir: Path, runner: str, dtype: str, reports_dir: Path = QU
     return Path(reports_dir) / f"{Path(model_dir).resolve().name}-{runner}-{dtype}.json"
 
 
-def fingerprint(model_dir: Path) -> str:
+def fingerprint(model_dir: Path, runner: str = "torch") -> str:
     """What a runner quality report depends on: the folder's files (names, sizes, modification times)
-    and the code that computes with them (the step model and the torch runner)."""
+    and the code that computes with them (torch: the step model and the torch runner; onnxruntime:
+    the bfloat16 rewrite and its operator)."""
     files = sorted(p for p in Path(model_dir).resolve().iterdir() if p.is_file())
     stamp = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]
     package = Path(__file__).resolve().parent
-    code = [hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted([*package.glob("models/*.py"), package / "runners" / "torch_runner.py"])]
+    sources = ([package / "runners" / "bf16_graph.py", package / "native" / "bf16_matmul.c"] if runner == "onnxruntime"
+               else [*package.glob("models/*.py"), package / "runners" / "torch_runner.py"])
+    code = [hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(sources)]
     return hashlib.sha256(json.dumps([stamp, code]).encode()).hexdigest()
 
 
@@ -110,9 +113,9 @@ def runner_quality_failures(model_dir: Path, runner: str, dtype: str, reports_di
     """'' when the report for exactly these files passed its gate, else why the setting is left out."""
     path = report_path(model_dir, runner, dtype, reports_dir)
     if not path.is_file():
-        return f"no quality report ({path}; python -m export.runner_quality --model {model_dir} ...)"
+        return f"no quality report ({path}; python -m export.runner_quality --runner {runner} ...)"
     data = json.loads(path.read_text())
-    if data.get("fingerprint") != fingerprint(model_dir):
+    if data.get("fingerprint") != fingerprint(model_dir, runner):
         return f"{path.name} was computed from other files or code; run python -m export.runner_quality again"
     failures = [f for v in data.get("variants", []) for f in v.get("failures", [])]
     return "; ".join(failures) if failures or not data.get("variants") else ""
@@ -153,7 +156,26 @@ def candidates(model_dir: Path, exports_root: Path, quality_dir: Path = QUALITY_
             skipped.append(f"{export.name} ({method}): quality gate not passed: {failures}")
             continue
         found += [Candidate(f"onnxruntime {method}, {_threads(n)}", "onnxruntime", export, n) for n in threads]
+        if method == "fp32":
+            if why := _bf16_weights_failures(export, cpu, quality_dir):
+                skipped.append(f"{export.name} (fp32, bf16 weights): {why}")
+            else:
+                found += [Candidate(f"onnxruntime fp32, bf16 weights, {_threads(n)}", "onnxruntime", export, n,
+                                    weight_dtype="bfloat16") for n in threads]
     return found, skipped
+
+
+def _bf16_weights_failures(export: Path, cpu: dict, quality_dir: Path) -> str:
+    """'' when a float32 export may be served with weight_dtype=bfloat16 here, else why not."""
+    from lepton.native import ops_library
+
+    if not (cpu.get("avx512_bf16") and cpu.get("avx512f")):
+        return "no AVX512-BF16 on this processor"
+    if ops_library() is None:
+        return "lepton/native is not built (scripts/build_native.sh)"
+    if failures := runner_quality_failures(export, "onnxruntime", "bfloat16", quality_dir):
+        return f"quality gate not passed: {failures}"
+    return ""
 
 
 def _threads(n: int) -> str:
@@ -188,7 +210,7 @@ def time_candidate_here(candidate: Candidate, steps: int = 5) -> Timing:
 
     engine = LLMEngine(EngineConfig.from_parameters({
         "model_dir": str(candidate.model_dir), "runner": candidate.runner, "num_threads": str(candidate.num_threads),
-        "dtype": candidate.dtype,
+        "dtype": candidate.dtype, "weight_dtype": candidate.weight_dtype,
         "kv_cache_memory_bytes": "256M", "max_num_seqs": str(BATCH), "max_num_batched_tokens": "2048",
         "enable_prefix_caching": "false", "max_model_len": "1024",
     }))

@@ -28,6 +28,9 @@ ATTENTION_KERNELS = ("auto", "lepton", "onnxruntime")
 # for ONNX Runtime's MatMulNBits; "onnxruntime": MatMulNBits; "auto": lepton's when its library is built
 # and the processor has AVX-512 VNNI (lepton/runners/q8_graph.py).
 MATMUL_KERNELS = ("auto", "lepton", "onnxruntime")
+# NOTE: onnxruntime, float32 exports: "bfloat16": the weight products in bfloat16 through lepton/native's
+# MatMulBF16 (AVX-512 BF16; lepton/runners/bf16_graph.py), everything else float32; "export": as exported.
+WEIGHT_DTYPES = ("export", "bfloat16")
 SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
@@ -67,6 +70,7 @@ class RunnerConfig:
     attention: str = "auto"  # onnxruntime: "auto", "slots" or "paged" (see ATTENTIONS)
     attention_kernel: str = "auto"  # attention=slots: "auto", "lepton" or "onnxruntime" (see ATTENTION_KERNELS)
     matmul_kernel: str = "auto"  # 8-bit weight products: "auto", "lepton" or "onnxruntime" (see MATMUL_KERNELS)
+    weight_dtype: str = "export"  # onnxruntime: "export" or "bfloat16" products (see WEIGHT_DTYPES)
     # NOTE: onnxruntime: true: intra-op threads spin between ops while a step runs and sleep once it returns
     # (session.force_spinning_stop); false: they sleep between ops too
     spin_wait: bool = True
@@ -135,6 +139,10 @@ class EngineConfig:
         _choice("attention", self.runner.attention, ATTENTIONS)
         _choice("attention_kernel", self.runner.attention_kernel, ATTENTION_KERNELS)
         _choice("matmul_kernel", self.runner.matmul_kernel, MATMUL_KERNELS)
+        _choice("weight_dtype", self.runner.weight_dtype, WEIGHT_DTYPES)
+        if self.runner.weight_dtype != "export" and self.runner.runner != "onnxruntime":
+            raise ConfigError(f"weight_dtype: {self.runner.weight_dtype} applies to runner=onnxruntime only (the "
+                              f"{self.runner.runner} runner computes in its dtype; torch: dtype=bfloat16)")
         _choice("policy", self.scheduler.policy, SCHEDULING_POLICIES)
         if not 0.0 <= self.cache.kv_cache_memory_fraction < 1.0:
             raise ConfigError(f"kv_cache_memory_fraction: must be in [0, 1), got {self.cache.kv_cache_memory_fraction}")

@@ -414,6 +414,8 @@ def _auto_configuration(model: Path, params: dict[str, str]) -> tuple[Path, dict
     params.setdefault("num_threads", str(chosen.num_threads))
     if chosen.dtype != "float32":
         params.setdefault("dtype", chosen.dtype)
+    if chosen.weight_dtype != "export":
+        params.setdefault("weight_dtype", chosen.weight_dtype)
     return chosen.model_dir, params
 
 

@@ -30,7 +30,7 @@ REPORT_DIR = PROJECT_ROOT / "build" / "reports" / "peers"
 REAL_MODEL = PROJECT_ROOT / "build" / "models" / "smollm2-135m-instruct"
 SEEDED_MODEL = PROJECT_ROOT / "build" / "models" / "smollm-shape"
 VARIANTS = {"llamacpp": ("f32", "bf16", "q8_0", "q4_0"), "ortgenai": ("fp32", "int4"),
-            "lepton": ("torch-fp32", "torch-bf16", "ort-fp32", "ort-int8", "ort-int4", "ort-q4_1",
+            "lepton": ("torch-fp32", "torch-bf16", "ort-fp32", "ort-bf16", "ort-int8", "ort-int4", "ort-q4_1",
                        "ort-q8_0")}
 
 

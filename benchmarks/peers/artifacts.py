@@ -155,6 +155,21 @@ def lepton_onnx(model_dir: Path, precision: str, log) -> tuple[Path, str]:
     return out, _build(out, quantize, "--no-quality-gate", ("quality", "gate"), log)
 
 
+def bf16_weights_quality(export_dir: Path, log) -> tuple[bool, str]:
+    """The quality report of serving a float32 export with weight_dtype=bfloat16 (export.runner_quality,
+    computed here unless up to date): (passed, note)."""
+    from lepton.autoselect import report_path
+
+    _run([sys.executable, "-m", "export.runner_quality", "--runner", "onnxruntime", "--reference", str(export_dir)], log)
+    report = report_path(export_dir, "onnxruntime", "bfloat16")
+    variants = json.loads(report.read_text()).get("variants", [])
+    failures = [f for v in variants for f in v.get("failures", [])]
+    where = os.path.relpath(report, PROJECT_ROOT)
+    if failures or not variants:
+        return False, f"bfloat16 weights fail their quality gate ({where}): " + "; ".join(failures)[:200]
+    return True, f"bfloat16 weights: quality gate passed ({where})"
+
+
 def _build(out: Path, command: list[str], relax_flag: str, relax_words: tuple[str, ...], log) -> str:
     """Run command unless out has a manifest; on a check failure (relax_words), once more with relax_flag."""
     note_file = out.with_name(out.name + ".note.txt")

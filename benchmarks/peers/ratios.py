@@ -15,8 +15,9 @@ def floors_ms(num_params: int, bandwidth_gbps: float) -> dict[str, float]:
 
 def fails_gate(system: dict) -> bool:
     """A Lepton export this sitting could only build with --no-quality-gate (its quality table misses the
-    gate): `make serve` never serves it, so it is never the Lepton side of a comparison with the peers."""
-    return "--no-quality-gate" in (system.get("quality_gate") or "")
+    gate), or a runner setting whose quality report failed: `make serve` never serves it, so it is never the
+    Lepton side of a comparison with the peers."""
+    return bool(system.get("gate_failed")) or "--no-quality-gate" in (system.get("quality_gate") or "")
 
 
 def _gate_note(system: dict) -> str:

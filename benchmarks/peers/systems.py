@@ -24,7 +24,7 @@ class System:
     """One row of the table: which program, which weights."""
 
     peer: str  # llamacpp | ortgenai | lepton
-    variant: str  # llamacpp: f32|bf16|q8_0|q4_0; ortgenai: fp32|int4; lepton: torch-fp32|torch-bf16|ort-fp32|ort-int8|...
+    variant: str  # llamacpp: f32|bf16|q8_0|q4_0; ortgenai: fp32|int4; lepton: torch-fp32|torch-bf16|ort-fp32|ort-bf16|...
 
     @property
     def precision(self) -> str:
@@ -95,7 +95,8 @@ def run_ortgenai(system: System, ctx: Context) -> dict:
 
 def lepton_parameters(system: System, ctx: Context, prefix_caching: bool = True) -> dict[str, str]:
     runner = "torch" if system.variant.startswith("torch") else "onnxruntime"
-    dtype = {"dtype": "bfloat16"} if system.variant == "torch-bf16" else {}
+    dtype = {"dtype": "bfloat16"} if system.variant == "torch-bf16" else \
+        {"weight_dtype": "bfloat16"} if system.variant == "ort-bf16" else {}
     # NOTE: the thread counts make serve picks from: torch leaves a core to Triton's front end (the
     # engine's default), ONNX Runtime computes with as many threads as the peers (docs/performance.md,
     # "Threads when served"); --lepton-param num_threads=N overrides both.
@@ -107,13 +108,18 @@ def lepton_parameters(system: System, ctx: Context, prefix_caching: bool = True)
 def run_lepton(system: System, ctx: Context) -> dict:
     """Every workload through tritonserver; W2 also in process; the first variant also without prefix caching."""
     runner, precision = system.variant.split("-")
-    note = ""
+    note, gate_failed = "", False
     if runner == "torch":
         model = ctx.model_dir
+    elif precision == "bf16":  # NOTE: the float32 export, its products in bfloat16 (weight_dtype=bfloat16)
+        model, note = artifacts.lepton_onnx(ctx.model_dir, "fp32", ctx.log)
+        passed, quality = artifacts.bf16_weights_quality(model, ctx.log)
+        note, gate_failed = f"{note}; {quality}", not passed
     else:
         model, note = artifacts.lepton_onnx(ctx.model_dir, precision, ctx.log)
-    out = {"artifact": str(model), "weight_bytes": artifacts.weight_bytes_on_disk(model), "workloads": {},
-           "engine_parameters": lepton_parameters(system, ctx), "quality_gate": note}
+    out = {"artifact": str(model), "weight_bytes": artifacts.weight_bytes_on_disk(model),
+           "workloads": {}, "engine_parameters": lepton_parameters(system, ctx), "quality_gate": note,
+           "gate_failed": gate_failed}
     work = WORK_DIR / "lepton" / system.variant
     server = lepton_peer.start_server(model, lepton_parameters(system, ctx), work, ctx.factory, ctx.log)
     try:

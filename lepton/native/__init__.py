@@ -6,11 +6,14 @@ Domain ai.lepton:
   computation as ONNX Runtime's GroupQueryAttention there, reading each (sequence, kv head)'s keys and
   values once for all the query heads that share them;
 - `MatMulQ8` (q8_matmul.c): the 8-bit weight products of q8_0 exports, what MatMulNBits computes for
-  them, with the weights packed for AVX-512 VNNI (lepton/runners/q8_graph.py).
+  them, with the weights packed for AVX-512 VNNI (lepton/runners/q8_graph.py);
+- `MatMulBF16` (bf16_matmul.c): a float32 export's weight products in bfloat16 (weight_dtype=bfloat16),
+  packed for AVX-512 BF16 (lepton/runners/bf16_graph.py).
 And one plain function, called through ctypes: `lepton_slots_to_pools` (kv_copy.c), the slot runner's
 copy of each step's K/V into the block pools (lepton/runners/slot_cache.py).
 The library is absent where no C compiler was there to build it; the runners then keep ONNX Runtime's
-own operators (RunnerConfig.attention_kernel, RunnerConfig.matmul_kernel) and numpy's copy.
+own operators (RunnerConfig.attention_kernel, RunnerConfig.matmul_kernel) and numpy's copy, and
+weight_dtype=bfloat16 is refused.
 """
 
 from __future__ import annotations

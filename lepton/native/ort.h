@@ -3,7 +3,8 @@
  * library by calling each, and the table only ever grows at its end) and the helpers that read inputs,
  * make outputs, refuse bad ones and spread work over ONNX Runtime's intra-op threads.
  *
- * ops.c registers the operators (RegisterCustomOps); slot_attention.c and q8_matmul.c define them.
+ * ops.c registers the operators (RegisterCustomOps); slot_attention.c, q8_matmul.c and bf16_matmul.c
+ * define them.
  */
 #ifndef LEPTON_ORT_H
 #define LEPTON_ORT_H
@@ -30,7 +31,7 @@ typedef struct {
     const char *(*GetVersionString)(void);
 } OrtApiBase;
 
-enum { ELEMENT_FLOAT = 1, ELEMENT_UINT8 = 2, ELEMENT_INT32 = 6 };
+enum { ELEMENT_FLOAT = 1, ELEMENT_UINT8 = 2, ELEMENT_UINT16 = 4, ELEMENT_INT32 = 6 };
 enum { STATUS_INVALID_ARGUMENT = 2, STATUS_FAIL = 1 };
 enum { REQUIRED = 0 };
 
@@ -233,6 +234,7 @@ static inline void free_kernel(void *kernel) { free(kernel); }
 /* The operators (ops.c registers them). */
 extern const CustomOp lepton_slot_attention;
 extern const CustomOp lepton_q8_matmul;
+extern const CustomOp lepton_bf16_matmul;
 
 #pragma GCC visibility pop
 

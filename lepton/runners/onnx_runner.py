@@ -10,6 +10,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from lepton.autoselect import cpu_features
 from lepton.manifest import MANIFEST_FILE, Manifest
 from lepton.batch import ModelInput
 from lepton.config import EngineConfig
@@ -17,6 +18,7 @@ from lepton.errors import ConfigError, ModelFolderError
 from lepton.memory import check_fits, kv_budget_bytes
 from lepton.model_folder import ModelFolder
 from lepton.native import ops_library
+from lepton.runners.bf16_graph import bf16_graph
 from lepton.runners.q8_graph import matmul_kernel, q8_graph
 
 INDEX_INPUTS = (
@@ -123,6 +125,8 @@ class OnnxRunner:
         None to read it here. Returns the graph (rewritten, or `model` as given) and the library to
         register (None when nothing was rewritten)."""
         quantization = self.manifest.quantization
+        if config.runner.weight_dtype == "bfloat16":
+            return self._bf16_products(path, config, model)
         if quantization is None or quantization.method != "q8_0":
             return model, None
         library = ops_library()
@@ -138,6 +142,32 @@ class OnnxRunner:
         what = f"Lepton's MatMulQ8 ({count} nodes; {why})" if count else f"ONNX Runtime's MatMulNBits ({why})"
         print(f"[lepton] 8-bit weight products: {what}", flush=True)
         return model, library if count else None
+
+    def _bf16_products(self, path: Path, config: EngineConfig,
+                       model: onnx.ModelProto | None) -> tuple[onnx.ModelProto, Path]:
+        """weight_dtype=bfloat16: a float32 export's weight products rewritten to Lepton's MatMulBF16
+        (lepton/runners/bf16_graph.py); anything that cannot is refused, naming the setting."""
+        quantization = self.manifest.quantization
+        if quantization is not None:
+            raise ConfigError(f"weight_dtype=bfloat16: {path} is a {quantization.method} export; bfloat16 "
+                              f"products are made from a float32 export's weights (or set weight_dtype=export)")
+        if self.manifest.external_data is not None:
+            raise ConfigError(f"weight_dtype=bfloat16: {path} keeps its weights in an external file, which the "
+                              f"rewrite does not read (or set weight_dtype=export)")
+        library = ops_library()
+        if library is None:
+            raise ConfigError("weight_dtype=bfloat16: lepton/native/liblepton_ops.so is not built (or older than "
+                              "its sources); run scripts/build_native.sh (make setup does), or set weight_dtype=export")
+        cpu = cpu_features()
+        if not (cpu.get("avx512_bf16") and cpu.get("avx512f")):
+            raise ConfigError("weight_dtype=bfloat16: this processor has no AVX-512 BF16, which MatMulBF16 needs "
+                              "to be fast (set weight_dtype=export, or serve a q8_0 export)")
+        model = onnx.load(str(path / self.manifest.model_file)) if model is None else model
+        count = bf16_graph(model)
+        if not count:
+            raise ConfigError(f"weight_dtype=bfloat16: {path} has no float32 weight product to rewrite")
+        print(f"[lepton] weight products in bfloat16: Lepton's MatMulBF16 ({count} nodes; AVX-512 BF16)", flush=True)
+        return model, library
 
     def _bind_pools(self, config: EngineConfig) -> None:
         self._binding, self.pool_values = bind_pools(self.session, self.k_pools, self.v_pools)

@@ -1,4 +1,5 @@
-"""The torch runner in bfloat16, judged against the float32 export: the report autoselect reads."""
+"""The torch runner in bfloat16, and the float32 export's products in bfloat16, judged against the float32
+export: the reports autoselect reads."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import json
 import pytest
 
 from export.quality import EvalOptions
-from export.runner_quality import GATES, evaluate_runner, main
+from export.runner_quality import GATES, evaluate_onnxruntime, evaluate_runner, main
 from lepton.autoselect import fingerprint, report_path, runner_quality_failures
+from tests.export.conftest import cpu_flags
 
 EVAL = EvalOptions(num_windows=2, window_len=32, num_threads=1)
 
@@ -48,3 +50,29 @@ def test_a_reference_of_other_weights_is_refused(tiny, tiny_models):
     _, export_dir = tiny
     with pytest.raises(ValueError, match="is an export of"):
         evaluate_runner(tiny_models("qwen2"), export_dir, "bfloat16", EVAL)
+
+
+needs_bf16 = pytest.mark.skipif(not {"avx512f", "avx512_bf16"} <= cpu_flags(), reason="weight_dtype=bfloat16 needs AVX-512 BF16")
+
+
+@needs_bf16
+def test_bfloat16_weights_of_the_export_are_judged_against_the_export_itself(tiny, tmp_path, monkeypatch, capsys):
+    _, export_dir = tiny
+    report = evaluate_onnxruntime(export_dir, "bfloat16", EVAL)
+    assert report.num_positions == 2 * 31 and report.preset == "onnxruntime-weights-bfloat16"
+    assert 0 < report.max_abs_logit_error < 1.0 and 0 < report.kl_mean < 0.05
+    out = report_path(export_dir, "onnxruntime", "bfloat16", tmp_path)
+    monkeypatch.setattr("export.runner_quality.EvalOptions", lambda num_windows: EVAL)
+    assert main(["--runner", "onnxruntime", "--reference", str(export_dir), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["fingerprint"] == fingerprint(export_dir, "onnxruntime") != fingerprint(export_dir)
+    (variant,) = data["variants"]
+    assert runner_quality_failures(export_dir, "onnxruntime", "bfloat16", tmp_path) == "; ".join(variant["failures"])
+    assert main(["--runner", "onnxruntime", "--reference", str(export_dir), "--out", str(out)]) == 0
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_torch_needs_its_model_folder(tiny):
+    _, export_dir = tiny
+    with pytest.raises(SystemExit):
+        main(["--reference", str(export_dir)])

@@ -83,8 +83,9 @@ def test_only_exports_of_this_model_that_passed_their_gate_are_candidates(tmp_pa
     found, skipped = candidates(model, exports, tmp_path / "quality", cpu={"avx512_bf16": False})
     names = {(c.runner, c.model_dir.name) for c in found}
     assert names == {("torch", "model"), ("onnxruntime", "m"), ("onnxruntime", "m-int8")}
-    assert len(skipped) == 3 and any("top-1 agreement" in s for s in skipped) and any("no quality.json" in s for s in skipped)
+    assert len(skipped) == 4 and any("top-1 agreement" in s for s in skipped) and any("no quality.json" in s for s in skipped)
     assert "torch bf16: no AVX512-BF16 / AMX on this processor" in skipped
+    assert "m (fp32, bf16 weights): no AVX512-BF16 on this processor" in skipped
     cores = len(os.sched_getaffinity(0))
     # NOTE: torch leaves a core to Triton's front end; ONNX Runtime is timed with both counts
     assert {c.num_threads for c in found if c.runner == "torch"} == {max(1, cores - 1)}
@@ -140,3 +141,35 @@ def test_timing_runs_the_engine_and_the_choice_is_cached(demo_model_dir, tmp_pat
     again = choose(demo_model_dir, tmp_path / "no-exports", tmp_path / "cache", tmp_path / "no-reports")
     assert not first.cached and again.cached and again.candidate == first.candidate
     assert first.candidate.runner == "torch" and "chose torch fp32" in first.explain()
+
+
+def test_bf16_weights_need_the_instructions_the_library_and_a_passed_report_of_the_export(tmp_path):
+    from lepton.native import ops_library
+
+    if ops_library() is None:
+        pytest.skip("lepton/native is not built")
+    model = tmp_path / "model"
+    model.mkdir()
+    exports, quality = tmp_path / "onnx", tmp_path / "quality"
+    fake_export(exports, "m", model)
+    export = exports / "m"
+    bf16_cpu = {"avx512_bf16": True, "avx512f": True}
+
+    def bf16_weights(cpu):
+        found, skipped = candidates(model, exports, quality, cpu)
+        return [c for c in found if c.weight_dtype == "bfloat16"], [s for s in skipped if "bf16 weights" in s]
+
+    found, skipped = bf16_weights(bf16_cpu)
+    assert not found and "no quality report" in skipped[0] and "--runner onnxruntime" in skipped[0]
+    path = report_path(export, "onnxruntime", "bfloat16", quality)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"fingerprint": fingerprint(export), "variants": [{"failures": []}]}))
+    found, skipped = bf16_weights(bf16_cpu)
+    assert not found and "computed from other files or code" in skipped[0]  # NOTE: the torch runner's code
+    path.write_text(json.dumps({"fingerprint": fingerprint(export, "onnxruntime"), "variants": [{"failures": []}]}))
+    found, skipped = bf16_weights(bf16_cpu)
+    assert not skipped and {(c.runner, c.model_dir, c.dtype) for c in found} == {("onnxruntime", export, "float32")}
+    assert {c.num_threads for c in found} == {len(os.sched_getaffinity(0)), max(1, len(os.sched_getaffinity(0)) - 1)}
+    assert all(c.name.startswith("onnxruntime fp32, bf16 weights, ") for c in found)
+    found, skipped = bf16_weights({"avx2": True})
+    assert not found and skipped == ["m (fp32, bf16 weights): no AVX512-BF16 on this processor"]

@@ -46,3 +46,11 @@ def test_only_failing_exports_leave_the_comparison_empty():
     four_bit = rows["W2 output tok/s, 4-bit: best Lepton / best peer"]
     assert (four_bit["lepton"], four_bit["ratio"], four_bit["met"]) == (None, None, None)
     assert four_bit["note"] == "not counted: Lepton int4, which fails its quality gate, 350.00 (1.167)"
+
+
+def test_a_runner_setting_whose_quality_report_failed_is_not_counted_either():
+    bf16 = system("lepton", "Lepton bf16", "16-bit", 450.0, 60.0, 5.0, "reused build/onnx/smollm2; bfloat16 weights fail")
+    assert not ratios.fails_gate(bf16)
+    bf16["gate_failed"] = True
+    rows = rows_by_name(sitting(bf16))
+    assert rows["W2 output tok/s, 16-bit: best Lepton / best peer"]["lepton"] is None

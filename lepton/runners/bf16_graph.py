@@ -1,0 +1,108 @@
+"""A float32 export's weight products in bfloat16 through Lepton's MatMulBF16 (lepton/native/bf16_matmul.c).
+
+RunnerConfig.weight_dtype=bfloat16: every product of an activation with a float32 weight initializer
+(`Gemm` with transB=1 and alpha=1 — what the exporter writes; a bias is added after — or `MatMul` with a
+2-D weight) is rewritten, in memory when the runner builds its session, to MatMulBF16 with the weights
+rounded to bfloat16 (nearest even) and packed for AVX-512 BF16's vdpbf16ps (panels of 16 outputs x pairs
+of inputs); the activations are rounded to bfloat16 per product, the sums stay float32. Everything else
+(norms, attention, the K/V cache, the embedding lookup) stays float32, as the export wrote it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from lepton.native import DOMAIN as LEPTON_DOMAIN
+from lepton.runners.graph_edit import drop_unused_initializers
+
+LANES = 16
+
+
+def to_bf16(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16) as the operator rounds its activations (vcvtne2ps2bf16): nearest
+    even, a NaN quiet, a denormal flushed to a signed zero."""
+    values = np.ascontiguousarray(values, np.float32)
+    bits = values.view(np.uint32)
+    rounded = ((bits.astype(np.uint64) + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    tiny = (bits & 0x7F800000) == 0
+    rounded[tiny] = ((bits[tiny] >> 16) & 0x8000).astype(np.uint16)
+    nan = np.isnan(values)
+    rounded[nan] = ((bits[nan] >> 16) | 0x40).astype(np.uint16)
+    return rounded
+
+
+def from_bf16(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) -> float32."""
+    return (np.atleast_1d(np.asarray(bits, np.uint16)).astype(np.uint32) << 16).view(np.float32).reshape(np.shape(bits))
+
+
+def pack(weight_nk: np.ndarray) -> np.ndarray:
+    """Weights [N, K] float32 (K even) -> MatMulBF16's B [ceil(N / 16), K / 2, 32] uint16: per panel of
+    16 outputs and pair of inputs, output l's two weights at 2l and 2l + 1. Outputs past N are 0."""
+    n, k = weight_nk.shape
+    if k % 2:
+        raise ValueError(f"weights with K = {k} inputs: MatMulBF16 takes inputs in pairs (K even)")
+    panels = -(-n // LANES)
+    padded = np.zeros((panels * LANES, k), np.float32)
+    padded[:n] = weight_nk
+    # [P, 16 lanes, K / 2 pairs, 2] -> [P, K / 2 pairs, 16 lanes, 2]
+    packed = to_bf16(padded).reshape(panels, LANES, k // 2, 2).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(packed).reshape(panels, k // 2, 2 * LANES)
+
+
+def weight_of(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> np.ndarray | None:
+    """The [N, K] float32 weight of a product MatMulBF16 computes (a Gemm's bias then added), else None."""
+    if node.domain not in ("", "ai.onnx") or len(node.input) < 2 or node.input[1] not in initializers:
+        return None
+    tensor = initializers[node.input[1]]
+    if tensor.data_type != onnx.TensorProto.FLOAT or len(tensor.dims) != 2:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Gemm":
+        if attrs.get("transA", 0) or attrs.get("transB", 0) != 1 or attrs.get("alpha", 1.0) != 1.0:
+            return None
+        if len(node.input) > 2 and node.input[2] and attrs.get("beta", 1.0) != 1.0:
+            return None
+        weight = numpy_helper.to_array(tensor)  # [N, K]
+    elif node.op_type == "MatMul":
+        weight = numpy_helper.to_array(tensor).T  # [K, N] -> [N, K]
+    else:
+        return None
+    return weight if weight.shape[1] % 2 == 0 else None
+
+
+def bf16_graph(model: onnx.ModelProto) -> int:
+    """Rewrite every product of an activation with a float32 weight to MatMulBF16, in place; returns how
+    many. A weight other nodes also read (a tied embedding's table) stays for them in float32."""
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    packed: dict[str, str] = {}  # NOTE: a weight two products share is packed once
+    added, biased, count = [], [], 0
+    for node in graph.node:
+        weight = weight_of(node, initializers)
+        if weight is None:
+            continue
+        name = packed.get(node.input[1])
+        if name is None:
+            name = packed[node.input[1]] = f"{node.input[1]}.bf16"
+            added.append(numpy_helper.from_array(pack(weight), name))
+        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+        product = f"{node.output[0]}.bf16_product" if bias else node.output[0]
+        replacement = helper.make_node("MatMulBF16", [node.input[0], name], [product], name=node.name,
+                                       domain=LEPTON_DOMAIN, K=int(weight.shape[1]), N=int(weight.shape[0]))
+        if bias:  # NOTE: Gemm's C (beta 1), broadcast over the rows as Gemm does
+            biased.append((node.output[0], helper.make_node("Add", [product, bias], [node.output[0]],
+                                                             name=f"{node.name or node.output[0]}.bias")))
+        node.CopyFrom(replacement)
+        count += 1
+    for output, add in biased:  # NOTE: each Add right after its product keeps the graph in topological order
+        at = next(i for i, n in enumerate(graph.node) if f"{output}.bf16_product" in n.output)
+        graph.node.insert(at + 1, add)
+    if count:
+        graph.initializer.extend(added)
+        drop_unused_initializers(graph)
+        if not any(o.domain == LEPTON_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(LEPTON_DOMAIN, 1))
+    return count
