@@ -282,7 +282,7 @@ class Choice:
         lines = [f"[auto] processor: {self.cpu['model']}, {self.cpu['cores']} cores, {' '.join(flags) or 'no AVX2'}"]
         for t in sorted(self.timings, key=lambda t: t.score):
             mark = "->" if t.candidate == self.candidate else "  "
-            lines.append(f"[auto] {mark} {t.candidate.name:<32} {BATCH} decodes {t.decode_batch_ms:7.1f} ms/step, "
+            lines.append(f"[auto] {mark} {t.candidate.name:<42} {BATCH} decodes {t.decode_batch_ms:7.1f} ms/step, "
                          f"1 decode {t.decode_one_ms:6.1f}, {PREFILL_TOKENS}-token prompt {t.prefill_ms:6.1f}; "
                          f"fastest of {t.rounds}  ({t.candidate.model_dir})")
         lines += [f"[auto]    left out: {line}" for line in self.skipped]
