@@ -67,17 +67,18 @@ static inline float from_bf16(uint16_t h) {
     return x;
 }
 
+/* Row m of A as bfloat16 pairs, from input `from` (even) on. */
+static void convert_row(const BProduct *pr, int64_t m, int64_t from) {
+    const float *x = pr->a + m * pr->k;
+    uint32_t *p = pr->pairs + m * pr->pairs_per_row;
+    for (int64_t i = from; i < pr->k; i += 2) p[i / 2] = (uint32_t)to_bf16(x[i]) | (uint32_t)to_bf16(x[i + 1]) << 16;
+}
+
 /* Rows [CONVERT_ROWS x task, ...) of A as bfloat16 pairs. */
 static void convert_rows_generic(void *data, size_t task) {
     const BProduct *pr = data;
-    const int64_t m0 = (int64_t)task * CONVERT_ROWS;
-    const int64_t m1 = m0 + CONVERT_ROWS < pr->rows ? m0 + CONVERT_ROWS : pr->rows;
-    for (int64_t m = m0; m < m1; m++) {
-        const float *x = pr->a + m * pr->k;
-        uint32_t *p = pr->pairs + m * pr->pairs_per_row;
-        for (int64_t j = 0; j < pr->pairs_per_row; j++)
-            p[j] = (uint32_t)to_bf16(x[2 * j]) | (uint32_t)to_bf16(x[2 * j + 1]) << 16;
-    }
+    for (int64_t m = (int64_t)task * CONVERT_ROWS; m < range_end((int64_t)task, CONVERT_ROWS, pr->rows); m++)
+        convert_row(pr, m, 0);
 }
 
 static void store(const BProduct *pr, int64_t panel, int64_t m, const float *acc) {
@@ -108,9 +109,7 @@ static void tile_generic(const BProduct *pr, int64_t panel, int64_t m0, int64_t 
 /* convert_rows_generic with vcvtne2ps2bf16, 32 inputs at a time (the same bits). */
 BF16 static void convert_rows_bf16(void *data, size_t task) {
     const BProduct *pr = data;
-    const int64_t m0 = (int64_t)task * CONVERT_ROWS;
-    const int64_t m1 = m0 + CONVERT_ROWS < pr->rows ? m0 + CONVERT_ROWS : pr->rows;
-    for (int64_t m = m0; m < m1; m++) {
+    for (int64_t m = (int64_t)task * CONVERT_ROWS; m < range_end((int64_t)task, CONVERT_ROWS, pr->rows); m++) {
         const float *x = pr->a + m * pr->k;
         uint32_t *p = pr->pairs + m * pr->pairs_per_row;
         int64_t i = 0;
@@ -118,7 +117,7 @@ BF16 static void convert_rows_bf16(void *data, size_t task) {
             const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i));
             _mm512_storeu_si512((void *)(p + i / 2), (__m512i)h);
         }
-        for (; i < pr->k; i += 2) p[i / 2] = (uint32_t)to_bf16(x[i]) | (uint32_t)to_bf16(x[i + 1]) << 16;
+        convert_row(pr, m, i);
     }
 }
 
@@ -143,25 +142,14 @@ static inline __attribute__((always_inline)) BF16 void bf16_rows(const BProduct 
 }
 
 BF16 static void tile_bf16(const BProduct *pr, int64_t panel, int64_t m0, int64_t m1) {
-    int64_t m = m0;
-    for (; m + 8 <= m1; m += 8) bf16_rows(pr, panel, m, 8);
-    switch (m1 - m) {
-    case 7: bf16_rows(pr, panel, m, 7); break;
-    case 6: bf16_rows(pr, panel, m, 6); break;
-    case 5: bf16_rows(pr, panel, m, 5); break;
-    case 4: bf16_rows(pr, panel, m, 4); break;
-    case 3: bf16_rows(pr, panel, m, 3); break;
-    case 2: bf16_rows(pr, panel, m, 2); break;
-    case 1: bf16_rows(pr, panel, m, 1); break;
-    default: break;
-    }
+    EIGHT_ROWS_AT_A_TIME(bf16_rows, pr, panel, m0, m1);
 }
 
 /* One task: panel `task % panels` for the rows of chunk `task / panels`. */
 static void product_task(void *data, size_t task) {
     const BProduct *pr = data;
     const int64_t panel = (int64_t)task % pr->panels, chunk = (int64_t)task / pr->panels;
-    const int64_t m0 = chunk * ROW_CHUNK, m1 = m0 + ROW_CHUNK < pr->rows ? m0 + ROW_CHUNK : pr->rows;
+    const int64_t m0 = chunk * ROW_CHUNK, m1 = range_end(chunk, ROW_CHUNK, pr->rows);
     pr->tile(pr, panel, m0, m1);
 }
 
@@ -172,8 +160,7 @@ static int runs(int isa) {
     switch (isa) {
     case ISA_GENERIC: return 1;
     case ISA_AVX512_BF16:
-        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+        return has_avx512() && __builtin_cpu_supports("avx512bf16");
     default: return 0;
     }
 }

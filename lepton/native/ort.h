@@ -231,6 +231,37 @@ static inline void free_kernel(void *kernel) { free(kernel); }
         .GetEndVersion = end_version,                                                            \
     }
 
+/* ---- what the weight products share --------------------------------------------------------- */
+
+/* AVX-512 F, BW and VL: what every AVX-512 path here also needs. */
+static inline int has_avx512(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+}
+
+/* Rows [index x size, ...) of `rows`, the last range cut short. */
+static inline int64_t range_end(int64_t index, int64_t size, int64_t rows) {
+    return (index + 1) * size < rows ? (index + 1) * size : rows;
+}
+
+/* rows_fn(pr, panel, m, mt) over rows [m0, m1): 8 rows at a time, then the remainder in one call, each
+ * count a constant the inlined rows_fn is compiled for. */
+#define EIGHT_ROWS_AT_A_TIME(rows_fn, pr, panel, m0, m1)              \
+    do {                                                              \
+        int64_t m_ = (m0);                                            \
+        for (; m_ + 8 <= (m1); m_ += 8) rows_fn(pr, panel, m_, 8);    \
+        switch ((m1) - m_) {                                          \
+        case 7: rows_fn(pr, panel, m_, 7); break;                     \
+        case 6: rows_fn(pr, panel, m_, 6); break;                     \
+        case 5: rows_fn(pr, panel, m_, 5); break;                     \
+        case 4: rows_fn(pr, panel, m_, 4); break;                     \
+        case 3: rows_fn(pr, panel, m_, 3); break;                     \
+        case 2: rows_fn(pr, panel, m_, 2); break;                     \
+        case 1: rows_fn(pr, panel, m_, 1); break;                     \
+        default: break;                                               \
+        }                                                             \
+    } while (0)
+
 /* The operators (ops.c registers them). */
 extern const CustomOp lepton_slot_attention;
 extern const CustomOp lepton_q8_matmul;

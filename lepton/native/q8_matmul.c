@@ -64,7 +64,7 @@ CLONED
 static void quantize_rows(void *data, size_t task) {
     const Product *pr = data;
     const int64_t m0 = (int64_t)task * QUANTIZE_ROWS;
-    const int64_t m1 = m0 + QUANTIZE_ROWS < pr->rows ? m0 + QUANTIZE_ROWS : pr->rows;
+    const int64_t m1 = range_end((int64_t)task, QUANTIZE_ROWS, pr->rows);
     for (int64_t m = m0; m < m1; m++)
         for (int64_t blk = 0; blk < pr->blocks; blk++) {
             const float *x = pr->a + m * pr->k + blk * BLOCK;
@@ -196,25 +196,14 @@ static inline __attribute__((always_inline)) VNNI void vnni_rows(const Product *
 }
 
 VNNI static void tile_vnni(const Product *pr, int64_t panel, int64_t m0, int64_t m1) {
-    int64_t m = m0;
-    for (; m + 8 <= m1; m += 8) vnni_rows(pr, panel, m, 8);
-    switch (m1 - m) {
-    case 7: vnni_rows(pr, panel, m, 7); break;
-    case 6: vnni_rows(pr, panel, m, 6); break;
-    case 5: vnni_rows(pr, panel, m, 5); break;
-    case 4: vnni_rows(pr, panel, m, 4); break;
-    case 3: vnni_rows(pr, panel, m, 3); break;
-    case 2: vnni_rows(pr, panel, m, 2); break;
-    case 1: vnni_rows(pr, panel, m, 1); break;
-    default: break;
-    }
+    EIGHT_ROWS_AT_A_TIME(vnni_rows, pr, panel, m0, m1);
 }
 
 /* One task: panel `task % panels` for the rows of chunk `task / panels`. */
 static void product_task(void *data, size_t task) {
     const Product *pr = data;
     const int64_t panel = (int64_t)task % pr->panels, chunk = (int64_t)task / pr->panels;
-    const int64_t m0 = chunk * ROW_CHUNK, m1 = m0 + ROW_CHUNK < pr->rows ? m0 + ROW_CHUNK : pr->rows;
+    const int64_t m0 = chunk * ROW_CHUNK, m1 = range_end(chunk, ROW_CHUNK, pr->rows);
     pr->tile(pr, panel, m0, m1);
 }
 
@@ -226,8 +215,7 @@ static int runs(int isa) {
     case ISA_GENERIC: return 1;
     case ISA_AVX2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     case ISA_AVX512_VNNI:
-        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+        return has_avx512() && __builtin_cpu_supports("avx512vnni");
     default: return 0;
     }
 }

@@ -15,7 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from lepton.native import DOMAIN as LEPTON_DOMAIN
-from lepton.runners.graph_edit import drop_unused_initializers
+from lepton.runners.graph_edit import add_rewritten
 
 LANES = 16
 
@@ -101,8 +101,5 @@ def bf16_graph(model: onnx.ModelProto) -> int:
         at = next(i for i, n in enumerate(graph.node) if f"{output}.bf16_product" in n.output)
         graph.node.insert(at + 1, add)
     if count:
-        graph.initializer.extend(added)
-        drop_unused_initializers(graph)
-        if not any(o.domain == LEPTON_DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(LEPTON_DOMAIN, 1))
+        add_rewritten(model, added, LEPTON_DOMAIN)
     return count

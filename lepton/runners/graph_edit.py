@@ -1,4 +1,5 @@
-"""Edits of an ONNX graph shared by the exporter's quantizers (export/nbits.py) and the slot rewrite."""
+"""Edits of an ONNX graph shared by the exporter's quantizers (export/nbits.py), the slot rewrite and the
+runners' rewrites to Lepton's operators (q8_graph, bf16_graph)."""
 
 from __future__ import annotations
 
@@ -26,3 +27,12 @@ def drop_unused_initializers(graph: onnx.GraphProto) -> None:
     kept = [t for t in graph.initializer if t.name in used]
     graph.ClearField("initializer")
     graph.initializer.extend(kept)
+
+
+def add_rewritten(model: onnx.ModelProto, initializers: list[onnx.TensorProto], domain: str) -> None:
+    """After nodes were rewritten in place to `domain`'s operators: their new initializers added, the
+    ones no node reads any more dropped, and `domain` imported."""
+    model.graph.initializer.extend(initializers)
+    drop_unused_initializers(model.graph)
+    if not any(o.domain == domain for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(domain, 1))

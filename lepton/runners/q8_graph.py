@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper
 
 from lepton.autoselect import cpu_features
 from lepton.native import DOMAIN as LEPTON_DOMAIN
-from lepton.runners.graph_edit import MS_DOMAIN, drop_unused_initializers
+from lepton.runners.graph_edit import MS_DOMAIN, add_rewritten
 
 BLOCK, LANES = 32, 16
 
@@ -71,10 +71,7 @@ def q8_graph(model: onnx.ModelProto) -> int:
         node.CopyFrom(replacement)
         count += 1
     if count:
-        graph.initializer.extend(added)
-        drop_unused_initializers(graph)
-        if not any(o.domain == LEPTON_DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(LEPTON_DOMAIN, 1))
+        add_rewritten(model, added, LEPTON_DOMAIN)
     return count
 
 
