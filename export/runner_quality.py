@@ -31,6 +31,7 @@ from export.training import held_out_windows
 from lepton.autoselect import cpu_features, fingerprint, has_bf16_compute, report_path
 from lepton.config import CacheConfig, EngineConfig, RunnerConfig
 from lepton.manifest import MANIFEST_FILE, Manifest
+from lepton.runners.bf16_graph import unavailable as bf16_unavailable
 
 # NOTE: the int8 / q4_1 limits (export.quality.GATES). Measured on SmolLM2-135M-Instruct (2,040 predictions,
 # 8 windows): KL 0.0013, p99 0.0058, top-1 0.974, perplexity x0.9997 - it passes with ~1.5x margin on KL.
@@ -48,23 +49,15 @@ def evaluate_runner(model_dir: Path, reference_dir: Path, dtype: str, options: E
     reference = Manifest.load(Path(reference_dir) / MANIFEST_FILE)
     if Path(reference.source.path).resolve() != Path(model_dir).resolve():
         raise ValueError(f"{reference_dir} is an export of {reference.source.path}, not of {model_dir}")
-    windows = held_out_windows(Path(reference_dir) / "tokenizer.json", options.num_windows, options.window_len)
-    inputs = teacher_forced_inputs(windows, reference.block_size)
-    num_blocks = options.num_windows * -(-options.window_len // reference.block_size)
-    ref_logits, ref_ms = _window_logits(sized_runner(reference_dir, num_blocks, options.num_threads).execute,
-                                        inputs, windows.shape)
-    bytes_per_block = 2 * reference.model_config.num_layers * reference.block_size
-    bytes_per_block *= reference.model_config.num_kv_heads * reference.model_config.head_dim * (2 if dtype == "bfloat16" else 4)
-    config = EngineConfig(model_dir=Path(model_dir), cache=CacheConfig(reference.block_size, num_blocks * bytes_per_block),
-                          runner=RunnerConfig(runner="torch", dtype=dtype, num_threads=options.num_threads))
-    runner = TorchRunner(ModelFolder.open(model_dir), config)
-    logits, step_ms = _window_logits(runner.execute, inputs, windows.shape)
-    metrics = logit_metrics(ref_logits, logits, windows)
-    report = VariantQuality(
-        name=f"torch {dtype}", export_dir=str(Path(model_dir).resolve()), reference_dir=str(reference_dir),
-        preset=f"torch-{dtype}", max_abs_logit_error=float(np.abs(ref_logits - logits).max()), max_abs_kv_error=0.0,
-        step_ms=step_ms, reference_step_ms=ref_ms, gate=GATES.get(dtype), failures=(), **metrics)
-    return VariantQuality(**{**asdict(report), "gate": report.gate, "failures": gate_failures(report, report.gate)})
+
+    def torch_runner(num_blocks: int):
+        bytes_per_block = 2 * reference.model_config.num_layers * reference.block_size
+        bytes_per_block *= reference.model_config.num_kv_heads * reference.model_config.head_dim * (2 if dtype == "bfloat16" else 4)
+        config = EngineConfig(model_dir=Path(model_dir), cache=CacheConfig(reference.block_size, num_blocks * bytes_per_block),
+                              runner=RunnerConfig(runner="torch", dtype=dtype, num_threads=options.num_threads))
+        return TorchRunner(ModelFolder.open(model_dir), config)
+
+    return _judged(reference_dir, dtype, options, torch_runner, f"torch {dtype}", model_dir, f"torch-{dtype}")
 
 
 def evaluate_onnxruntime(export_dir: Path, dtype: str, options: EvalOptions) -> VariantQuality:
@@ -72,19 +65,25 @@ def evaluate_onnxruntime(export_dir: Path, dtype: str, options: EvalOptions) -> 
     reference = Manifest.load(Path(export_dir) / MANIFEST_FILE)
     if reference.quantization is not None:
         raise ValueError(f"{export_dir} is a {reference.quantization.method} export, not a float32 one")
-    windows = held_out_windows(Path(export_dir) / "tokenizer.json", options.num_windows, options.window_len)
+    return _judged(export_dir, dtype, options,
+                   lambda num_blocks: sized_runner(export_dir, num_blocks, options.num_threads, weight_dtype=dtype),
+                   f"onnxruntime {dtype} weights", export_dir, f"onnxruntime-weights-{dtype}")
+
+
+def _judged(reference_dir: Path, dtype: str, options: EvalOptions, make_runner, name: str, folder: Path,
+            preset: str) -> VariantQuality:
+    """make_runner(num_blocks)'s logits against the float32 export's on the held-out windows, and the gate."""
+    reference = Manifest.load(Path(reference_dir) / MANIFEST_FILE)
+    windows = held_out_windows(Path(reference_dir) / "tokenizer.json", options.num_windows, options.window_len)
     inputs = teacher_forced_inputs(windows, reference.block_size)
     num_blocks = options.num_windows * -(-options.window_len // reference.block_size)
-    ref_logits, ref_ms = _window_logits(sized_runner(export_dir, num_blocks, options.num_threads).execute,
+    ref_logits, ref_ms = _window_logits(sized_runner(reference_dir, num_blocks, options.num_threads).execute,
                                         inputs, windows.shape)
-    runner = sized_runner(export_dir, num_blocks, options.num_threads, weight_dtype=dtype)
-    logits, step_ms = _window_logits(runner.execute, inputs, windows.shape)
-    metrics = logit_metrics(ref_logits, logits, windows)
+    logits, step_ms = _window_logits(make_runner(num_blocks).execute, inputs, windows.shape)
     report = VariantQuality(
-        name=f"onnxruntime {dtype} weights", export_dir=str(Path(export_dir).resolve()), reference_dir=str(export_dir),
-        preset=f"onnxruntime-weights-{dtype}", max_abs_logit_error=float(np.abs(ref_logits - logits).max()),
-        max_abs_kv_error=0.0, step_ms=step_ms, reference_step_ms=ref_ms, gate=GATES.get(dtype), failures=(),
-        **metrics)
+        name=name, export_dir=str(Path(folder).resolve()), reference_dir=str(reference_dir), preset=preset,
+        max_abs_logit_error=float(np.abs(ref_logits - logits).max()), max_abs_kv_error=0.0, step_ms=step_ms,
+        reference_step_ms=ref_ms, gate=GATES.get(dtype), failures=(), **logit_metrics(ref_logits, logits, windows))
     return VariantQuality(**{**asdict(report), "gate": report.gate, "failures": gate_failures(report, report.gate)})
 
 
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.runner == "torch" and args.model is None:
         parser.error("--model: required with --runner torch")
     cpu = cpu_features()
-    if args.if_supported and not (has_bf16_compute(cpu) if args.runner == "torch" else _bf16_weights_supported(cpu)):
+    if args.if_supported and not (has_bf16_compute(cpu) if args.runner == "torch" else not bf16_unavailable(cpu)):
         print(f"[quality] {args.runner} {args.dtype}: this processor (or build) cannot compute it fast; skipped")
         return 0
     folder = args.model if args.runner == "torch" else args.reference
@@ -149,12 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[quality] {args.runner} {args.dtype}: {'passed' if report.passed else 'FAILED: ' + '; '.join(report.failures)} "
           f"-> {out}")
     return 0
-
-
-def _bf16_weights_supported(cpu: dict) -> bool:
-    from lepton.native import ops_library
-
-    return bool(cpu.get("avx512_bf16") and cpu.get("avx512f")) and ops_library() is not None
 
 
 if __name__ == "__main__":

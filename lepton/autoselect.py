@@ -167,12 +167,10 @@ def candidates(model_dir: Path, exports_root: Path, quality_dir: Path = QUALITY_
 
 def _bf16_weights_failures(export: Path, cpu: dict, quality_dir: Path) -> str:
     """'' when a float32 export may be served with weight_dtype=bfloat16 here, else why not."""
-    from lepton.native import ops_library
+    from lepton.runners.bf16_graph import unavailable
 
-    if not (cpu.get("avx512_bf16") and cpu.get("avx512f")):
-        return "no AVX512-BF16 on this processor"
-    if ops_library() is None:
-        return "lepton/native is not built (scripts/build_native.sh)"
+    if why := unavailable(cpu):
+        return why
     if failures := runner_quality_failures(export, "onnxruntime", "bfloat16", quality_dir):
         return f"quality gate not passed: {failures}"
     return ""

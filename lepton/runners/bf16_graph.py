@@ -20,6 +20,19 @@ from lepton.runners.graph_edit import add_rewritten
 LANES = 16
 
 
+def unavailable(cpu: dict | None = None) -> str:
+    """'' when weight_dtype=bfloat16 can run fast here, else why not (the processor, the library)."""
+    from lepton.autoselect import cpu_features
+    from lepton.native import ops_library
+
+    cpu = cpu_features() if cpu is None else cpu
+    if not (cpu.get("avx512_bf16") and cpu.get("avx512f")):
+        return "no AVX512-BF16 on this processor"
+    if ops_library() is None:
+        return "lepton/native is not built (scripts/build_native.sh; make setup runs it)"
+    return ""
+
+
 def to_bf16(values: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bits (uint16) as the operator rounds its activations (vcvtne2ps2bf16): nearest
     even, a NaN quiet, a denormal flushed to a signed zero."""

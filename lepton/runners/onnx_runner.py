@@ -10,7 +10,6 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from lepton.autoselect import cpu_features
 from lepton.manifest import MANIFEST_FILE, Manifest
 from lepton.batch import ModelInput
 from lepton.config import EngineConfig
@@ -18,7 +17,7 @@ from lepton.errors import ConfigError, ModelFolderError
 from lepton.memory import check_fits, kv_budget_bytes
 from lepton.model_folder import ModelFolder
 from lepton.native import ops_library
-from lepton.runners.bf16_graph import bf16_graph
+from lepton.runners.bf16_graph import bf16_graph, unavailable as bf16_unavailable
 from lepton.runners.q8_graph import matmul_kernel, q8_graph
 
 INDEX_INPUTS = (
@@ -154,14 +153,9 @@ class OnnxRunner:
         if self.manifest.external_data is not None:
             raise ConfigError(f"weight_dtype=bfloat16: {path} keeps its weights in an external file, which the "
                               f"rewrite does not read (or set weight_dtype=export)")
+        if why := bf16_unavailable():
+            raise ConfigError(f"weight_dtype=bfloat16: {why}; set weight_dtype=export (or serve a q8_0 export)")
         library = ops_library()
-        if library is None:
-            raise ConfigError("weight_dtype=bfloat16: lepton/native/liblepton_ops.so is not built (or older than "
-                              "its sources); run scripts/build_native.sh (make setup does), or set weight_dtype=export")
-        cpu = cpu_features()
-        if not (cpu.get("avx512_bf16") and cpu.get("avx512f")):
-            raise ConfigError("weight_dtype=bfloat16: this processor has no AVX-512 BF16, which MatMulBF16 needs "
-                              "to be fast (set weight_dtype=export, or serve a q8_0 export)")
         model = onnx.load(str(path / self.manifest.model_file)) if model is None else model
         count = bf16_graph(model)
         if not count:
