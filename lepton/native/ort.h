@@ -262,6 +262,31 @@ static inline int64_t range_end(int64_t index, int64_t size, int64_t rows) {
         }                                                             \
     } while (0)
 
+/* The same, 16 rows at a time, then the remainder (1 to 15) in one call. */
+#define SIXTEEN_ROWS_AT_A_TIME(rows_fn, pr, panel, m0, m1)            \
+    do {                                                              \
+        int64_t m_ = (m0);                                            \
+        for (; m_ + 16 <= (m1); m_ += 16) rows_fn(pr, panel, m_, 16); \
+        switch ((m1) - m_) {                                          \
+        case 15: rows_fn(pr, panel, m_, 15); break;                   \
+        case 14: rows_fn(pr, panel, m_, 14); break;                   \
+        case 13: rows_fn(pr, panel, m_, 13); break;                   \
+        case 12: rows_fn(pr, panel, m_, 12); break;                   \
+        case 11: rows_fn(pr, panel, m_, 11); break;                   \
+        case 10: rows_fn(pr, panel, m_, 10); break;                   \
+        case 9: rows_fn(pr, panel, m_, 9); break;                     \
+        case 8: rows_fn(pr, panel, m_, 8); break;                     \
+        case 7: rows_fn(pr, panel, m_, 7); break;                     \
+        case 6: rows_fn(pr, panel, m_, 6); break;                     \
+        case 5: rows_fn(pr, panel, m_, 5); break;                     \
+        case 4: rows_fn(pr, panel, m_, 4); break;                     \
+        case 3: rows_fn(pr, panel, m_, 3); break;                     \
+        case 2: rows_fn(pr, panel, m_, 2); break;                     \
+        case 1: rows_fn(pr, panel, m_, 1); break;                     \
+        default: break;                                               \
+        }                                                             \
+    } while (0)
+
 /* The operators (ops.c registers them). */
 extern const CustomOp lepton_slot_attention;
 extern const CustomOp lepton_q8_matmul;

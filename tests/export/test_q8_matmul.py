@@ -77,6 +77,8 @@ CASES = {  # name: (K, N, rows shape)
     "one row, one block, one panel": (32, 16, (1,)),
     "N not a multiple of 16": (64, 40, (3,)),
     "SmolLM2's qkv, 16 decodes": (576, 960, (16,)),
+    "13 rows: one pass of 8 + 5 over the codes": (128, 48, (13,)),
+    "two tiles of 16 rows and a partial one": (64, 16, (40,)),
     "SmolLM2's down_proj, rank 3": (1536, 576, (2, 9)),
     "three chunks of rows, tile remainders": (96, 33, (130,)),
     "rows quantized on the pool": (576, 200, (71,)),
