@@ -144,7 +144,7 @@ def main(argv=None) -> int:
 OP_KINDS = {
     "weight GEMMs": ("DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits", "MatMulQ8",
                      "MatMulBF16", "Gemm", "MatMulIntegerToFloat"),
-    "attention": ("MatMul", "FusedMatMul", "Softmax", "Einsum", "GroupQueryAttention", "SlotAttention"),
+    "attention": ("MatMul", "FusedMatMul", "Softmax", "Einsum", "GroupQueryAttention", "SlotAttention", "SlotAttentionF16"),
     "K/V gathers, index": ("Gather", "GatherND", "GatherElements", "ScatterND", "Concat", "Where",
                            "Expand", "Slice", "Range", "Less", "LessOrEqual", "And", "Not"),
 }

@@ -3,7 +3,8 @@ Runtime serving a float32 export with its weight products in bfloat16 (weight_dt
 
 torch: a model folder served by the torch runner in bfloat16 (weights, activations and K/V cache);
 onnxruntime: the float32 export with its products rewritten to Lepton's MatMulBF16 (weights and each
-product's activations rounded to bfloat16; everything else, the K/V cache included, float32). Either is
+product's activations rounded to bfloat16), served as the runner serves it: the keys and values attention
+reads in float16 slots (RunnerConfig.kv_cache_dtype auto), everything else float32. Either is
 compared with the model's float32 ONNX export on the same held-out windows as `export.quality` (teacher
 forced: the first half of every window prefilled in one step, the rest decoded one token per step), and
 judged by the same kind of gate. The report (`build/quality/<folder>-<runner>-bfloat16.json`) names the

@@ -31,6 +31,13 @@ MATMUL_KERNELS = ("auto", "lepton", "onnxruntime")
 # NOTE: onnxruntime, float32 exports: "bfloat16": the weight products in bfloat16 through lepton/native's
 # MatMulBF16 (AVX-512 BF16; lepton/runners/bf16_graph.py), everything else float32; "export": as exported.
 WEIGHT_DTYPES = ("export", "bfloat16")
+# NOTE: attention=slots with Lepton's SlotAttention: the dtype of the per-sequence K/V copies ("slots") that
+# attention reads each step. "float16": this step's keys and values rounded to float16 as they are
+# written, half the bytes a decode reads; the block pools stay float32 and hold the same rounded values.
+# "auto": float16 where the weights are already approximate (a quantized export, weight_dtype=bfloat16),
+# whose quality gates are measured through the runner as it serves; float32 otherwise
+# (lepton/runners/slot_runner.py kv_cache_dtype).
+KV_CACHE_DTYPES = ("auto", "float32", "float16")
 SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
@@ -71,6 +78,7 @@ class RunnerConfig:
     attention_kernel: str = "auto"  # attention=slots: "auto", "lepton" or "onnxruntime" (see ATTENTION_KERNELS)
     matmul_kernel: str = "auto"  # 8-bit weight products: "auto", "lepton" or "onnxruntime" (see MATMUL_KERNELS)
     weight_dtype: str = "export"  # onnxruntime: "export" or "bfloat16" products (see WEIGHT_DTYPES)
+    kv_cache_dtype: str = "auto"  # attention=slots: "auto", "float32" or "float16" slots (see KV_CACHE_DTYPES)
     # NOTE: onnxruntime: true: intra-op threads spin between ops while a step runs and sleep once it returns
     # (session.force_spinning_stop); false: they sleep between ops too
     spin_wait: bool = True
@@ -143,6 +151,15 @@ class EngineConfig:
         if self.runner.weight_dtype != "export" and self.runner.runner != "onnxruntime":
             raise ConfigError(f"weight_dtype: {self.runner.weight_dtype} applies to runner=onnxruntime only (the "
                               f"{self.runner.runner} runner computes in its dtype; torch: dtype=bfloat16)")
+        _choice("kv_cache_dtype", self.runner.kv_cache_dtype, KV_CACHE_DTYPES)
+        if self.runner.kv_cache_dtype == "float16":
+            why = ("runner=onnxruntime only" if self.runner.runner != "onnxruntime" else
+                   "not with attention=paged (the paged graph reads the float32 pools)" if self.runner.attention == "paged"
+                   else "not with deterministic=true (it serves attention=paged)" if self.runner.deterministic else
+                   "Lepton's SlotAttention only, not attention_kernel=onnxruntime"
+                   if self.runner.attention_kernel == "onnxruntime" else "")
+            if why:
+                raise ConfigError(f"kv_cache_dtype: float16 slots need attention=slots with Lepton's SlotAttention: {why}")
         _choice("policy", self.scheduler.policy, SCHEDULING_POLICIES)
         if not 0.0 <= self.cache.kv_cache_memory_fraction < 1.0:
             raise ConfigError(f"kv_cache_memory_fraction: must be in [0, 1), got {self.cache.kv_cache_memory_fraction}")

@@ -48,5 +48,5 @@ def slots_to_pools():
         return None
     function = ctypes.CDLL(str(library)).lepton_slots_to_pools
     function.restype = ctypes.c_int64
-    function.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 8
+    function.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 9
     return function

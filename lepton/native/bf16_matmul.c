@@ -126,7 +126,7 @@ BF16 static void convert_rows_bf16(void *data, size_t task) {
 static inline __attribute__((always_inline)) BF16 void bf16_rows(const BProduct *pr, int64_t panel, int64_t m, const int mt) {
     const uint8_t *w = (const uint8_t *)(pr->b + panel * pr->pairs_per_row * 2 * LANES);
     const uint32_t *p = pr->pairs + m * pr->pairs_per_row;
-    __m512 acc[8];
+    __m512 acc[15]; /* NOTE: 8 rows at most are asked for (ROWS_AT_A_TIME's other cases are never taken) */
     for (int i = 0; i < mt; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t j = 0; j < pr->pairs_per_row; j++) {
         _mm_prefetch((const char *)(w + j * PAIR_BYTES + PREFETCH_BYTES), _MM_HINT_T0);
@@ -142,7 +142,7 @@ static inline __attribute__((always_inline)) BF16 void bf16_rows(const BProduct 
 }
 
 BF16 static void tile_bf16(const BProduct *pr, int64_t panel, int64_t m0, int64_t m1) {
-    EIGHT_ROWS_AT_A_TIME(bf16_rows, pr, panel, m0, m1);
+    ROWS_AT_A_TIME(bf16_rows, pr, panel, m0, m1, 8);
 }
 
 /* One task: panel `task % panels` for the rows of chunk `task / panels`. */

@@ -6,7 +6,8 @@
  * separate 256-byte piece on both sides. Here: pieces prefetched a few ahead, written with streaming
  * stores (the pools are read again only by refills, prefix hits and the paged graph), keys and values
  * of every layer split over the runner's compute threads: with two, 0.30 and 3.9 ms a kind (one
- * thread: 0.35, 6.8). */
+ * thread: 0.35, 6.8). Slots of float16 (kv_cache_dtype=float16) are widened into float32 pools on the way
+ * (F16C where the processor has it). */
 #include <immintrin.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -17,8 +18,20 @@ typedef struct {
     char *pools[2];
     const int64_t *slots, *positions, *targets;
     int64_t count, first, end; /* NOTE: a share of the (kind, layer) pairs: kind = i / layers, layer = i % layers */
-    int64_t layers, num_slots, kv_heads, capacity, pool_rows, row_bytes;
+    int64_t layers, num_slots, kv_heads, capacity, pool_rows, row_bytes; /* NOTE: row_bytes: a slot row's */
+    int widen; /* float16 slot rows into float32 pool rows (2 x row_bytes) */
 } Copy;
+
+/* n float16 values widened to float32: F16C, 8 at a time, or plain C (the same values: exact). */
+__attribute__((target("avx2,f16c"))) static void widen_f16c(float *dst, const _Float16 *src, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < n; i++) dst[i] = (float)src[i];
+}
+
+static void widen_plain(float *dst, const _Float16 *src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = (float)src[i];
+}
 
 #define AHEAD 8 /* NOTE: pieces prefetched ahead */
 #define MAX_THREADS 8
@@ -28,7 +41,11 @@ static void copy_layers(const Copy *c) {
         const int64_t layer = pair % c->layers;
         const char *store = c->stores[pair / c->layers];
         char *pools = c->pools[pair / c->layers];
-        const int streamed = c->row_bytes % 64 == 0 && ((uintptr_t)pools | (uintptr_t)store) % 64 == 0;
+        const int streamed = !c->widen && c->row_bytes % 64 == 0 && ((uintptr_t)pools | (uintptr_t)store) % 64 == 0;
+        const int64_t pool_row_bytes = c->widen ? 2 * c->row_bytes : c->row_bytes;
+        __builtin_cpu_init();
+        void (*widen)(float *, const _Float16 *, int64_t) =
+            __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx2") ? widen_f16c : widen_plain;
         for (int64_t head = 0; head < c->kv_heads; head++) {
             for (int64_t i = 0; i < c->count; i++) {
                 if (i + AHEAD < c->count) {
@@ -37,8 +54,10 @@ static void copy_layers(const Copy *c) {
                     for (int64_t b = 0; b < c->row_bytes; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
                 }
                 const char *src = store + (((layer * c->num_slots + c->slots[i]) * c->kv_heads + head) * c->capacity + c->positions[i]) * c->row_bytes;
-                char *dst = pools + ((layer * c->pool_rows + c->targets[i]) * c->kv_heads + head) * c->row_bytes;
-                if (streamed) {
+                char *dst = pools + ((layer * c->pool_rows + c->targets[i]) * c->kv_heads + head) * pool_row_bytes;
+                if (c->widen) {
+                    widen((float *)dst, (const _Float16 *)src, c->row_bytes / 2);
+                } else if (streamed) {
                     for (int64_t b = 0; b < c->row_bytes; b += 32)
                         _mm_stream_si128((__m128i *)(dst + b), _mm_load_si128((const __m128i *)(src + b))),
                         _mm_stream_si128((__m128i *)(dst + b + 16), _mm_load_si128((const __m128i *)(src + b + 16)));
@@ -58,13 +77,14 @@ static void *copy_thread(void *c) {
 
 /* Token i's rows (slot slots[i], position positions[i]) of every layer and kv head of the key and value
  * stores [layers, num_slots, kv_heads, capacity, row_bytes] go to row targets[i] of the key and value
- * pools [layers, pool_rows, kv_heads, row_bytes], the (kind, layer) pairs split over up to `threads`
+ * pools [layers, pool_rows, kv_heads, row_bytes] (widen: float16 stores, float32 pools of twice the row
+ * bytes), the (kind, layer) pairs split over up to `threads`
  * threads (the caller's and ones started here: ONNX Runtime's are idle between runs). Returns 0, or
  * i + 1 for the first token with an index out of range (then nothing is copied). */
 __attribute__((visibility("default"))) int64_t lepton_slots_to_pools(
     const char *key_store, const char *value_store, char *key_pools, char *value_pools, const int64_t *slots,
     const int64_t *positions, const int64_t *targets, int64_t count, int64_t layers, int64_t num_slots,
-    int64_t kv_heads, int64_t capacity, int64_t pool_rows, int64_t row_bytes, int64_t threads) {
+    int64_t kv_heads, int64_t capacity, int64_t pool_rows, int64_t row_bytes, int64_t threads, int64_t widen) {
     for (int64_t i = 0; i < count; i++) {
         if (slots[i] < 0 || slots[i] >= num_slots || positions[i] < 0 || positions[i] >= capacity ||
             targets[i] < 0 || targets[i] >= pool_rows)
@@ -78,7 +98,7 @@ __attribute__((visibility("default"))) int64_t lepton_slots_to_pools(
     for (int64_t t = 0; t < n; t++)
         parts[t] = (Copy){{key_store, value_store}, {key_pools, value_pools}, slots, positions, targets, count,
                           t * pairs / n, (t + 1) * pairs / n, layers, num_slots, kv_heads, capacity, pool_rows,
-                          row_bytes};
+                          row_bytes, widen != 0};
     int started[MAX_THREADS] = {0};
     for (int64_t t = 1; t < n; t++) started[t] = pthread_create(&helpers[t], NULL, copy_thread, &parts[t]) == 0;
     copy_layers(&parts[0]);

@@ -31,7 +31,7 @@ typedef struct {
     const char *(*GetVersionString)(void);
 } OrtApiBase;
 
-enum { ELEMENT_FLOAT = 1, ELEMENT_UINT8 = 2, ELEMENT_UINT16 = 4, ELEMENT_INT32 = 6 };
+enum { ELEMENT_FLOAT = 1, ELEMENT_UINT8 = 2, ELEMENT_UINT16 = 4, ELEMENT_INT32 = 6, ELEMENT_FLOAT16 = 10 };
 enum { STATUS_INVALID_ARGUMENT = 2, STATUS_FAIL = 1 };
 enum { REQUIRED = 0 };
 
@@ -205,7 +205,11 @@ static inline void free_kernel(void *kernel) { free(kernel); }
 
 /* An operator `var` named `name` with `inputs` inputs (their types from input_type_fn), `outputs` float
  * outputs, a kernel made by create_fn (freed with free) and run by compute_fn. */
-#define OPERATOR(var, name, inputs, outputs, input_type_fn, create_fn, compute_fn)                  \
+#define OPERATOR(var, name, inputs, outputs, input_type_fn, create_fn, compute_fn) \
+    TYPED_OPERATOR(var, name, inputs, outputs, input_type_fn, float_output, create_fn, compute_fn)
+
+/* The same with the outputs' types from output_type_fn. */
+#define TYPED_OPERATOR(var, name, inputs, outputs, input_type_fn, output_type_fn, create_fn, compute_fn) \
     static const char *var##_name(const CustomOp *op) { (void)op; return name; }                 \
     static size_t var##_inputs(const CustomOp *op) { (void)op; return inputs; }                  \
     static size_t var##_outputs(const CustomOp *op) { (void)op; return outputs; }                \
@@ -215,7 +219,7 @@ static inline void free_kernel(void *kernel) { free(kernel); }
         .GetExecutionProviderType = op_provider,                                                 \
         .GetInputType = input_type_fn,                                                           \
         .GetInputTypeCount = var##_inputs,                                                       \
-        .GetOutputType = float_output,                                                           \
+        .GetOutputType = output_type_fn,                                                         \
         .GetOutputTypeCount = var##_outputs,                                                     \
         .KernelDestroy = free_kernel,                                                            \
         .GetInputCharacteristic = required,                                                      \
@@ -244,51 +248,36 @@ static inline int64_t range_end(int64_t index, int64_t size, int64_t rows) {
     return (index + 1) * size < rows ? (index + 1) * size : rows;
 }
 
-/* rows_fn(pr, panel, m, mt) over rows [m0, m1): 8 rows at a time, then the remainder in one call, each
- * count a constant the inlined rows_fn is compiled for. */
-#define EIGHT_ROWS_AT_A_TIME(rows_fn, pr, panel, m0, m1)              \
-    do {                                                              \
-        int64_t m_ = (m0);                                            \
-        for (; m_ + 8 <= (m1); m_ += 8) rows_fn(pr, panel, m_, 8);    \
-        switch ((m1) - m_) {                                          \
-        case 7: rows_fn(pr, panel, m_, 7); break;                     \
-        case 6: rows_fn(pr, panel, m_, 6); break;                     \
-        case 5: rows_fn(pr, panel, m_, 5); break;                     \
-        case 4: rows_fn(pr, panel, m_, 4); break;                     \
-        case 3: rows_fn(pr, panel, m_, 3); break;                     \
-        case 2: rows_fn(pr, panel, m_, 2); break;                     \
-        case 1: rows_fn(pr, panel, m_, 1); break;                     \
-        default: break;                                               \
-        }                                                             \
-    } while (0)
-
-/* The same, 16 rows at a time, then the remainder (1 to 15) in one call. */
-#define SIXTEEN_ROWS_AT_A_TIME(rows_fn, pr, panel, m0, m1)            \
-    do {                                                              \
-        int64_t m_ = (m0);                                            \
-        for (; m_ + 16 <= (m1); m_ += 16) rows_fn(pr, panel, m_, 16); \
-        switch ((m1) - m_) {                                          \
-        case 15: rows_fn(pr, panel, m_, 15); break;                   \
-        case 14: rows_fn(pr, panel, m_, 14); break;                   \
-        case 13: rows_fn(pr, panel, m_, 13); break;                   \
-        case 12: rows_fn(pr, panel, m_, 12); break;                   \
-        case 11: rows_fn(pr, panel, m_, 11); break;                   \
-        case 10: rows_fn(pr, panel, m_, 10); break;                   \
-        case 9: rows_fn(pr, panel, m_, 9); break;                     \
-        case 8: rows_fn(pr, panel, m_, 8); break;                     \
-        case 7: rows_fn(pr, panel, m_, 7); break;                     \
-        case 6: rows_fn(pr, panel, m_, 6); break;                     \
-        case 5: rows_fn(pr, panel, m_, 5); break;                     \
-        case 4: rows_fn(pr, panel, m_, 4); break;                     \
-        case 3: rows_fn(pr, panel, m_, 3); break;                     \
-        case 2: rows_fn(pr, panel, m_, 2); break;                     \
-        case 1: rows_fn(pr, panel, m_, 1); break;                     \
-        default: break;                                               \
-        }                                                             \
+/* rows_fn(pr, panel, m, mt) over rows [m0, m1): `tile` (8 or 16) rows at a time, then the remainder in one
+ * call, each count a constant the inlined rows_fn is compiled for (rows_fn takes up to 15 rows: the cases
+ * past tile - 1 are never taken). */
+#define ROWS_AT_A_TIME(rows_fn, pr, panel, m0, m1, tile)                 \
+    do {                                                                 \
+        int64_t m_ = (m0);                                               \
+        for (; m_ + (tile) <= (m1); m_ += (tile)) rows_fn(pr, panel, m_, tile); \
+        switch ((m1) - m_) {                                             \
+        case 15: rows_fn(pr, panel, m_, 15); break;                      \
+        case 14: rows_fn(pr, panel, m_, 14); break;                      \
+        case 13: rows_fn(pr, panel, m_, 13); break;                      \
+        case 12: rows_fn(pr, panel, m_, 12); break;                      \
+        case 11: rows_fn(pr, panel, m_, 11); break;                      \
+        case 10: rows_fn(pr, panel, m_, 10); break;                      \
+        case 9: rows_fn(pr, panel, m_, 9); break;                        \
+        case 8: rows_fn(pr, panel, m_, 8); break;                        \
+        case 7: rows_fn(pr, panel, m_, 7); break;                        \
+        case 6: rows_fn(pr, panel, m_, 6); break;                        \
+        case 5: rows_fn(pr, panel, m_, 5); break;                        \
+        case 4: rows_fn(pr, panel, m_, 4); break;                        \
+        case 3: rows_fn(pr, panel, m_, 3); break;                        \
+        case 2: rows_fn(pr, panel, m_, 2); break;                        \
+        case 1: rows_fn(pr, panel, m_, 1); break;                        \
+        default: break;                                                  \
+        }                                                                \
     } while (0)
 
 /* The operators (ops.c registers them). */
 extern const CustomOp lepton_slot_attention;
+extern const CustomOp lepton_slot_attention_f16;
 extern const CustomOp lepton_q8_matmul;
 extern const CustomOp lepton_bf16_matmul;
 

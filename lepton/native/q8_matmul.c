@@ -235,8 +235,10 @@ static inline __attribute__((always_inline)) VNNI void vnni_rows(const Product *
 }
 
 VNNI static void tile_vnni(const Product *pr, int64_t panel, int64_t m0, int64_t m1) {
-    if (pr->rows <= 16) SIXTEEN_ROWS_AT_A_TIME(vnni_rows, pr, panel, m0, m1);
-    else EIGHT_ROWS_AT_A_TIME(vnni_rows, pr, panel, m0, m1);
+    if (pr->rows <= 16) /* NOTE: decodes: one pass; more rows: 8 at a time, as fast at 64-128 rows */
+        ROWS_AT_A_TIME(vnni_rows, pr, panel, m0, m1, 16);
+    else
+        ROWS_AT_A_TIME(vnni_rows, pr, panel, m0, m1, 8);
 }
 
 /* One task: panel `task % panels` for the rows of chunk `task / panels`. */

@@ -13,10 +13,17 @@
  * seqlens_k[b] + 1 new tokens, its padding rows are zero in the output and never written to the caches);
  * otherwise every sequence has S new tokens after seqlens_k[b] + 1 - S cached ones.
  *
+ * SlotAttentionF16 computes the same over caches of float16 (RunnerConfig.kv_cache_dtype): this step's keys
+ * and values are rounded to float16 (nearest even) as they are written, and each chunk of cached keys and
+ * values is widened to float32 once, for all the query heads of its group; the rest is float32 as above.
+ * A decode reads half the cache's bytes: 16 decodes over 192 tokens of SmolLM2 read 141 MB of float32
+ * keys and values a step, as much as its q8_0 weights.
+ *
  * scripts/build_native.sh (run by `make setup`) builds it into lepton/native/liblepton_ops.so, which the
  * slot runner loads when it exists; the hot loops are compiled for AVX-512, AVX2 + FMA and plain x86-64,
  * the loader picking one for the processor it runs on. Only the C ABI of ONNX Runtime is used (ort.h).
  */
+#include <immintrin.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -30,20 +37,34 @@
 
 enum { KEYS_PER_CHUNK = 64, QUERY_BLOCK = 16 };
 
+typedef _Float16 half_t;
+typedef void (*NarrowFn)(half_t *dst, const float *src, int64_t n);
+typedef struct Step Step;
+typedef struct Keys Keys;
+typedef void (*KeysFn)(const Step *st, const Keys *w);
+
 typedef struct {
     int64_t num_heads, kv_heads;
     float scale;
+    int half; /* caches of float16 (SlotAttentionF16) */
+    KeysFn keys;
+    NarrowFn narrow;
 } Kernel;
 
-typedef struct {
-    const float *qkv, *past_key, *past_value, *cos, *sin;
-    float *out, *key, *value;
+struct Step {
+    const float *qkv, *cos, *sin;
+    const char *past_key, *past_value; /* float or half_t, as `half` says */
+    float *out;
+    char *key, *value;
     const int32_t *seqlens;
     int64_t batch, length, heads, kv_heads, capacity, dim, blocks;
-    int first_prompt;
+    int64_t size; /* bytes of one cached value: 4, or 2 when half */
+    int first_prompt, half;
+    KeysFn keys; /* phase 2's walk over the keys, for the cache's type and the processor */
+    NarrowFn narrow;
     float scale;
     volatile int out_of_memory; /* a task could not allocate its buffer */
-} Step;
+};
 
 static int64_t new_tokens(const Step *st, int64_t b) {
     return st->first_prompt ? (int64_t)st->seqlens[b] + 1 : st->length;
@@ -136,10 +157,13 @@ static inline __attribute__((always_inline)) v8 lane_sums(const v8 x[8]) {
     return __builtin_shuffle(q[0], q[1], first) + __builtin_shuffle(q[0], q[1], second);
 }
 
-/* chunk_any for a head size known here: the query and the accumulator stay in vector registers. */
-#define CHUNK_FIXED(DIM)                                                                                          \
-    static inline __attribute__((always_inline)) void chunk_##DIM(                                                \
-        const float *restrict q, const float *restrict k, const float *restrict v, int64_t count, float *restrict a, \
+/* chunk_any for a head size known here: the query and the accumulator stay in vector registers. Cached rows
+ * of type T, eight values at a time read as float32 by LOAD (float: as they are; float16: widened). */
+#define LOAD_FLOAT(p) (*(const v8 *)(p))
+#define LOAD_HALF(p) ((v8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p))))
+#define CHUNK_FIXED(NAME, DIM, T, LOAD, ATTR)                                                                     \
+    static inline __attribute__((always_inline)) ATTR void NAME(                                                  \
+        const float *restrict q, const T *restrict k, const T *restrict v, int64_t count, float *restrict a,     \
         float *maximum, float *sum, float *restrict score) {                                                      \
         enum { N = DIM / 8 };                                                                                     \
         v8 qv[N], av[N];                                                                                          \
@@ -148,29 +172,65 @@ static inline __attribute__((always_inline)) v8 lane_sums(const v8 x[8]) {
         for (; j + 8 <= count; j += 8) {                                                                          \
             v8 dots[8];                                                                                           \
             for (int t = 0; t < 8; t++) {                                                                         \
-                const v8 *kj = (const v8 *)(k + (j + t) * DIM);                                                   \
-                dots[t] = qv[0] * kj[0];                                                                          \
-                for (int i = 1; i < N; i++) dots[t] += qv[i] * kj[i];                                             \
+                const T *kj = k + (j + t) * DIM;                                                                  \
+                dots[t] = qv[0] * LOAD(kj);                                                                       \
+                for (int i = 1; i < N; i++) dots[t] += qv[i] * LOAD(kj + 8 * i);                                  \
             }                                                                                                     \
             *(v8 *)(score + j) = lane_sums(dots);                                                                 \
         }                                                                                                         \
         for (; j < count; j++) {                                                                                  \
-            const v8 *kj = (const v8 *)(k + j * DIM);                                                             \
-            v8 s0 = qv[0] * kj[0];                                                                                \
-            for (int i = 1; i < N; i++) s0 += qv[i] * kj[i];                                                      \
+            const T *kj = k + j * DIM;                                                                            \
+            v8 s0 = qv[0] * LOAD(kj);                                                                             \
+            for (int i = 1; i < N; i++) s0 += qv[i] * LOAD(kj + 8 * i);                                           \
             score[j] = ((s0[0] + s0[4]) + (s0[1] + s0[5])) + ((s0[2] + s0[6]) + (s0[3] + s0[7]));                 \
         }                                                                                                         \
         const float rescale = fold(score, count, maximum, sum);                                                   \
         for (int i = 0; i < N; i++) av[i] = *(const v8 *)(a + 8 * i) * rescale;                                   \
         for (int64_t j = 0; j < count; j++) {                                                                     \
-            const v8 *vj = (const v8 *)(v + j * DIM);                                                             \
+            const T *vj = v + j * DIM;                                                                            \
             const float p = score[j];                                                                             \
-            for (int i = 0; i < N; i++) av[i] += p * vj[i];                                                       \
+            for (int i = 0; i < N; i++) av[i] += p * LOAD(vj + 8 * i);                                            \
         }                                                                                                         \
         for (int i = 0; i < N; i++) *(v8 *)(a + 8 * i) = av[i];                                                   \
     }
-CHUNK_FIXED(64)
-CHUNK_FIXED(128)
+CHUNK_FIXED(chunk_64, 64, float, LOAD_FLOAT, )
+CHUNK_FIXED(chunk_128, 128, float, LOAD_FLOAT, )
+
+/* float16 <-> float32, n values: with F16C's vcvtph2ps / vcvtps2ph (8 at a time), or in plain C (the same
+ * values: widening is exact, narrowing rounds to nearest even either way). Picked when a kernel is made. */
+static void widen_plain(float *restrict dst, const half_t *restrict src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = (float)src[i];
+}
+
+static void narrow_plain(half_t *restrict dst, const float *restrict src, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = (half_t)src[i];
+}
+
+#define F16C __attribute__((target("avx2,f16c")))
+
+F16C static void widen_f16c(float *restrict dst, const half_t *restrict src, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < n; i++) dst[i] = (float)src[i];
+}
+
+F16C static void narrow_f16c(half_t *restrict dst, const float *restrict src, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) dst[i] = (half_t)src[i];
+}
+
+CHUNK_FIXED(chunk_64_half, 64, half_t, LOAD_HALF, F16C)
+CHUNK_FIXED(chunk_128_half, 128, half_t, LOAD_HALF, F16C)
+
+/* n values into a cache row: copied, or rounded to float16. */
+static inline void put_row(const Step *st, char *dst, const float *src, int64_t n) {
+    if (st->half)
+        st->narrow((half_t *)dst, src, n);
+    else
+        memcpy(dst, src, (size_t)n * sizeof(float));
+}
 
 /* Phase 1, one (sequence, kv head): the past rows into the present cache when they are two buffers,
  * then this step's keys (rotated) and values. */
@@ -179,16 +239,97 @@ static void write_cache(void *data, size_t task) {
     const Step *st = data;
     const int64_t b = (int64_t)task / st->kv_heads, g = (int64_t)task % st->kv_heads, dim = st->dim;
     const int64_t fresh = new_tokens(st, b), past = cached_tokens(st, b);
-    const int64_t width = (st->heads + 2 * st->kv_heads) * dim, base = (b * st->kv_heads + g) * st->capacity * dim;
-    float *key = st->key + base, *value = st->value + base;
-    if (key != st->past_key + base) memcpy(key, st->past_key + base, (size_t)(past * dim) * sizeof(float));
-    if (value != st->past_value + base) memcpy(value, st->past_value + base, (size_t)(past * dim) * sizeof(float));
+    const int64_t width = (st->heads + 2 * st->kv_heads) * dim, base = (b * st->kv_heads + g) * st->capacity * dim * st->size;
+    char *key = st->key + base, *value = st->value + base;
+    if (key != st->past_key + base) memcpy(key, st->past_key + base, (size_t)(past * dim * st->size));
+    if (value != st->past_value + base) memcpy(value, st->past_value + base, (size_t)(past * dim * st->size));
+    float rotated[dim];
     for (int64_t s = 0; s < fresh; s++) {
         const float *row = st->qkv + (b * st->length + s) * width;
         const int64_t pos = past + s;
-        rotate(key + pos * dim, row + (st->heads + g) * dim, st->cos + pos * dim / 2, st->sin + pos * dim / 2,
-               dim / 2, 1.0f);
-        memcpy(value + pos * dim, row + (st->heads + st->kv_heads + g) * dim, (size_t)dim * sizeof(float));
+        rotate(rotated, row + (st->heads + g) * dim, st->cos + pos * dim / 2, st->sin + pos * dim / 2, dim / 2, 1.0f);
+        put_row(st, key + pos * dim * st->size, rotated, dim);
+        put_row(st, value + pos * dim * st->size, row + (st->heads + st->kv_heads + g) * dim, dim);
+    }
+}
+
+/* One (sequence, kv head, block of query positions)'s rows (every query head of the group at each
+ * position) and the keys they attend over. */
+struct Keys {
+    const float *query;
+    float *acc, *maximum, *sum, *score, *chunk_keys, *chunk_values; /* chunk_*: room for a widened chunk */
+    int64_t rows, group, end0, keys_end, base; /* row r attends to keys [0, end0 + r / group); base: the cache's */
+};
+
+/* Keys of chunk [j0, j0 + KEYS_PER_CHUNK) that row r attends to (causal: up to its own position). */
+static inline int64_t chunk_count(const Keys *w, int64_t r, int64_t j0) {
+    const int64_t end = w->end0 + r / w->group;
+    return j0 >= end ? 0 : j0 + KEYS_PER_CHUNK < end ? KEYS_PER_CHUNK : end - j0;
+}
+
+/* Each row over float32 rows of keys and values, chunk by chunk (k, v: the chunk's first rows). */
+static inline __attribute__((always_inline)) void rows_over_chunk(const Step *st, const Keys *w, int64_t j0,
+                                                                   const float *k, const float *v) {
+    for (int64_t r = 0; r < w->rows; r++) {
+        const int64_t count = chunk_count(w, r, j0);
+        const float *q = w->query + r * st->dim;
+        float *a = w->acc + r * st->dim;
+        if (!count) continue;
+        if (st->dim == 64)
+            chunk_64(q, k, v, count, a, w->maximum + r, w->sum + r, w->score);
+        else if (st->dim == 128)
+            chunk_128(q, k, v, count, a, w->maximum + r, w->sum + r, w->score);
+        else
+            chunk_any(q, k, v, count, st->dim, a, w->maximum + r, w->sum + r, w->score);
+    }
+}
+
+/* The walk over float32 caches. */
+CLONED
+static void keys_float(const Step *st, const Keys *w) {
+    const float *key = (const float *)st->key + w->base, *value = (const float *)st->value + w->base;
+    for (int64_t j0 = 0; j0 < w->keys_end; j0 += KEYS_PER_CHUNK)
+        rows_over_chunk(st, w, j0, key + j0 * st->dim, value + j0 * st->dim);
+}
+
+/* The walk over float16 caches in plain C: each chunk widened once into float32, then as above. */
+static void keys_half_plain(const Step *st, const Keys *w) {
+    const half_t *key = (const half_t *)st->key + w->base, *value = (const half_t *)st->value + w->base;
+    for (int64_t j0 = 0; j0 < w->keys_end; j0 += KEYS_PER_CHUNK) {
+        const int64_t n = (j0 + KEYS_PER_CHUNK < w->keys_end ? KEYS_PER_CHUNK : w->keys_end - j0) * st->dim;
+        widen_plain(w->chunk_keys, key + j0 * st->dim, n);
+        widen_plain(w->chunk_values, value + j0 * st->dim, n);
+        rows_over_chunk(st, w, j0, w->chunk_keys, w->chunk_values);
+    }
+}
+
+/* The walk over float16 caches with F16C: for a few rows (decodes: one position's query heads) head sizes
+ * 64 and 128 widen eight values at a time as they are read (reading overlaps computing, as with float32
+ * rows; 16 decodes of SmolLM2 over 192 tokens 5.3-5.7 ms against 7.2-8.0 widening each chunk first); more
+ * rows (a prompt's block of positions), or other head sizes, widen each chunk once for all of them. */
+enum { WIDEN_ONCE_ROWS = 8 };
+F16C static void keys_half_f16c(const Step *st, const Keys *w) {
+    const half_t *key = (const half_t *)st->key + w->base, *value = (const half_t *)st->value + w->base;
+    const int64_t dim = st->dim;
+    for (int64_t j0 = 0; j0 < w->keys_end; j0 += KEYS_PER_CHUNK) {
+        const half_t *k = key + j0 * dim, *v = value + j0 * dim;
+        if ((dim != 64 && dim != 128) || w->rows > WIDEN_ONCE_ROWS) {
+            const int64_t n = (j0 + KEYS_PER_CHUNK < w->keys_end ? KEYS_PER_CHUNK : w->keys_end - j0) * dim;
+            widen_f16c(w->chunk_keys, k, n);
+            widen_f16c(w->chunk_values, v, n);
+            rows_over_chunk(st, w, j0, w->chunk_keys, w->chunk_values);
+            continue;
+        }
+        for (int64_t r = 0; r < w->rows; r++) {
+            const int64_t count = chunk_count(w, r, j0);
+            const float *q = w->query + r * dim;
+            float *a = w->acc + r * dim;
+            if (!count) continue;
+            if (dim == 64)
+                chunk_64_half(q, k, v, count, a, w->maximum + r, w->sum + r, w->score);
+            else
+                chunk_128_half(q, k, v, count, a, w->maximum + r, w->sum + r, w->score);
+        }
     }
 }
 
@@ -210,13 +351,14 @@ static void attend(void *data, size_t task) {
     if (s1 > fresh) s1 = fresh;
     if (s0 >= s1) return;
     const int64_t rows = group * (s1 - s0), keys_end = past + s1;
-    float *buffer = malloc((size_t)(2 * rows * dim + 2 * rows + KEYS_PER_CHUNK) * sizeof(float));
+    const int64_t widened = st->half ? 2 * KEYS_PER_CHUNK * dim : 0; /* NOTE: a chunk's keys and values as float32 */
+    float *buffer = malloc((size_t)(2 * rows * dim + 2 * rows + KEYS_PER_CHUNK + widened) * sizeof(float));
     if (!buffer) {
         ((Step *)st)->out_of_memory = 1;
         return;
     }
     float *query = buffer, *acc = query + rows * dim, *maximum = acc + rows * dim, *sum = maximum + rows;
-    float *score = sum + rows;
+    float *score = sum + rows, *chunk_keys = score + KEYS_PER_CHUNK, *chunk_values = chunk_keys + KEYS_PER_CHUNK * dim;
     for (int64_t s = s0; s < s1; s++) {
         const float *row = st->qkv + (b * st->length + s) * width;
         const int64_t pos = past + s;
@@ -229,22 +371,9 @@ static void attend(void *data, size_t task) {
         }
     }
     memset(acc, 0, (size_t)(rows * dim) * sizeof(float));
-    const int64_t base = (b * st->kv_heads + g) * st->capacity * dim;
-    const float *key = st->key + base, *value = st->value + base;
-    for (int64_t j0 = 0; j0 < keys_end; j0 += KEYS_PER_CHUNK)
-        for (int64_t r = 0; r < rows; r++) {
-            const int64_t end_r = past + s0 + r / group + 1; /* causal: up to the row's own position */
-            if (j0 >= end_r) continue;
-            const int64_t count = j0 + KEYS_PER_CHUNK < end_r ? KEYS_PER_CHUNK : end_r - j0;
-            const float *q = query + r * dim, *k = key + j0 * dim, *v = value + j0 * dim;
-            float *a = acc + r * dim;
-            if (dim == 64)
-                chunk_64(q, k, v, count, a, maximum + r, sum + r, score);
-            else if (dim == 128)
-                chunk_128(q, k, v, count, a, maximum + r, sum + r, score);
-            else
-                chunk_any(q, k, v, count, dim, a, maximum + r, sum + r, score);
-        }
+    const Keys walk = {query, acc, maximum, sum, score, chunk_keys, chunk_values, rows, group, past + s0 + 1, keys_end,
+                       (b * st->kv_heads + g) * st->capacity * dim};
+    st->keys(st, &walk);
     for (int64_t s = s0; s < s1; s++)
         for (int64_t h = 0; h < group; h++) {
             const int64_t r = (s - s0) * group + h;
@@ -262,6 +391,13 @@ static OrtStatus *input(OrtKernelContext *context, size_t index, const void **da
     return get_input("SlotAttention", 7, context, index, data, dims, rank, NULL);
 }
 
+static OrtStatus *cache_output(OrtKernelContext *context, size_t index, const int64_t *dims, char **data) {
+    float *out = NULL;
+    TRY(get_output(context, index, dims, 4, &out)); /* NOTE: any element type: only the address is taken */
+    *data = (char *)out;
+    return NULL;
+}
+
 static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     const Kernel *kernel = kernel_data;
     int64_t qkv_dims[4], key_dims[4], value_dims[4], seq_dims[4], total_dims[4], cos_dims[4], sin_dims[4];
@@ -276,6 +412,7 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     TRY(input(context, 6, (const void **)&st.sin, sin_dims, 2));
     st.batch = qkv_dims[0], st.length = qkv_dims[1];
     st.heads = kernel->num_heads, st.kv_heads = kernel->kv_heads, st.scale = kernel->scale;
+    st.half = kernel->half, st.size = kernel->half ? 2 : 4, st.keys = kernel->keys, st.narrow = kernel->narrow;
     st.capacity = key_dims[2], st.dim = key_dims[3];
     const int64_t width = (st.heads + 2 * st.kv_heads) * st.dim;
     if (qkv_dims[2] != width) return invalid("SlotAttention: qkv has %lld values per token, expected %lld", qkv_dims[2], width);
@@ -298,8 +435,8 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     }
     const int64_t out_dims[3] = {st.batch, st.length, st.heads * st.dim};
     TRY(get_output(context, 0, out_dims, 3, &st.out));
-    TRY(get_output(context, 1, key_dims, 4, &st.key));
-    TRY(get_output(context, 2, value_dims, 4, &st.value));
+    TRY(cache_output(context, 1, key_dims, &st.key));
+    TRY(cache_output(context, 2, value_dims, &st.value));
     st.blocks = (st.length + QUERY_BLOCK - 1) / QUERY_BLOCK;
     parallel_for(context, write_cache, (size_t)(st.batch * st.kv_heads), &st);
     parallel_for(context, attend, (size_t)(st.batch * st.kv_heads * st.blocks), &st);
@@ -307,11 +444,21 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     return NULL;
 }
 
-static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const OrtKernelInfo *info, void **out) {
-    (void)op, (void)ort_api;
+static OrtStatus *create(const OrtKernelInfo *info, void **out, int half) {
     Kernel *kernel = calloc(1, sizeof(Kernel));
     if (!kernel) return out_of_memory("SlotAttention");
-    OrtStatus *status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "num_heads", &kernel->num_heads);
+    kernel->half = half;
+    int64_t isa = 0;
+    OrtStatus *status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "isa", &isa);
+    if (status) { /* NOTE: optional: 0 = F16C where the processor has it, 1 = plain C (the tests run both) */
+        API(ReleaseStatusFn, API_RELEASE_STATUS)(status);
+        isa = 0;
+    }
+    __builtin_cpu_init();
+    const int f16c = isa == 0 && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx2");
+    kernel->keys = !half ? keys_float : f16c ? keys_half_f16c : keys_half_plain;
+    kernel->narrow = f16c ? narrow_f16c : narrow_plain;
+    status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "num_heads", &kernel->num_heads);
     if (!status) status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "kv_num_heads", &kernel->kv_heads);
     if (!status) status = API(GetAttributeFloatFn, API_KERNEL_INFO_GET_ATTRIBUTE_FLOAT)(info, "scale", &kernel->scale);
     if (!status && (kernel->kv_heads < 1 || kernel->num_heads % kernel->kv_heads))
@@ -324,9 +471,32 @@ static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const O
     return NULL;
 }
 
+static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const OrtKernelInfo *info, void **out) {
+    (void)op, (void)ort_api;
+    return create(info, out, 0);
+}
+
+static OrtStatus *create_kernel_f16(const CustomOp *op, const void *ort_api, const OrtKernelInfo *info, void **out) {
+    (void)op, (void)ort_api;
+    return create(info, out, 1);
+}
+
 static int input_type(const CustomOp *op, size_t index) {
     (void)op;
     return index == 3 || index == 4 ? ELEMENT_INT32 : ELEMENT_FLOAT;
 }
 
+/* SlotAttentionF16: past_key and past_value, present_key and present_value float16. */
+static int input_type_f16(const CustomOp *op, size_t index) {
+    (void)op;
+    return index == 1 || index == 2 ? ELEMENT_FLOAT16 : input_type(op, index);
+}
+
+static int output_type_f16(const CustomOp *op, size_t index) {
+    (void)op;
+    return index == 0 ? ELEMENT_FLOAT : ELEMENT_FLOAT16;
+}
+
 OPERATOR(lepton_slot_attention, "SlotAttention", 7, 3, input_type, create_kernel, compute);
+TYPED_OPERATOR(lepton_slot_attention_f16, "SlotAttentionF16", 7, 3, input_type_f16, output_type_f16, create_kernel_f16,
+               compute);

@@ -64,8 +64,9 @@ def _onnx_runner(folder: ModelFolder, config: EngineConfig) -> Runner:
         try:
             return SlotRunner(folder, config)
         except SlotGraphError as error:
-            if attention == "slots":
-                raise ConfigError(f"attention: slots cannot serve {folder.path}: {error}") from None
+            if attention == "slots" or config.runner.kv_cache_dtype == "float16":
+                what = "attention: slots" if attention == "slots" else "kv_cache_dtype: float16 (attention=slots)"
+                raise ConfigError(f"{what} cannot serve {folder.path}: {error}") from None
             print(f"[lepton] attention=auto: {error}; serving the paged graph", flush=True)
     return OnnxRunner(folder, config)
 

@@ -46,6 +46,9 @@ def _slot_count(rows: int) -> int:
 class SlotCache:
     """Keys and values per layer [slots, KVH, capacity, D]; who holds each slot and how many tokens.
 
+    dtype: the pools' (float32), or float16 (RunnerConfig.kv_cache_dtype): filled from the pools rounded to
+    nearest even, copied into them widened (exact), so that pools and slots hold the same values.
+
     `keys[layer]` is `key_store[layer]` (a view), and the same for values; the stores are None until
     the first reserve and after a release.
     """
@@ -231,9 +234,12 @@ class SlotCache:
         stores, pools = (self.key_store, self.value_store), (k_store, v_store)
         layers, num_slots, kv_heads, capacity, head_dim = stores[0].shape
         pool_rows = k_store.shape[1] * k_store.shape[2]
-        # NOTE: the C copy trusts these shapes; anything else takes numpy's copy (which raises on a mismatch)
-        native = copy is not None and all(
-            a.dtype == stores[0].dtype and a.flags.c_contiguous for a in (*stores, *pools)) and all(
+        # NOTE: the C copy trusts these shapes and types (the same, or float16 slots into float32 pools);
+        # anything else takes numpy's copy (which raises on a mismatch, and casts)
+        widen = stores[0].dtype == np.float16 and k_store.dtype == np.float32
+        native = copy is not None and all(a.flags.c_contiguous for a in (*stores, *pools)) and (
+            stores[1].dtype == stores[0].dtype and v_store.dtype == k_store.dtype) and (
+            widen or k_store.dtype == stores[0].dtype) and all(
             p.shape == (layers, *k_store.shape[1:3], kv_heads, head_dim) for p in pools) and (
             stores[1].shape == stores[0].shape)
         if not native:
@@ -243,7 +249,7 @@ class SlotCache:
                 pool.reshape(pool.shape[0], pool_rows, *pool.shape[3:])[:, index[2]] = rows
             return
         bad = copy(*(a.ctypes.data for a in (*stores, *pools, *index)), index[0].size, layers, num_slots, kv_heads,
-                   capacity, pool_rows, head_dim * stores[0].itemsize, self.copy_threads)
+                   capacity, pool_rows, head_dim * stores[0].itemsize, self.copy_threads, int(widen))
         if bad:
             i = bad - 1
             raise IndexError(f"token {i}: slot {index[0][i]} (of {num_slots}), position {index[1][i]} "

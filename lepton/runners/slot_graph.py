@@ -14,8 +14,9 @@ Graph contract (what `lepton.runners.slot_runner` binds):
 - seqlens_k [B] int32: each sequence's cached tokens after this step, minus one;
 - total_sequence_length [] int32: max(seqlens_k) + 1;
 - logits_indices [L] int64: rows of the flat [B * S] tokens whose logits are returned;
-- past_key_{i} / past_value_{i} [B, KVH, M, D] float32; outputs present_key_{i} / present_value_{i}
-  (the same buffers when bound so) and logits [L, V].
+- past_key_{i} / past_value_{i} [B, KVH, M, D] float32 (float16 with cache_dtype float16: Lepton's
+  SlotAttentionF16); outputs present_key_{i} / present_value_{i} (the same buffers when bound so) and
+  logits [L, V].
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from lepton.models.llama import ModelConfig
 from lepton.native import DOMAIN as LEPTON_DOMAIN
 from lepton.runners.graph_edit import MS_DOMAIN, replace_nodes
 KERNELS = ("onnxruntime", "lepton")  # GroupQueryAttention, SlotAttention
+CACHE_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 SLOT_INPUTS = ("input_ids", "seqlens_k", "total_sequence_length", "logits_indices")
 
 
@@ -36,15 +38,17 @@ class SlotGraphError(RuntimeError):
 
 
 def slot_graph(model: onnx.ModelProto, cfg: ModelConfig, cos_half: np.ndarray, sin_half: np.ndarray,
-               kernel: str = "onnxruntime") -> onnx.ModelProto:
+               kernel: str = "onnxruntime", cache_dtype: str = "float32") -> onnx.ModelProto:
     """Rewrite the paged step graph in place (see the module docstring); returns it.
 
     cos_half / sin_half: [max positions, head_dim / 2] float32, the rotate-half tables of the model's RoPE;
     kernel: "onnxruntime" (GroupQueryAttention) or "lepton" (SlotAttention: the session must register
-    lepton.native's library).
+    lepton.native's library); cache_dtype: "float32", or "float16" (kernel "lepton" only).
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
+    if cache_dtype not in CACHE_DTYPES or (cache_dtype == "float16" and kernel != "lepton"):
+        raise ValueError(f"cache_dtype: {cache_dtype!r} with kernel {kernel!r} (float16 needs kernel 'lepton')")
     graph = model.graph
     splits = [n for n in graph.node if n.op_type == "Split" and len(n.output) == 3]
     outputs = _attention_outputs(graph)
@@ -65,7 +69,7 @@ def slot_graph(model: onnx.ModelProto, cfg: ModelConfig, cos_half: np.ndarray, s
     ]
     renamed, fused = {"input_ids": "slot.flat_ids"}, {}
     for layer, (split, attention_out) in enumerate(zip(splits, outputs)):
-        fused[split.output[0]] = _fused_layer(layer, split.input[0], cfg, kernel)
+        fused[split.output[0]] = _fused_layer(layer, split.input[0], cfg, kernel, cache_dtype)
         renamed[attention_out] = f"slot.out_{layer}"
     for node in graph.node:
         for i, name in enumerate(node.input):
@@ -74,21 +78,22 @@ def slot_graph(model: onnx.ModelProto, cfg: ModelConfig, cos_half: np.ndarray, s
         nodes.append(node)
         if node.op_type == "Split":  # NOTE: right after the qkv split, so the order stays topological
             nodes += fused.get(node.output[0], [])
-    _set_io(graph, cfg)
+    _set_io(graph, cfg, CACHE_DTYPES[cache_dtype])
     replace_nodes(model, [_copy(node) for node in _live(nodes, [o.name for o in graph.output])], inits)
     if kernel == "lepton" and not any(o.domain == LEPTON_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(LEPTON_DOMAIN, 1))
     return model
 
 
-def _fused_layer(layer: int, qkv: str, cfg: ModelConfig, kernel: str) -> list[onnx.NodeProto]:
+def _fused_layer(layer: int, qkv: str, cfg: ModelConfig, kernel: str, cache_dtype: str) -> list[onnx.NodeProto]:
     """qkv [B * S, (N + 2 KVH) D] -> [B, S, ...] -> attention -> [B * S, N D] (slot.out_{layer})."""
     caches = [f"past_key_{layer}", f"past_value_{layer}"]
     lengths = ["seqlens_k", "total_sequence_length", "slot.cos_cache", "slot.sin_cache"]
     outputs = [f"slot.attention_{layer}", f"present_key_{layer}", f"present_value_{layer}"]
     heads = dict(num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, scale=float(cfg.head_dim ** -0.5))
     if kernel == "lepton":
-        attention = helper.make_node("SlotAttention", [f"slot.qkv_{layer}", *caches, *lengths], outputs,
+        op = "SlotAttentionF16" if cache_dtype == "float16" else "SlotAttention"
+        attention = helper.make_node(op, [f"slot.qkv_{layer}", *caches, *lengths], outputs,
                                      name=f"slot.attention_{layer}", domain=LEPTON_DOMAIN, **heads)
     else:
         attention = helper.make_node("GroupQueryAttention", [f"slot.qkv_{layer}", "", "", *caches, *lengths], outputs,
@@ -115,7 +120,7 @@ def _attention_outputs(graph: onnx.GraphProto) -> list[str]:
     return found
 
 
-def _set_io(graph: onnx.GraphProto, cfg: ModelConfig) -> None:
+def _set_io(graph: onnx.GraphProto, cfg: ModelConfig, cache_type: int) -> None:
     """The slot graph's inputs and outputs (see the module docstring)."""
     cache = ["B", cfg.num_kv_heads, "M", cfg.head_dim]
     inputs = [
@@ -127,8 +132,8 @@ def _set_io(graph: onnx.GraphProto, cfg: ModelConfig) -> None:
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["L", cfg.vocab_size])]
     for layer in range(cfg.num_layers):
         for kv in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_{kv}_{layer}", TensorProto.FLOAT, cache))
-            outputs.append(helper.make_tensor_value_info(f"present_{kv}_{layer}", TensorProto.FLOAT, cache))
+            inputs.append(helper.make_tensor_value_info(f"past_{kv}_{layer}", cache_type, cache))
+            outputs.append(helper.make_tensor_value_info(f"present_{kv}_{layer}", cache_type, cache))
     graph.ClearField("input")
     graph.input.extend(inputs)
     graph.ClearField("output")

@@ -53,6 +53,20 @@ def attention_kernel(setting: str, library: Path | None) -> str:
     return setting
 
 
+def kv_cache_dtype(setting: str, kernel: str, approximate: bool) -> str:
+    """The slots' dtype for RunnerConfig.kv_cache_dtype: "float16" when asked (it needs Lepton's SlotAttention)
+    or, with "auto", where Lepton's SlotAttention attends and the weights are already approximate (a
+    quantized export, weight_dtype=bfloat16: each served only under a quality gate measured through this
+    runner); "float32" otherwise (a float32 export stays float32 throughout, as validated against PyTorch)."""
+    if setting == "float16" and kernel != "lepton":
+        raise RuntimeError("kv_cache_dtype=float16: Lepton's SlotAttention is not available (lepton/native/"
+                           "liblepton_ops.so is not built or older than its source; scripts/build_native.sh builds "
+                           "it), or set kv_cache_dtype=auto")
+    if setting == "auto":
+        return "float16" if kernel == "lepton" and approximate else "float32"
+    return setting
+
+
 def describe_kernel(kernel: str, setting: str) -> str:
     """What attends, and why (printed at load)."""
     if kernel == "lepton":
@@ -84,9 +98,12 @@ class SlotRunner(OnnxRunner):
         self.paged_session = self._export_session(path, config, None, paged, products_library)
         library = ops_library()
         self.attention_kernel = attention_kernel(config.runner.attention_kernel, library)
-        print(f"[lepton] attention=slots: {describe_kernel(self.attention_kernel, config.runner.attention_kernel)}",
-              flush=True)
-        model = slot_graph(model, cfg, cos.numpy(), sin.numpy(), kernel=self.attention_kernel)
+        approximate = self.manifest.quantization is not None or config.runner.weight_dtype == "bfloat16"
+        self.kv_cache_dtype = kv_cache_dtype(config.runner.kv_cache_dtype, self.attention_kernel, approximate)
+        print(f"[lepton] attention=slots: {describe_kernel(self.attention_kernel, config.runner.attention_kernel)}, "
+              f"{self.kv_cache_dtype} slots", flush=True)
+        model = slot_graph(model, cfg, cos.numpy(), sin.numpy(), kernel=self.attention_kernel,
+                           cache_dtype=self.kv_cache_dtype)
         return make_session(model.SerializeToString(), config.runner.compute_threads, profile_prefix,
                             data_folder=path if external else None, spin_wait=config.runner.spin_wait,
                             spin_duration_us=config.runner.spin_duration_us,
@@ -96,7 +113,8 @@ class SlotRunner(OnnxRunner):
         cfg = self.model_config
         max_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         pool_bytes = sum(pool.nbytes for pool in self.k_pools + self.v_pools)
-        self.slots = SlotCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, np.dtype(self.manifest.kv_dtype),
+        dtype = np.dtype(np.float16 if self.kv_cache_dtype == "float16" else self.manifest.kv_dtype)
+        self.slots = SlotCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype,
                                self.block_size, max_capacity=max_len,
                                max_bytes=min(max(SLOT_BUDGET_POOLS * pool_bytes, SLOT_BUDGET_FLOOR),
                                              available_bytes() // 2),

@@ -3,6 +3,7 @@
 The slot graph may run either (RunnerConfig.attention_kernel); they must agree on every row that is
 read afterwards: the attention of each sequence's real tokens and the caches up to each sequence's
 length. Head sizes 64 and 128 take the vector-register paths of the C file, others its generic loop.
+SlotAttentionF16 (float16 caches) computes what SlotAttention computes on the caches' rounded values.
 """
 
 from __future__ import annotations
@@ -24,31 +25,37 @@ POSITIONS = 1024
 ATOL = 5e-6
 
 
-def session(kernel: str, heads: int, kv_heads: int, dim: int, library: Path = LIBRARY) -> ort.InferenceSession:
+def session(kernel: str, heads: int, kv_heads: int, dim: int, library: Path = LIBRARY, isa: int | None = None
+            ) -> ort.InferenceSession:
+    """kernel: "lepton" (SlotAttention), "lepton-f16" (SlotAttentionF16; isa 1 = its plain C path) or
+    "onnxruntime" (GroupQueryAttention)."""
     caches = ["past_key", "past_value"]
     lengths = ["seqlens_k", "total_sequence_length", "cos", "sin"]
     attrs = dict(num_heads=heads, kv_num_heads=kv_heads, scale=float(dim ** -0.5))
-    if kernel == "lepton":
-        node = helper.make_node("SlotAttention", ["qkv", *caches, *lengths], ["out", "key", "value"], domain=DOMAIN,
-                                **attrs)
+    if isa is not None:
+        attrs["isa"] = isa
+    if kernel.startswith("lepton"):
+        op = "SlotAttentionF16" if kernel == "lepton-f16" else "SlotAttention"
+        node = helper.make_node(op, ["qkv", *caches, *lengths], ["out", "key", "value"], domain=DOMAIN, **attrs)
     else:
         node = helper.make_node("GroupQueryAttention", ["qkv", "", "", *caches, *lengths], ["out", "key", "value"],
                                 domain="com.microsoft", do_rotary=1, rotary_interleaved=0, **attrs)
     f, cache = TensorProto.FLOAT, ["B", kv_heads, "M", dim]
+    c = TensorProto.FLOAT16 if kernel == "lepton-f16" else f
     graph = helper.make_graph([node], "attention", [
         helper.make_tensor_value_info("qkv", f, ["B", "S", "W"]),  # NOTE: any width: the kernel checks it
-        helper.make_tensor_value_info("past_key", f, cache), helper.make_tensor_value_info("past_value", f, cache),
+        helper.make_tensor_value_info("past_key", c, cache), helper.make_tensor_value_info("past_value", c, cache),
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["B"]),
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
         helper.make_tensor_value_info("cos", f, [POSITIONS, dim // 2]),
         helper.make_tensor_value_info("sin", f, [POSITIONS, dim // 2]),
     ], [helper.make_tensor_value_info("out", f, ["B", "S", heads * dim]),
-        helper.make_tensor_value_info("key", f, cache), helper.make_tensor_value_info("value", f, cache)])
+        helper.make_tensor_value_info("key", c, cache), helper.make_tensor_value_info("value", c, cache)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
                                                     helper.make_opsetid(DOMAIN, 1)])
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
-    if kernel == "lepton":
+    if kernel.startswith("lepton"):
         options.register_custom_ops_library(str(library))
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
@@ -96,8 +103,9 @@ CASES = {  # name: (heads, kv heads, dim, sequences, new tokens per row, seqlens
 def sessions():
     made = {}
 
-    def get(kernel: str, heads: int, kv_heads: int, dim: int, library: Path = LIBRARY) -> ort.InferenceSession:
-        key = (kernel, heads, kv_heads, dim, library)
+    def get(kernel: str, heads: int, kv_heads: int, dim: int, library: Path = LIBRARY, isa: int | None = None
+            ) -> ort.InferenceSession:
+        key = (kernel, heads, kv_heads, dim, library, isa)
         if key not in made:
             made[key] = session(*key)
         return made[key]
@@ -141,6 +149,52 @@ def check_case(sessions, case: str, in_place: bool, library: Path) -> None:
         if first_prompt:  # NOTE: a padding row's attention is zero; GroupQueryAttention leaves something there
             assert not got[0][b, new:].any()
         if in_place:  # NOTE: rows past a sequence's length are never written: what was there stays
+            np.testing.assert_array_equal(got[1][b, :, cached_after:], key[b, :, cached_after:])
+
+
+def attention_over(qkv: np.ndarray, key: np.ndarray, value: np.ndarray, past: int, heads: int, kv_heads: int) -> np.ndarray:
+    """Causal attention in float64 of the rows' queries (rotated at positions past ...) over caches
+    [KVH, M, D]: [rows, heads x D]."""
+    dim = key.shape[-1]
+    cos, sin = rope(dim)
+    out = np.zeros((qkv.shape[0], heads * dim))
+    for s, row in enumerate(qkv.astype(np.float64)):
+        pos = past + s
+        for h in range(heads):
+            q = row[h * dim:(h + 1) * dim]
+            q = np.concatenate([q[:dim // 2] * cos[pos] - q[dim // 2:] * sin[pos], q[dim // 2:] * cos[pos] + q[:dim // 2] * sin[pos]])
+            g = h // (heads // kv_heads)
+            scores = key[g, :pos + 1].astype(np.float64) @ q * dim ** -0.5
+            weights = np.exp(scores - scores.max())
+            out[s, h * dim:(h + 1) * dim] = weights @ value[g, :pos + 1].astype(np.float64) / weights.sum()
+    return out
+
+
+@pytest.mark.parametrize("isa", [0, 1], ids=["F16C where the processor has it", "plain C"])
+@pytest.mark.parametrize("in_place", [True, False], ids=["in place", "two buffers"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_float16_caches_give_what_float32_caches_of_the_rounded_values_give(sessions, case, in_place, isa):
+    heads, kv_heads, dim, batch, length, seqlens = CASES[case]
+    rng = np.random.default_rng(11)
+    seqlens = np.array(seqlens, np.int32)
+    qkv = rng.standard_normal((batch, length, (heads + 2 * kv_heads) * dim), np.float32)
+    key, value = (rng.standard_normal((batch, kv_heads, 256, dim), np.float32).astype(np.float16) for _ in range(2))
+    want = attend(sessions("lepton", heads, kv_heads, dim), qkv, key.astype(np.float32), value.astype(np.float32),
+                  seqlens, in_place)
+    got = attend(sessions("lepton-f16", heads, kv_heads, dim, isa=isa), qkv, key, value, seqlens, in_place)
+    assert got[1].dtype == got[2].dtype == np.float16
+    first_prompt = length == seqlens.max() + 1
+    for b, cached_after in enumerate(seqlens + 1):
+        new = cached_after if first_prompt else length
+        # NOTE: this step's keys and values are the float32 ones rounded to nearest even, the cached ones kept
+        for cache in (1, 2):
+            np.testing.assert_array_equal(got[cache][b, :, :cached_after], want[cache][b, :, :cached_after].astype(np.float16))
+        # NOTE: and attention reads them so: float64 over the float16 caches (with this step's rows rounded)
+        reference = attention_over(qkv[b, :new], got[1][b], got[2][b], cached_after - new, heads, kv_heads)
+        np.testing.assert_allclose(got[0][b, :new], reference, atol=ATOL, rtol=0)
+        if first_prompt:
+            assert not got[0][b, new:].any()
+        if in_place:
             np.testing.assert_array_equal(got[1][b, :, cached_after:], key[b, :, cached_after:])
 
 

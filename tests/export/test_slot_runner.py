@@ -13,7 +13,7 @@ from lepton.models.llama import ModelConfig
 from lepton.runners import make_runner, open_folder
 from lepton.runners.onnx_runner import OnnxRunner
 from lepton.runners.slot_graph import SLOT_INPUTS, SlotGraphError, slot_graph
-from lepton.runners.slot_runner import SlotRunner
+from lepton.runners.slot_runner import SlotRunner, kv_cache_dtype
 from lepton.sampling_params import SamplingParams
 from lepton.scheduler import ScheduledSeq, SchedulerOutput
 from lepton.sequence import Sequence
@@ -22,12 +22,14 @@ BLOCK_SIZE = 8
 # NOTE: the same weights and float32 arithmetic; rows are multiplied in other groupings and attention
 # sums in another order (seen: up to 5e-5 on SmolLM2, whose logits reach ~30).
 ATOL = 1e-4
+# NOTE: float16 slots: keys and values rounded to 11 significant bits (seen: 1.8e-3 on the tiny models)
+F16_ATOL = 1e-2
 
 
-def runner(export_dir, attention: str, deterministic: bool = False, kernel: str = "auto"):
+def runner(export_dir, attention: str, deterministic: bool = False, kernel: str = "auto", kv_cache_dtype: str = "auto"):
     config = EngineConfig(model_dir=export_dir, cache=CacheConfig(block_size=BLOCK_SIZE, kv_cache_memory_bytes=4 << 20),
                           runner=RunnerConfig(runner="onnxruntime", attention=attention, deterministic=deterministic,
-                                              attention_kernel=kernel))
+                                              attention_kernel=kernel, kv_cache_dtype=kv_cache_dtype))
     return make_runner(open_folder(config), config)
 
 
@@ -97,6 +99,38 @@ def test_slots_give_the_paged_graphs_logits_and_pools(tiny_exports, kind, export
     assert slots.slots.moves >= 1, "the schedule should have moved a decode row down"
     assert slots.slots.refills >= 2, "the prefix hits and the row moved out should have been refilled"
     assert slots.paged_runs == 2, "the two steps with two chunks after cached tokens run the paged graph"
+
+
+@pytest.mark.parametrize("kind,exporter", [("llama", "dynamo"), ("qwen2", "torchscript")])
+def test_float16_slots_give_the_paged_graphs_logits_within_their_rounding(tiny_exports, kind, exporter):
+    export_dir, _ = tiny_exports(kind, exporter)
+    paged, slots = runner(export_dir, "paged"), runner(export_dir, "slots", kv_cache_dtype="float16")
+    assert slots.kv_cache_dtype == "float16" and slots.slots.dtype == np.float16
+    assert runner(export_dir, "slots").kv_cache_dtype == "float32"  # NOTE: auto: a float32 export stays float32
+    worst = run_schedule(paged, slots)
+    print(f"float16 slots: largest logit difference {worst:.2e}")
+    assert worst <= F16_ATOL
+    for ref, got in zip(paged.k_pools + paged.v_pools, slots.k_pools + slots.v_pools):
+        np.testing.assert_allclose(got, ref, atol=F16_ATOL, rtol=2 ** -10)
+    assert slots.slots.refills >= 2 and slots.paged_runs == 2
+
+
+def test_the_kv_cache_dtype_setting():
+    assert kv_cache_dtype("auto", "lepton", approximate=True) == "float16"
+    assert kv_cache_dtype("auto", "lepton", approximate=False) == "float32"
+    assert kv_cache_dtype("auto", "onnxruntime", approximate=True) == "float32"
+    assert kv_cache_dtype("float32", "lepton", approximate=True) == "float32"
+    with pytest.raises(RuntimeError, match="kv_cache_dtype=float16: Lepton's SlotAttention is not available"):
+        kv_cache_dtype("float16", "onnxruntime", approximate=True)
+    base = {"model_dir": "m", "runner": "onnxruntime", "kv_cache_dtype": "float16"}
+    for extra, why in [({"runner": "torch"}, "runner=onnxruntime only"),
+                       ({"attention": "paged"}, "not with attention=paged"),
+                       ({"deterministic": "true"}, "not with deterministic=true"),
+                       ({"attention_kernel": "onnxruntime"}, "Lepton's SlotAttention only")]:
+        with pytest.raises(ConfigError, match=f"kv_cache_dtype: float16 slots need attention=slots .*{why}"):
+            EngineConfig.from_parameters({**base, **extra})
+    with pytest.raises(ConfigError, match="kv_cache_dtype: must be one of auto, float32, float16, got 'int8'"):
+        EngineConfig.from_parameters({**base, "kv_cache_dtype": "int8"})
 
 
 def test_run_returns_the_steps_keys_and_values_as_the_paged_graph_does(tiny_exports):

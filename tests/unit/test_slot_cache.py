@@ -174,6 +174,12 @@ def test_to_pools_copies_each_tokens_keys_and_values_to_its_pool_row(native, thr
         monkeypatch.setattr(slot_cache, "slots_to_pools", lambda: None)
     slots = filled_cache()
     slots.copy_threads = threads  # NOTE: 5 > 2 x LAYERS: one thread a (kind, layer) pair
+    copy_tokens_and_check(slots)
+
+
+def copy_tokens_and_check(slots: SlotCache) -> None:
+    """TOKENS' keys and values into zeroed float32 pools: each token's rows in its pool row (as float32),
+    nothing else written."""
     slot_ids, positions, targets = TOKENS
     positions = np.where(positions < 0, slots.capacity - 1, positions)
     pools = [np.zeros((LAYERS, 10, BS, KVH, D), np.float32) for _ in range(2)]
@@ -181,9 +187,35 @@ def test_to_pools_copies_each_tokens_keys_and_values_to_its_pool_row(native, thr
     for pool, store in zip(pools, (slots.key_store, slots.value_store)):
         rows = pool.reshape(LAYERS, 40, KVH, D)
         for slot, position, target in zip(slot_ids, positions, targets):
-            assert np.array_equal(rows[:, target], store[:, slot, :, position, :])
-        untouched = np.setdiff1d(np.arange(40), targets)
-        assert not rows[:, untouched].any()
+            np.testing.assert_array_equal(rows[:, target], store[:, slot, :, position, :].astype(np.float32))
+        assert not rows[:, np.setdiff1d(np.arange(40), targets)].any()
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "numpy"])
+def test_float16_slots_are_filled_rounded_and_copied_to_float32_pools_widened(native, monkeypatch):
+    from lepton.native import slots_to_pools
+    from lepton.runners import slot_cache
+
+    if native and slots_to_pools() is None:
+        pytest.skip("lepton/native is not built here (no C compiler)")
+    widened = []  # NOTE: the C copy's last argument, each time it is called
+    real = slots_to_pools()
+    monkeypatch.setattr(slot_cache, "slots_to_pools",
+                        (lambda: lambda *args: widened.append(args[-1]) or real(*args)) if native else lambda: None)
+    slots = SlotCache(LAYERS, KVH, D, np.dtype(np.float16), BS, max_capacity=1024)
+    slots.reserve([], 8)
+    slots.place([], ["a", "b", "c"])
+    assert slots.key_store.dtype == np.float16 and slots.token_bytes == 2 * LAYERS * KVH * D * 2
+    rng = np.random.default_rng(3)
+    pools = [rng.standard_normal((LAYERS, 10, BS, KVH, D)).astype(np.float32) for _ in range(2)]
+    slots.fill("a", 6, np.array([2, 7]), *pools)  # NOTE: rounded to nearest even on the way in
+    for store, pool in zip((slots.key_store, slots.value_store), pools):
+        rows = pool[:, [2, 7]].reshape(LAYERS, 2 * BS, KVH, D)[:, :6].transpose(0, 2, 1, 3)
+        np.testing.assert_array_equal(store[:, slots.index["a"], :, :6], rows.astype(np.float16))
+    for store in (slots.key_store, slots.value_store):
+        store[:] = rng.standard_normal(store.shape).astype(np.float16)
+    copy_tokens_and_check(slots)  # NOTE: widened exactly into the float32 pools
+    assert widened == ([1] if native else [])
 
 
 def test_to_pools_refuses_an_index_out_of_range_naming_the_token_and_copies_nothing():
