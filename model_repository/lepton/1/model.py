@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -22,6 +23,13 @@ from lepton.shutdown import DrainWatcher
 from lepton.triton_errors import triton_error
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+# NOTE: every call into the stub from a thread of ours (responses, cancellation checks, metrics) goes
+# through this lock, one at a time: tritonserver 2.51 died with SIGSEGV in libtriton_python.so (the stub
+# then with boost::interprocess::lock_exception) when several threads sent at once (docs/performance.md,
+# 2026-12-05 02:28). It also orders a request's last response before any later question about it: asked
+# whether a request was cancelled after its final response was sent, tritonserver reads the freed response
+# factory (SIGSEGV in TRITONBACKEND_ResponseFactoryIsCancelled; `make test`'s cancel storm, 2026-12-05).
+STUB = threading.Lock()
 
 
 class TritonPythonModel:
@@ -47,18 +55,21 @@ class TritonPythonModel:
 
     def execute(self, requests):
         for request in requests:
-            sender = request.get_response_sender()
-            inputs = {t.name(): t.as_numpy() for t in request.inputs()}
+            with STUB:  # NOTE: the request read out of the stub beside our other threads' calls
+                sender = request.get_response_sender()
+                inputs = {t.name(): t.as_numpy() for t in request.inputs()}
+                raw_parameters, given_id = request.parameters(), request.request_id()
             try:
-                parameters = json.loads(request.parameters() or "{}")
+                parameters = json.loads(raw_parameters or "{}")
                 parsed = convert_request(inputs, self.config.default_max_tokens, parameters, self.config.limits)
             except Exception as exc:  # NOTE: never a traceback to the client, never the whole batch
-                if not isinstance(exc, InvalidRequest):
-                    self.logger.log_error(f"lepton: parsing a request failed: {exc!r}")
-                    exc = InvalidRequest("request", "could not be parsed")
-                sender.send(pb_utils.InferenceResponse(error=_error(exc)), flags=FINAL)
+                with STUB:
+                    if not isinstance(exc, InvalidRequest):
+                        self.logger.log_error(f"lepton: parsing a request failed: {exc!r}")
+                        exc = InvalidRequest("request", "could not be parsed")
+                    sender.send(pb_utils.InferenceResponse(error=_error(exc)), flags=FINAL)
                 continue
-            request_id = f"{request.request_id() or 'req'}-{uuid.uuid4().hex[:12]}"
+            request_id = f"{given_id or 'req'}-{uuid.uuid4().hex[:12]}"
             sink = TritonSink(sender, parsed, self.metrics)
             self.engine_loop.submit(request_id, parsed.prompt, parsed.params, sink)
         return None
@@ -111,6 +122,10 @@ class Metrics:
 
     def publish(self, stats: EngineStats) -> None:
         """Sends what changed since the last snapshot only: each set or increment is a round trip to tritonserver."""
+        with STUB:
+            self._publish(stats)
+
+    def _publish(self, stats: EngineStats) -> None:
         for name, gauge in self.gauges.items():
             self._set(name, gauge, getattr(stats, name))
         self._set("kv_cache_usage", self.usage, stats.kv_blocks_used / max(stats.kv_blocks_total, 1))
@@ -136,11 +151,18 @@ class TritonSink:
         self.text = parsed.prompt if echo else ""
         self.logprobs = [] if parsed.params.logprobs is not None else None  # pending, not yet sent
         self.last_time, self.num_tokens = time.monotonic(), 0
+        self.closed = False  # NOTE: the final response was sent: the sender must not be used again
 
     def is_cancelled(self) -> bool:
-        return self.sender.is_cancelled()
+        with STUB:
+            return not self.closed and self.sender.is_cancelled()
 
     def send(self, output: RequestOutput) -> None:
+        with STUB:
+            if not self.closed:
+                self._send_output(output)
+
+    def _send_output(self, output: RequestOutput) -> None:
         self._observe(output)
         if self.logprobs is not None:
             self.logprobs += output.logprobs
@@ -156,7 +178,10 @@ class TritonSink:
         response = _response(text, output, self.logprobs)
         if self.logprobs is not None:
             self.logprobs = []
-        self.sender.send(response, flags=FINAL if output.finished else 0)
+        try:
+            self.sender.send(response, flags=FINAL if output.finished else 0)
+        finally:  # NOTE: a final response that failed to go out closes the sender too
+            self.closed = output.finished
 
     def _observe(self, output: RequestOutput) -> None:
         new_tokens = output.num_output_tokens - self.num_tokens
@@ -170,7 +195,10 @@ class TritonSink:
         self.last_time, self.num_tokens = now, output.num_output_tokens
 
     def send_error(self, error: Exception) -> None:
-        self.sender.send(pb_utils.InferenceResponse(error=_error(error)), flags=FINAL)
+        with STUB:
+            if not self.closed:
+                self.closed = True
+                self.sender.send(pb_utils.InferenceResponse(error=_error(error)), flags=FINAL)
 
 
 def _response(text: str, output: RequestOutput, logprobs: list | None):
