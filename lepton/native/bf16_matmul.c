@@ -145,13 +145,7 @@ BF16 static void tile_bf16(const BProduct *pr, int64_t panel, int64_t m0, int64_
     ROWS_AT_A_TIME(bf16_rows, pr, panel, m0, m1, 8);
 }
 
-/* One task: panel `task % panels` for the rows of chunk `task / panels`. */
-static void product_task(void *data, size_t task) {
-    const BProduct *pr = data;
-    const int64_t panel = (int64_t)task % pr->panels, chunk = (int64_t)task / pr->panels;
-    const int64_t m0 = chunk * ROW_CHUNK, m1 = range_end(chunk, ROW_CHUNK, pr->rows);
-    pr->tile(pr, panel, m0, m1);
-}
+PRODUCT_TASK(BProduct)
 
 /* ---- the operator ------------------------------------------------------------------------------ */
 
@@ -204,13 +198,8 @@ static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const O
     (void)op, (void)ort_api;
     BKernel *kernel = calloc(1, sizeof(BKernel));
     if (!kernel) return out_of_memory(OP);
-    int64_t isa = ISA_BEST;
-    OrtStatus *status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "isa", &isa);
-    if (status) { /* NOTE: optional: the best this processor runs */
-        API(ReleaseStatusFn, API_RELEASE_STATUS)(status);
-        isa = ISA_BEST;
-    }
-    status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "K", &kernel->k);
+    int64_t isa = optional_int(info, "isa", ISA_BEST); /* NOTE: optional: the best this processor runs */
+    OrtStatus *status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "K", &kernel->k);
     if (!status) status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "N", &kernel->n);
     if (!status && (kernel->k < 2 || kernel->k % 2))
         status = invalid(OP ": K = %lld is not a positive even number (inputs go in pairs of %lld)", kernel->k, 2);

@@ -13,25 +13,16 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "half.h"
+
 typedef struct {
     const char *stores[2]; /* NOTE: keys, values */
     char *pools[2];
     const int64_t *slots, *positions, *targets;
     int64_t count, first, end; /* NOTE: a share of the (kind, layer) pairs: kind = i / layers, layer = i % layers */
     int64_t layers, num_slots, kv_heads, capacity, pool_rows, row_bytes; /* NOTE: row_bytes: a slot row's */
-    int widen; /* float16 slot rows into float32 pool rows (2 x row_bytes) */
+    WidenFn widen; /* float16 slot rows into float32 pool rows (2 x row_bytes); NULL: rows copied as they are */
 } Copy;
-
-/* n float16 values widened to float32: F16C, 8 at a time, or plain C (the same values: exact). */
-__attribute__((target("avx2,f16c"))) static void widen_f16c(float *dst, const _Float16 *src, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
-    for (; i < n; i++) dst[i] = (float)src[i];
-}
-
-static void widen_plain(float *dst, const _Float16 *src, int64_t n) {
-    for (int64_t i = 0; i < n; i++) dst[i] = (float)src[i];
-}
 
 #define AHEAD 8 /* NOTE: pieces prefetched ahead */
 #define MAX_THREADS 8
@@ -43,9 +34,6 @@ static void copy_layers(const Copy *c) {
         char *pools = c->pools[pair / c->layers];
         const int streamed = !c->widen && c->row_bytes % 64 == 0 && ((uintptr_t)pools | (uintptr_t)store) % 64 == 0;
         const int64_t pool_row_bytes = c->widen ? 2 * c->row_bytes : c->row_bytes;
-        __builtin_cpu_init();
-        void (*widen)(float *, const _Float16 *, int64_t) =
-            __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx2") ? widen_f16c : widen_plain;
         for (int64_t head = 0; head < c->kv_heads; head++) {
             for (int64_t i = 0; i < c->count; i++) {
                 if (i + AHEAD < c->count) {
@@ -56,7 +44,7 @@ static void copy_layers(const Copy *c) {
                 const char *src = store + (((layer * c->num_slots + c->slots[i]) * c->kv_heads + head) * c->capacity + c->positions[i]) * c->row_bytes;
                 char *dst = pools + ((layer * c->pool_rows + c->targets[i]) * c->kv_heads + head) * pool_row_bytes;
                 if (c->widen) {
-                    widen((float *)dst, (const _Float16 *)src, c->row_bytes / 2);
+                    c->widen((float *)dst, (const half_t *)src, c->row_bytes / 2);
                 } else if (streamed) {
                     for (int64_t b = 0; b < c->row_bytes; b += 32)
                         _mm_stream_si128((__m128i *)(dst + b), _mm_load_si128((const __m128i *)(src + b))),
@@ -98,7 +86,7 @@ __attribute__((visibility("default"))) int64_t lepton_slots_to_pools(
     for (int64_t t = 0; t < n; t++)
         parts[t] = (Copy){{key_store, value_store}, {key_pools, value_pools}, slots, positions, targets, count,
                           t * pairs / n, (t + 1) * pairs / n, layers, num_slots, kv_heads, capacity, pool_rows,
-                          row_bytes, widen != 0};
+                          row_bytes, !widen ? NULL : has_f16c() ? widen_f16c : widen_plain};
     int started[MAX_THREADS] = {0};
     for (int64_t t = 1; t < n; t++) started[t] = pthread_create(&helpers[t], NULL, copy_thread, &parts[t]) == 0;
     copy_layers(&parts[0]);

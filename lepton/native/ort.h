@@ -150,6 +150,17 @@ static inline OrtStatus *shape_of(const char *op, const OrtValue *value, int64_t
     return status;
 }
 
+/* An optional integer attribute: its value, or `fallback` when the node has none. */
+static inline int64_t optional_int(const OrtKernelInfo *info, const char *name, int64_t fallback) {
+    int64_t value = fallback;
+    OrtStatus *status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, name, &value);
+    if (status) {
+        API(ReleaseStatusFn, API_RELEASE_STATUS)(status);
+        return fallback;
+    }
+    return value;
+}
+
 /* Input `index` of `inputs` (at most 4 dimensions, into dims); rank (size_t)-1 takes any rank, which is
  * then written to *rank_out when it is not NULL. */
 static inline OrtStatus *get_input(const char *op, size_t inputs, OrtKernelContext *context, size_t index,
@@ -274,6 +285,16 @@ static inline int64_t range_end(int64_t index, int64_t size, int64_t rows) {
         default: break;                                                  \
         }                                                                \
     } while (0)
+
+/* product_task(data, task) for a product type with rows, panels and tile(pr, panel, m0, m1): one task is
+ * panel `task % panels` for the rows of chunk `task / panels` (ROW_CHUNK rows). */
+#define PRODUCT_TASK(Type)                                                                          \
+    static void product_task(void *data, size_t task) {                                             \
+        const Type *pr = data;                                                                      \
+        const int64_t panel = (int64_t)task % pr->panels, chunk = (int64_t)task / pr->panels;       \
+        const int64_t m0 = chunk * ROW_CHUNK, m1 = range_end(chunk, ROW_CHUNK, pr->rows);            \
+        pr->tile(pr, panel, m0, m1);                                                                \
+    }
 
 /* The operators (ops.c registers them). */
 extern const CustomOp lepton_slot_attention;

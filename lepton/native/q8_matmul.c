@@ -241,13 +241,7 @@ VNNI static void tile_vnni(const Product *pr, int64_t panel, int64_t m0, int64_t
         ROWS_AT_A_TIME(vnni_rows, pr, panel, m0, m1, 8);
 }
 
-/* One task: panel `task % panels` for the rows of chunk `task / panels`. */
-static void product_task(void *data, size_t task) {
-    const Product *pr = data;
-    const int64_t panel = (int64_t)task % pr->panels, chunk = (int64_t)task / pr->panels;
-    const int64_t m0 = chunk * ROW_CHUNK, m1 = range_end(chunk, ROW_CHUNK, pr->rows);
-    pr->tile(pr, panel, m0, m1);
-}
+PRODUCT_TASK(Product)
 
 /* ---- the operator ------------------------------------------------------------------------------ */
 
@@ -318,13 +312,8 @@ static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const O
     (void)op, (void)ort_api;
     Kernel *kernel = calloc(1, sizeof(Kernel));
     if (!kernel) return out_of_memory(OP);
-    int64_t isa = ISA_BEST;
-    OrtStatus *status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "isa", &isa);
-    if (status) { /* NOTE: optional: the best this processor runs */
-        API(ReleaseStatusFn, API_RELEASE_STATUS)(status);
-        isa = ISA_BEST;
-    }
-    status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "K", &kernel->k);
+    int64_t isa = optional_int(info, "isa", ISA_BEST); /* NOTE: optional: the best this processor runs */
+    OrtStatus *status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "K", &kernel->k);
     if (!status) status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "N", &kernel->n);
     if (!status && (kernel->k < BLOCK || kernel->k % BLOCK))
         status = invalid(OP ": K = %lld is not a positive multiple of the block size %lld", kernel->k, BLOCK);

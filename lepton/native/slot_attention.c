@@ -31,14 +31,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "half.h"
 #include "ort.h"
 
 /* ---- the computation ------------------------------------------------------------------------- */
 
 enum { KEYS_PER_CHUNK = 64, QUERY_BLOCK = 16 };
 
-typedef _Float16 half_t;
-typedef void (*NarrowFn)(half_t *dst, const float *src, int64_t n);
 typedef struct Step Step;
 typedef struct Keys Keys;
 typedef void (*KeysFn)(const Step *st, const Keys *w);
@@ -195,31 +194,6 @@ static inline __attribute__((always_inline)) v8 lane_sums(const v8 x[8]) {
     }
 CHUNK_FIXED(chunk_64, 64, float, LOAD_FLOAT, )
 CHUNK_FIXED(chunk_128, 128, float, LOAD_FLOAT, )
-
-/* float16 <-> float32, n values: with F16C's vcvtph2ps / vcvtps2ph (8 at a time), or in plain C (the same
- * values: widening is exact, narrowing rounds to nearest even either way). Picked when a kernel is made. */
-static void widen_plain(float *restrict dst, const half_t *restrict src, int64_t n) {
-    for (int64_t i = 0; i < n; i++) dst[i] = (float)src[i];
-}
-
-static void narrow_plain(half_t *restrict dst, const float *restrict src, int64_t n) {
-    for (int64_t i = 0; i < n; i++) dst[i] = (half_t)src[i];
-}
-
-#define F16C __attribute__((target("avx2,f16c")))
-
-F16C static void widen_f16c(float *restrict dst, const half_t *restrict src, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
-    for (; i < n; i++) dst[i] = (float)src[i];
-}
-
-F16C static void narrow_f16c(half_t *restrict dst, const float *restrict src, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-    for (; i < n; i++) dst[i] = (half_t)src[i];
-}
 
 CHUNK_FIXED(chunk_64_half, 64, half_t, LOAD_HALF, F16C)
 CHUNK_FIXED(chunk_128_half, 128, half_t, LOAD_HALF, F16C)
@@ -448,17 +422,11 @@ static OrtStatus *create(const OrtKernelInfo *info, void **out, int half) {
     Kernel *kernel = calloc(1, sizeof(Kernel));
     if (!kernel) return out_of_memory("SlotAttention");
     kernel->half = half;
-    int64_t isa = 0;
-    OrtStatus *status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "isa", &isa);
-    if (status) { /* NOTE: optional: 0 = F16C where the processor has it, 1 = plain C (the tests run both) */
-        API(ReleaseStatusFn, API_RELEASE_STATUS)(status);
-        isa = 0;
-    }
-    __builtin_cpu_init();
-    const int f16c = isa == 0 && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx2");
+    /* NOTE: isa, optional: 0 = F16C where the processor has it, 1 = plain C (the tests run both) */
+    const int f16c = optional_int(info, "isa", 0) == 0 && has_f16c();
     kernel->keys = !half ? keys_float : f16c ? keys_half_f16c : keys_half_plain;
     kernel->narrow = f16c ? narrow_f16c : narrow_plain;
-    status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "num_heads", &kernel->num_heads);
+    OrtStatus *status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "num_heads", &kernel->num_heads);
     if (!status) status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "kv_num_heads", &kernel->kv_heads);
     if (!status) status = API(GetAttributeFloatFn, API_KERNEL_INFO_GET_ATTRIBUTE_FLOAT)(info, "scale", &kernel->scale);
     if (!status && (kernel->kv_heads < 1 || kernel->num_heads % kernel->kv_heads))
