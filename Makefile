@@ -92,7 +92,7 @@ bench-runners: setup $(DEMO_MODEL)/config.json  ## ONNX Runtime vs PyTorch decod
 	@$(PY) -m export.bench_runners $(BENCH_ARGS)
 
 .PHONY: bench-peers
-bench-peers: setup $(DEMO_MODEL)/config.json $(SMOLLM2_MODEL)/config.json  ## on SmolLM2-135M-Instruct: Lepton vs llama.cpp server and onnxruntime-genai, built into build/peers/ (BENCH_ARGS=--quick)
+bench-peers: setup $(DEMO_MODEL)/config.json $(SMOLLM2_MODEL)/config.json $(ONNX_SMOLLM2)-q8_0/manifest.json $(ONNX_SMOLLM2)-q4_1/manifest.json  ## on SmolLM2-135M-Instruct: Lepton vs llama.cpp server and onnxruntime-genai, built into build/peers/ (BENCH_ARGS=--quick)
 	@bash scripts/build_peers.sh
 	@$(PY) -m benchmarks.peers $(BENCH_ARGS)
 
@@ -126,9 +126,11 @@ fuzz: setup $(DEMO_MODEL)/config.json  ## property-based fuzzing of a live serve
 $(ONNX_SMOLLM2)/manifest.json: $(SMOLLM2_MODEL)/config.json export/onnx_export.py export/validation.py lepton/models/llama.py | setup
 	@$(PY) -m export onnx --model $(SMOLLM2_MODEL) --out $(ONNX_SMOLLM2)
 
-# NOTE: the quality table is measured through the runner as it serves the export (float16 slots for a
-# quantized export: lepton/runners/slot_runner.py), so the attention's code is a prerequisite too
-$(ONNX_SMOLLM2)-%/manifest.json: $(ONNX_SMOLLM2)/manifest.json export/quantization.py export/quality.py export/nbits.py export/smoothing.py lepton/native/slot_attention.c lepton/runners/slot_runner.py | setup
+# NOTE: the quality table is measured through the runner as it serves the export (Lepton's operators for
+# the products, float16 slots for a quantized export: lepton/runners/slot_runner.py), so their code is a
+# prerequisite too
+RUNNER_NUMERICS := $(wildcard lepton/native/*.c lepton/native/*.h) $(wildcard lepton/runners/*_graph.py) lepton/runners/slot_runner.py
+$(ONNX_SMOLLM2)-%/manifest.json: $(ONNX_SMOLLM2)/manifest.json export/quantization.py export/quality.py export/nbits.py export/smoothing.py $(RUNNER_NUMERICS) | setup
 	@$(PY) -m export quantize --export $(ONNX_SMOLLM2) --out $(ONNX_SMOLLM2)-$* --method $* --no-quality-gate
 
 serve: setup  ## serve MODEL (default: SmolLM2-135M-Instruct) with RUNNER=auto|torch|onnxruntime [VARIANT=fp32|int8|int4|q8_0] [INSTANCES=N engines] on HOST:HTTP_PORT/GRPC_PORT/METRICS_PORT, OpenAI API on API_PORT (0: none)

@@ -79,12 +79,12 @@ def poisson_requests(
 
 
 def shared_prefix_requests(
-    factory: PromptFactory, num: int, prefix_tokens: int, suffix_tokens: int, max_tokens: int,
+    factory: PromptFactory, num: int, prefix_tokens: int, suffix_tokens: int, max_tokens: int, tag: str = "prefix",
 ) -> list[RequestSpec]:
     """num requests behind one system prompt of prefix_tokens tokens, each with its own suffix."""
     system = factory.make(prefix_tokens)
     specs = []
     for i in range(num):
         prompt = factory.make(prefix_tokens + suffix_tokens, prefix=system + f"\nUser {i}:")
-        specs.append(RequestSpec(f"prefix-{i}", prompt, factory.count(prompt), max_tokens))
+        specs.append(RequestSpec(f"{tag}-{i}", prompt, factory.count(prompt), max_tokens))
     return specs

@@ -82,8 +82,8 @@ def _add_quantize_parser(commands) -> None:
                           help="int4 / q4_1 / q8_0: MatMulNBits compute type, 0/1 = fp32, 4 = int8 "
                                "(default: int4 4, q4_1 0, q8_0 4)")
     quantize.add_argument("--lm-head", choices=("fp32", "q8_0", "q4_1"), default=None,
-                          help="q4_1: the lm_head float32 (default), 8-bit blocks (accuracy level 4) or q4_1; "
-                               "q8_0: 8-bit blocks (default, with --lm-head-rescore 64) or float32")
+                          help="q4_1 and q8_0: the lm_head in 8-bit blocks (default, with --lm-head-rescore 64) or float32; "
+                               "q4_1 also q4_1")
     quantize.add_argument("--lm-head-block-size", type=int, default=None,
                           help="q4_1 / q8_0 with a quantized lm_head: its weights per scale (default: --block-size)")
     quantize.add_argument("--lm-head-rescore", type=int, default=None,

@@ -103,8 +103,9 @@ def fingerprint(model_dir: Path, runner: str = "torch") -> str:
     files = sorted(p for p in Path(model_dir).resolve().iterdir() if p.is_file())
     stamp = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]
     package = Path(__file__).resolve().parent
-    sources = ([package / "runners" / "bf16_graph.py", package / "native" / "bf16_matmul.c",
-                package / "native" / "slot_attention.c", package / "runners" / "slot_runner.py"]
+    sources = ([package / "runners" / "bf16_graph.py", package / "native" / "bf16_matmul.c", package / "native" / "bf16.h",
+                package / "native" / "slot_attention.c", package / "native" / "half.h",
+                package / "runners" / "slot_runner.py"]
                if runner == "onnxruntime" else [*package.glob("models/*.py"), package / "runners" / "torch_runner.py"])
     code = [hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(sources)]
     return hashlib.sha256(json.dumps([stamp, code]).encode()).hexdigest()

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     factory = PromptFactory(tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json")), 0)
     workloads = {k: w for k, w in build_workloads(factory, QUICK if args.quick else WorkloadOptions()).items()
                  if k in args.workloads}
-    ids = {s.request_id: token_ids(factory, s) for w in workloads.values() for s in w.specs}
+    ids = {s.request_id: token_ids(factory, s) for w in workloads.values() for s in (*w.warmup, *w.specs)}
     machine = machine_info()
     log("probing the machine (bandwidth, GEMM rates)")
     measured = probe.probe()

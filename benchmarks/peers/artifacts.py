@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from lepton.native import sources
 from lepton.server import PROJECT_ROOT
 
 PEERS_DIR = PROJECT_ROOT / "build" / "peers"
@@ -119,13 +121,29 @@ def _weights_sha256(model_dir: Path) -> dict[str, str]:
     return digests
 
 
+def runner_numerics() -> list[Path]:
+    """The code a quantized export's quality gate ran through (export quantize measures it through the
+    runner as it serves: Lepton's operators, their rewrites, the slots), as the Makefile's RUNNER_NUMERICS."""
+    runners = PROJECT_ROOT / "lepton" / "runners"
+    return [*sources(), *runners.glob("*_graph.py"), runners / "slot_runner.py"]
+
+
+def gated_before_change(export_dir: Path) -> bool:
+    """A quantized export whose gate was measured before the runner's numerics last changed."""
+    manifest = export_dir / "manifest.json"
+    quantized = json.loads(manifest.read_text()).get("quantization") is not None
+    return quantized and manifest.stat().st_mtime < max(p.stat().st_mtime for p in runner_numerics())
+
+
 def existing_lepton_export(model_dir: Path, precision: str) -> Path | None:
-    """An export of exactly these weights already built by `make` (build/onnx/*), of that precision."""
+    """An export of exactly these weights already built by `make` (build/onnx/*), of that precision, its
+    quality gate measured with the runner's current code."""
     weights = None
     for manifest_file in sorted((PROJECT_ROOT / "build" / "onnx").glob("*/manifest.json")):
         manifest = json.loads(manifest_file.read_text())
         method = (manifest.get("quantization") or {}).get("method", "fp32")
-        if method != precision or manifest.get("source", {}).get("path") != str(model_dir):
+        if (method != precision or manifest.get("source", {}).get("path") != str(model_dir)
+                or gated_before_change(manifest_file.parent)):
             continue
         weights = weights or _weights_sha256(model_dir)
         if manifest["source"].get("weights_sha256") == weights:
@@ -171,8 +189,12 @@ def bf16_weights_quality(export_dir: Path, log) -> tuple[bool, str]:
 
 
 def _build(out: Path, command: list[str], relax_flag: str, relax_words: tuple[str, ...], log) -> str:
-    """Run command unless out has a manifest; on a check failure (relax_words), once more with relax_flag."""
+    """Run command unless out has a manifest (of a quantized export: one gated with the runner's current
+    code); on a check failure (relax_words), once more with relax_flag."""
     note_file = out.with_name(out.name + ".note.txt")
+    if (out / "manifest.json").is_file() and gated_before_change(out):
+        log(f"{out}: its quality gate ran before the runner's code changed: quantizing again")
+        shutil.rmtree(out)
     if (out / "manifest.json").is_file():
         return note_file.read_text().strip() if note_file.is_file() else ""
     try:

@@ -42,6 +42,8 @@ def start_server(model_dir: Path, params: dict[str, str], work_dir: Path, factor
 def run_served(server: TritonServer, workload: Workload) -> dict:
     """One workload through the server; the summary adds prefix-cache counter deltas."""
     specs = list(workload.specs)
+    if workload.warmup:
+        asyncio.run(closed_loop(server.grpc_url, list(workload.warmup), 1, InFlight()))
     before = scrape(server.metrics_url)
     if workload.concurrency is None:
         summary = measure(server, lambda: open_loop(server.grpc_url, specs, InFlight()))

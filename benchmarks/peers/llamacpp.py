@@ -108,6 +108,8 @@ async def run_workload(url: str, workload: Workload, ids: dict[str, list[int]]) 
     timeout = aiohttp.ClientTimeout(total=3600)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         send = lambda spec: send_one(session, url, spec, ids[spec.request_id])  # noqa: E731
+        if workload.warmup:
+            await closed_loop_with(send, list(workload.warmup), 1)
         if workload.concurrency is None:
             return await open_loop_with(send, list(workload.specs))
         return await closed_loop_with(send, list(workload.specs), workload.concurrency)

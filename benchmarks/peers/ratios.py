@@ -88,11 +88,16 @@ def compute(result: dict) -> list[dict]:
     for s in lepton:
         rows.append(_row("64 concurrent / 16 concurrent (W2) output tok/s", (_get(s, "c64", rate), s["label"]),
                          (_get(s, "w2", rate), s["label"]), 1.0, ">=", _gate_note(s)))
-    for s in lepton:
-        if "prefix_no_caching" in s:
-            off = (s["prefix_no_caching"].get("ttft_ms") or {}).get("p50")
-            rows.append(_row("shared prefix TTFT p50, caching on / off", (_get(s, "prefix", "ttft_ms"), s["label"]),
-                             (off, s["label"] + ", no prefix caching"), 0.1, "<=", _gate_note(s)))
+    # NOTE: cold, the 16 requests arrive together with a prefix nobody sent before: with caching the median one
+    # still waits for one prefill of the prefix, without it for about 8.5 of them (1 / 8.5 = 0.118 at best);
+    # cached first, the prefix was computed by a request before them, as a shared system prompt is.
+    for name, title in (("prefix", "shared prefix TTFT p50, caching on / off"),
+                        ("prefix_warm", "shared prefix cached first, TTFT p50, caching on / off")):
+        for s in lepton:
+            if f"{name}_no_caching" in s:
+                off = (s[f"{name}_no_caching"].get("ttft_ms") or {}).get("p50")
+                rows.append(_row(title, (_get(s, name, "ttft_ms"), s["label"]),
+                                 (off, s["label"] + ", no prefix caching"), 0.1, "<=", _gate_note(s)))
     for s in lepton:
         inproc = s.get("w2_in_process") or {}
         rows.append(_row("W2 output tok/s, through Triton / engine in process", (_get(s, "w2", rate), s["label"]),

@@ -62,7 +62,7 @@ def run_llamacpp(system: System, ctx: Context) -> dict:
     """One server with 16 slots for W1, W2 and the prefix run, one with 64 for the others."""
     model = artifacts.gguf(ctx.model_dir, system.variant, ctx.log)
     out = {"artifact": str(model), "weight_bytes": artifacts.weight_bytes_on_disk(model), "workloads": {}}
-    groups = {16: [w for w in ctx.workloads.values() if w.name in ("w1", "w2", "prefix")],
+    groups = {16: [w for w in ctx.workloads.values() if w.name in ("w1", "w2", "prefix", "prefix_warm")],
               64: [w for w in ctx.workloads.values() if w.name in ("c64", "poisson")]}
     for parallel, workloads in groups.items():
         if not workloads:
@@ -81,9 +81,10 @@ def run_llamacpp(system: System, ctx: Context) -> dict:
 
 
 def run_ortgenai(system: System, ctx: Context) -> dict:
-    """All workloads in one worker process (in process, static batches)."""
+    """All workloads in one worker process (in process, static batches); not the runs after a warm-up (it caches
+    no prefix: a warm-up changes nothing)."""
     model = artifacts.ortgenai(ctx.model_dir, system.variant, ctx.num_threads, ctx.log)
-    records, version = ortgenai.run_workloads(model, list(ctx.workloads.values()), ctx.ids,
+    records, version = ortgenai.run_workloads(model, [w for w in ctx.workloads.values() if not w.warmup], ctx.ids,
                                               WORK_DIR / "ortgenai" / system.variant, ctx.log)
     out = {"artifact": str(model), "weight_bytes": artifacts.weight_bytes_on_disk(model), "version": version,
            "workloads": {}}
@@ -128,13 +129,15 @@ def run_lepton(system: System, ctx: Context) -> dict:
             ctx.log(f"[{system.label}] {w.name}: {_line(out['workloads'][w.name])}")
     finally:
         server.stop()
-    if "prefix" in ctx.workloads and not ctx.prefix_off_done:
+    prefix_runs = [name for name in ("prefix", "prefix_warm") if name in ctx.workloads]
+    if prefix_runs and not ctx.prefix_off_done:
         ctx.prefix_off_done = True
         params = lepton_parameters(system, ctx, prefix_caching=False)
         server = lepton_peer.start_server(model, params, work.with_name(work.name + "-nocache"), ctx.factory, ctx.log)
         try:
-            out["prefix_no_caching"] = lepton_peer.run_served(server, ctx.workloads["prefix"])
-            ctx.log(f"[{system.label}] prefix, caching off: {_line(out['prefix_no_caching'])}")
+            for name in prefix_runs:
+                out[f"{name}_no_caching"] = lepton_peer.run_served(server, ctx.workloads[name])
+                ctx.log(f"[{system.label}] {name}, caching off: {_line(out[f'{name}_no_caching'])}")
         finally:
             server.stop()
     if "w2" in ctx.workloads:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from benchmarks.workload import (
@@ -17,6 +18,7 @@ class Workload:
     title: str
     specs: tuple[RequestSpec, ...]
     concurrency: int | None  # None: open loop, each spec sent at its arrival_s
+    warmup: tuple[RequestSpec, ...] = ()  # sent one at a time before the timed requests, not measured
 
     @property
     def max_context(self) -> int:
@@ -47,16 +49,20 @@ class WorkloadOptions:
 QUICK = WorkloadOptions(output_tokens=16, w1_requests=2, w2_requests=4, c64_requests=8, poisson_requests=4,
                         poisson_rate=4.0, poisson_prompt=(32, 128), poisson_output=(4, 16), prefix_requests=4,
                         prefix_tokens=256, prefix_output_tokens=4)
-NAMES = ("w1", "w2", "c64", "poisson", "prefix")
+NAMES = ("w1", "w2", "c64", "poisson", "prefix", "prefix_warm")
 
 
 def build_workloads(factory: PromptFactory, o: WorkloadOptions) -> dict[str, Workload]:
-    """W1, W2, 64 concurrent, staggered Poisson arrivals, shared prefix: one Workload each."""
+    """W1, W2, 64 concurrent, staggered Poisson arrivals, shared prefix (cold, and cached by an earlier request):
+    one Workload each."""
     fixed = lambda tag, n: tuple(fixed_requests(factory, tag, n, o.prompt_tokens, o.output_tokens))  # noqa: E731
     c64 = fixed("c64", o.c64_requests)
     poisson = poisson_requests(factory, o.poisson_requests, o.poisson_rate, o.poisson_prompt, o.poisson_output, o.seed)
     prefix = shared_prefix_requests(factory, o.prefix_requests, o.prefix_tokens, o.prefix_suffix_tokens,
                                     o.prefix_output_tokens)
+    # NOTE: another prefix, so the cold run cannot have cached it; its first request (one output token) goes first
+    warm = shared_prefix_requests(factory, o.prefix_requests + 1, o.prefix_tokens, o.prefix_suffix_tokens,
+                                  o.prefix_output_tokens, tag="prefix_warm")
     return {
         "w1": Workload("w1", f"W1: one stream, {o.prompt_tokens}-token prompt, {o.output_tokens} output tokens",
                        fixed("w1", o.w1_requests), 1),
@@ -68,6 +74,9 @@ def build_workloads(factory: PromptFactory, o: WorkloadOptions) -> dict[str, Wor
         "prefix": Workload("prefix", f"{o.prefix_requests} requests at once behind one shared {o.prefix_tokens}-token "
                            f"prefix (+{o.prefix_suffix_tokens} each, {o.prefix_output_tokens} output tokens)",
                            tuple(prefix), len(prefix)),
+        "prefix_warm": Workload("prefix_warm", f"the same behind another {o.prefix_tokens}-token prefix, sent after one "
+                                f"request behind it has finished (a system prompt that earlier traffic cached)",
+                                tuple(warm[1:]), len(warm) - 1, warmup=(dataclasses.replace(warm[0], max_tokens=1),)),
     }
 
 

@@ -24,10 +24,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
 #include "ort.h"
 
 enum { LANES = 16, PAIR_BYTES = 2 * LANES * 2, ROW_CHUNK = 64, CONVERT_ROWS = 16, PREFETCH_BYTES = 1024 };
-enum { ISA_BEST = 0, ISA_GENERIC = 1, ISA_AVX512_BF16 = 3 };
 #define OP "MatMulBF16"
 
 typedef struct BProduct BProduct;
@@ -50,41 +50,14 @@ struct BProduct {
     BTileFn tile;
 };
 
-/* float32 -> bfloat16 bits as vcvtne2ps2bf16 gives them: rounded to nearest even, a NaN quiet, a
- * denormal input flushed to a signed zero. */
-static inline uint16_t to_bf16(float x) {
-    uint32_t u;
-    memcpy(&u, &x, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    if ((u & 0x7f800000u) == 0) return (uint16_t)((u >> 16) & 0x8000u);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-static inline float from_bf16(uint16_t h) {
-    const uint32_t u = (uint32_t)h << 16;
-    float x;
-    memcpy(&x, &u, 4);
-    return x;
-}
-
-/* Row m of A as bfloat16 pairs, from input `from` (even) on. */
-static void convert_row(const BProduct *pr, int64_t m, int64_t from) {
-    const float *x = pr->a + m * pr->k;
-    uint32_t *p = pr->pairs + m * pr->pairs_per_row;
-    for (int64_t i = from; i < pr->k; i += 2) p[i / 2] = (uint32_t)to_bf16(x[i]) | (uint32_t)to_bf16(x[i + 1]) << 16;
-}
-
 /* Rows [CONVERT_ROWS x task, ...) of A as bfloat16 pairs. */
 static void convert_rows_generic(void *data, size_t task) {
     const BProduct *pr = data;
     for (int64_t m = (int64_t)task * CONVERT_ROWS; m < range_end((int64_t)task, CONVERT_ROWS, pr->rows); m++)
-        convert_row(pr, m, 0);
+        bf16_pairs(pr->a + m * pr->k, pr->pairs + m * pr->pairs_per_row, 0, pr->k);
 }
 
-static void store(const BProduct *pr, int64_t panel, int64_t m, const float *acc) {
-    const int64_t n0 = panel * LANES, count = pr->n - n0 < LANES ? pr->n - n0 : LANES;
-    memcpy(pr->y + m * pr->n + n0, acc, (size_t)count * sizeof(float));
-}
+static inline void store(const BProduct *pr, int64_t panel, int64_t m, const float *acc) { store_panel(pr->y, pr->n, panel, m, acc); }
 
 /* Plain C: the products in the order the vector path's definition gives. */
 static void tile_generic(const BProduct *pr, int64_t panel, int64_t m0, int64_t m1) {
@@ -104,21 +77,11 @@ static void tile_generic(const BProduct *pr, int64_t panel, int64_t m0, int64_t 
     }
 }
 
-#define BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
-
-/* convert_rows_generic with vcvtne2ps2bf16, 32 inputs at a time (the same bits). */
+/* convert_rows_generic with vcvtne2ps2bf16 (the same bits). */
 BF16 static void convert_rows_bf16(void *data, size_t task) {
     const BProduct *pr = data;
-    for (int64_t m = (int64_t)task * CONVERT_ROWS; m < range_end((int64_t)task, CONVERT_ROWS, pr->rows); m++) {
-        const float *x = pr->a + m * pr->k;
-        uint32_t *p = pr->pairs + m * pr->pairs_per_row;
-        int64_t i = 0;
-        for (; i + 32 <= pr->k; i += 32) {
-            const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i));
-            _mm512_storeu_si512((void *)(p + i / 2), (__m512i)h);
-        }
-        convert_row(pr, m, i);
-    }
+    for (int64_t m = (int64_t)task * CONVERT_ROWS; m < range_end((int64_t)task, CONVERT_ROWS, pr->rows); m++)
+        bf16_pairs_avx512(pr->a + m * pr->k, pr->pairs + m * pr->pairs_per_row, pr->k);
 }
 
 /* AVX-512 BF16: vdpbf16ps of the 64 bytes of a pair (16 outputs x 2 inputs) with each row's pair
@@ -134,11 +97,7 @@ static inline __attribute__((always_inline)) BF16 void bf16_rows(const BProduct 
         for (int i = 0; i < mt; i++)
             acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32((int)p[i * pr->pairs_per_row + j]), wj);
     }
-    for (int i = 0; i < mt; i++) {
-        float out[LANES];
-        _mm512_storeu_ps(out, acc[i]);
-        store(pr, panel, m + i, out);
-    }
+    store_rows(pr->y, pr->n, panel, m, acc, mt);
 }
 
 BF16 static void tile_bf16(const BProduct *pr, int64_t panel, int64_t m0, int64_t m1) {
@@ -149,18 +108,6 @@ PRODUCT_TASK(BProduct)
 
 /* ---- the operator ------------------------------------------------------------------------------ */
 
-static int runs(int isa) {
-    __builtin_cpu_init();
-    switch (isa) {
-    case ISA_GENERIC: return 1;
-    case ISA_AVX512_BF16:
-        return has_avx512() && __builtin_cpu_supports("avx512bf16");
-    default: return 0;
-    }
-}
-
-static int best_isa(void) { return runs(ISA_AVX512_BF16) ? ISA_AVX512_BF16 : ISA_GENERIC; }
-
 static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     const BKernel *kernel = kernel_data;
     int64_t a_dims[4], b_dims[4];
@@ -169,27 +116,15 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     TRY(get_input(OP, 2, context, 0, (const void **)&pr.a, a_dims, (size_t)-1, &a_rank));
     TRY(get_input(OP, 2, context, 1, (const void **)&pr.b, b_dims, 3, NULL));
     pr.k = kernel->k, pr.n = kernel->n, pr.pairs_per_row = kernel->k / 2, pr.panels = (kernel->n + LANES - 1) / LANES;
-    if (a_rank < 1 || a_dims[a_rank - 1] != pr.k)
-        return invalid(OP ": A has %lld values per row, expected K = %lld", a_rank ? a_dims[a_rank - 1] : 0, pr.k);
-    if (b_dims[0] != pr.panels || b_dims[1] != pr.pairs_per_row || b_dims[2] != 2 * LANES)
-        return invalid(OP ": B has %lld packed pairs, expected ceil(N / 16) x K / 2 = %lld of 32 values",
-                       b_dims[0] * b_dims[1], pr.panels * pr.pairs_per_row);
-    int64_t y_dims[4];
-    pr.rows = 1;
-    for (size_t i = 0; i + 1 < a_rank; i++) pr.rows *= (y_dims[i] = a_dims[i]);
-    y_dims[a_rank - 1] = pr.n;
-    TRY(get_output(context, 0, y_dims, a_rank, &pr.y));
+    TRY(check_panels(OP, "B", b_dims, pr.panels, pr.pairs_per_row, 2 * LANES, 2, "packed pairs", " values"));
+    TRY(product_output(OP, context, a_dims, a_rank, pr.k, pr.n, &pr.rows, &pr.y));
     if (pr.rows == 0) return NULL;
     pr.pairs = malloc((size_t)(pr.rows * pr.pairs_per_row) * sizeof(uint32_t));
     if (!pr.pairs) return out_of_memory(OP);
     pr.tile = kernel->tile;
-    const size_t convert_tasks = (size_t)((pr.rows + CONVERT_ROWS - 1) / CONVERT_ROWS);
-    if (pr.rows * pr.k <= 32768) /* NOTE: a few microseconds: not worth waking the pool */
-        for (size_t t = 0; t < convert_tasks; t++) kernel->convert(&pr, t);
-    else
-        parallel_for(context, kernel->convert, convert_tasks, &pr);
     pr.chunks = (pr.rows + ROW_CHUNK - 1) / ROW_CHUNK;
-    parallel_for(context, product_task, (size_t)(pr.chunks * pr.panels), &pr);
+    prepare_then_multiply(context, kernel->convert, (size_t)((pr.rows + CONVERT_ROWS - 1) / CONVERT_ROWS), pr.rows * pr.k,
+                          product_task, (size_t)(pr.chunks * pr.panels), &pr);
     free(pr.pairs);
     return NULL;
 }
@@ -198,22 +133,15 @@ static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const O
     (void)op, (void)ort_api;
     BKernel *kernel = calloc(1, sizeof(BKernel));
     if (!kernel) return out_of_memory(OP);
-    int64_t isa = optional_int(info, "isa", ISA_BEST); /* NOTE: optional: the best this processor runs */
-    OrtStatus *status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "K", &kernel->k);
-    if (!status) status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "N", &kernel->n);
-    if (!status && (kernel->k < 2 || kernel->k % 2))
-        status = invalid(OP ": K = %lld is not a positive even number (inputs go in pairs of %lld)", kernel->k, 2);
-    if (!status && kernel->n < 1) status = invalid(OP ": N = %lld, expected at least %lld", kernel->n, 1);
-    if (!status && isa == ISA_BEST) isa = best_isa();
-    if (!status && !runs((int)isa))
-        status = invalid(OP ": isa = %lld needs instructions this processor lacks (1 plain C, 3 AVX-512 BF16; it runs up to %lld)",
-                         isa, best_isa());
+    int isa = 0;
+    OrtStatus *status = product_attributes(OP, info, 2, "K = %lld is not a positive even number (inputs go in pairs of %lld)",
+                                           bf16_runs, bf16_best_isa(), "1 plain C, 3 AVX-512 BF16", &kernel->k, &kernel->n, &isa);
     if (status) {
         free(kernel);
         return status;
     }
-    kernel->tile = isa == ISA_AVX512_BF16 ? tile_bf16 : tile_generic;
-    kernel->convert = isa == ISA_AVX512_BF16 ? convert_rows_bf16 : convert_rows_generic;
+    kernel->tile = isa == BF16_ISA_AVX512 ? tile_bf16 : tile_generic;
+    kernel->convert = isa == BF16_ISA_AVX512 ? convert_rows_bf16 : convert_rows_generic;
     *out = kernel;
     return NULL;
 }

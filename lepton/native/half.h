@@ -1,6 +1,7 @@
-/* float16 <-> float32 for Lepton's library: the float16 slots' attention (slot_attention.c) and their copy
- * into the float32 pools (kv_copy.c). n values at a time, with F16C's vcvtph2ps / vcvtps2ph (8 at a time)
- * or in plain C: the same values either way (widening is exact, narrowing rounds to nearest even). */
+/* float16 <-> float32 for Lepton's library: the float16 slots' attention (slot_attention.c), their copy
+ * into the float32 pools (kv_copy.c) and the 4-bit product's scales (q4_matmul.c, half_t). n values at a
+ * time, with F16C's vcvtph2ps / vcvtps2ph (8 at a time) or in plain C: the same values either way
+ * (widening is exact, narrowing rounds to nearest even). */
 #ifndef LEPTON_HALF_H
 #define LEPTON_HALF_H
 

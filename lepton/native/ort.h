@@ -3,16 +3,18 @@
  * library by calling each, and the table only ever grows at its end) and the helpers that read inputs,
  * make outputs, refuse bad ones and spread work over ONNX Runtime's intra-op threads.
  *
- * ops.c registers the operators (RegisterCustomOps); slot_attention.c, q8_matmul.c and bf16_matmul.c
- * define them.
+ * ops.c registers the operators (RegisterCustomOps); slot_attention.c, q8_matmul.c, q4_matmul.c and
+ * bf16_matmul.c define them.
  */
 #ifndef LEPTON_ORT_H
 #define LEPTON_ORT_H
 
+#include <immintrin.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #pragma GCC visibility push(hidden)
 
@@ -286,6 +288,87 @@ static inline int64_t range_end(int64_t index, int64_t size, int64_t rows) {
         }                                                                \
     } while (0)
 
+/* The output Y [..., N] of a product of A [..., K] (dims, rank), made; *rows = the rows of A. An A whose rows
+ * do not hold K values is refused. */
+static inline OrtStatus *product_output(const char *op, OrtKernelContext *context, const int64_t *a_dims, size_t a_rank,
+                                        int64_t k, int64_t n, int64_t *rows, float **y) {
+    if (a_rank < 1 || a_dims[a_rank - 1] != k) {
+        char format[128];
+        snprintf(format, sizeof format, "%s: A has %%lld values per row, expected K = %%lld", op);
+        return invalid(format, a_rank ? a_dims[a_rank - 1] : 0, k);
+    }
+    int64_t y_dims[4];
+    *rows = 1;
+    for (size_t i = 0; i + 1 < a_rank; i++) *rows *= (y_dims[i] = a_dims[i]);
+    y_dims[a_rank - 1] = n;
+    return get_output(context, 0, y_dims, a_rank, y);
+}
+
+/* A weight input laid out per panel of 16 outputs and block of inputs, [panels, blocks, width], else an error
+ * naming it: "<op>: <name> has <n> <noun>, expected ceil(N / 16) x K / <block> = <panels x blocks> of <width><unit>". */
+static inline OrtStatus *check_panels(const char *op, const char *name, const int64_t *dims, int64_t panels,
+                                      int64_t blocks, int64_t width, int block, const char *noun, const char *unit) {
+    if (dims[0] == panels && dims[1] == blocks && dims[2] == width) return NULL;
+    char format[256];
+    snprintf(format, sizeof format, "%s: %s has %%lld %s, expected ceil(N / 16) x K / %d = %%lld of %lld%s", op, name,
+             noun, block, (long long)width, unit);
+    return invalid(format, dims[0] * dims[1], panels * blocks);
+}
+
+/* Output row m's values of panel `panel` (16 outputs, fewer in the last panel) from acc. */
+static inline void store_panel(float *y, int64_t n, int64_t panel, int64_t m, const float *acc) {
+    const int64_t n0 = panel * 16, count = n - n0 < 16 ? n - n0 : 16;
+    memcpy(y + m * n + n0, acc, (size_t)count * sizeof(float));
+}
+
+/* store_panel for `mt` rows m, m + 1, ... of 16 float32 sums each (AVX-512 registers). */
+static inline __attribute__((always_inline, target("avx512f"))) void store_rows(float *y, int64_t n, int64_t panel,
+                                                                                  int64_t m, const __m512 *acc, int mt) {
+    for (int i = 0; i < mt; i++) {
+        float out[16];
+        _mm512_storeu_ps(out, acc[i]);
+        store_panel(y, n, panel, m + i, out);
+    }
+}
+
+/* A weight product's attributes K and N (K a positive multiple of `k_step`, else the error `k_rule`: a format
+ * taking K and k_step; N at least 1) and its optional isa (0: `best`), which `runs` must accept, else an error
+ * naming the paths `isas` lists. */
+static inline OrtStatus *product_attributes(const char *op, const OrtKernelInfo *info, int64_t k_step, const char *k_rule,
+                                            int (*runs)(int), int best, const char *isas, int64_t *k, int64_t *n, int *isa) {
+    char format[256];
+    const int64_t asked = optional_int(info, "isa", 0); /* NOTE: optional: the best this processor runs */
+    TRY(API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "K", k));
+    TRY(API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "N", n));
+    if (*k < k_step || *k % k_step) {
+        snprintf(format, sizeof format, "%s: %s", op, k_rule);
+        return invalid(format, *k, k_step);
+    }
+    if (*n < 1) {
+        snprintf(format, sizeof format, "%s: N = %%lld, expected at least %%lld", op);
+        return invalid(format, *n, 1);
+    }
+    *isa = asked ? (int)asked : best;
+    if (!runs(*isa)) {
+        snprintf(format, sizeof format, "%s: isa = %%lld needs instructions this processor lacks (%s; it runs up to %%lld)",
+                 op, isas);
+        return invalid(format, asked, best);
+    }
+    return NULL;
+}
+
+/* A product's two phases: prepare(data, task) for the `prepare_tasks` tasks of its activations (here when
+ * they hold at most 32,768 values: a few microseconds, not worth waking the pool), then multiply(data,
+ * task) for `tasks` tasks on ONNX Runtime's intra-op threads. */
+static inline void prepare_then_multiply(OrtKernelContext *context, void (*prepare)(void *, size_t), size_t prepare_tasks,
+                                         int64_t values, void (*multiply)(void *, size_t), size_t tasks, void *data) {
+    if (values <= 32768)
+        for (size_t t = 0; t < prepare_tasks; t++) prepare(data, t);
+    else
+        parallel_for(context, prepare, prepare_tasks, data);
+    parallel_for(context, multiply, tasks, data);
+}
+
 /* product_task(data, task) for a product type with rows, panels and tile(pr, panel, m0, m1): one task is
  * panel `task % panels` for the rows of chunk `task / panels` (ROW_CHUNK rows). */
 #define PRODUCT_TASK(Type)                                                                          \
@@ -300,6 +383,7 @@ static inline int64_t range_end(int64_t index, int64_t size, int64_t rows) {
 extern const CustomOp lepton_slot_attention;
 extern const CustomOp lepton_slot_attention_f16;
 extern const CustomOp lepton_q8_matmul;
+extern const CustomOp lepton_q4_matmul;
 extern const CustomOp lepton_bf16_matmul;
 
 #pragma GCC visibility pop

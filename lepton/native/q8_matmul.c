@@ -41,7 +41,7 @@ enum { PREFETCH_BYTES = 1024 };
 /* NOTE: the products' tasks go one at a time to whichever thread is free: handed out in runs of
  * consecutive panels (ParallelFor's batches), a run waits for its thread when another job holds that core
  * (16 decodes 20.7 ms in one run, 27.0 in another; docs/performance.md). */
-enum { ISA_BEST = 0, ISA_GENERIC = 1, ISA_AVX2 = 2, ISA_AVX512_VNNI = 3 };
+enum { ISA_GENERIC = 1, ISA_AVX2 = 2, ISA_AVX512_VNNI = 3 }; /* NOTE: 0 = the best this processor runs */
 #define OP "MatMulQ8"
 
 typedef struct Product Product;
@@ -108,10 +108,7 @@ static void quantize_rows(void *data, size_t task) {
 
 /* ---- products: one panel of 16 outputs for rows [m0, m1) --------------------------------------- */
 
-static void store(const Product *pr, int64_t panel, int64_t m, const float *acc) {
-    const int64_t n0 = panel * LANES, count = pr->n - n0 < LANES ? pr->n - n0 : LANES;
-    memcpy(pr->y + m * pr->n + n0, acc, (size_t)count * sizeof(float));
-}
+static inline void store(const Product *pr, int64_t panel, int64_t m, const float *acc) { store_panel(pr->y, pr->n, panel, m, acc); }
 
 /* Plain C: the same integers and the same float operations, in the same order, as the vector paths. */
 static void tile_generic(const Product *pr, int64_t panel, int64_t m0, int64_t m1) {
@@ -227,11 +224,7 @@ static inline __attribute__((always_inline)) VNNI void vnni_rows(const Product *
         vnni_block(w, q, pr->group_stride, offset + at, ascale + at, s, acc, first, 1);
         if (mt > 8) vnni_block(w, q + 8 * 4, pr->group_stride, offset + at + 8, ascale + at + 8, s, acc + 8, mt - 8, 0);
     }
-    for (int i = 0; i < mt; i++) {
-        float out[LANES];
-        _mm512_storeu_ps(out, acc[i]);
-        store(pr, panel, m + i, out);
-    }
+    store_rows(pr->y, pr->n, panel, m, acc, mt);
 }
 
 VNNI static void tile_vnni(const Product *pr, int64_t panel, int64_t m0, int64_t m1) {
@@ -275,19 +268,9 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     TRY(input(context, 1, (const void **)&pr.b, b_dims, 3, NULL));
     TRY(input(context, 2, (const void **)&pr.scales, s_dims, 3, NULL));
     pr.k = kernel->k, pr.n = kernel->n, pr.blocks = kernel->k / BLOCK, pr.panels = (kernel->n + LANES - 1) / LANES;
-    if (a_rank < 1 || a_dims[a_rank - 1] != pr.k)
-        return invalid(OP ": A has %lld values per row, expected K = %lld", a_rank ? a_dims[a_rank - 1] : 0, pr.k);
-    if (b_dims[0] != pr.panels || b_dims[1] != pr.blocks || b_dims[2] != PANEL_BYTES)
-        return invalid(OP ": B has %lld packed blocks, expected ceil(N / 16) x K / 32 = %lld of 512 bytes",
-                       b_dims[0] * b_dims[1], pr.panels * pr.blocks);
-    if (s_dims[0] != pr.panels || s_dims[1] != pr.blocks || s_dims[2] != LANES)
-        return invalid(OP ": scales has %lld blocks, expected ceil(N / 16) x K / 32 = %lld of 16",
-                       s_dims[0] * s_dims[1], pr.panels * pr.blocks);
-    int64_t y_dims[4];
-    pr.rows = 1;
-    for (size_t i = 0; i + 1 < a_rank; i++) pr.rows *= (y_dims[i] = a_dims[i]);
-    y_dims[a_rank - 1] = pr.n;
-    TRY(get_output(context, 0, y_dims, a_rank, &pr.y));
+    TRY(check_panels(OP, "B", b_dims, pr.panels, pr.blocks, PANEL_BYTES, BLOCK, "packed blocks", " bytes"));
+    TRY(check_panels(OP, "scales", s_dims, pr.panels, pr.blocks, LANES, BLOCK, "blocks", ""));
+    TRY(product_output(OP, context, a_dims, a_rank, pr.k, pr.n, &pr.rows, &pr.y));
     if (pr.rows == 0) return NULL;
     pr.tile_rows = pr.rows < TILE_ROWS ? pr.rows : TILE_ROWS, pr.group_stride = 4 * pr.tile_rows;
     const int64_t padded = (pr.rows + pr.tile_rows - 1) / pr.tile_rows * pr.tile_rows; /* NOTE: the last tile's rows past `rows` are never read */
@@ -297,13 +280,9 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     pr.offset = (int32_t *)(pr.ascale + padded * pr.blocks);
     pr.aq = (int8_t *)(pr.offset + padded * pr.blocks);
     pr.tile = kernel->tile;
-    const size_t quantize_tasks = (size_t)((pr.rows + QUANTIZE_ROWS - 1) / QUANTIZE_ROWS);
-    if (pr.rows * pr.k <= 32768) /* NOTE: a few microseconds: not worth waking the pool */
-        for (size_t t = 0; t < quantize_tasks; t++) quantize_rows(&pr, t);
-    else
-        parallel_for(context, quantize_rows, quantize_tasks, &pr);
     pr.chunks = (pr.rows + ROW_CHUNK - 1) / ROW_CHUNK;
-    parallel_for(context, product_task, (size_t)(pr.chunks * pr.panels), &pr);
+    prepare_then_multiply(context, quantize_rows, (size_t)((pr.rows + QUANTIZE_ROWS - 1) / QUANTIZE_ROWS), pr.rows * pr.k,
+                          product_task, (size_t)(pr.chunks * pr.panels), &pr);
     free(buffer);
     return NULL;
 }
@@ -312,21 +291,14 @@ static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const O
     (void)op, (void)ort_api;
     Kernel *kernel = calloc(1, sizeof(Kernel));
     if (!kernel) return out_of_memory(OP);
-    int64_t isa = optional_int(info, "isa", ISA_BEST); /* NOTE: optional: the best this processor runs */
-    OrtStatus *status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "K", &kernel->k);
-    if (!status) status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "N", &kernel->n);
-    if (!status && (kernel->k < BLOCK || kernel->k % BLOCK))
-        status = invalid(OP ": K = %lld is not a positive multiple of the block size %lld", kernel->k, BLOCK);
-    if (!status && kernel->n < 1) status = invalid(OP ": N = %lld, expected at least %lld", kernel->n, 1);
-    if (!status && isa == ISA_BEST) isa = best_isa();
-    if (!status && !runs((int)isa))
-        status = invalid(OP ": isa = %lld needs instructions this processor lacks (1 plain C, 2 AVX2, 3 AVX-512 VNNI; it runs up to %lld)",
-                         isa, best_isa());
+    int isa = 0;
+    OrtStatus *status = product_attributes(OP, info, BLOCK, "K = %lld is not a positive multiple of the block size %lld",
+                                           runs, best_isa(), "1 plain C, 2 AVX2, 3 AVX-512 VNNI", &kernel->k, &kernel->n, &isa);
     if (status) {
         free(kernel);
         return status;
     }
-    kernel->tile = tile_for((int)isa);
+    kernel->tile = tile_for(isa);
     *out = kernel;
     return NULL;
 }

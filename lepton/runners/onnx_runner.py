@@ -18,6 +18,7 @@ from lepton.memory import check_fits, kv_budget_bytes
 from lepton.model_folder import ModelFolder
 from lepton.native import ops_library
 from lepton.runners.bf16_graph import bf16_graph, unavailable as bf16_unavailable
+from lepton.runners.q4_graph import q4_graph
 from lepton.runners.q8_graph import matmul_kernel, q8_graph
 
 INDEX_INPUTS = (
@@ -119,27 +120,40 @@ class OnnxRunner:
 
     def _products(self, path: Path, config: EngineConfig,
                   model: onnx.ModelProto | None) -> tuple[onnx.ModelProto | None, Path | None]:
-        """A q8_0 export's weight products rewritten to Lepton's MatMulQ8 when RunnerConfig.matmul_kernel
-        picks it (lepton/runners/q8_graph.py; printed, with why). model: the export's graph to rewrite,
+        """A q8_0 export's weight products rewritten to Lepton's MatMulQ8, a q4_1 export's to MatMulQ4 (and
+        its float32 lm_head to MatMulBF16), when RunnerConfig.matmul_kernel picks Lepton's operators
+        (lepton/runners/q8_graph.py, q4_graph.py; printed, with why). model: the export's graph to rewrite,
         None to read it here. Returns the graph (rewritten, or `model` as given) and the library to
         register (None when nothing was rewritten)."""
         quantization = self.manifest.quantization
         if config.runner.weight_dtype == "bfloat16":
             return self._bf16_products(path, config, model)
-        if quantization is None or quantization.method != "q8_0":
+        if quantization is None or quantization.method not in ("q8_0", "q4_1"):
             return model, None
+        method = quantization.method
         library = ops_library()
-        kernel, why = matmul_kernel(config.runner.matmul_kernel, library)
+        kernel, why = matmul_kernel(config.runner.matmul_kernel, library, method=method)
         if kernel == "lepton" and self.manifest.external_data is not None:
             kernel, why = "onnxruntime", "the export keeps its weights in an external file"
-        count = 0
+        count, head, head8 = 0, 0, 0
         if kernel == "lepton":
             model = onnx.load(str(path / self.manifest.model_file)) if model is None else model
-            count = q8_graph(model)
+            if method == "q8_0":
+                count = q8_graph(model)
+            else:  # NOTE: an 8-bit lm_head (--lm-head q8_0) beside the 4-bit layers goes to MatMulQ8
+                count, head = q4_graph(model)
+                head8 = q8_graph(model) if count else 0
             if not count:
-                why = "no MatMulNBits node of 8 bits, blocks of 32, accuracy level 4"
-        what = f"Lepton's MatMulQ8 ({count} nodes; {why})" if count else f"ONNX Runtime's MatMulNBits ({why})"
-        print(f"[lepton] 8-bit weight products: {what}", flush=True)
+                why = ("no MatMulNBits node of 8 bits, blocks of 32, accuracy level 4" if method == "q8_0"
+                       else "no q4_1 product (4-bit MatMulNBits in blocks of 32 plus its offsets)")
+        if method == "q8_0":
+            what = f"Lepton's MatMulQ8 ({count} nodes; {why})" if count else f"ONNX Runtime's MatMulNBits ({why})"
+            print(f"[lepton] 8-bit weight products: {what}", flush=True)
+        else:
+            rest = (f"; the float32 products left, {head}, in bfloat16: MatMulBF16" if head else "") + (
+                f"; the 8-bit ones, {head8}: MatMulQ8" if head8 else "")
+            what = f"Lepton's MatMulQ4 ({count} nodes{rest}; {why})" if count else f"ONNX Runtime's MatMulNBits ({why})"
+            print(f"[lepton] 4-bit weight products: {what}", flush=True)
         return model, library if count else None
 
     def _bf16_products(self, path: Path, config: EngineConfig,

@@ -75,10 +75,12 @@ def q8_graph(model: onnx.ModelProto) -> int:
     return count
 
 
-def matmul_kernel(setting: str, library: Path | None, cpu: dict | None = None) -> tuple[str, str]:
-    """RunnerConfig.matmul_kernel -> ("lepton" or "onnxruntime", why): "auto" takes Lepton's MatMulQ8 when
-    its library is built and the processor has AVX-512 VNNI (where it was measured faster than
-    MatMulNBits, docs/performance.md); elsewhere MatMulQ8 runs its AVX2 or plain C path, which only an
+def matmul_kernel(setting: str, library: Path | None, cpu: dict | None = None,
+                  method: str = "q8_0") -> tuple[str, str]:
+    """RunnerConfig.matmul_kernel -> ("lepton" or "onnxruntime", why) for a `method` export's products:
+    "auto" takes Lepton's operator when its library is built and the processor has what it was measured
+    faster with (docs/performance.md): AVX-512 VNNI for q8_0's MatMulQ8, AVX-512 BF16 for q4_1's MatMulQ4
+    (lepton/runners/q4_graph.py); elsewhere the operators run an AVX2 or plain C path, which only an
     explicit matmul_kernel=lepton asks for."""
     if setting == "onnxruntime":
         return "onnxruntime", "matmul_kernel=onnxruntime"
@@ -91,6 +93,7 @@ def matmul_kernel(setting: str, library: Path | None, cpu: dict | None = None) -
     if setting == "lepton":
         return "lepton", "matmul_kernel=lepton"
     cpu = cpu_features() if cpu is None else cpu
-    if cpu.get("avx512_vnni") and cpu.get("avx512f"):
-        return "lepton", "AVX-512 VNNI"
-    return "onnxruntime", "no AVX-512 VNNI on this processor"
+    flag, name = ("avx512_bf16", "AVX-512 BF16") if method == "q4_1" else ("avx512_vnni", "AVX-512 VNNI")
+    if cpu.get(flag) and cpu.get("avx512f"):
+        return "lepton", name
+    return "onnxruntime", f"no {name} on this processor"

@@ -54,3 +54,32 @@ def test_a_runner_setting_whose_quality_report_failed_is_not_counted_either():
     bf16["gate_failed"] = True
     rows = rows_by_name(sitting(bf16))
     assert rows["W2 output tok/s, 16-bit: best Lepton / best peer"]["lepton"] is None
+
+
+def test_prefix_caching_is_judged_cold_and_with_the_prefix_cached_first():
+    q8_0 = system("lepton", "Lepton q8_0", "8-bit", 400.0, 75.0, 8.0)
+    q8_0["workloads"] |= {"prefix": {"ttft_ms": {"p50": 1200.0}}, "prefix_warm": {"ttft_ms": {"p50": 150.0}}}
+    q8_0 |= {"prefix_no_caching": {"ttft_ms": {"p50": 10000.0}}, "prefix_warm_no_caching": {"ttft_ms": {"p50": 9000.0}}}
+    rows = rows_by_name(sitting(q8_0))
+    cold = rows["shared prefix TTFT p50, caching on / off"]
+    assert (cold["ratio"], cold["met"], cold["goal"]) == (0.12, False, "<= 0.1")
+    warm = rows["shared prefix cached first, TTFT p50, caching on / off"]
+    assert (warm["ratio"], warm["met"], warm["reference_system"]) == (0.017, True, "Lepton q8_0, no prefix caching")
+
+
+def test_the_warm_prefix_run_has_its_own_prefix_and_a_request_before_it():
+    import tokenizers
+
+    from benchmarks.peers.workloads import QUICK, build_workloads
+    from benchmarks.workload import PromptFactory
+    from lepton.server import PROJECT_ROOT
+
+    factory = PromptFactory(tokenizers.Tokenizer.from_file(str(PROJECT_ROOT / "build/models/demo/tokenizer.json")), 0)
+    workloads = build_workloads(factory, QUICK)
+    cold, warm = workloads["prefix"], workloads["prefix_warm"]
+    assert len(warm.specs) == len(cold.specs) == warm.concurrency and not cold.warmup
+    (first,) = warm.warmup
+    assert first.max_tokens == 1 and first.request_id == "prefix_warm-0"
+    shared = first.prompt.split("\nUser 0:")[0]
+    assert all(s.prompt.startswith(shared + f"\nUser {i + 1}:") for i, s in enumerate(warm.specs))
+    assert not cold.specs[0].prompt.startswith(shared)  # NOTE: the cold run cannot have cached it

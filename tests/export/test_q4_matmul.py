@@ -1,0 +1,186 @@
+"""lepton.native's MatMulQ4 and the runners' rewrite of a q4_1 export's products to it.
+
+Every instruction-set path must give what float64 gives on the bfloat16-rounded activations and the Q4_1
+weights (d q + m, d and m in float16), to float32 summation; the packing must put each code where the kernel
+reads it; bad inputs are refused naming the input and the limit; the rewrite must take exactly the q4_1
+products (MatMulNBits plus its offsets) and leave a float32 head to MatMulBF16; a q4_1 export served with it
+must give the export's logits to bfloat16's precision.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from export.nbits import RewritePlan, quantize_q4_1, rewrite_matmuls
+from export.quantization import resolve_preset, write_quantized
+from lepton.config import CacheConfig, EngineConfig, RunnerConfig
+from lepton.native import DOMAIN, LIBRARY
+from lepton.runners import make_runner, open_folder
+from lepton.runners.bf16_graph import from_bf16, to_bf16
+from lepton.runners.q4_graph import pack, q4_graph, unpack_codes
+from lepton.runners.q8_graph import matmul_kernel
+from tests.export.conftest import cpu_flags
+from tests.export.test_bf16_matmul import CASES as BF16_CASES, session
+from tests.export.test_slot_runner import BLOCK_SIZE, run_schedule
+
+HAS_BF16 = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= cpu_flags()
+ISAS = [1, pytest.param(3, marks=pytest.mark.skipif(not HAS_BF16, reason="no AVX-512 BF16 on this processor"))]
+
+
+def product_model(k: int, n: int, arrays: tuple[np.ndarray, ...], rank: int = 2, **attrs) -> onnx.ModelProto:
+    names = ["b", "scales", "mins"]
+    node = helper.make_node("MatMulQ4", ["a", *names], ["y"], domain=DOMAIN, K=k, N=n, **attrs)
+    rows = [f"r{i}" for i in range(rank - 1)]
+    graph = helper.make_graph([node], "product", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [*rows, "width"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*rows, n])],
+                              [numpy_helper.from_array(a, name) for a, name in zip(arrays, names)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
+
+
+def q4_weights(rng: np.random.Generator, n: int, k: int):
+    """Codes [N, K / 32, 32], scales and minimums [N, K / 32] (float16 values, as a GGUF holds them)."""
+    codes = rng.integers(0, 16, (n, k // 32, 32), dtype=np.uint8)
+    scales = rng.uniform(1e-3, 4e-2, (n, k // 32)).astype(np.float16).astype(np.float32)
+    mins = rng.uniform(-0.4, 0.0, (n, k // 32)).astype(np.float16).astype(np.float32)
+    return codes, scales, mins
+
+
+def dequantized(codes, scales, mins) -> np.ndarray:
+    n = codes.shape[0]
+    return (codes * scales[..., None].astype(np.float64) + mins[..., None]).reshape(n, -1)
+
+
+# NOTE: MatMulBF16's shapes whose K is a multiple of 32, and one block
+CASES = {"one block, one output": (32, 1, (1,)), **{name: case for name, case in BF16_CASES.items() if case[0] % 32 == 0}}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_path_gives_the_product_of_rounded_activations_and_q4_1_weights(case, isa):
+    k, n, rows = CASES[case]
+    rng = np.random.default_rng(len(case))
+    codes, scales, mins = q4_weights(rng, n, k)
+    a = rng.standard_normal((*rows, k)).astype(np.float32)
+    want = from_bf16(to_bf16(a)).astype(np.float64) @ dequantized(codes, scales, mins).T
+    got = session(product_model(k, n, pack(codes, scales, mins), rank=len(rows) + 1, isa=isa)).run(None, {"a": a})[0]
+    assert got.shape == (*rows, n)
+    # NOTE: float32 sums of exact products; the codes' bias of 128 cancels to float32 rounding of ~128 sum(a)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.sqrt(k) * np.abs(want).max())
+    if isa != 1:
+        plain = session(product_model(k, n, pack(codes, scales, mins), rank=len(rows) + 1, isa=1)).run(None, {"a": a})[0]
+        np.testing.assert_allclose(got, plain, rtol=0, atol=1e-6 * np.abs(plain).max())
+
+
+def test_pack_puts_each_code_where_the_kernel_reads_it():
+    n, k = 20, 64
+    codes = (np.arange(n * k).reshape(n, k // 32, 32) * 7 % 16).astype(np.uint8)
+    scales, mins = np.full((n, 2), 0.5, np.float32), np.arange(n * 2, dtype=np.float32).reshape(n, 2)
+    b, s, m = pack(codes, scales, mins)
+    assert b.shape == (2, 2, 256) and b.dtype == np.uint8 and s.shape == m.shape == (2, 2, 16) and s.dtype == np.float16
+    for out in range(n):
+        for i in range(k):
+            blk, j = divmod(i, 32)
+            group, r = divmod(j, 4)
+            byte = b[out // 16, blk, group * 32 + 2 * (out % 16) + r % 2]
+            assert (byte >> 4 if r >= 2 else byte & 15) == codes[out, blk, j]
+        assert m[out // 16, 1, out % 16] == mins[out, 1]
+    assert not b[1, :, :].reshape(2, 8, 16, 2)[:, :, 4:].any() and not s[1, :, 4:].any()  # NOTE: outputs 20..31
+    np.testing.assert_array_equal(unpack_codes(numpy_helper.to_array(numpy_helper.from_array(
+        (codes[..., 0::2] | codes[..., 1::2] << 4).astype(np.uint8))), n, 2), codes)
+
+
+def test_bad_inputs_are_refused_with_the_input_and_the_limit():
+    codes, scales, mins = q4_weights(np.random.default_rng(0), 16, 64)
+    arrays = pack(codes, scales, mins)
+    with pytest.raises(Exception, match=r"MatMulQ4: K = 48 is not a positive multiple of the block size 32"):
+        session(product_model(48, 16, arrays))
+    with pytest.raises(Exception, match=r"MatMulQ4: A has 32 values per row, expected K = 64"):
+        session(product_model(64, 16, arrays)).run(None, {"a": np.ones((2, 32), np.float32)})
+    with pytest.raises(Exception, match=r"MatMulQ4: B has 2 packed blocks, expected ceil\(N / 16\) x K / 32 = 4 of 256"):
+        session(product_model(64, 32, arrays)).run(None, {"a": np.ones((2, 64), np.float32)})
+    with pytest.raises(Exception, match=r"MatMulQ4: mins has 4 blocks, expected ceil\(N / 16\) x K / 32 = 2 of 16"):
+        wide = pack(*q4_weights(np.random.default_rng(1), 16, 128))
+        session(product_model(64, 16, (arrays[0], arrays[1], wide[2]))).run(None, {"a": np.ones((1, 64), np.float32)})
+    with pytest.raises(ValueError, match="codes: 16 does not fit 4 bits"):
+        pack(codes + 1, scales, mins)
+    if not HAS_BF16:
+        with pytest.raises(Exception, match="isa = 3 needs instructions this processor lacks"):
+            session(product_model(64, 16, arrays, isa=3))
+
+
+def q4_1_graph(rng: np.random.Generator) -> onnx.ModelProto:
+    """x -> two q4_1 products (export.nbits, sharing x's block sums) -> a float32 head; and a plain 4-bit
+    MatMulNBits (no offsets), which MatMulQ4 does not take."""
+    weights = {"w1": rng.standard_normal((64, 96)), "w2": rng.standard_normal((64, 96)), "head": rng.standard_normal((96, 40))}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"], name="p1"), helper.make_node("MatMul", ["x", "w2"], ["h2"], name="p2"),
+             helper.make_node("Add", ["h1", "h2"], ["h"]), helper.make_node("MatMul", ["h", "head"], ["logits"], name="head")]
+    plain = quantize_q4_1(rng.standard_normal((16, 64)).astype(np.float32))
+    nibbles = (plain.codes[..., 0::2] | plain.codes[..., 1::2] << 4).astype(np.uint8)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", 64])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["M", 40]),
+                               helper.make_tensor_value_info("int4", TensorProto.FLOAT, ["M", 16])],
+                              [numpy_helper.from_array(w.astype(np.float32), name) for name, w in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert rewrite_matmuls(model, RewritePlan(block_size=32, accuracy_level=0, head_format="fp32", head_accuracy_level=4,
+                                              vocab_size=40)) == 2
+    model.graph.node.append(helper.make_node("MatMulNBits", ["x", "int4.codes", "int4.scales"], ["int4"], domain="com.microsoft",
+                                             K=64, N=16, bits=4, block_size=32, accuracy_level=0))
+    model.graph.initializer.extend([numpy_helper.from_array(nibbles, "int4.codes"),
+                                    numpy_helper.from_array(plain.scales.reshape(-1), "int4.scales")])
+    return model
+
+
+def test_the_rewrite_takes_the_q4_1_products_and_leaves_the_head_to_matmulbf16():
+    model = q4_1_graph(np.random.default_rng(5))
+    assert [n.op_type for n in model.graph.node].count("MatMulNBits") == 3
+    x = np.random.default_rng(6).standard_normal((5, 64)).astype(np.float32)
+    want = session(model).run(None, {"x": x})
+    assert q4_graph(model) == (2, 1)
+    ops = [n.op_type for n in model.graph.node]
+    assert sorted(ops) == ["Add", "MatMulBF16", "MatMulNBits", "MatMulQ4", "MatMulQ4"]  # NOTE: block sums and offsets gone
+    assert not any("block_indicator" in t.name or t.name.endswith(".offsets") for t in model.graph.initializer)
+    got = session(model).run(None, {"x": x})
+    np.testing.assert_array_equal(got[1], want[1])  # NOTE: the plain 4-bit product is kept as it was
+    # NOTE: bfloat16 activations in two products and the head, float16 scales off the grid
+    np.testing.assert_allclose(got[0], want[0], rtol=0, atol=0.02 * np.abs(want[0]).max())
+
+
+def test_the_kernel_setting_for_q4_1():
+    bf16 = {"avx512f": True, "avx512_bf16": True}
+    assert matmul_kernel("auto", LIBRARY, bf16, method="q4_1") == ("lepton", "AVX-512 BF16")
+    assert matmul_kernel("auto", LIBRARY, {"avx512f": True, "avx512_vnni": True}, method="q4_1") == (
+        "onnxruntime", "no AVX-512 BF16 on this processor")
+    assert matmul_kernel("lepton", LIBRARY, {}, method="q4_1") == ("lepton", "matmul_kernel=lepton")
+
+
+@pytest.fixture(scope="module")
+def tiny_q4_1(tiny_exports, tmp_path_factory):
+    """head -> a q4_1 export of the tiny llama with that lm_head (q8_0: the preset's; fp32)."""
+    export, _ = tiny_exports("llama", "dynamo")
+    root = tmp_path_factory.mktemp("q4_1")
+    for head in ("q8_0", "fp32"):
+        write_quantized(export, root / head, resolve_preset("q4_1", None, None, None if head == "q8_0" else head))
+    return lambda head: root / head
+
+
+def q4_runner(export_dir, attention: str, kernel: str):
+    config = EngineConfig(model_dir=export_dir, cache=CacheConfig(block_size=BLOCK_SIZE, kv_cache_memory_bytes=4 << 20),
+                          runner=RunnerConfig(runner="onnxruntime", attention=attention, matmul_kernel=kernel,
+                                              kv_cache_dtype="float32"))
+    return make_runner(open_folder(config), config)
+
+
+@pytest.mark.parametrize("head,attention,printed", [
+    ("q8_0", "paged", "8 nodes; the 8-bit ones, 1: MatMulQ8"), ("q8_0", "slots", "8 nodes; the 8-bit ones, 1: MatMulQ8"),
+    ("fp32", "slots", "8 nodes; the float32 products left, 1, in bfloat16: MatMulBF16")])
+def test_a_q4_1_export_serves_its_logits_with_matmulq4(tiny_q4_1, head, attention, printed, capsys):
+    as_written = q4_runner(tiny_q4_1(head), "paged", "onnxruntime")
+    assert "4-bit weight products: ONNX Runtime's MatMulNBits (matmul_kernel=onnxruntime)" in capsys.readouterr().out
+    rewritten = q4_runner(tiny_q4_1(head), attention, "lepton")
+    assert f"4-bit weight products: Lepton's MatMulQ4 ({printed}; matmul_kernel=lepton)" in capsys.readouterr().out
+    worst = run_schedule(as_written, rewritten)
+    # NOTE: tiny random models' logits are O(1); bfloat16 activations (and a bfloat16 head) move them by ~1e-2
+    assert 0 < worst < 0.1
