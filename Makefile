@@ -16,12 +16,13 @@ ONNX_SMOLLM2 := build/onnx/smollm2
 # RUNNER=auto (the default) times the model's quality-proven configurations on this processor and
 # serves the fastest (lepton/autoselect.py); RUNNER=torch|onnxruntime|tensorrt is an explicit choice.
 RUNNER ?= auto
-# VARIANT=fp32|int8|int4|q8_0 (with RUNNER=onnxruntime) serves SmolLM2's ONNX export of that precision; a
+# VARIANT=fp32|int8|int4|q4_1|q8_0 (with RUNNER=onnxruntime) serves SmolLM2's ONNX export of that precision; a
 # quantized one is built with its quality report even when it misses the gate (an explicit choice).
 VARIANT ?=
 VARIANT_DIR_fp32 := $(ONNX_SMOLLM2)
 VARIANT_DIR_int8 := $(ONNX_SMOLLM2)-int8
 VARIANT_DIR_int4 := $(ONNX_SMOLLM2)-int4
+VARIANT_DIR_q4_1 := $(ONNX_SMOLLM2)-q4_1
 VARIANT_DIR_q8_0 := $(ONNX_SMOLLM2)-q8_0
 ifeq ($(RUNNER),onnxruntime)
 MODEL ?= $(if $(VARIANT),$(VARIANT_DIR_$(VARIANT)),$(ONNX_SMOLLM2))
@@ -133,11 +134,11 @@ RUNNER_NUMERICS := $(wildcard lepton/native/*.c lepton/native/*.h) $(wildcard le
 $(ONNX_SMOLLM2)-%/manifest.json: $(ONNX_SMOLLM2)/manifest.json export/quantization.py export/quality.py export/nbits.py export/smoothing.py $(RUNNER_NUMERICS) | setup
 	@$(PY) -m export quantize --export $(ONNX_SMOLLM2) --out $(ONNX_SMOLLM2)-$* --method $* --no-quality-gate
 
-serve: setup  ## serve MODEL (default: SmolLM2-135M-Instruct) with RUNNER=auto|torch|onnxruntime [VARIANT=fp32|int8|int4|q8_0] [INSTANCES=N engines] on HOST:HTTP_PORT/GRPC_PORT/METRICS_PORT, OpenAI API on API_PORT (0: none)
+serve: setup  ## serve MODEL (default: SmolLM2-135M-Instruct) with RUNNER=auto|torch|onnxruntime [VARIANT=fp32|int8|int4|q4_1|q8_0] [INSTANCES=N engines] on HOST:HTTP_PORT/GRPC_PORT/METRICS_PORT, OpenAI API on API_PORT (0: none)
 	@if [ -n "$(VARIANT)" ] && [ "$(RUNNER)" != onnxruntime ]; then \
 		echo "VARIANT=$(VARIANT) serves an ONNX export: add RUNNER=onnxruntime" >&2; exit 2; fi
 	@if [ -n "$(VARIANT)" ] && [ -z "$(VARIANT_DIR_$(VARIANT))" ]; then \
-		echo "VARIANT must be fp32, int8, int4 or q8_0, got '$(VARIANT)'" >&2; exit 2; fi
+		echo "VARIANT must be fp32, int8, int4, q4_1 or q8_0, got '$(VARIANT)'" >&2; exit 2; fi
 	@if [ "$(MODEL)" = "$(DEMO_MODEL)" ]; then $(MAKE) --no-print-directory $(DEMO_MODEL)/config.json; fi
 	@if [ "$(MODEL)" = "$(SMOLLM2_MODEL)" ]; then $(MAKE) --no-print-directory $(SMOLLM2_MODEL)/config.json; fi
 	@if [ "$(MODEL)" = "$(SMOLLM2_MODEL)" ] && [ "$(RUNNER)" = auto ]; then \
@@ -145,7 +146,7 @@ serve: setup  ## serve MODEL (default: SmolLM2-135M-Instruct) with RUNNER=auto|t
 		$(PY) -m export.runner_quality --model $(SMOLLM2_MODEL) --reference $(ONNX_SMOLLM2) --if-supported && \
 		$(PY) -m export.runner_quality --runner onnxruntime --reference $(ONNX_SMOLLM2) --if-supported; fi
 	@if [ "$(MODEL)" = "$(ONNX_DEMO)" ]; then $(MAKE) --no-print-directory $(ONNX_DEMO)/manifest.json; fi
-	@for dir in $(VARIANT_DIR_fp32) $(VARIANT_DIR_int8) $(VARIANT_DIR_int4) $(VARIANT_DIR_q8_0); do \
+	@for dir in $(VARIANT_DIR_fp32) $(VARIANT_DIR_int8) $(VARIANT_DIR_int4) $(VARIANT_DIR_q4_1) $(VARIANT_DIR_q8_0); do \
 		if [ "$(MODEL)" = "$$dir" ]; then $(MAKE) --no-print-directory $$dir/manifest.json || exit 1; fi; done
 	@exec $(PY) -m lepton.server --model $(MODEL) $(if $(filter auto,$(RUNNER)),--auto,--param runner=$(RUNNER)) \
 		--host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
