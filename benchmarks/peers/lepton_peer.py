@@ -55,16 +55,21 @@ def run_served(server: TritonServer, workload: Workload) -> dict:
     return summary
 
 
-def run_in_process(model_dir: Path, params: dict[str, str], workload: Workload) -> list[RequestRecord]:
+def in_process_engine(model_dir: Path, params: dict[str, str]):
+    """The engine the server runs, built in this process (lepton.engine.LLMEngine)."""
+    from lepton.config import EngineConfig
+    from lepton.engine import LLMEngine
+
+    return LLMEngine(EngineConfig.from_parameters({"model_dir": str(model_dir), **params}))
+
+
+def run_in_process(engine, workload: Workload) -> list[RequestRecord]:
     """The same engine without Triton: every request added at once, then step() until done.
 
     A token's time is when step() returned it with text (as the server would send it then).
     """
-    from lepton.config import EngineConfig
-    from lepton.engine import LLMEngine
     from lepton.sampling_params import SamplingParams
 
-    engine = LLMEngine(EngineConfig.from_parameters({"model_dir": str(model_dir), **params}))
     greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     for i, spec in enumerate(workload.specs[:2]):
         engine.add_request(f"warmup-{i}", spec.prompt, greedy)

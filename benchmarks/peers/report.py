@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from benchmarks.peers.ratios import triton_and_in_process
 from benchmarks.report import _fmt, _save
 
 TABLE_HEADER = (
@@ -161,7 +162,7 @@ def _last_table(text: list[str]) -> list[str]:
 
 def _lepton_section(result: dict) -> list[str]:
     lines = ["", "## Lepton: through Triton and in process, prefix caching on and off", "",
-             "| variant | W2 out tok/s Triton / in process | W2 TTFT ms p50 Triton / in process | W2 ITL ms p50 "
+             "| variant | W2 out tok/s Triton / in process (back-to-back pairs: their mean) | W2 TTFT ms p50 Triton / in process | W2 ITL ms p50 "
              "Triton / in process | prefix TTFT ms p50 caching on / off | prefix cached first: TTFT ms p50 caching on / "
              "off | prefix-cache hits / queries (tokens) | Lepton export used |", "|---|---|---|---|---|---|---|---|"]
     for s in result["systems"]:
@@ -174,7 +175,10 @@ def _lepton_section(result: dict) -> list[str]:
         delta = prefix.get("metrics_delta") or {}
         hits = (f"{delta.get('lepton_prefix_cache_hits_total', 0):,.0f} / "
                 f"{delta.get('lepton_prefix_cache_queries_total', 0):,.0f}")
-        lines.append(f"| {s['label']} | {_fmt(w2.get('output_tok_per_s'))} / {_fmt(inproc.get('output_tok_per_s'))} | "
+        served, in_process = triton_and_in_process(s)
+        pairs = ", ".join(f"{_fmt(p['served'].get('output_tok_per_s'))} / {_fmt(p['in_process'].get('output_tok_per_s'))}"
+                          for p in s.get("w2_pairs") or [])
+        lines.append(f"| {s['label']} | {_fmt(served)} / {_fmt(in_process)}{f' (pairs: {pairs})' if pairs else ''} | "
                      f"{_fmt(p50(w2, 'ttft_ms'))} / {_fmt(p50(inproc, 'ttft_ms'))} | {_fmt(p50(w2, 'itl_ms'))} / "
                      f"{_fmt(p50(inproc, 'itl_ms'))} | {_fmt(p50(prefix, 'ttft_ms'))} / "
                      f"{_fmt(p50(no_cache, 'ttft_ms'))} | {_fmt(p50(warm, 'ttft_ms'))} / {_fmt(p50(warm_no_cache, 'ttft_ms'))} | "
@@ -234,7 +238,9 @@ METHOD = """## How each figure is measured
 - **Lepton** runs behind a real `tritonserver` (`lepton.server.TritonServer`, free loopback ports, 4 warm-up
   requests) and is driven by `benchmarks.loadgen` over gRPC streaming, one stream per request, as in
   `benchmarks.serving`. "In process" is the same engine (`lepton.engine.LLMEngine`) driven by `step()` in
-  the benchmark process with all W2 requests added at once, timed when a token's text comes out of a step.
+  the benchmark process with all W2 requests added at once, timed when a token's text comes out of a step;
+  it runs back to back with the served W2 (the server idle meanwhile), twice in alternating order (the
+  second pair on fresh prompts), and the Triton / in-process ratio is that of the pairs' means.
 - **llama.cpp** (`build/peers/llama.cpp/bin/llama-server`, built by `scripts/build_peers.sh` from the
   llama.cpp vendored in `llama-cpp-python`'s source package) is driven over HTTP streaming (`/completion`,
   `stream`, `ignore_eos`, `n_predict`, `cache_prompt`, `return_tokens`, prompt as token ids) by the same

@@ -80,6 +80,14 @@ def build_workloads(factory: PromptFactory, o: WorkloadOptions) -> dict[str, Wor
     }
 
 
+def with_fresh_prompts(factory: PromptFactory, workload: Workload, tag: str) -> Workload:
+    """The same closed-loop workload (as many requests, prompts as long, as many output tokens) with prompts no
+    earlier run sent, so that no prefix cache holds them."""
+    first = workload.specs[0]
+    specs = tuple(fixed_requests(factory, tag, len(workload.specs), first.num_prompt_tokens, first.max_tokens))
+    return dataclasses.replace(workload, specs=specs, warmup=())
+
+
 def token_ids(factory: PromptFactory, spec: RequestSpec) -> list[int]:
     """The prompt's token ids as Lepton's tokenizer makes them (BOS included); peers get these ids."""
     return factory.tokenizer.encode(spec.prompt).ids

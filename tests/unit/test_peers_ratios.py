@@ -83,3 +83,31 @@ def test_the_warm_prefix_run_has_its_own_prefix_and_a_request_before_it():
     shared = first.prompt.split("\nUser 0:")[0]
     assert all(s.prompt.startswith(shared + f"\nUser {i + 1}:") for i, s in enumerate(warm.specs))
     assert not cold.specs[0].prompt.startswith(shared)  # NOTE: the cold run cannot have cached it
+
+
+def test_through_triton_against_in_process_is_judged_on_back_to_back_pairs():
+    q8_0 = system("lepton", "Lepton q8_0", "8-bit", 400.0, 75.0, 8.0)
+    q8_0["w2_in_process"] = {"output_tok_per_s": 600.0}  # NOTE: the first pair's; minutes later the machine moved
+    q8_0["w2_pairs"] = [{"served": {"output_tok_per_s": 400.0}, "in_process": {"output_tok_per_s": 420.0}},
+                        {"served": {"output_tok_per_s": 500.0}, "in_process": {"output_tok_per_s": 510.0}}]
+    row = rows_by_name(sitting(q8_0))["W2 output tok/s, through Triton / engine in process"]
+    assert (row["lepton"], row["reference"], row["ratio"], row["met"]) == (450.0, 465.0, 0.968, True)
+    del q8_0["w2_pairs"]  # NOTE: a sitting from before the pairs: its one served and one in-process run
+    row = rows_by_name(sitting(q8_0))["W2 output tok/s, through Triton / engine in process"]
+    assert (row["lepton"], row["reference"], row["ratio"]) == (400.0, 600.0, 0.667)
+
+
+def test_fresh_prompts_keep_the_shape_and_share_no_prefix():
+    import tokenizers
+
+    from benchmarks.peers.workloads import QUICK, build_workloads, with_fresh_prompts
+    from benchmarks.workload import PromptFactory
+    from lepton.server import PROJECT_ROOT
+
+    factory = PromptFactory(tokenizers.Tokenizer.from_file(str(PROJECT_ROOT / "build/models/demo/tokenizer.json")), 0)
+    w2 = build_workloads(factory, QUICK)["w2"]
+    again = with_fresh_prompts(factory, w2, "w2-again")
+    assert (len(again.specs), again.concurrency, again.name) == (len(w2.specs), w2.concurrency, "w2")
+    assert {(s.num_prompt_tokens, s.max_tokens) for s in again.specs} == {(s.num_prompt_tokens, s.max_tokens) for s in w2.specs}
+    assert not {s.prompt[:40] for s in again.specs} & {s.prompt[:40] for s in w2.specs}
+    assert again.specs[0].request_id == "w2-again-0"
