@@ -1,5 +1,5 @@
 """Edits of an ONNX graph shared by the exporter's quantizers (export/nbits.py), the slot rewrite and the
-runners' rewrites to Lepton's operators (q8_graph, bf16_graph)."""
+runners' rewrites to Lepton's operators (q8_graph, q4_graph, bf16_graph)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,18 @@ def drop_unused_initializers(graph: onnx.GraphProto) -> None:
     kept = [t for t in graph.initializer if t.name in used]
     graph.ClearField("initializer")
     graph.initializer.extend(kept)
+
+
+def drop_dead_nodes(graph: onnx.GraphProto) -> None:
+    """Remove nodes none of whose outputs a graph output or a kept node reads."""
+    needed = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(graph.node):
+        if any(out in needed for out in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    graph.ClearField("node")
+    graph.node.extend(reversed(kept))
 
 
 def add_rewritten(model: onnx.ModelProto, initializers: list[onnx.TensorProto], domain: str) -> None:

@@ -121,7 +121,7 @@ class OnnxRunner:
     def _products(self, path: Path, config: EngineConfig,
                   model: onnx.ModelProto | None) -> tuple[onnx.ModelProto | None, Path | None]:
         """A q8_0 export's weight products rewritten to Lepton's MatMulQ8, a q4_1 export's to MatMulQ4 (and
-        its float32 lm_head to MatMulBF16), when RunnerConfig.matmul_kernel picks Lepton's operators
+        its lm_head to MatMulQ8 when 8-bit, to MatMulBF16 when float32), when RunnerConfig.matmul_kernel picks Lepton's operators
         (lepton/runners/q8_graph.py, q4_graph.py; printed, with why). model: the export's graph to rewrite,
         None to read it here. Returns the graph (rewritten, or `model` as given) and the library to
         register (None when nothing was rewritten)."""

@@ -5,8 +5,9 @@ second, tiny product blocksum(A) @ C (C: each block's offset m + 8 d), added. Ma
 product, w = d q + m per block of 32, in one node: the codes packed for AVX-512 BF16's dot products, d and m
 in float16 (as a Q4_1 GGUF stores them: exact for weights dequantized from one, a float16 rounding of each
 block's scale and minimum otherwise) and the activations rounded to bfloat16 (as weight_dtype=bfloat16
-rounds them). The float32 weight products left (the q4_1 preset keeps the lm_head, the tied embedding, in
-float32) become MatMulBF16 (lepton/runners/bf16_graph.py), and the block sums nobody reads any more go.
+rounds them). A float32 weight product left (the lm_head of `--lm-head fp32`) becomes MatMulBF16
+(lepton/runners/bf16_graph.py; the preset's 8-bit head goes to MatMulQ8 in the runner), and the block sums
+nobody reads any more go.
 The rewrite happens when the runner builds its session (RunnerConfig.matmul_kernel); what it serves is
 judged by the q4_1 quality gate, which export quantize measures through the runner.
 """
@@ -19,7 +20,7 @@ from onnx import helper, numpy_helper
 
 from lepton.native import DOMAIN as LEPTON_DOMAIN
 from lepton.runners.bf16_graph import bf16_graph
-from lepton.runners.graph_edit import MS_DOMAIN, add_rewritten
+from lepton.runners.graph_edit import MS_DOMAIN, add_rewritten, drop_dead_nodes
 
 BLOCK, LANES, GROUPS = 32, 16, 8
 ZERO_POINT = 8  # MatMulNBits' default for bits=4 (a q4_1 export gives none)
@@ -96,18 +97,6 @@ def _q4_1_products(graph: onnx.GraphProto, initializers: dict) -> list[tuple[onn
     return found
 
 
-def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
-    """Remove nodes none of whose outputs anything reads (the block sums the offsets used to take)."""
-    needed = {o.name for o in graph.output}
-    kept = []
-    for node in reversed(graph.node):
-        if any(out in needed for out in node.output):
-            kept.append(node)
-            needed.update(node.input)
-    graph.ClearField("node")
-    graph.node.extend(reversed(kept))
-
-
 def q4_graph(model: onnx.ModelProto) -> tuple[int, int]:
     """Rewrite every q4_1 product to MatMulQ4 and the float32 weight products then left to MatMulBF16, in
     place; returns how many of each."""
@@ -136,6 +125,6 @@ def q4_graph(model: onnx.ModelProto) -> tuple[int, int]:
     nodes = [replaced.get(id(node), node) for node in graph.node if id(node) not in gone]
     graph.ClearField("node")
     graph.node.extend(nodes)
-    _drop_dead_nodes(graph)
+    drop_dead_nodes(graph)  # NOTE: the block sums the offsets took
     add_rewritten(model, added, LEPTON_DOMAIN)
     return len(products), bf16_graph(model)
