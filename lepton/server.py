@@ -24,6 +24,7 @@ from google.protobuf import text_format
 
 from lepton.instances import write_instance_groups
 from lepton.lifetime import accepts, descendants, kill_tree, kill_with_parent, port_in_use
+from lepton.memory import HUGE_PAGES_SETTING, transparent_huge_pages
 from lepton.shutdown import (
     CONTROL_KEY_HEADER, DRAINED_PREFIX, DRAINING_PREFIX, DrainAck, drain_acks, num_engines, refuse_readiness,
     request_drain, wait_for_files,
@@ -433,6 +434,15 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _huge_pages_line() -> str:
+    """Whether the engines put their weights in transparent huge pages, and the kernel's mode."""
+    mode = transparent_huge_pages()
+    if os.environ.get(HUGE_PAGES_SETTING) == "0":
+        return f"no transparent huge pages asked for ({HUGE_PAGES_SETTING}=0; the kernel's mode: {mode})"
+    return (f"the ONNX Runtime engines collapse their weights into transparent huge pages (the kernel's "
+            f"mode: {mode}; {HUGE_PAGES_SETTING}=0: not)")
+
+
 def _ready_banner(server: TritonServer, seconds: float) -> str:
     http, grpc = server.http_url, server.grpc_url
     folder = embeddings_folder(server.options)
@@ -448,6 +458,7 @@ Lepton is ready ({seconds:.1f} s): model '{MODEL_NAME}' serving {server.options.
   .venv/bin/python -m client health --url {http}
 
   also served: tokenizer, lepton_ensemble (tokenizer -> {MODEL_NAME}), {embeddings}
+  memory: {_huge_pages_line()}
 
 Ctrl-C stops the server."""
 

@@ -49,6 +49,9 @@ def _machine_lines(result: dict) -> list[str]:
         f"- **Machine**: {m['nproc']} cores ({m['cpu_model']}; {', '.join(probe['cpu_flags'])}), {m['mem_gib']} GiB; "
         f"load average (1/5/15 min) {load('loadavg_at_start')} at the start, {load('loadavg_at_end')} at the end "
         "(above about 1, other jobs shared the cores)",
+        f"- **Memory pages**: transparent huge pages `{m.get('transparent_hugepage', 'unknown')}` (the kernel's "
+        f"mode); `GLIBC_TUNABLES={m.get('glibc_tunables') or 'unset'}`; Lepton's ONNX Runtime engines collapse "
+        "their weights into huge pages at load (`lepton.memory.advise_huge_pages`)",
         f"- **Measured**: read bandwidth {bw['1_thread']} GB/s with 1 thread, **{bw['all_threads']} GB/s** with all "
         f"(torch sum of 512 MiB, `benchmarks.machine.read_bandwidth_gbps`); GEMM 2048³ with all threads: fp32 "
         f"{_fmt(gemm['fp32'], 0)} GFLOP/s, bf16 {_fmt(gemm['bf16'], 0)}, int8 {_fmt(gemm['int8'], 0)} GOP/s "

@@ -14,7 +14,7 @@ from lepton.manifest import MANIFEST_FILE, Manifest
 from lepton.batch import ModelInput
 from lepton.config import EngineConfig
 from lepton.errors import ConfigError, ModelFolderError
-from lepton.memory import check_fits, kv_budget_bytes
+from lepton.memory import advise_huge_pages, aligned_zeros, check_fits, kv_budget_bytes
 from lepton.model_folder import ModelFolder
 from lepton.native import ops_library
 from lepton.runners.bf16_graph import bf16_graph, unavailable as bf16_unavailable
@@ -100,10 +100,13 @@ class OnnxRunner:
         # These arrays are never reallocated: the OrtValues below wrap their memory. Each layer's pool
         # is a view of one array per kind [layers, blocks, block_size, KVH, D], so that writing a step's
         # K/V into every layer is one numpy operation.
-        self.k_store = np.zeros((cfg.num_layers, *shape), dtype)
-        self.v_store = np.zeros((cfg.num_layers, *shape), dtype)
+        self.k_store = aligned_zeros((cfg.num_layers, *shape), dtype)
+        self.v_store = aligned_zeros((cfg.num_layers, *shape), dtype)
         self.k_pools, self.v_pools = list(self.k_store), list(self.v_store)
         self._bind_pools(config)
+        # NOTE: the weights ONNX Runtime and the operators now hold, into 2 MiB pages (lepton.memory)
+        if advised := advise_huge_pages():
+            print(f"[lepton] weights in transparent huge pages: {advised >> 20} MiB collapsed", flush=True)
 
     def _session(self, path: Path, config: EngineConfig, profile_prefix: str | None) -> ort.InferenceSession:
         return self._export_session(path, config, profile_prefix, *self._products(path, config, None))

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lepton.memory import aligned_zeros
 from lepton.native import slots_to_pools
 
 EMPTY = np.zeros(0, np.int64)
@@ -135,7 +136,7 @@ class SlotCache:
         shape = (self.num_layers, new_slots, self.num_kv_heads, new_cap, self.head_dim)
         stores = []
         for old in (self.key_store, self.value_store):
-            store = np.zeros(shape, self.dtype)
+            store = aligned_zeros(shape, self.dtype)
             for new, (slot, _) in enumerate(kept):
                 count = self.length[slot]
                 store[:, new, :, :count] = old[:, slot, :, :count]

@@ -96,6 +96,11 @@ CASES = {  # name: (heads, kv heads, dim, sequences, new tokens per row, seqlens
     "first prompts, head 128, 4 heads a kv head": (8, 2, 128, 2, 21, [20, 7]),
     "a chunk after cached tokens": (9, 3, 64, 1, 37, [150]),
     "a chunk after cached tokens, generic head size": (6, 2, 48, 1, 19, [90]),
+    # NOTE: a position's heads of one kv head are computed together up to 8 a group (each alone above)
+    "4 decodes, head 64, 7 heads a kv head": (14, 2, 64, 4, 1, [5, 70, 130, 200]),
+    "2 decodes, head 128, 16 heads a kv head": (16, 1, 128, 2, 1, [100, 33]),
+    "first prompts, head 64, 8 heads a kv head": (16, 2, 64, 2, 5, [4, 2]),
+    "a two-token chunk after cached tokens": (9, 3, 64, 1, 2, [100]),
 }
 
 
@@ -124,6 +129,7 @@ def test_slot_attention_computes_what_group_query_attention_computes(sessions, c
 
 @pytest.mark.parametrize("target", list(TARGETS))
 @pytest.mark.parametrize("case", ["16 decodes, head 64, 3 heads a kv head", "first prompts, head 128, 4 heads a kv head",
+                                  "4 decodes, head 64, 7 heads a kv head", "a two-token chunk after cached tokens",
                                   "a chunk after cached tokens, generic head size"])
 def test_every_target_computes_the_same(sessions, one_target_libraries, target, case):
     if target not in one_target_libraries:

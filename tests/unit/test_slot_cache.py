@@ -233,3 +233,31 @@ def test_to_pools_refuses_an_index_out_of_range_naming_the_token_and_copies_noth
         with pytest.raises(IndexError, match=message.replace("(", r"\(").replace(")", r"\)")):
             slots.to_pools(slot_ids, positions, targets, *pools)
         assert not pools[0].any() and not pools[1].any()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_long_step_of_wide_rows_lands_in_its_pool_rows(dtype, threads):
+    """Rows of a real head size (64: the C copy's streaming stores, widened from float16 or not) for more
+    tokens than one thread copies alone (600 tokens x 2 layers x 2 kinds x 2 kv heads = 4,800 pieces), into
+    shuffled pool rows: each token's rows where it goes, exactly, nothing else written."""
+    from lepton.native import slots_to_pools
+
+    if slots_to_pools() is None:
+        pytest.skip("lepton/native is not built here (no C compiler)")
+    dim, block_size, blocks = 64, 16, 40
+    slots = SlotCache(LAYERS, KVH, dim, np.dtype(dtype), block_size, max_capacity=1024, copy_threads=threads)
+    slots.reserve([], 512)
+    slots.place([], ["a", "b"])
+    rng = np.random.default_rng(5)
+    for store in (slots.key_store, slots.value_store):
+        store[:] = rng.standard_normal(store.shape).astype(dtype)
+    slot_ids = np.repeat([slots.index["a"], slots.index["b"]], 300)
+    positions = np.tile(np.arange(300), 2)
+    targets = rng.permutation(blocks * block_size)[:600]
+    pools = [np.zeros((LAYERS, blocks, block_size, KVH, dim), np.float32) for _ in range(2)]
+    slots.to_pools(slot_ids, positions, targets, *pools)
+    for pool, store in zip(pools, (slots.key_store, slots.value_store)):
+        rows = pool.reshape(LAYERS, blocks * block_size, KVH, dim)
+        np.testing.assert_array_equal(rows[:, targets], store[:, slot_ids, :, positions, :].transpose(1, 0, 2, 3).astype(np.float32))
+        assert not rows[:, np.setdiff1d(np.arange(blocks * block_size), targets)].any()

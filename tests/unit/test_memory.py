@@ -1,0 +1,47 @@
+"""lepton.memory: arrays aligned for the native K/V copy, and transparent huge pages for large mappings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lepton.memory import advise_huge_pages, aligned_zeros, transparent_huge_pages
+
+
+def test_aligned_zeros_start_on_the_boundary():
+    for shape, dtype, boundary in (((3, 5, 7), np.float16, 64), ((1000, 17), np.float32, 64),
+                                   ((1,), np.int64, 64)):
+        array = aligned_zeros(shape, dtype)
+        assert array.shape == shape and array.dtype == dtype and array.flags.c_contiguous and array.flags.writeable
+        assert array.ctypes.data % boundary == 0 and not array.any()
+
+
+def anon_huge_bytes() -> int:
+    line = next(line for line in Path("/proc/self/smaps_rollup").read_text().splitlines() if line.startswith("AnonHugePages"))
+    return int(line.split()[1]) << 10
+
+
+@pytest.mark.skipif(transparent_huge_pages() == "never", reason="no transparent huge pages here")
+def test_a_large_resident_mapping_is_collapsed_into_huge_pages():
+    before = anon_huge_bytes()
+    weights = np.ones(96 << 20, np.uint8)  # NOTE: resident, as loaded weights are, in 4 KiB pages (madvise mode)
+    assert advise_huge_pages() >= 64 << 20
+    assert anon_huge_bytes() - before >= 32 << 20, "MADV_COLLAPSE gave no huge pages"
+    assert weights.all()
+
+
+def test_memory_not_yet_touched_is_left_alone():
+    untouched = np.zeros(256 << 20, np.uint8)  # NOTE: calloc'd, as the pools are
+    before = Path("/proc/self/smaps_rollup").read_text()
+    advise_huge_pages()
+    rss = lambda text: int(next(l for l in text.splitlines() if l.startswith("Rss")).split()[1])  # noqa: E731
+    assert rss(Path("/proc/self/smaps_rollup").read_text()) - rss(before) < 64 << 10, "untouched memory was filled"
+    assert untouched.size
+
+
+def test_no_huge_pages_with_the_setting_off(monkeypatch):
+    monkeypatch.setenv("LEPTON_HUGE_PAGES", "0")
+    keep = np.ones(64 << 20, np.uint8)
+    assert advise_huge_pages() == 0 and keep.all()
