@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,13 @@ def anon_huge_bytes() -> int:
     return int(line.split()[1]) << 10
 
 
-@pytest.mark.skipif(transparent_huge_pages() == "never", reason="no transparent huge pages here")
+def kernel_version() -> tuple[int, int]:
+    major, minor = (platform.release().split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+@pytest.mark.skipif(transparent_huge_pages() == "never" or kernel_version() < (6, 1),
+                    reason="no transparent huge pages here, or no MADV_COLLAPSE (Linux 6.1+)")
 def test_a_large_resident_mapping_is_collapsed_into_huge_pages():
     before = anon_huge_bytes()
     weights = np.ones(96 << 20, np.uint8)  # NOTE: resident, as loaded weights are, in 4 KiB pages (madvise mode)
