@@ -106,7 +106,8 @@ class OnnxRunner:
         self._bind_pools(config)
         # NOTE: the weights ONNX Runtime and the operators now hold, into 2 MiB pages (lepton.memory)
         if advised := advise_huge_pages():
-            print(f"[lepton] weights in transparent huge pages: {advised >> 20} MiB collapsed", flush=True)
+            print(f"[lepton] transparent huge pages: {advised >> 20} MiB of this process's large resident mappings "
+                  f"(the weights among them) collapsed", flush=True)
 
     def _session(self, path: Path, config: EngineConfig, profile_prefix: str | None) -> ort.InferenceSession:
         return self._export_session(path, config, profile_prefix, *self._products(path, config, None))
