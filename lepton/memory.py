@@ -17,6 +17,8 @@ GIB = 1 << 30
 # huge pages against 4 KiB ones: q8_0 5.6-6.6 -> 4.5-5.7 ms, bfloat16 9.7-11.9 -> 7.8-8.5, float32 (ONNX
 # Runtime's own) 18.2-19.2 -> 12.7-16.7 (docs/performance.md, 2026-12-05). LEPTON_HUGE_PAGES=0 asks for none.
 HUGE_PAGES_SETTING = "LEPTON_HUGE_PAGES"  # NOTE: "0": no weights collapsed into huge pages
+HUGE_PAGE = 2 << 20
+MADV_COLLAPSE = 25
 
 
 def available_bytes() -> int:
@@ -39,8 +41,10 @@ def transparent_huge_pages() -> str:
     return next((word[1:-1] for word in text.split() if word.startswith("[")), "unknown")
 
 
-HUGE_PAGE = 2 << 20
-MADV_COLLAPSE = 25
+def huge_pages_wanted() -> bool:
+    """Whether the engines collapse their weights into huge pages: the kernel gives them and
+    LEPTON_HUGE_PAGES is not 0."""
+    return transparent_huge_pages() != "never" and os.environ.get(HUGE_PAGES_SETTING) != "0"
 
 
 def _madvise(start: int, length: int, advice: int) -> bool:
@@ -61,7 +65,7 @@ def advise_huge_pages(min_bytes: int = 32 << 20) -> int:
     memory first touched while serving (the K/V pools and slots; with glibc's malloc.hugetlb tunable, every
     allocation of the server) would pay for its huge pages in the middle of requests (zeroing 2 MiB a
     fault, compacting memory to find one); served runs with it were no faster (docs/performance.md)."""
-    if transparent_huge_pages() == "never" or os.environ.get(HUGE_PAGES_SETTING) == "0":
+    if not huge_pages_wanted():
         return 0
     collapsed, mapping = 0, None
     try:

@@ -24,7 +24,7 @@ from google.protobuf import text_format
 
 from lepton.instances import write_instance_groups
 from lepton.lifetime import accepts, descendants, kill_tree, kill_with_parent, port_in_use
-from lepton.memory import HUGE_PAGES_SETTING, transparent_huge_pages
+from lepton.memory import HUGE_PAGES_SETTING, huge_pages_wanted, transparent_huge_pages
 from lepton.shutdown import (
     CONTROL_KEY_HEADER, DRAINED_PREFIX, DRAINING_PREFIX, DrainAck, drain_acks, num_engines, refuse_readiness,
     request_drain, wait_for_files,
@@ -437,8 +437,9 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
 def _huge_pages_line() -> str:
     """Whether the engines put their weights in transparent huge pages, and the kernel's mode."""
     mode = transparent_huge_pages()
-    if os.environ.get(HUGE_PAGES_SETTING) == "0":
-        return f"no transparent huge pages asked for ({HUGE_PAGES_SETTING}=0; the kernel's mode: {mode})"
+    if not huge_pages_wanted():
+        setting = os.environ.get(HUGE_PAGES_SETTING, "unset")
+        return f"no transparent huge pages asked for ({HUGE_PAGES_SETTING}={setting}; the kernel's mode: {mode})"
     return (f"the ONNX Runtime engines collapse their weights into transparent huge pages (the kernel's "
             f"mode: {mode}; {HUGE_PAGES_SETTING}=0: not)")
 
