@@ -40,6 +40,7 @@ WEIGHT_DTYPES = ("export", "bfloat16")
 # (lepton/runners/slot_runner.py kv_cache_dtype).
 KV_CACHE_DTYPES = ("auto", "float32", "float16")
 SCHEDULING_POLICIES = ("fcfs", "priority")
+STREAM_INTERVAL_CEILING = 1024  # tokens a streamed response may wait for
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,10 @@ class EngineConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     max_model_len: int = 0  # 0 = the model's max_position_embeddings
     default_max_tokens: int = 128  # when a request names no max_tokens
+    # NOTE: streaming: a response every this many tokens (the first at once, the rest with the final one);
+    # 1 = every token. Each response costs the stub, tritonserver and the client CPU time that the model's
+    # steps share on a small host (docs/performance.md, "What serving costs").
+    stream_interval: int = 1
 
     def __post_init__(self) -> None:
         _positive(self.cache, "block_size", "kv_cache_memory_bytes")
@@ -175,6 +180,8 @@ class EngineConfig:
                               "builder per batch shape); use runner torch or onnxruntime")
         if self.max_model_len < 0 or self.default_max_tokens < 1:
             raise ConfigError("max_model_len must be >= 0 and default_max_tokens >= 1")
+        if not 1 <= self.stream_interval <= STREAM_INTERVAL_CEILING:
+            raise ConfigError(f"stream_interval: must be in [1, {STREAM_INTERVAL_CEILING}], got {self.stream_interval}")
         limits = self.limits
         _positive(limits, "max_request_bytes", "max_stop_strings", "max_stop_string_chars")
         for name, value, ceiling in (("max_stop_strings", limits.max_stop_strings, STOP_STRINGS_CEILING),

@@ -1,5 +1,6 @@
 """A server whose limits are configured (docs/configuration.md, "Request limits"): each refused request
-names the field and the limit, over HTTP generate and gRPC, and the server keeps serving."""
+names the field and the limit, over HTTP generate and gRPC, and the server keeps serving. It also streams a
+response every 4 tokens (stream_interval)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,20 @@ import json
 import pytest
 from tritonclient.utils import InferenceServerException
 
+from client.grpc_stream import stream_generate
 from tritonio import grpc_generate, http_post
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
+STREAM_INTERVAL = 4
 LIMITS = {"max_request_bytes": "2K", "max_prompt_tokens": "40", "max_output_tokens": "32", "default_max_tokens": "16",
           "max_stop_strings": "2", "max_stop_string_chars": "8", "max_logprobs": "3", "max_queue_size": "4"}
 
 
 @pytest.fixture(scope="module")
 def server(demo_model_dir, tmp_path_factory, start_triton):
-    triton = start_triton(demo_model_dir, tmp_path_factory.mktemp("limits"), {**LIMITS, "kv_cache_memory_bytes": "16M"},
+    triton = start_triton(demo_model_dir, tmp_path_factory.mktemp("limits"),
+                          {**LIMITS, "kv_cache_memory_bytes": "16M", "stream_interval": str(STREAM_INTERVAL)},
                           serve_embeddings=False)
     yield triton
     triton.stop()
@@ -55,3 +59,16 @@ def test_grpc_gets_the_same_error(server):
     with pytest.raises(InferenceServerException) as info:
         grpc_generate(server.grpc_url, {"text_input": "Hi", "max_tokens": 100})
     assert "max_tokens: must be <= 32 (max_output_tokens), got 100" in str(info.value)
+
+
+def test_a_stream_gets_a_response_every_stream_interval_tokens(server):
+    fields = {"text_input": "Once upon a time", "max_tokens": 30, "ignore_eos": True, "temperature": 0.0}
+    chunks = list(stream_generate(server.grpc_url, "lepton", {**fields, "stream": True}))
+    counts = [c.num_output_tokens for c in chunks]
+    assert counts[0] == 1 and counts[-1] == 30 and chunks[-1].finish_reason == "length"
+    # NOTE: after the first, each response carries stream_interval tokens (one whose text the detokenizer
+    # still held carries more), the final one what is left
+    assert all(b - a >= STREAM_INTERVAL for a, b in zip(counts[:-1], counts[1:-1])), counts
+    assert len(chunks) <= 2 + (30 - 1) // STREAM_INTERVAL, counts
+    whole = grpc_generate(server.grpc_url, {**fields, "exclude_input_in_output": True})
+    assert "".join(c.text for c in chunks) == whole.text

@@ -20,6 +20,8 @@ def test_parameters_are_typed_and_routed_to_sections(tmp_path):
     assert cfg.cache.enable_prefix_caching is False
     assert cfg.scheduler.max_num_seqs == 8 and cfg.scheduler.policy == "priority"
     assert cfg.runner.dtype == "bfloat16" and cfg.max_model_len == 512
+    assert cfg.stream_interval == 1
+    assert EngineConfig.from_parameters({"model_dir": "/m", "stream_interval": "8"}).stream_interval == 8
 
 
 @pytest.mark.parametrize("size,expected", [("1024", 1024), ("2K", 2048), ("3MiB", 3 << 20), ("1g", 1 << 30)])
@@ -37,6 +39,8 @@ def test_sizes(size, expected):
     ({"model_dir": "/m", "policy": "lifo"}, "policy: must be one of"),
     ({"model_dir": "/m", "kv_cache_memory_bytes": "12X"}, "kv_cache_memory_bytes"),
     ({"model_dir": "/m", "kv_cache_memory_fraction": "1.5"}, "kv_cache_memory_fraction: must be in [0, 1)"),
+    ({"model_dir": "/m", "stream_interval": "0"}, "stream_interval: must be in [1, 1024], got 0"),
+    ({"model_dir": "/m", "stream_interval": "1025"}, "stream_interval: must be in [1, 1024], got 1025"),
 ])
 def test_bad_parameters_fail_with_the_key(params, words):
     with pytest.raises(ConfigError) as info:

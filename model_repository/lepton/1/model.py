@@ -70,7 +70,7 @@ class TritonPythonModel:
                     sender.send(pb_utils.InferenceResponse(error=_error(exc)), flags=FINAL)
                 continue
             request_id = f"{given_id or 'req'}-{uuid.uuid4().hex[:12]}"
-            sink = TritonSink(sender, parsed, self.metrics)
+            sink = TritonSink(sender, parsed, self.metrics, self.config.stream_interval)
             self.engine_loop.submit(request_id, parsed.prompt, parsed.params, sink)
         return None
 
@@ -142,10 +142,12 @@ class Metrics:
 
 
 class TritonSink:
-    """Sends one request's outputs as Triton responses: deltas when streaming, else one response."""
+    """Sends one request's outputs as Triton responses: deltas when streaming (the first token at once, then
+    every stream_interval tokens, the rest with the final response), else one response."""
 
-    def __init__(self, sender, parsed, metrics: Metrics) -> None:
+    def __init__(self, sender, parsed, metrics: Metrics, stream_interval: int = 1) -> None:
         self.sender, self.stream, self.metrics = sender, parsed.stream, metrics
+        self.stream_interval, self.sent_tokens = stream_interval, 0
         # NOTE: a conversation (`messages`) is never echoed: only text_input is put before the output.
         echo = not (parsed.stream or parsed.exclude_input_in_output) and isinstance(parsed.prompt, str)
         self.text = parsed.prompt if echo else ""
@@ -166,11 +168,14 @@ class TritonSink:
         self._observe(output)
         if self.logprobs is not None:
             self.logprobs += output.logprobs
-        if self.stream:
-            if output.text or output.finished:
-                self._send(output.text, output)
-            return
         self.text += output.text
+        if self.stream:
+            due = self.sent_tokens == 0 or output.num_output_tokens - self.sent_tokens >= self.stream_interval
+            if (self.text and due) or output.finished:
+                self.sent_tokens = output.num_output_tokens
+                text, self.text = self.text, ""
+                self._send(text, output)
+            return
         if output.finished:
             self._send(self.text, output)
 
