@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,37 @@ def _huge_span(start: int, end: int) -> tuple[int, int]:
     return -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
 
 
+@dataclass(frozen=True)
+class Mapping:
+    """One mapping of /proc/self/smaps: its address range, whether it is private writable anonymous memory
+    (the heap included), and its counters in bytes (Rss, AnonHugePages, ...)."""
+
+    low: int
+    high: int
+    anonymous: bool
+    sizes: dict[str, int]
+
+
+def mappings() -> list[Mapping]:
+    """This process's mappings as /proc/self/smaps lists them (none where it cannot be read)."""
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return []
+    found: list[Mapping] = []
+    for line in lines:
+        fields = line.split()
+        if not fields:
+            continue
+        if "-" in fields[0] and len(fields) >= 5:
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            anonymous = fields[1].startswith("rw") and (len(fields) == 5 or fields[5] == "[heap]")
+            found.append(Mapping(low, high, anonymous, {}))
+        elif found and fields[0].endswith(":") and len(fields) == 3 and fields[2] == "kB":
+            found[-1].sizes[fields[0][:-1]] = int(fields[1]) << 10
+    return found
+
+
 def advise_huge_pages(min_bytes: int = 32 << 20) -> int:
     """Collapse this process's large anonymous mappings that are resident now (at load: the weights ONNX
     Runtime and Lepton's operators hold) into transparent huge pages (MADV_COLLAPSE, Linux 6.1+, whatever
@@ -67,31 +99,13 @@ def advise_huge_pages(min_bytes: int = 32 << 20) -> int:
     fault, compacting memory to find one); served runs with it were no faster (docs/performance.md)."""
     if not huge_pages_wanted():
         return 0
-    collapsed, mapping = 0, None
-    try:
-        lines = Path("/proc/self/smaps").read_text().splitlines()
-    except OSError:
-        return 0
-    for line in lines + ["end-of-file"]:
-        fields = line.split()
-        if not fields:
-            continue
-        if line == "end-of-file" or ("-" in fields[0] and len(fields) >= 5):
-            if mapping is not None:
-                collapsed += _collapse(*mapping, min_bytes)
-            if line == "end-of-file":
-                break
-            low, high = (int(x, 16) for x in fields[0].split("-"))
-            anonymous = len(fields) == 5 or fields[5] == "[heap]"
-            mapping = [low, high, fields[1].startswith("rw") and anonymous, 0]
-        elif fields[0] == "Rss:" and mapping is not None:
-            mapping[3] = int(fields[1]) << 10
-    return collapsed
+    return sum(_collapse(m, min_bytes) for m in mappings())
 
 
-def _collapse(low: int, high: int, eligible: bool, resident: int, min_bytes: int) -> int:
-    start, end = _huge_span(low, high)
-    if not eligible or end - start < min_bytes or resident * 10 < (high - low) * 9:
+def _collapse(mapping: Mapping, min_bytes: int) -> int:
+    start, end = _huge_span(mapping.low, mapping.high)
+    resident = mapping.sizes.get("Rss", 0)
+    if not mapping.anonymous or end - start < min_bytes or resident * 10 < (mapping.high - mapping.low) * 9:
         return 0
     return end - start if _madvise(start, end - start, MADV_COLLAPSE) else 0
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lepton.memory import advise_huge_pages, aligned_zeros, transparent_huge_pages
+from lepton.memory import advise_huge_pages, aligned_zeros, mappings, transparent_huge_pages
 
 
 def test_aligned_zeros_start_on_the_boundary():
@@ -24,15 +24,9 @@ def test_aligned_zeros_start_on_the_boundary():
 def anon_huge_bytes(address: int) -> int:
     """AnonHugePages of the mapping that holds address (this process's total moves with whatever else the
     test session freed or collapsed meanwhile)."""
-    inside = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        fields = line.split()
-        if "-" in fields[0] and len(fields) >= 5:
-            low, high = (int(x, 16) for x in fields[0].split("-"))
-            inside = low <= address < high
-        elif inside and fields[0] == "AnonHugePages:":
-            return int(fields[1]) << 10
-    raise AssertionError(f"no mapping holds {address:#x}")
+    mapping = next((m for m in mappings() if m.low <= address < m.high), None)
+    assert mapping is not None, f"no mapping holds {address:#x}"
+    return mapping.sizes["AnonHugePages"]
 
 
 def kernel_version() -> tuple[int, int]:
