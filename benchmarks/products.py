@@ -1,7 +1,8 @@
 """Time one decode step's weight products alone: SmolLM2-135M's 30 layers (qkv 576x960, o 576x576, gate_up
 576x3072, down 1536x576) and its lm_head (576x49152), each with weights of its own (out of cache, as in a
 step), as one ONNX Runtime graph of Lepton's MatMulBF16, MatMulQ8 or MatMulQ4 nodes or float32 Gemms (MLAS).
-q4 is what a q4_1 export is served with: the layers' MatMulQ4, the lm_head's MatMulBF16.
+q4 is what a q4_1 export is served with: the layers' MatMulQ4, the lm_head's MatMulBF16; q4-int8 the same with
+int8 activations (MatMulQ4's int8 = 1: a q4_1 export at accuracy level 4).
 
     python -m benchmarks.products --kind bf16 --rows 1,16,128
 
@@ -32,7 +33,7 @@ def products_model(kind: str, layers: int = 30, seed: int = 0):
     nodes, initializers, outputs = [], [], []
     for i, (k, n) in enumerate([s for _ in range(layers) for s in LAYER] + [LM_HEAD]):
         panels = -(-n // 16)
-        if kind == "bf16" or (kind == "q4" and (k, n) == LM_HEAD):
+        if kind == "bf16" or (kind.startswith("q4") and (k, n) == LM_HEAD):
             codes = rng.integers(0, 1 << 16, (panels, k // 2, 32), dtype=np.uint16) & 0xBFFF  # NOTE: finite values
             initializers.append(numpy_helper.from_array(codes, f"w{i}"))
             nodes.append(helper.make_node("MatMulBF16", [f"a{k}", f"w{i}"], [f"y{i}"], domain=DOMAIN, K=k, N=n))
@@ -41,13 +42,13 @@ def products_model(kind: str, layers: int = 30, seed: int = 0):
             scales = rng.uniform(1e-3, 2e-2, (panels, k // 32, 16)).astype(np.float32)
             initializers += [numpy_helper.from_array(codes, f"w{i}"), numpy_helper.from_array(scales, f"s{i}")]
             nodes.append(helper.make_node("MatMulQ8", [f"a{k}", f"w{i}", f"s{i}"], [f"y{i}"], domain=DOMAIN, K=k, N=n))
-        elif kind == "q4":
+        elif kind in ("q4", "q4-int8"):
             codes = rng.integers(0, 256, (panels, k // 32, 256), dtype=np.uint8)
             scales = rng.uniform(1e-3, 2e-2, (2, panels, k // 32, 16)).astype(np.float16)
             initializers += [numpy_helper.from_array(codes, f"w{i}"), numpy_helper.from_array(scales[0], f"s{i}"),
                              numpy_helper.from_array(-8 * scales[1], f"m{i}")]
             nodes.append(helper.make_node("MatMulQ4", [f"a{k}", f"w{i}", f"s{i}", f"m{i}"], [f"y{i}"], domain=DOMAIN,
-                                          K=k, N=n))
+                                          K=k, N=n, int8=int(kind == "q4-int8")))
         else:
             weight = (rng.standard_normal((n, k)) * 0.02).astype(np.float32)
             initializers.append(numpy_helper.from_array(weight, f"w{i}"))
@@ -61,7 +62,7 @@ def products_model(kind: str, layers: int = 30, seed: int = 0):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.products", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kind", choices=("bf16", "q8", "q4", "fp32"), required=True)
+    parser.add_argument("--kind", choices=("bf16", "q8", "q4", "q4-int8", "fp32"), required=True)
     parser.add_argument("--rows", default="1,16,128", help="rows (tokens) of each timed run, comma separated")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)

@@ -79,8 +79,9 @@ def _add_quantize_parser(commands) -> None:
     quantize.add_argument("--block-size", type=int, default=None,
                           help="int4 / q4_1 / q8_0: weights per scale (default 32)")
     quantize.add_argument("--accuracy-level", type=int, default=None,
-                          help="int4 / q4_1 / q8_0: MatMulNBits compute type, 0/1 = fp32, 4 = int8 "
-                               "(default: int4 4, q4_1 0, q8_0 4)")
+                          help="int4 / q4_1 / q8_0: MatMulNBits compute type, 0/1 = fp32, 4 = int8 activations "
+                               "per block (default 4; q4_1 at 0 with --lm-head fp32 reproduces a Q4_1 GGUF's "
+                               "weights exactly)")
     quantize.add_argument("--lm-head", choices=("fp32", "q8_0", "q4_1"), default=None,
                           help="q4_1 and q8_0: the lm_head in 8-bit blocks (default, with --lm-head-rescore 64) or float32; "
                                "q4_1 also q4_1")
@@ -89,13 +90,14 @@ def _add_quantize_parser(commands) -> None:
     quantize.add_argument("--lm-head-rescore", type=int, default=None,
                           help="q4_1 / q8_0 with a quantized lm_head: recompute the logits of each row's top N "
                                "candidates in float32 from the tied embedding (or a float32 copy); 0 = none "
-                               "(default: q8_0 64, q4_1 0)")
+                               "(default 64)")
     quantize.add_argument("--smoothing-alpha", type=float, default=None,
                           help="q8_0: SmoothQuant strength in [0, 1) moving activation outliers into the weights, "
                                "calibrated on training text (default 0.65; 0 = none)")
     quantize.add_argument("--float-share", type=float, default=None,
-                          help="q8_0: share in [0, 1) of the weight products' inputs (those losing most to int8 "
-                               "blocks after smoothing, measured on training text) kept in float32 (default 0)")
+                          help="share in [0, 1) of the weight products' inputs losing most to int8 blocks "
+                               "(after smoothing, measured on training text) kept in float: q8_0 float32 products "
+                               "(default 0), q4_1 at accuracy level 4 float activations (default 0.25)")
     quantize.add_argument("--no-quality-gate", action="store_true", help="report quality, never fail on it")
     quantize.add_argument("--min-top1", type=float, default=None, help="override the gate's top-1 agreement")
     quantize.add_argument("--max-kl-mean", type=float, default=None, help="override the gate's mean KL")

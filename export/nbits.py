@@ -115,6 +115,8 @@ class RewritePlan:
     vocab_size: int  # identifies the lm_head: the weight MatMul with N = vocab_size
     body_format: str = "q4_1"  # every other weight: "q4_1" or "q8_0" (at accuracy_level)
     keep_float: frozenset[str] = frozenset()  # activations whose weight products stay float32 MatMuls
+    # q4_1 at accuracy level 4: activations whose 4-bit products keep float activations (accuracy level 0)
+    float_activations: frozenset[str] = frozenset()
     head_block_size: int | None = None  # of a quantized lm_head; None: block_size
     head_rescore: int = 0  # a quantized lm_head: the logits of its top candidates recomputed in float32; 0 = none
 
@@ -146,7 +148,8 @@ def rewrite_matmuls(model: onnx.ModelProto, plan: RewritePlan) -> int:
             key = (node.input[0], block_size)
             if key not in sums:
                 sums[key] = _block_sum_nodes(node.input[0], matrix.shape[0], block_size, nodes, inits)
-            new, extra = nbits_nodes(node.input[0], product, block, prefix, plan.accuracy_level, sums[key])
+            level = 0 if node.input[0] in plan.float_activations else plan.accuracy_level
+            new, extra = nbits_nodes(node.input[0], product, block, prefix, level, sums[key])
         if rescore:
             # NOTE: the float32 rows stay in the graph, so the tied embedding's Gather keeps reading them.
             table, scale = _float_rows(weight_nk, weights, inits, prefix)

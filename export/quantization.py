@@ -27,13 +27,19 @@ from export.training import calibration_windows
 from lepton.manifest import MANIFEST_FILE, Manifest, QuantizationRecipe, sha256_file, tool_versions
 from lepton.runners.graph_edit import drop_unused_initializers
 from lepton.runners.onnx_runner import INDEX_INPUTS
+from lepton.runners.q4_graph import INT8_LEVEL
 
 METHODS = ("int8", "int4", "q4_1", "q8_0")
 QUANTIZED_OPS = {"int8": ("MatMulInteger",), "int4": ("MatMulNBits",), "q4_1": ("MatMulNBits",),
                  "q8_0": ("MatMulNBits",)}
 # NOTE: int8 (one activation scale per tensor) with smoothing was tried on SmolLM2: KL 0.45 -> 0.116
 # (alpha 0.65) and 0.079 (alpha 0.85, a quarter of the products in float32), far from the gate; so q8_0 only.
-SMOOTHED = ("q8_0",)  # methods whose int8 activations smoothing and float32 products apply to
+SMOOTHED = ("q8_0",)  # methods whose int8 activations smoothing applies to
+# NOTE: SmoothQuant before q4_1 (alpha 0.65, accuracy level 4) was tried on SmolLM2 (2026-12-05): KL 0.1126, top-1
+# 0.822: the smoothing scales (down_proj's input had a channel 2,397x its median) widen the 4-bit blocks they
+# multiply, and 16 levels cannot hold them. So q4_1 keeps its weights and the inputs losing most to int8 blocks
+# keep float activations instead (float_share).
+FLOAT_SHARED = ("q8_0", "q4_1")  # methods whose worst int8 activations a float_share keeps in float
 HEAD_FORMATS = ("fp32", "q8_0", "q4_1")  # q4_1 / q8_0 methods: how the lm_head (N = vocab) is stored
 
 
@@ -55,8 +61,8 @@ class QuantizationPreset:
     reduce_range: bool
     lm_head: str = "same"  # q4_1: "fp32", "q8_0" (8-bit blocks, accuracy level 4) or "q4_1"; others: as the rest
     smoothing_alpha: float = 0.0  # q8_0: SmoothQuant's migration strength (export.smoothing); 0 = none
-    float_share: float = 0.0  # q8_0: this share of the weight products' inputs, those losing most to int8 blocks
-    # after smoothing, keep float32 products
+    float_share: float = 0.0  # this share of the weight products' inputs, those losing most to int8 blocks (after
+    # smoothing), keep float32 products (q8_0) or 4-bit products with float activations (q4_1 at accuracy level 4)
     lm_head_block_size: int | None = None  # q4_1 / q8_0: weights per scale of a quantized lm_head (None: block_size)
     lm_head_rescore: int = 0  # a quantized lm_head: its top candidates' logits recomputed in float32 (0 = none)
 
@@ -82,7 +88,17 @@ class QuantizationPreset:
 # candidates rescored in float32 (as q8_0's preset), measured through the runner: KL 0.0003, p99 0.0015, top-1
 # 0.994, perplexity 27.478 (float32 27.459; the float32 head, served the same way: 0.0001, 0.0006, 0.990, 27.469),
 # the same greedy answers as transformers on six chat prompts; one decode 5.6 vs 6.2 ms, 16 decodes 20.7 vs 27.0
-# (benchmarks.step_shapes). --lm-head fp32 with matmul_kernel=onnxruntime is the exact recipe.
+# (benchmarks.step_shapes). --accuracy-level 0 --lm-head fp32 with matmul_kernel=onnxruntime is the exact recipe.
+# The preset since 2026-12-05 evening (AVX-512 VNNI EPYC, SmolLM2, 4,080 held-out predictions, measured through the
+# runner: MatMulQ4's int8 activations, lepton/native/q4_matmul.c): accuracy level 4 with the codes centred on 8 in
+# the integer dot, KL 0.0031, p99 0.0155, top-1 0.967, max |logit err| 3.35 (fails; uncentred codes gave 0.0097);
+# with SmoothQuant (alpha 0.65) 0.1126 (see SMOOTHED); the quarter of the inputs losing most to int8 blocks kept
+# at level 0 (float_share 0.25: 26 of the 30 attention inputs, 2 of down_proj's, 1 each of o_proj's and
+# gate_up's) KL 0.0013, p99 0.0061, top-1 0.982, max |logit err| 1.63, perplexity 27.502: passes. A 16-decode
+# step 19.3 -> 17.5 ms, a 128-token prompt 90 -> 74 ms (benchmarks.step_shapes; q8_0 16.4 / 60). Greedy answers
+# against transformers (16 tokens, six chat questions): equal on 3 (level 0: 5, float_share 0.5: 5, q8_0's
+# preset: 3); "What is the capital of France?" flips at its first token, "The" 25.325 against "L" 25.243 in
+# float32.
 # q8_0 (export.nbits + export.smoothing), SmolLM2, 2,040 held-out predictions (2026-12-03): int8 activations
 # in blocks of 32 (accuracy level 4) are the error, not the 8-bit weights: unsmoothed KL 0.0051 (head q8_0),
 # 0.0040 (head fp32). SmoothQuant folded into the norms and into the up half of gate_up (91 of 121 inputs;
@@ -101,8 +117,8 @@ class QuantizationPreset:
 PRESETS = {
     "int8": QuantizationPreset("int8-dynamic-per-channel-7bit", "int8", "int8", True, None, True, None, True),
     "int4": QuantizationPreset("int4-block32-sym-acc4", "int4", "int4", False, 32, True, 4, False),
-    "q4_1": QuantizationPreset("q4_1-block32-acc0-head-q8_0-rescore64", "q4_1", "uint4", False, 32, False, 0, False,
-                               "q8_0", lm_head_rescore=64),
+    "q4_1": QuantizationPreset("q4_1-block32-acc4-head-q8_0-rescore64-float0.25", "q4_1", "uint4", False, 32, False, 4,
+                               False, "q8_0", float_share=0.25, lm_head_rescore=64),
     "q8_0": QuantizationPreset("q8_0-block32-acc4-head-q8_0-rescore64-smooth0.65", "q8_0", "int8", False, 32, True,
                                4, False, "q8_0", smoothing_alpha=0.65, float_share=0.0, lm_head_rescore=64),
 }
@@ -124,7 +140,7 @@ class QuantizeOptions:
     lm_head_block_size: int | None = None  # q4_1 / q8_0: a quantized lm_head's block size override
     lm_head_rescore: int | None = None  # a quantized lm_head: top candidates rescored in float32, override
     smoothing_alpha: float | None = None  # q8_0 smoothing strength override (0 = none)
-    float_share: float | None = None  # q8_0: share of activations whose products stay float32, override
+    float_share: float | None = None  # q8_0 / q4_1: share of activations kept in float (see the preset), override
     gate: QualityGate | None = None  # None = the method's default gate (quality.GATES)
     quality_gate: bool = True  # False: report quality, never fail on it
     evaluation: EvalOptions = EvalOptions()
@@ -144,13 +160,18 @@ def resolve_preset(method: str, block_size: int | None, accuracy_level: int | No
         raise QuantizationError(f"--lm-head applies to q4_1 and q8_0 only and is one of {', '.join(HEAD_FORMATS)}")
     if smoothing_alpha is not None and (method not in SMOOTHED or not 0.0 <= smoothing_alpha < 1.0):
         raise QuantizationError(f"--smoothing-alpha applies to q8_0 only and lies in [0, 1), got {smoothing_alpha}")
-    if float_share is not None and (method not in SMOOTHED or not 0.0 <= float_share < 1.0):
-        raise QuantizationError(f"--float-share applies to q8_0 only and lies in [0, 1), got {float_share}")
+    if float_share is not None and (method not in FLOAT_SHARED or not 0.0 <= float_share < 1.0):
+        raise QuantizationError(f"--float-share applies to q8_0 and q4_1 only and lies in [0, 1), got {float_share}")
     for size in (block_size, lm_head_block_size):
         if size is not None and (size < 16 or size & (size - 1)):
             raise QuantizationError(f"block size must be a power of two >= 16, got {size}")
     if accuracy_level is not None and accuracy_level not in (0, 1, 2, 3, 4):
         raise QuantizationError(f"accuracy level must be 0..4 (see MatMulNBits), got {accuracy_level}")
+    if method == "q4_1" and accuracy_level not in (None, INT8_LEVEL):
+        if float_share:
+            raise QuantizationError(f"--float-share keeps float activations where the rest are int8: it applies to q4_1 "
+                                    f"at accuracy level {INT8_LEVEL}, not {accuracy_level}")
+        float_share = 0.0  # NOTE: every activation is float already
     preset = dataclasses.replace(
         preset,
         block_size=preset.block_size if block_size is None else block_size,
@@ -297,7 +318,8 @@ def calibrate_q8(model: onnx.ModelProto, export_dir: Path, manifest: Manifest, p
     errors = block_int8_errors(model, weight_product_inputs(model, head_width), feeds, preset.block_size,
                                num_threads=0)
     worst = sorted(errors, key=errors.get, reverse=True)[:math.ceil(preset.float_share * len(errors))]
-    print(f"[quantize] float32 products for the {len(worst)} inputs with the largest int8 block error "
+    kept = "float32 products" if preset.method == "q8_0" else "4-bit products with float activations"
+    print(f"[quantize] {kept} for the {len(worst)} inputs with the largest int8 block error "
           f"({', '.join(f'{name} {errors[name]:.4f}' for name in worst)}); the next: "
           f"{(sorted(errors.values(), reverse=True) + [0.0])[len(worst)]:.4f}")
     return frozenset(worst)
@@ -307,10 +329,13 @@ def _quantize_blocks(model: onnx.ModelProto, target: Path, preset: QuantizationP
                      keep_float: frozenset[str] = frozenset()) -> None:
     """llama.cpp's block formats (q4_1, q8_0) as MatMulNBits nodes (export.nbits)."""
     head_level = preset.accuracy_level if preset.method == "q8_0" else Q8_HEAD_ACCURACY_LEVEL
+    # NOTE: the inputs losing most to int8 blocks keep float32 products under q8_0; under q4_1 they keep their
+    # 4-bit weights with float activations (accuracy level 0: MatMulQ4's bfloat16 ones)
+    float_products = keep_float if preset.method == "q8_0" else frozenset()
     plan = RewritePlan(block_size=preset.block_size, accuracy_level=preset.accuracy_level, head_format=preset.lm_head,
                        head_accuracy_level=head_level, vocab_size=vocab_size, body_format=preset.method,
-                       keep_float=keep_float, head_block_size=preset.lm_head_block_size,
-                       head_rescore=preset.lm_head_rescore)
+                       keep_float=float_products, float_activations=keep_float - float_products,
+                       head_block_size=preset.lm_head_block_size, head_rescore=preset.lm_head_rescore)
     rewrite_matmuls(model, plan)
     _save(model, target)
 

@@ -21,6 +21,17 @@
  *
  * Work: the rows of A are rounded and summed per block once, then each task computes one panel of 16
  * outputs for up to 64 rows, 8 rows at a time (8 block sums and 8 accumulators in registers).
+ *
+ * int8 activations (attribute int8 = 1; what MatMulNBits computes at accuracy level 4, which the export asks
+ * for): each row of A is quantized per block of 32 (scale s = max|a| / 127, codes rint(a / s), nearest even,
+ * as MatMulQ8 does) and per block y += d s (sum q a_q - 8 sum a_q) + (m + 8 d) sum(a), sum(a) the float sum of
+ * the block's inputs. The codes enter the integer dot centred on 8 (as MatMulNBits' zero point 8 centres
+ * them): the rounding error of a_q then meets q - 8, not q, a quarter of the error's variance (KL 0.0097 ->
+ * 0.0031 on SmolLM2 without float activations anywhere). B is packed for it (q4_graph.pack(int8=True)): per
+ * block, 4 vectors of 64 bytes, byte 4l + t of vector v = q[l][8v + t] | q[l][8v + 4 + t] << 4, so an AND
+ * gives group 2v (16 outputs x 4 inputs, as vpdpbusd multiplies them) and a shift and an AND group 2v + 1;
+ * one vpdpbusd a row and group multiplies 64 codes (two vdpbf16ps for bfloat16), 16 rows a pass. isa: 1 =
+ * plain C, 3 = AVX-512 VNNI; both give the same integers and the same float operations in the same order.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -34,6 +45,7 @@
 
 enum { BLOCK = 32, LANES = 16, GROUPS = 8, GROUP_BYTES = 32, BLOCK_BYTES = GROUPS * GROUP_BYTES };
 enum { PAIRS = BLOCK / 2, ROW_CHUNK = 64, CONVERT_ROWS = 16, PREFETCH_BYTES = 1024 };
+enum { INT8_VECTOR_BYTES = 64 }; /* int8 activations: a block's codes as 4 vectors of 16 outputs x 4 inputs x 2 nibbles */
 #define OP "MatMulQ4"
 #define CODE_BIAS 128.0f /* 0x4300 | q is the bfloat16 value 128 + q */
 
@@ -43,6 +55,7 @@ typedef void (*ConvertFn)(void *data, size_t task);
 
 typedef struct {
     int64_t k, n;
+    int int8; /* 1: int8 activations (accuracy level 4) */
     QTileFn tile;
     ConvertFn convert;
 } QKernel;
@@ -53,7 +66,10 @@ struct QProduct {
     const half_t *scales, *mins;
     float *y;
     uint32_t *pairs; /* [rows, K / 2]: each row's inputs as bfloat16 pairs */
-    float *sums;     /* [rows, K / 32]: each block's sum of the rounded inputs */
+    float *sums;     /* [rows, K / 32]: each block's sum of the rounded inputs (int8: of the inputs) */
+    int8_t *aq;      /* int8: [rows, K / 32, 32] the inputs' codes */
+    float *ascale;   /* int8: [rows, K / 32] their scales */
+    int32_t *offset; /* int8: [rows, K / 32] -8 x the block's sum of codes */
     int64_t rows, k, n, blocks, pairs_per_row, panels, chunks;
     QTileFn tile;
 };
@@ -166,6 +182,119 @@ BF16 static void tile_bf16(const QProduct *pr, int64_t panel, int64_t m0, int64_
     ROWS_AT_A_TIME(q4_rows, pr, panel, m0, m1, 8);
 }
 
+/* ---- int8 activations (accuracy level 4) ------------------------------------------------------- */
+
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+#define CODE_ZERO 8 /* the codes' centre in the integer dot (MatMulNBits' zero point) */
+
+/* Rows [CONVERT_ROWS task, ...) of A to int8 per block of 32 (scale max|a| / 127, a x (1 / scale) rounded to
+ * nearest even: a product and a rounding, the same codes from every clone), each block's -8 sum of codes and
+ * its float sum of the inputs (in one fixed order). */
+CLONED
+static void quantize_rows_int8(void *data, size_t task) {
+    const QProduct *pr = data;
+    for (int64_t m = (int64_t)task * CONVERT_ROWS; m < range_end((int64_t)task, CONVERT_ROWS, pr->rows); m++)
+        for (int64_t blk = 0; blk < pr->blocks; blk++) {
+            const int64_t at = m * pr->blocks + blk;
+            const float *x = pr->a + m * pr->k + blk * BLOCK;
+            int8_t *q = pr->aq + at * BLOCK;
+            float top = 0.0f;
+#pragma omp simd reduction(max : top)
+            for (int i = 0; i < BLOCK; i++) top = fabsf(x[i]) > top ? fabsf(x[i]) : top;
+            const float scale = top / 127.0f, inverse = top != 0.0f ? 1.0f / scale : 0.0f;
+            int32_t codes = 0;
+#pragma omp simd reduction(+ : codes)
+            for (int i = 0; i < BLOCK; i++) {
+                const int32_t v = (int32_t)__builtin_rintf(x[i] * inverse);
+                q[i] = (int8_t)v;
+                codes += v;
+            }
+            float part[8]; /* NOTE: the float sum in a fixed order that vectorizes: 8 columns, then a tree */
+            for (int i = 0; i < 8; i++) part[i] = ((x[i] + x[8 + i]) + x[16 + i]) + x[24 + i];
+            const float sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+            pr->ascale[at] = scale;
+            pr->offset[at] = -CODE_ZERO * codes;
+            pr->sums[at] = sum;
+        }
+}
+
+/* Plain C: the same integers and the same float operations, in the same order, as the VNNI path. */
+static void tile_int8_generic(const QProduct *pr, int64_t panel, int64_t m0, int64_t m1) {
+    const uint8_t *codes = pr->b + panel * pr->blocks * BLOCK_BYTES;
+    const half_t *scales = pr->scales + panel * pr->blocks * LANES, *mins = pr->mins + panel * pr->blocks * LANES;
+    for (int64_t m = m0; m < m1; m++) {
+        float acc[LANES] = {0};
+        for (int64_t blk = 0; blk < pr->blocks; blk++) {
+            const int64_t at = m * pr->blocks + blk;
+            const uint8_t *w = codes + blk * BLOCK_BYTES;
+            const int8_t *q = pr->aq + at * BLOCK;
+            for (int l = 0; l < LANES; l++) {
+                int32_t dot = pr->offset[at];
+                for (int v = 0; v < GROUPS / 2; v++)
+                    for (int t = 0; t < 4; t++) { /* NOTE: low nibbles: inputs 8v + t; high: 8v + 4 + t */
+                        const uint8_t byte = w[v * INT8_VECTOR_BYTES + 4 * l + t];
+                        dot += (int32_t)(byte & 15) * q[8 * v + t] + (int32_t)(byte >> 4) * q[8 * v + 4 + t];
+                    }
+                const float d = (float)scales[blk * LANES + l];
+                acc[l] = fmaf((float)dot, d * pr->ascale[at], acc[l]);
+                acc[l] = fmaf(pr->sums[at], fmaf((float)CODE_ZERO, d, (float)mins[blk * LANES + l]), acc[l]);
+            }
+        }
+        store(pr, panel, m, acc);
+    }
+}
+
+/* One block's dots for `mt` (at most 8) rows from row m: each of the 8 groups' codes (w8, laid out for
+ * vpdpbusd) times each row's 4 codes of it, broadcast; then scaled into acc. */
+static inline __attribute__((always_inline)) VNNI void int8_block(const QProduct *pr, const __m512i *w8, int64_t m, int64_t blk,
+                                                                    __m512 d, __m512 c, __m512 *acc, const int mt) {
+    __m512i dot[8];
+    for (int i = 0; i < mt; i++) dot[i] = _mm512_set1_epi32(pr->offset[(m + i) * pr->blocks + blk]);
+    for (int g = 0; g < GROUPS; g++)
+        for (int i = 0; i < mt; i++) {
+            int32_t four;
+            memcpy(&four, pr->aq + ((m + i) * pr->blocks + blk) * BLOCK + 4 * g, 4);
+            dot[i] = _mm512_dpbusd_epi32(dot[i], w8[g], _mm512_set1_epi32(four));
+        }
+    for (int i = 0; i < mt; i++) {
+        const int64_t at = (m + i) * pr->blocks + blk;
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i]), _mm512_mul_ps(d, _mm512_set1_ps(pr->ascale[at])), acc[i]);
+        acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(pr->sums[at]), c, acc[i]);
+    }
+}
+
+/* `mt` (at most 16) rows from row m in one pass over the panel: per block, its 8 groups' codes from 4 vectors
+ * (a vector's low nibbles are group 2v as vpdpbusd reads it, 16 outputs x 4 inputs, its high nibbles group
+ * 2v + 1), then the first 8 rows' dots and the rest's. */
+static inline __attribute__((always_inline)) VNNI void int8_rows(const QProduct *pr, int64_t panel, int64_t m, const int mt) {
+    const uint8_t *codes = pr->b + panel * pr->blocks * BLOCK_BYTES;
+    const half_t *scales = pr->scales + panel * pr->blocks * LANES, *mins = pr->mins + panel * pr->blocks * LANES;
+    const __m512i nibbles = _mm512_set1_epi8(0x0f);
+    const __m512 zero = _mm512_set1_ps((float)CODE_ZERO);
+    const int first = mt < 8 ? mt : 8;
+    __m512 acc[16];
+    for (int i = 0; i < mt; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t blk = 0; blk < pr->blocks; blk++) {
+        const uint8_t *w = codes + blk * BLOCK_BYTES;
+        for (int line = 0; line < BLOCK_BYTES; line += 64) _mm_prefetch((const char *)(w + PREFETCH_BYTES + line), _MM_HINT_T0);
+        __m512i w8[GROUPS];
+        for (int v = 0; v < GROUPS / 2; v++) {
+            const __m512i x = _mm512_loadu_si512((const void *)(w + v * INT8_VECTOR_BYTES));
+            w8[2 * v] = _mm512_and_si512(x, nibbles);
+            w8[2 * v + 1] = _mm512_and_si512(_mm512_srli_epi16(x, 4), nibbles);
+        }
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + blk * LANES)));
+        const __m512 c = _mm512_fmadd_ps(zero, d, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(mins + blk * LANES))));
+        int8_block(pr, w8, m, blk, d, c, acc, first);
+        if (mt > 8) int8_block(pr, w8, m + 8, blk, d, c, acc + 8, mt - 8);
+    }
+    store_rows(pr->y, pr->n, panel, m, acc, mt);
+}
+
+VNNI static void tile_int8_vnni(const QProduct *pr, int64_t panel, int64_t m0, int64_t m1) {
+    ROWS_AT_A_TIME(int8_rows, pr, panel, m0, m1, 16);
+}
+
 PRODUCT_TASK(QProduct)
 
 /* ---- the operator ------------------------------------------------------------------------------ */
@@ -190,10 +319,19 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     TRY(check_panels(OP, "mins", m_dims, pr.panels, pr.blocks, LANES, BLOCK, "blocks", ""));
     TRY(product_output(OP, context, a_dims, a_rank, pr.k, pr.n, &pr.rows, &pr.y));
     if (pr.rows == 0) return NULL;
-    char *buffer = malloc((size_t)(pr.rows * pr.pairs_per_row) * sizeof(uint32_t) + (size_t)(pr.rows * pr.blocks) * sizeof(float));
+    const size_t values = (size_t)(pr.rows * pr.blocks);
+    char *buffer = kernel->int8 ? malloc(values * (BLOCK + 3 * sizeof(float)))
+                                : malloc((size_t)(pr.rows * pr.pairs_per_row) * sizeof(uint32_t) + values * sizeof(float));
     if (!buffer) return out_of_memory(OP);
-    pr.pairs = (uint32_t *)buffer;
-    pr.sums = (float *)(pr.pairs + pr.rows * pr.pairs_per_row);
+    if (kernel->int8) { /* NOTE: float and int32 arrays first, the codes after them */
+        pr.sums = (float *)buffer;
+        pr.ascale = pr.sums + values;
+        pr.offset = (int32_t *)(pr.ascale + values);
+        pr.aq = (int8_t *)(pr.offset + values);
+    } else {
+        pr.pairs = (uint32_t *)buffer;
+        pr.sums = (float *)(pr.pairs + pr.rows * pr.pairs_per_row);
+    }
     pr.tile = kernel->tile;
     pr.chunks = (pr.rows + ROW_CHUNK - 1) / ROW_CHUNK;
     prepare_then_multiply(context, kernel->convert, (size_t)((pr.rows + CONVERT_ROWS - 1) / CONVERT_ROWS), pr.rows * pr.k,
@@ -202,19 +340,41 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     return NULL;
 }
 
+/* int8 activations: 1 plain C, 3 AVX-512 VNNI (with F16C for the float16 scales). */
+static int int8_runs(int isa) {
+    __builtin_cpu_init();
+    return isa == BF16_ISA_GENERIC ||
+           (isa == BF16_ISA_AVX512 && has_avx512() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("f16c"));
+}
+
 static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const OrtKernelInfo *info, void **out) {
     (void)op, (void)ort_api;
     QKernel *kernel = calloc(1, sizeof(QKernel));
     if (!kernel) return out_of_memory(OP);
+    const int64_t int8 = optional_int(info, "int8", 0);
+    if (int8 != 0 && int8 != 1) {
+        free(kernel);
+        return invalid(OP ": int8 = %lld, expected 0 (bfloat16 activations) or %lld (int8 activations)", (long long)int8, 1);
+    }
+    kernel->int8 = (int)int8;
     int isa = 0;
-    OrtStatus *status = product_attributes(OP, info, BLOCK, "K = %lld is not a positive multiple of the block size %lld",
-                                           bf16_runs, bf16_best_isa(), "1 plain C, 3 AVX-512 BF16", &kernel->k, &kernel->n, &isa);
+    OrtStatus *status =
+        int8 ? product_attributes(OP, info, BLOCK, "K = %lld is not a positive multiple of the block size %lld", int8_runs,
+                                  int8_runs(BF16_ISA_AVX512) ? BF16_ISA_AVX512 : BF16_ISA_GENERIC,
+                                  "int8 = 1: 1 plain C, 3 AVX-512 VNNI", &kernel->k, &kernel->n, &isa)
+             : product_attributes(OP, info, BLOCK, "K = %lld is not a positive multiple of the block size %lld", bf16_runs,
+                                  bf16_best_isa(), "1 plain C, 3 AVX-512 BF16", &kernel->k, &kernel->n, &isa);
     if (status) {
         free(kernel);
         return status;
     }
-    kernel->tile = isa == BF16_ISA_AVX512 ? tile_bf16 : tile_generic;
-    kernel->convert = isa == BF16_ISA_AVX512 ? convert_rows_bf16 : convert_rows_generic;
+    if (int8) {
+        kernel->tile = isa == BF16_ISA_AVX512 ? tile_int8_vnni : tile_int8_generic;
+        kernel->convert = quantize_rows_int8;
+    } else {
+        kernel->tile = isa == BF16_ISA_AVX512 ? tile_bf16 : tile_generic;
+        kernel->convert = isa == BF16_ISA_AVX512 ? convert_rows_bf16 : convert_rows_generic;
+    }
     *out = kernel;
     return NULL;
 }

@@ -18,7 +18,7 @@ from lepton.memory import advise_huge_pages, aligned_zeros, check_fits, kv_budge
 from lepton.model_folder import ModelFolder
 from lepton.native import ops_library
 from lepton.runners.bf16_graph import bf16_graph, unavailable as bf16_unavailable
-from lepton.runners.q4_graph import q4_graph
+from lepton.runners.q4_graph import INT8_LEVEL, q4_graph
 from lepton.runners.q8_graph import matmul_kernel, q8_graph
 
 INDEX_INPUTS = (
@@ -136,7 +136,8 @@ class OnnxRunner:
             return model, None
         method = quantization.method
         library = ops_library()
-        kernel, why = matmul_kernel(config.runner.matmul_kernel, library, method=method)
+        kernel, why = matmul_kernel(config.runner.matmul_kernel, library, method=method,
+                                    int8_activations=quantization.accuracy_level == INT8_LEVEL)
         if kernel == "lepton" and self.manifest.external_data is not None:
             kernel, why = "onnxruntime", "the export keeps its weights in an external file"
         count, head, head8 = 0, 0, 0

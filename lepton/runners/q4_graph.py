@@ -5,7 +5,8 @@ second, tiny product blocksum(A) @ C (C: each block's offset m + 8 d), added. Ma
 product, w = d q + m per block of 32, in one node: the codes packed for AVX-512 BF16's dot products, d and m
 in float16 (as a Q4_1 GGUF stores them: exact for weights dequantized from one, a float16 rounding of each
 block's scale and minimum otherwise) and the activations rounded to bfloat16 (as weight_dtype=bfloat16
-rounds them). A float32 weight product left (the lm_head of `--lm-head fp32`) becomes MatMulBF16
+rounds them), or, where the export asks for accuracy level 4 (int8 compute), quantized to int8 per block of
+32 as MatMulNBits does (MatMulQ4's int8 = 1: AVX-512 VNNI's integer dots). A float32 weight product left (the lm_head of `--lm-head fp32`) becomes MatMulBF16
 (lepton/runners/bf16_graph.py; the preset's 8-bit head goes to MatMulQ8 in the runner), and the block sums
 nobody reads any more go.
 The rewrite happens when the runner builds its session (RunnerConfig.matmul_kernel); what it serves is
@@ -24,13 +25,18 @@ from lepton.runners.graph_edit import MS_DOMAIN, add_rewritten, drop_dead_nodes
 
 BLOCK, LANES, GROUPS = 32, 16, 8
 ZERO_POINT = 8  # MatMulNBits' default for bits=4 (a q4_1 export gives none)
+INT8_LEVEL = 4  # MatMulNBits' accuracy level of int8 compute (activations quantized per block)
 
 
-def pack(codes: np.ndarray, scales: np.ndarray, mins: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pack(codes: np.ndarray, scales: np.ndarray, mins: np.ndarray,
+         int8: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Codes [N, K / 32, 32] (0..15) and float32 scales d and minimums m [N, K / 32] (w = d q + m) ->
-    MatMulQ4's B [ceil(N / 16), K / 32, 256] uint8 (per block, 8 groups of 32 bytes: byte 2l + t of group g
-    holds output l's inputs 4g + t (low nibble) and 4g + 2 + t (high nibble)) and scales, mins float16
-    [ceil(N / 16), K / 32, 16]. Outputs past N in the last panel get code 0, scale 0 and minimum 0."""
+    MatMulQ4's B [ceil(N / 16), K / 32, 256] uint8 and scales, mins float16 [ceil(N / 16), K / 32, 16].
+    bfloat16 activations: per block, 8 groups of 32 bytes, byte 2l + t of group g holding output l's inputs
+    4g + t (low nibble) and 4g + 2 + t (high nibble); int8 activations (int8=True, MatMulQ4's int8 = 1): per
+    block, 4 vectors of 64 bytes, byte 4l + t of vector v holding output l's inputs 8v + t (low nibble) and
+    8v + 4 + t (high nibble), so one AND gives a group's codes as vpdpbusd reads them and a shift and an
+    AND the next group's. Outputs past N in the last panel get code 0, scale 0 and minimum 0."""
     n, blocks, block = codes.shape
     if block != BLOCK:
         raise ValueError(f"codes: blocks of {block} values, MatMulQ4 takes {BLOCK}")
@@ -39,9 +45,12 @@ def pack(codes: np.ndarray, scales: np.ndarray, mins: np.ndarray) -> tuple[np.nd
     panels = -(-n // LANES)
     padded = np.zeros((panels * LANES, blocks, BLOCK), np.uint8)
     padded[:n] = codes
-    # [P, lanes, blocks, 8 groups, 2 nibbles, 2 t] -> [P, blocks, 8 groups, lanes, 2 t]
-    split = padded.reshape(panels, LANES, blocks, GROUPS, 2, 2)
-    packed = (split[..., 0, :] | (split[..., 1, :] << 4)).transpose(0, 2, 3, 1, 4)
+    if int8:  # [P, lanes, blocks, 4 v, 2 nibbles, 4 t] -> [P, blocks, 4 v, lanes, 4 t]
+        split = padded.reshape(panels, LANES, blocks, GROUPS // 2, 2, 4)
+        packed = (split[..., 0, :] | (split[..., 1, :] << 4)).transpose(0, 2, 3, 1, 4)
+    else:  # [P, lanes, blocks, 8 groups, 2 nibbles, 2 t] -> [P, blocks, 8 groups, lanes, 2 t]
+        split = padded.reshape(panels, LANES, blocks, GROUPS, 2, 2)
+        packed = (split[..., 0, :] | (split[..., 1, :] << 4)).transpose(0, 2, 3, 1, 4)
 
     def per_lane(values: np.ndarray) -> np.ndarray:
         out = np.zeros((panels * LANES, blocks), np.float16)
@@ -118,9 +127,12 @@ def q4_graph(model: onnx.ModelProto) -> tuple[int, int]:
         mins = offsets - np.float32(ZERO_POINT) * scales  # NOTE: w = (q - 8) d + offset = d q + m
         prefix = nbits.name or nbits.output[0]
         names = [f"{prefix}.q4_codes", f"{prefix}.q4_scales", f"{prefix}.q4_mins"]
-        added += [numpy_helper.from_array(array, name) for array, name in zip(pack(codes, scales, mins), names)]
+        # NOTE: accuracy level 4 (int8 compute) is what the export was gated with: MatMulQ4 takes int8 activations
+        int8 = attrs.get("accuracy_level", 0) == INT8_LEVEL
+        arrays = pack(codes, scales, mins, int8=int8)
+        added += [numpy_helper.from_array(array, name) for array, name in zip(arrays, names)]
         replaced[id(add)] = helper.make_node("MatMulQ4", [nbits.input[0], *names], list(add.output), name=prefix,
-                                             domain=LEPTON_DOMAIN, K=k, N=n)
+                                             domain=LEPTON_DOMAIN, K=k, N=n, int8=int(int8))
         gone.update((id(nbits), id(offset)))
     nodes = [replaced.get(id(node), node) for node in graph.node if id(node) not in gone]
     graph.ClearField("node")

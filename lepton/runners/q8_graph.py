@@ -76,10 +76,11 @@ def q8_graph(model: onnx.ModelProto) -> int:
 
 
 def matmul_kernel(setting: str, library: Path | None, cpu: dict | None = None,
-                  method: str = "q8_0") -> tuple[str, str]:
+                  method: str = "q8_0", int8_activations: bool = False) -> tuple[str, str]:
     """RunnerConfig.matmul_kernel -> ("lepton" or "onnxruntime", why) for a `method` export's products:
     "auto" takes Lepton's operator when its library is built and the processor has what it was measured
-    faster with (docs/performance.md): AVX-512 VNNI for q8_0's MatMulQ8, AVX-512 BF16 for q4_1's MatMulQ4
+    faster with (docs/performance.md): AVX-512 VNNI for q8_0's MatMulQ8 and for a q4_1 export with int8
+    activations (accuracy level 4), AVX-512 BF16 for q4_1's MatMulQ4 with bfloat16 ones
     (lepton/runners/q4_graph.py); elsewhere the operators run an AVX2 or plain C path, which only an
     explicit matmul_kernel=lepton asks for."""
     if setting == "onnxruntime":
@@ -93,7 +94,8 @@ def matmul_kernel(setting: str, library: Path | None, cpu: dict | None = None,
     if setting == "lepton":
         return "lepton", "matmul_kernel=lepton"
     cpu = cpu_features() if cpu is None else cpu
-    flag, name = ("avx512_bf16", "AVX-512 BF16") if method == "q4_1" else ("avx512_vnni", "AVX-512 VNNI")
+    bf16 = method == "q4_1" and not int8_activations
+    flag, name = ("avx512_bf16", "AVX-512 BF16") if bf16 else ("avx512_vnni", "AVX-512 VNNI")
     if cpu.get(flag) and cpu.get("avx512f"):
         return "lepton", name
     return "onnxruntime", f"no {name} on this processor"

@@ -27,7 +27,9 @@ from tests.export.test_bf16_matmul import CASES as BF16_CASES, session
 from tests.export.test_slot_runner import BLOCK_SIZE, run_schedule
 
 HAS_BF16 = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= cpu_flags()
+HAS_VNNI = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c"} <= cpu_flags()
 ISAS = [1, pytest.param(3, marks=pytest.mark.skipif(not HAS_BF16, reason="no AVX-512 BF16 on this processor"))]
+INT8_ISAS = [1, pytest.param(3, marks=pytest.mark.skipif(not HAS_VNNI, reason="no AVX-512 VNNI on this processor"))]
 
 
 def product_model(k: int, n: int, arrays: tuple[np.ndarray, ...], rank: int = 2, **attrs) -> onnx.ModelProto:
@@ -74,6 +76,45 @@ def test_every_path_gives_the_product_of_rounded_activations_and_q4_1_weights(ca
         np.testing.assert_allclose(got, plain, rtol=0, atol=1e-6 * np.abs(plain).max())
 
 
+def int8_product(a: np.ndarray, codes, scales, mins) -> np.ndarray:
+    """What int8 = 1 computes, in float64: per block of 32, codes c = rint(a / s) (s = max|a| / 127 in float32,
+    rounded as the kernel rounds a x (1 / s)), then d s sum (q - 8) c + (m + 8 d) sum(a)."""
+    n, blocks, _ = codes.shape
+    x = a.reshape(-1, blocks, 32)
+    top = np.abs(x).max(-1, keepdims=True)
+    scale = top / np.float32(127)
+    inverse = np.where(top != 0, np.float32(1) / np.where(top != 0, scale, 1), 0).astype(np.float32)
+    c = np.rint(x * inverse).astype(np.float64)
+    centred = codes.astype(np.float64) - 8  # [N, blocks, 32]
+    dots = np.einsum("rbi,nbi->rbn", c, centred) * scale.astype(np.float64)  # [rows, blocks, N]
+    y = (dots * scales.T.astype(np.float64)).sum(1) + x.astype(np.float64).sum(-1) @ (mins + 8 * scales).T.astype(np.float64)
+    return y.reshape(*a.shape[:-1], n)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("isa", INT8_ISAS)
+def test_int8_activations_give_the_product_of_block_quantized_activations_and_q4_1_weights(case, isa):
+    k, n, rows = CASES[case]
+    rng = np.random.default_rng(len(case) + 1)
+    codes, scales, mins = q4_weights(rng, n, k)
+    a = rng.standard_normal((*rows, k)).astype(np.float32)
+    if a.size > 32:
+        a.reshape(-1, k)[0, :32] = 0.0  # NOTE: a block of zeros: scale 0, codes 0
+    a.reshape(-1, k)[-1, -32:] *= 300.0  # NOTE: an outlier block
+    want = int8_product(a, codes, scales, mins)
+    arrays = pack(codes, scales, mins, int8=True)
+    got = session(product_model(k, n, arrays, rank=len(rows) + 1, int8=1, isa=isa)).run(None, {"a": a})[0]
+    assert got.shape == (*rows, n)
+    # NOTE: integer dots are exact; float32 scaling and sums per block
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.sqrt(k) * np.abs(want).max())
+    if isa != 1:  # NOTE: the same integers and float operations in the same order as plain C
+        plain = session(product_model(k, n, arrays, rank=len(rows) + 1, int8=1, isa=1)).run(None, {"a": a})[0]
+        np.testing.assert_array_equal(got, plain)
+    # NOTE: and not what bfloat16 activations give
+    bf16 = from_bf16(to_bf16(a)).astype(np.float64) @ dequantized(codes, scales, mins).T
+    assert np.abs(got - bf16).max() > 1e-4 * np.abs(bf16).max()
+
+
 def test_pack_puts_each_code_where_the_kernel_reads_it():
     n, k = 20, 64
     codes = (np.arange(n * k).reshape(n, k // 32, 32) * 7 % 16).astype(np.uint8)
@@ -92,6 +133,20 @@ def test_pack_puts_each_code_where_the_kernel_reads_it():
         (codes[..., 0::2] | codes[..., 1::2] << 4).astype(np.uint8))), n, 2), codes)
 
 
+def test_pack_for_int8_activations_puts_each_code_where_vpdpbusd_reads_it():
+    n, k = 20, 64
+    codes = (np.arange(n * k).reshape(n, k // 32, 32) * 7 % 16).astype(np.uint8)
+    b, _, _ = pack(codes, np.ones((n, 2), np.float32), np.zeros((n, 2), np.float32), int8=True)
+    assert b.shape == (2, 2, 256)
+    for out in range(n):
+        for i in range(k):
+            blk, j = divmod(i, 32)
+            vector, r = divmod(j, 8)  # NOTE: inputs 8v .. 8v + 3 in the low nibbles, 8v + 4 .. 8v + 7 in the high
+            byte = b[out // 16, blk, vector * 64 + 4 * (out % 16) + r % 4]
+            assert (byte >> 4 if r >= 4 else byte & 15) == codes[out, blk, j]
+    assert not b[1].reshape(2, 4, 16, 4)[:, :, 4:].any()  # NOTE: outputs 20..31
+
+
 def test_bad_inputs_are_refused_with_the_input_and_the_limit():
     codes, scales, mins = q4_weights(np.random.default_rng(0), 16, 64)
     arrays = pack(codes, scales, mins)
@@ -106,14 +161,19 @@ def test_bad_inputs_are_refused_with_the_input_and_the_limit():
         session(product_model(64, 16, (arrays[0], arrays[1], wide[2]))).run(None, {"a": np.ones((1, 64), np.float32)})
     with pytest.raises(ValueError, match="codes: 16 does not fit 4 bits"):
         pack(codes + 1, scales, mins)
+    with pytest.raises(Exception, match=r"MatMulQ4: int8 = 2, expected 0 \(bfloat16 activations\) or 1 \(int8 activations\)"):
+        session(product_model(64, 16, arrays, int8=2))
     if not HAS_BF16:
         with pytest.raises(Exception, match="isa = 3 needs instructions this processor lacks"):
             session(product_model(64, 16, arrays, isa=3))
+    if not HAS_VNNI:
+        with pytest.raises(Exception, match=r"isa = 3 needs instructions this processor lacks \(int8 = 1: 1 plain C, 3 AVX-512 VNNI"):
+            session(product_model(64, 16, arrays, int8=1, isa=3))
 
 
-def q4_1_graph(rng: np.random.Generator) -> onnx.ModelProto:
-    """x -> two q4_1 products (export.nbits, sharing x's block sums) -> a float32 head; and a plain 4-bit
-    MatMulNBits (no offsets), which MatMulQ4 does not take."""
+def q4_1_graph(rng: np.random.Generator, accuracy_level: int = 0) -> onnx.ModelProto:
+    """x -> two q4_1 products (export.nbits, sharing x's block sums, at accuracy_level) -> a float32 head; and a
+    plain 4-bit MatMulNBits (no offsets), which MatMulQ4 does not take."""
     weights = {"w1": rng.standard_normal((64, 96)), "w2": rng.standard_normal((64, 96)), "head": rng.standard_normal((96, 40))}
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"], name="p1"), helper.make_node("MatMul", ["x", "w2"], ["h2"], name="p2"),
              helper.make_node("Add", ["h1", "h2"], ["h"]), helper.make_node("MatMul", ["h", "head"], ["logits"], name="head")]
@@ -124,8 +184,8 @@ def q4_1_graph(rng: np.random.Generator) -> onnx.ModelProto:
                                helper.make_tensor_value_info("int4", TensorProto.FLOAT, ["M", 16])],
                               [numpy_helper.from_array(w.astype(np.float32), name) for name, w in weights.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    assert rewrite_matmuls(model, RewritePlan(block_size=32, accuracy_level=0, head_format="fp32", head_accuracy_level=4,
-                                              vocab_size=40)) == 2
+    assert rewrite_matmuls(model, RewritePlan(block_size=32, accuracy_level=accuracy_level, head_format="fp32",
+                                              head_accuracy_level=4, vocab_size=40)) == 2
     model.graph.node.append(helper.make_node("MatMulNBits", ["x", "int4.codes", "int4.scales"], ["int4"], domain="com.microsoft",
                                              K=64, N=16, bits=4, block_size=32, accuracy_level=0))
     model.graph.initializer.extend([numpy_helper.from_array(nibbles, "int4.codes"),
@@ -148,12 +208,37 @@ def test_the_rewrite_takes_the_q4_1_products_and_leaves_the_head_to_matmulbf16()
     np.testing.assert_allclose(got[0], want[0], rtol=0, atol=0.02 * np.abs(want[0]).max())
 
 
+def int8_attributes(model: onnx.ModelProto) -> list[int]:
+    return [helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "MatMulQ4" for a in n.attribute
+            if a.name == "int8"]
+
+
+@pytest.mark.skipif(not HAS_VNNI, reason="no AVX-512 VNNI on this processor")
+def test_products_at_accuracy_level_4_take_int8_activations():
+    model = q4_1_graph(np.random.default_rng(5), accuracy_level=4)
+    x = np.random.default_rng(6).standard_normal((20, 64)).astype(np.float32)
+    want = session(model).run(None, {"x": x})  # NOTE: ONNX Runtime's MatMulNBits, int8 activations of its own
+    assert q4_graph(model) == (2, 1) and int8_attributes(model) == [1, 1]
+    got = session(model).run(None, {"x": x})
+    np.testing.assert_array_equal(got[1], want[1])
+    # NOTE: both round activations to int8 per block of 32 (their roundings may differ by a code), the head in bfloat16
+    np.testing.assert_allclose(got[0], want[0], rtol=0, atol=0.02 * np.abs(want[0]).max())
+    level0 = q4_1_graph(np.random.default_rng(5))
+    q4_graph(level0)
+    assert int8_attributes(level0) == [0, 0]
+
+
 def test_the_kernel_setting_for_q4_1():
     bf16 = {"avx512f": True, "avx512_bf16": True}
     assert matmul_kernel("auto", LIBRARY, bf16, method="q4_1") == ("lepton", "AVX-512 BF16")
     assert matmul_kernel("auto", LIBRARY, {"avx512f": True, "avx512_vnni": True}, method="q4_1") == (
         "onnxruntime", "no AVX-512 BF16 on this processor")
     assert matmul_kernel("lepton", LIBRARY, {}, method="q4_1") == ("lepton", "matmul_kernel=lepton")
+    # NOTE: an export at accuracy level 4 (the preset) computes its products in int8: VNNI is what it needs
+    vnni = {"avx512f": True, "avx512_vnni": True}
+    assert matmul_kernel("auto", LIBRARY, vnni, method="q4_1", int8_activations=True) == ("lepton", "AVX-512 VNNI")
+    assert matmul_kernel("auto", LIBRARY, {"avx2": True}, method="q4_1", int8_activations=True) == (
+        "onnxruntime", "no AVX-512 VNNI on this processor")
 
 
 @pytest.fixture(scope="module")

@@ -119,7 +119,11 @@ def test_bad_q8_0_requests_are_clear_errors():
         resolve_preset("int8", None, None, smoothing_alpha=0.5)
     with pytest.raises(QuantizationError, match=r"lies in \[0, 1\), got 1.0"):
         resolve_preset("q8_0", None, None, smoothing_alpha=1.0)
-    with pytest.raises(QuantizationError, match="--float-share applies to q8_0 only"):
-        resolve_preset("q4_1", None, None, float_share=0.1)
+    with pytest.raises(QuantizationError, match="--smoothing-alpha applies to q8_0 only"):
+        resolve_preset("q4_1", None, None, smoothing_alpha=0.5)
+    with pytest.raises(QuantizationError, match="--float-share applies to q8_0 and q4_1 only"):
+        resolve_preset("int4", None, None, float_share=0.1)
+    with pytest.raises(QuantizationError, match="it applies to q4_1 at accuracy level 4, not 0"):
+        resolve_preset("q4_1", None, 0, float_share=0.1)
     plain = resolve_preset("q8_0", None, None, "q8_0", smoothing_alpha=0.0, float_share=0.0)
     assert plain.name == "q8_0-block32-acc4-head-q8_0-rescore64" and not plain.smoothing_alpha
