@@ -140,7 +140,7 @@ class OnnxRunner:
                                     int8_activations=quantization.accuracy_level == INT8_LEVEL)
         if kernel == "lepton" and self.manifest.external_data is not None:
             kernel, why = "onnxruntime", "the export keeps its weights in an external file"
-        count, head, head8 = 0, 0, 0
+        count, head, head8, int8 = 0, 0, 0, 0
         if kernel == "lepton":
             model = onnx.load(str(path / self.manifest.model_file)) if model is None else model
             if method == "q8_0":
@@ -148,6 +148,8 @@ class OnnxRunner:
             else:  # NOTE: an 8-bit lm_head (--lm-head q8_0) beside the 4-bit layers goes to MatMulQ8
                 count, head = q4_graph(model)
                 head8 = q8_graph(model) if count else 0
+                int8 = sum(node.op_type == "MatMulQ4" and any(a.name == "int8" and a.i for a in node.attribute)
+                           for node in model.graph.node)
             if not count:
                 why = ("no MatMulNBits node of 8 bits, blocks of 32, accuracy level 4" if method == "q8_0"
                        else "no q4_1 product (4-bit MatMulNBits in blocks of 32 plus its offsets)")
@@ -157,7 +159,10 @@ class OnnxRunner:
         else:
             rest = (f"; the float32 products left, {head}, in bfloat16: MatMulBF16" if head else "") + (
                 f"; the 8-bit ones, {head8}: MatMulQ8" if head8 else "")
-            what = f"Lepton's MatMulQ4 ({count} nodes{rest}; {why})" if count else f"ONNX Runtime's MatMulNBits ({why})"
+            activations = (f", {int8} with int8 activations, {count - int8} bfloat16" if int8 and int8 < count
+                           else ", int8 activations" if int8 else "")
+            what = (f"Lepton's MatMulQ4 ({count} nodes{activations}{rest}; {why})" if count
+                    else f"ONNX Runtime's MatMulNBits ({why})")
             print(f"[lepton] 4-bit weight products: {what}", flush=True)
         return model, library if count else None
 
