@@ -6,9 +6,9 @@ product, w = d q + m per block of 32, in one node: the codes packed for AVX-512 
 in float16 (as a Q4_1 GGUF stores them: exact for weights dequantized from one, a float16 rounding of each
 block's scale and minimum otherwise) and the activations rounded to bfloat16 (as weight_dtype=bfloat16
 rounds them), or, where the export asks for accuracy level 4 (int8 compute), quantized to int8 per block of
-32 as MatMulNBits does (MatMulQ4's int8 = 1: AVX-512 VNNI's integer dots). A float32 weight product left (the lm_head of `--lm-head fp32`) becomes MatMulBF16
-(lepton/runners/bf16_graph.py; the preset's 8-bit head goes to MatMulQ8 in the runner), and the block sums
-nobody reads any more go.
+32 as MatMulNBits does (MatMulQ4's int8 = 1: AVX-512 VNNI's integer dots). A float32 weight product left (the
+lm_head of `--lm-head fp32`) becomes MatMulBF16 (lepton/runners/bf16_graph.py; the preset's 8-bit head goes to
+MatMulQ8 in the runner), and the block sums nobody reads any more go.
 The rewrite happens when the runner builds its session (RunnerConfig.matmul_kernel); what it serves is
 judged by the q4_1 quality gate, which export quantize measures through the runner.
 """
