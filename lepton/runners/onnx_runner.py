@@ -19,7 +19,7 @@ from lepton.model_folder import ModelFolder
 from lepton.native import ops_library
 from lepton.runners.bf16_graph import bf16_graph, unavailable as bf16_unavailable
 from lepton.runners.q4_graph import INT8_LEVEL, q4_graph
-from lepton.runners.q8_graph import matmul_kernel, q8_graph
+from lepton.runners.q8_graph import bfloat16_kernels, matmul_kernel, q8_graph
 
 INDEX_INPUTS = (
     "input_ids", "positions", "token_index", "token_slot", "query_lens",
@@ -146,7 +146,7 @@ class OnnxRunner:
             if method == "q8_0":
                 count = q8_graph(model)
             else:  # NOTE: an 8-bit lm_head (--lm-head q8_0) beside the 4-bit layers goes to MatMulQ8
-                count, head = q4_graph(model)
+                count, head = q4_graph(model, bfloat16_kernels(config.runner.matmul_kernel))
                 head8 = q8_graph(model) if count else 0
                 int8 = sum(node.op_type == "MatMulQ4" and any(a.name == "int8" and a.i for a in node.attribute)
                            for node in model.graph.node)

@@ -106,12 +106,16 @@ def _q4_1_products(graph: onnx.GraphProto, initializers: dict) -> list[tuple[onn
     return found
 
 
-def q4_graph(model: onnx.ModelProto) -> tuple[int, int]:
+def q4_graph(model: onnx.ModelProto, bfloat16: bool = True) -> tuple[int, int]:
     """Rewrite every q4_1 product to MatMulQ4 and the float32 weight products then left to MatMulBF16, in
-    place; returns how many of each."""
+    place; returns how many of each. bfloat16=False (a processor with AVX-512 VNNI but no AVX-512 BF16, where
+    MatMulQ4's bfloat16 path and MatMulBF16 would run plain C): only the products at accuracy level 4 (int8
+    activations) become MatMulQ4; those at level 0 stay ONNX Runtime's MatMulNBits and the float32 ones
+    MatMul."""
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
-    products = _q4_1_products(graph, initializers)
+    products = [found for found in _q4_1_products(graph, initializers)
+                if bfloat16 or _attrs(found[0]).get("accuracy_level", 0) == INT8_LEVEL]
     if not products:
         return 0, 0
     replaced: dict[int, onnx.NodeProto] = {}  # NOTE: id of each Add -> its MatMulQ4, in the Add's place
@@ -139,4 +143,4 @@ def q4_graph(model: onnx.ModelProto) -> tuple[int, int]:
     graph.node.extend(nodes)
     drop_dead_nodes(graph)  # NOTE: the block sums the offsets took
     add_rewritten(model, added, LEPTON_DOMAIN)
-    return len(products), bf16_graph(model)
+    return len(products), bf16_graph(model) if bfloat16 else 0

@@ -80,7 +80,8 @@ def matmul_kernel(setting: str, library: Path | None, cpu: dict | None = None,
     """RunnerConfig.matmul_kernel -> ("lepton" or "onnxruntime", why) for a `method` export's products:
     "auto" takes Lepton's operator when its library is built and the processor has what it was measured
     faster with (docs/performance.md): AVX-512 VNNI for q8_0's MatMulQ8 and for a q4_1 export with int8
-    activations (accuracy level 4), AVX-512 BF16 for q4_1's MatMulQ4 with bfloat16 ones
+    activations (accuracy level 4; its products at level 0 and a float32 head too where AVX-512 BF16 is
+    there, see bfloat16_kernels), AVX-512 BF16 for q4_1's MatMulQ4 with bfloat16 ones
     (lepton/runners/q4_graph.py); elsewhere the operators run an AVX2 or plain C path, which only an
     explicit matmul_kernel=lepton asks for."""
     if setting == "onnxruntime":
@@ -96,6 +97,19 @@ def matmul_kernel(setting: str, library: Path | None, cpu: dict | None = None,
     cpu = cpu_features() if cpu is None else cpu
     bf16 = method == "q4_1" and not int8_activations
     flag, name = ("avx512_bf16", "AVX-512 BF16") if bf16 else ("avx512_vnni", "AVX-512 VNNI")
-    if cpu.get(flag) and cpu.get("avx512f"):
-        return "lepton", name
-    return "onnxruntime", f"no {name} on this processor"
+    if not (cpu.get(flag) and cpu.get("avx512f")):
+        return "onnxruntime", f"no {name} on this processor"
+    if method == "q4_1" and not bfloat16_kernels(setting, cpu):
+        return "lepton", (f"{name}; no AVX-512 BF16, so the products at accuracy level 0 stay ONNX Runtime's "
+                          f"MatMulNBits and the float32 ones MatMul")
+    return "lepton", name
+
+
+def bfloat16_kernels(setting: str, cpu: dict | None = None) -> bool:
+    """Whether Lepton's bfloat16 paths (MatMulQ4 at accuracy level 0, MatMulBF16) take a q4_1 export's
+    products beside its int8 ones: with matmul_kernel=lepton always, with auto where the processor has
+    AVX-512 BF16 (elsewhere they run plain C; lepton/runners/q4_graph.py leaves them to ONNX Runtime)."""
+    if setting == "lepton":
+        return True
+    cpu = cpu_features() if cpu is None else cpu
+    return bool(cpu.get("avx512_bf16") and cpu.get("avx512f"))

@@ -21,7 +21,7 @@ from lepton.native import DOMAIN, LIBRARY
 from lepton.runners import make_runner, open_folder
 from lepton.runners.bf16_graph import from_bf16, to_bf16
 from lepton.runners.q4_graph import pack, q4_graph, unpack_codes
-from lepton.runners.q8_graph import matmul_kernel
+from lepton.runners.q8_graph import bfloat16_kernels, matmul_kernel
 from tests.export.conftest import cpu_flags
 from tests.export.test_bf16_matmul import CASES as BF16_CASES, session
 from tests.export.test_slot_runner import BLOCK_SIZE, run_schedule
@@ -228,6 +228,23 @@ def test_products_at_accuracy_level_4_take_int8_activations():
     assert int8_attributes(level0) == [0, 0]
 
 
+@pytest.mark.skipif(not HAS_VNNI, reason="no AVX-512 VNNI on this processor")
+def test_without_bfloat16_kernels_only_the_int8_products_are_rewritten():
+    model = q4_1_graph(np.random.default_rng(5), accuracy_level=4)
+    first = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+    next(a for a in first.attribute if a.name == "accuracy_level").i = 0  # NOTE: a product kept in float (float_share)
+    x = np.random.default_rng(6).standard_normal((20, 64)).astype(np.float32)
+    want = session(model).run(None, {"x": x})
+    assert q4_graph(model, bfloat16=False) == (1, 0) and int8_attributes(model) == [1]
+    ops = sorted(n.op_type for n in model.graph.node)
+    # NOTE: the level-0 product keeps its MatMulNBits and Add, the MatMuls of block sums and offsets; the head stays float32
+    assert ops.count("MatMulNBits") == 2 and ops.count("MatMulQ4") == 1 and "MatMulBF16" not in ops
+    assert ops.count("MatMul") == 3 and any(n.op_type == "MatMul" and n.name == "head" for n in model.graph.node)
+    got = session(model).run(None, {"x": x})
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], rtol=0, atol=0.02 * np.abs(want[0]).max())
+
+
 def test_the_kernel_setting_for_q4_1():
     bf16 = {"avx512f": True, "avx512_bf16": True}
     assert matmul_kernel("auto", LIBRARY, bf16, method="q4_1") == ("lepton", "AVX-512 BF16")
@@ -236,7 +253,11 @@ def test_the_kernel_setting_for_q4_1():
     assert matmul_kernel("lepton", LIBRARY, {}, method="q4_1") == ("lepton", "matmul_kernel=lepton")
     # NOTE: an export at accuracy level 4 (the preset) computes its products in int8: VNNI is what it needs
     vnni = {"avx512f": True, "avx512_vnni": True}
-    assert matmul_kernel("auto", LIBRARY, vnni, method="q4_1", int8_activations=True) == ("lepton", "AVX-512 VNNI")
+    assert matmul_kernel("auto", LIBRARY, vnni | bf16, method="q4_1", int8_activations=True) == ("lepton", "AVX-512 VNNI")
+    assert bfloat16_kernels("auto", vnni | bf16) and bfloat16_kernels("lepton", {}) and not bfloat16_kernels("auto", vnni)
+    # NOTE: VNNI without BF16 (Ice Lake, Cascade Lake): the int8 products only; the rest would run plain C
+    kernel, why = matmul_kernel("auto", LIBRARY, vnni, method="q4_1", int8_activations=True)
+    assert kernel == "lepton" and why.startswith("AVX-512 VNNI; no AVX-512 BF16, so the products at accuracy level 0 stay")
     assert matmul_kernel("auto", LIBRARY, {"avx2": True}, method="q4_1", int8_activations=True) == (
         "onnxruntime", "no AVX-512 VNNI on this processor")
 
