@@ -1,11 +1,12 @@
 """Time one decode step's attention alone: SmolLM2-135M's 30 layers (9 query heads, 3 kv heads of 64) of
-Lepton's SlotAttention over float32 slots or SlotAttentionF16 over float16 slots, each layer with caches of
+Lepton's SlotAttention over float32 slots, SlotAttentionF16 over float16 slots or SlotAttentionI8 over 8-bit
+rows (D codes and a scale), each layer with caches of
 its own (out of cache, as in a step), `--sequences` decodes each over `--context` cached tokens.
 
     python -m benchmarks.attention --sequences 16 --context 192
 
 Random queries, keys and values (only the speed is measured); 2 intra-op threads spinning at most 100 us, as
-the runner computes; the two kinds alternate `--rounds` times in one process, since this machine's speed
+the runner computes; the kinds alternate `--rounds` times in one process, since this machine's speed
 drifts. Prints the median and fastest time of the 30 layers for each kind and round.
 """
 
@@ -22,10 +23,17 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from lepton.native import DOMAIN, LIBRARY
+from lepton.runners.slot_cache import SCALE_BYTES, quantize_rows
 
 HEADS, KV_HEADS, DIM, LAYERS = 9, 3, 64, 30
 KINDS = {"float32": ("SlotAttention", np.float32, TensorProto.FLOAT),
-         "float16": ("SlotAttentionF16", np.float16, TensorProto.FLOAT16)}
+         "float16": ("SlotAttentionF16", np.float16, TensorProto.FLOAT16),
+         "int8": ("SlotAttentionI8", np.uint8, TensorProto.UINT8)}  # NOTE: rows of D codes and a float32 scale
+
+
+def row_width(kind: str) -> int:
+    """The caches' last dimension: a row of DIM values, or DIM codes and 4 bytes of scale."""
+    return DIM + SCALE_BYTES if kind == "int8" else DIM
 
 
 def attention_session(kind: str, sequences: int, capacity: int, positions: int, threads: int, library: Path):
@@ -33,7 +41,7 @@ def attention_session(kind: str, sequences: int, capacity: int, positions: int, 
     names = ["qkv", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos", "sin"]
     node = helper.make_node(op, names, ["out", "key", "value"], domain=DOMAIN, num_heads=HEADS,
                             kv_num_heads=KV_HEADS, scale=DIM ** -0.5)
-    cache = [sequences, KV_HEADS, capacity, DIM]
+    cache = [sequences, KV_HEADS, capacity, row_width(kind)]
     graph = helper.make_graph([node], "attention", [
         helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [sequences, 1, (HEADS + 2 * KV_HEADS) * DIM]),
         helper.make_tensor_value_info("past_key", cache_type, cache),
@@ -66,7 +74,8 @@ def layer_bindings(session, kind: str, sequences: int, context: int, capacity: i
         for name, array in inputs.items():
             binding.bind_cpu_input(name, array)
         for kv in ("key", "value"):
-            value = ort.OrtValue.ortvalue_from_numpy(rng.standard_normal((sequences, KV_HEADS, capacity, DIM)).astype(dtype))
+            rows = rng.standard_normal((sequences, KV_HEADS, capacity, DIM)).astype(np.float32)
+            value = ort.OrtValue.ortvalue_from_numpy(quantize_rows(rows) if kind == "int8" else rows.astype(dtype))
             binding.bind_ortvalue_input(f"past_{kv}", value)
             binding.bind_ortvalue_output(kv, value)
         binding.bind_output("out")

@@ -35,10 +35,13 @@ WEIGHT_DTYPES = ("export", "bfloat16")
 # NOTE: attention=slots with Lepton's SlotAttention: the dtype of the per-sequence K/V copies ("slots") that
 # attention reads each step. "float16": this step's keys and values rounded to float16 as they are
 # written, half the bytes a decode reads; the block pools stay float32 and hold the same rounded values.
+# "int8": each row of a kv head (D values) kept as D int8 codes and a float32 scale (max|x| / 127), 68 bytes
+# a row of 64 against float16's 128 (lepton/native/slot_attention.c SlotAttentionI8); the pools hold the
+# rows' values (code x scale).
 # "auto": float16 where the weights are already approximate (a quantized export, weight_dtype=bfloat16),
 # whose quality gates are measured through the runner as it serves; float32 otherwise
 # (lepton/runners/slot_runner.py kv_cache_dtype).
-KV_CACHE_DTYPES = ("auto", "float32", "float16")
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "int8")
 SCHEDULING_POLICIES = ("fcfs", "priority")
 STREAM_INTERVAL_CEILING = 1024  # tokens a streamed response may wait for
 
@@ -158,14 +161,15 @@ class EngineConfig:
             raise ConfigError(f"weight_dtype: {self.runner.weight_dtype} applies to runner=onnxruntime only (the "
                               f"{self.runner.runner} runner computes in its dtype; torch: dtype=bfloat16)")
         _choice("kv_cache_dtype", self.runner.kv_cache_dtype, KV_CACHE_DTYPES)
-        if self.runner.kv_cache_dtype == "float16":
+        if self.runner.kv_cache_dtype in ("float16", "int8"):
             why = ("runner=onnxruntime only" if self.runner.runner != "onnxruntime" else
                    "not with attention=paged (the paged graph reads the float32 pools)" if self.runner.attention == "paged"
                    else "not with deterministic=true (it serves attention=paged)" if self.runner.deterministic else
                    "Lepton's SlotAttention only, not attention_kernel=onnxruntime"
                    if self.runner.attention_kernel == "onnxruntime" else "")
             if why:
-                raise ConfigError(f"kv_cache_dtype: float16 slots need attention=slots with Lepton's SlotAttention: {why}")
+                raise ConfigError(f"kv_cache_dtype: {self.runner.kv_cache_dtype} slots need attention=slots with "
+                                  f"Lepton's SlotAttention: {why}")
         _choice("policy", self.scheduler.policy, SCHEDULING_POLICIES)
         if not 0.0 <= self.cache.kv_cache_memory_fraction < 1.0:
             raise ConfigError(f"kv_cache_memory_fraction: must be in [0, 1), got {self.cache.kv_cache_memory_fraction}")

@@ -4,8 +4,8 @@ compiles into this folder (`make setup` runs it).
 Domain ai.lepton:
 - `SlotAttention` (slot_attention.c): the slot graph's attention (lepton/runners/slot_graph.py), the same
   computation as ONNX Runtime's GroupQueryAttention there, reading each (sequence, kv head)'s keys and
-  values once for all the query heads that share them; `SlotAttentionF16` the same over float16 slots
-  (RunnerConfig.kv_cache_dtype);
+  values once for all the query heads that share them; `SlotAttentionF16` the same over float16 slots and
+  `SlotAttentionI8` over 8-bit rows, int8 codes and a scale a row (RunnerConfig.kv_cache_dtype);
 - `MatMulQ8` (q8_matmul.c): the 8-bit weight products of q8_0 exports, what MatMulNBits computes for
   them, with the weights packed for AVX-512 VNNI (lepton/runners/q8_graph.py);
 - `MatMulQ4` (q4_matmul.c): the 4-bit weight products of q4_1 exports (w = d q + m per block of 32), the
@@ -14,10 +14,10 @@ Domain ai.lepton:
 - `MatMulBF16` (bf16_matmul.c): a float32 export's weight products in bfloat16 (weight_dtype=bfloat16),
   packed for AVX-512 BF16 (lepton/runners/bf16_graph.py).
 And one plain function, called through ctypes: `lepton_slots_to_pools` (kv_copy.c), the slot runner's
-copy of each step's K/V into the block pools (lepton/runners/slot_cache.py), float16 slots widened.
+copy of each step's K/V into the block pools (lepton/runners/slot_cache.py), float16 slots widened, 8-bit rows as code x scale.
 The library is absent where no C compiler was there to build it; the runners then keep ONNX Runtime's
 own operators (RunnerConfig.attention_kernel, RunnerConfig.matmul_kernel) and numpy's copy, the slots stay
-float32 (kv_cache_dtype=auto), and weight_dtype=bfloat16 and kv_cache_dtype=float16 are refused.
+float32 (kv_cache_dtype=auto), and weight_dtype=bfloat16 and kv_cache_dtype=float16 or int8 are refused.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ typedef struct {
     int64_t count, first, end; /* NOTE: a share of the (kind, layer) pairs: kind = i / layers, layer = i % layers */
     int64_t layers, num_slots, kv_heads, capacity, pool_rows, row_bytes; /* NOTE: row_bytes: a slot row's */
     WidenFn widen; /* float16 slot rows into float32 pool rows (2 x row_bytes); NULL: rows copied as they are */
+    int int8; /* 8-bit slot rows (row_bytes - 4 int8 codes, then their float32 scale) into float32 pool rows */
 } Copy;
 
 #define AHEAD 8 /* NOTE: tokens prefetched ahead */
@@ -39,8 +40,17 @@ F16C static void widen_stream_f16c(float *restrict dst, const half_t *restrict s
         _mm256_stream_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
 }
 
+/* An 8-bit row (n codes, then the float32 scale) into n float32 values: code x scale. */
+static void dequantize_row(float *restrict dst, const char *restrict src, int64_t n) {
+    float scale;
+    memcpy(&scale, src + n, sizeof scale);
+    const int8_t *restrict codes = (const int8_t *)src;
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) dst[i] = (float)codes[i] * scale;
+}
+
 static void copy_layers(const Copy *c) {
-    const int64_t pool_row_bytes = c->widen ? 2 * c->row_bytes : c->row_bytes;
+    const int64_t pool_row_bytes = c->int8 ? 4 * (c->row_bytes - 4) : c->widen ? 2 * c->row_bytes : c->row_bytes;
     for (int64_t pair = c->first; pair < c->end; pair++) {
         const int64_t layer = pair % c->layers;
         const char *store = c->stores[pair / c->layers];
@@ -61,7 +71,9 @@ static void copy_layers(const Copy *c) {
             char *dst = pools + (layer * c->pool_rows + c->targets[i]) * c->kv_heads * pool_row_bytes;
             for (int64_t head = 0; head < c->kv_heads; head++, dst += pool_row_bytes) {
                 const char *src = store + (((layer * c->num_slots + c->slots[i]) * c->kv_heads + head) * c->capacity + c->positions[i]) * c->row_bytes;
-                if (widen_streamed) {
+                if (c->int8) {
+                    dequantize_row((float *)dst, src, c->row_bytes - 4);
+                } else if (widen_streamed) {
                     widen_stream_f16c((float *)dst, (const half_t *)src, c->row_bytes / 2);
                 } else if (c->widen) {
                     c->widen((float *)dst, (const half_t *)src, c->row_bytes / 2);
@@ -85,9 +97,10 @@ static void *copy_thread(void *c) {
 
 /* Token i's rows (slot slots[i], position positions[i]) of every layer and kv head of the key and value
  * stores [layers, num_slots, kv_heads, capacity, row_bytes] go to row targets[i] of the key and value
- * pools [layers, pool_rows, kv_heads, row_bytes] (widen: float16 stores, float32 pools of twice the row
- * bytes), the (kind, layer) pairs split over up to `threads`
- * threads (the caller's and ones started here: ONNX Runtime's are idle between runs). Returns 0, or
+ * pools [layers, pool_rows, kv_heads, row_bytes] (widen 1: float16 stores, float32 pools of twice the row
+ * bytes; widen 2: 8-bit rows of row_bytes - 4 codes and a float32 scale, float32 pools of their values),
+ * the (kind, layer) pairs split over up to `threads` threads (the caller's and ones started here: ONNX
+ * Runtime's are idle between runs). Returns 0, or
  * i + 1 for the first token with an index out of range (then nothing is copied). */
 __attribute__((visibility("default"))) int64_t lepton_slots_to_pools(
     const char *key_store, const char *value_store, char *key_pools, char *value_pools, const int64_t *slots,
@@ -108,7 +121,7 @@ __attribute__((visibility("default"))) int64_t lepton_slots_to_pools(
     for (int64_t t = 0; t < n; t++)
         parts[t] = (Copy){{key_store, value_store}, {key_pools, value_pools}, slots, positions, targets, count,
                           t * pairs / n, (t + 1) * pairs / n, layers, num_slots, kv_heads, capacity, pool_rows,
-                          row_bytes, !widen ? NULL : has_f16c() ? widen_f16c : widen_plain};
+                          row_bytes, widen != 1 ? NULL : has_f16c() ? widen_f16c : widen_plain, widen == 2};
     int started[MAX_THREADS] = {0};
     for (int64_t t = 1; t < n; t++) started[t] = pthread_create(&helpers[t], NULL, copy_thread, &parts[t]) == 0;
     copy_layers(&parts[0]);

@@ -11,6 +11,7 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOp
     TRY(API(CreateCustomOpDomainFn, API_CREATE_CUSTOM_OP_DOMAIN)("ai.lepton", &domain));
     TRY(API(CustomOpDomainAddFn, API_CUSTOM_OP_DOMAIN_ADD)(domain, &lepton_slot_attention));
     TRY(API(CustomOpDomainAddFn, API_CUSTOM_OP_DOMAIN_ADD)(domain, &lepton_slot_attention_f16));
+    TRY(API(CustomOpDomainAddFn, API_CUSTOM_OP_DOMAIN_ADD)(domain, &lepton_slot_attention_i8));
     TRY(API(CustomOpDomainAddFn, API_CUSTOM_OP_DOMAIN_ADD)(domain, &lepton_q8_matmul));
     TRY(API(CustomOpDomainAddFn, API_CUSTOM_OP_DOMAIN_ADD)(domain, &lepton_q4_matmul));
     TRY(API(CustomOpDomainAddFn, API_CUSTOM_OP_DOMAIN_ADD)(domain, &lepton_bf16_matmul));

@@ -382,6 +382,7 @@ static inline void prepare_then_multiply(OrtKernelContext *context, void (*prepa
 /* The operators (ops.c registers them). */
 extern const CustomOp lepton_slot_attention;
 extern const CustomOp lepton_slot_attention_f16;
+extern const CustomOp lepton_slot_attention_i8;
 extern const CustomOp lepton_q8_matmul;
 extern const CustomOp lepton_q4_matmul;
 extern const CustomOp lepton_bf16_matmul;

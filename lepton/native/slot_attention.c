@@ -19,6 +19,13 @@
  * A decode reads half the cache's bytes: 16 decodes over 192 tokens of SmolLM2 read 141 MB of float32
  * keys and values a step, as much as its q8_0 weights.
  *
+ * SlotAttentionI8 computes the same over caches of 8-bit rows (RunnerConfig.kv_cache_dtype "int8"): each
+ * cached row of a kv head is D int8 values and their float32 scale, D + 4 bytes (the caches are uint8
+ * [B, KVH, M, D + 4]): x = q s, s = max|x| / 127, q = x (127 / max|x|) rounded to nearest even. This step's
+ * keys and values are quantized so as they are written; each chunk of cached rows is widened to float32
+ * once, for all the query heads of its group; the rest is float32 as above. A decode reads 68 bytes a
+ * row of 64 instead of float16's 128.
+ *
  * scripts/build_native.sh (run by `make setup`) builds it into lepton/native/liblepton_ops.so, which the
  * slot runner loads when it exists; the hot loops are compiled for AVX-512, AVX2 + FMA and plain x86-64,
  * the loader picking one for the processor it runs on. Only the C ABI of ONNX Runtime is used (ort.h).
@@ -46,19 +53,20 @@ typedef struct {
     int64_t num_heads, kv_heads;
     float scale;
     int half; /* caches of float16 (SlotAttentionF16) */
+    int int8; /* caches of 8-bit rows with a scale (SlotAttentionI8) */
     KeysFn keys;
     NarrowFn narrow;
 } Kernel;
 
 struct Step {
     const float *qkv, *cos, *sin;
-    const char *past_key, *past_value; /* float or half_t, as `half` says */
+    const char *past_key, *past_value; /* float, half_t or 8-bit rows, as `half` and `int8` say */
     float *out;
     char *key, *value;
     const int32_t *seqlens;
     int64_t batch, length, heads, kv_heads, capacity, dim, blocks;
-    int64_t size; /* bytes of one cached value: 4, or 2 when half */
-    int first_prompt, half;
+    int64_t row; /* bytes of one cached row (a kv head's D values): 4 D, 2 D when half, D + 4 when int8 */
+    int first_prompt, half, int8;
     KeysFn keys; /* phase 2's walk over the keys, for the cache's type and the processor */
     NarrowFn narrow;
     float scale;
@@ -204,25 +212,37 @@ CHUNK_FIXED(chunk_128_half, 128, half_t, LOAD_HALF, F16C)
  * score: `rows` rows of KEYS_PER_CHUNK. Values are accumulated VALUE_BLOCK vectors (32 dims) at a time, so
  * that with three heads accumulators and values stay in AVX2's sixteen vector registers. The rows
  * AHEAD_ROWS on (the next chunk's, up to `ahead`, the cache's rows this walk reads) are prefetched into
- * the second-level cache as each row is read. 16 decodes of SmolLM2 (3 heads a kv head) over 192 float16
- * tokens (`python -m benchmarks.attention`, 30 layers): 5.6-7.0 ms head by head, 3.7-4.0 ms so; float32
- * caches 7.4-9.6, 6.3-7.4. */
+ * the second-level cache as each row is read. Rows of ROW bytes, of type T read eight at a time as float32
+ * by LOAD, each with a scale SCALE(row) (1 but for 8-bit rows). 16 decodes of SmolLM2 (3 heads a kv head)
+ * over 192 float16 tokens (`python -m benchmarks.attention`, 30 layers): 5.6-7.0 ms head by head, 3.7-4.0
+ * ms so; float32 caches 7.4-9.6, 6.3-7.4. */
 enum { MAX_GROUP = 8, VALUE_BLOCK = 4, AHEAD_ROWS = KEYS_PER_CHUNK };
-#define CHUNK_GROUP(NAME, DIM, T, LOAD, ATTR)                                                                              \
+/* Eight int8 codes as float32; the scale after an 8-bit row's DIM codes. */
+#define LOAD_I8(p) ((v8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p)))))
+static inline float row_scale(const char *row, int64_t dim) {
+    float scale;
+    memcpy(&scale, row + dim, sizeof scale);
+    return scale;
+}
+/* A cached row's scale: 1 for float32 and float16 rows; an 8-bit row's (DIM int8 codes, then a float32). */
+#define NO_SCALE(p) 1.0f
+#define ROW_SCALE_64(p) row_scale((const char *)(p), 64)
+#define ROW_SCALE_128(p) row_scale((const char *)(p), 128)
+#define CHUNK_GROUP(NAME, DIM, T, ROW, LOAD, SCALE, ATTR)                                                                       \
     static inline __attribute__((always_inline)) ATTR void NAME##_rows(                                                    \
-        const float *restrict q, const T *restrict k, const T *restrict v, int64_t count, float *restrict a,               \
+        const float *restrict q, const char *restrict k, const char *restrict v, int64_t count, float *restrict a,         \
         float *maximum, float *sum, float *restrict score, int64_t ahead, const int rows) {                                \
         enum { N = DIM / 8 };                                                                                              \
         int64_t j = 0;                                                                                                     \
         for (; j + 8 <= count; j += 8) {                                                                                   \
-            v8 dots[MAX_GROUP][8];                                                                                         \
+            v8 dots[MAX_GROUP][8], scales;                                                                                 \
             for (int t = 0; t < 8; t++) {                                                                                  \
-                const T *kj = k + (j + t) * DIM;                                                                           \
+                const T *kj = (const T *)(k + (j + t) * (ROW));                                                            \
                 v8 kv[N];                                                                                                  \
                 if (j + t + AHEAD_ROWS < ahead)                                                                            \
-                    for (int b = 0; b < DIM * (int)sizeof(T); b += 64)                                                     \
-                        _mm_prefetch((const char *)(kj + AHEAD_ROWS * DIM) + b, _MM_HINT_T1);                              \
+                    for (int b = 0; b < (ROW); b += 64) _mm_prefetch((const char *)kj + AHEAD_ROWS * (ROW) + b, _MM_HINT_T1); \
                 for (int i = 0; i < N; i++) kv[i] = LOAD(kj + 8 * i);                                                      \
+                scales[t] = SCALE(kj);                                                                                     \
                 for (int r = 0; r < rows; r++) {                                                                           \
                     const float *qr = q + r * DIM;                                                                         \
                     v8 s = *(const v8 *)qr * kv[0];                                                                        \
@@ -230,17 +250,18 @@ enum { MAX_GROUP = 8, VALUE_BLOCK = 4, AHEAD_ROWS = KEYS_PER_CHUNK };
                     dots[r][t] = s;                                                                                        \
                 }                                                                                                          \
             }                                                                                                              \
-            for (int r = 0; r < rows; r++) *(v8 *)(score + r * KEYS_PER_CHUNK + j) = lane_sums(dots[r]);                   \
+            for (int r = 0; r < rows; r++) *(v8 *)(score + r * KEYS_PER_CHUNK + j) = lane_sums(dots[r]) * scales;          \
         }                                                                                                                  \
         for (; j < count; j++) {                                                                                           \
-            const T *kj = k + j * DIM;                                                                                     \
+            const T *kj = (const T *)(k + j * (ROW));                                                                      \
             v8 kv[N];                                                                                                      \
             for (int i = 0; i < N; i++) kv[i] = LOAD(kj + 8 * i);                                                          \
+            const float ks = SCALE(kj);                                                                                    \
             for (int r = 0; r < rows; r++) {                                                                               \
                 const float *qr = q + r * DIM;                                                                             \
                 v8 s0 = *(const v8 *)qr * kv[0];                                                                           \
                 for (int i = 1; i < N; i++) s0 += *(const v8 *)(qr + 8 * i) * kv[i];                                       \
-                score[r * KEYS_PER_CHUNK + j] = ((s0[0] + s0[4]) + (s0[1] + s0[5])) + ((s0[2] + s0[6]) + (s0[3] + s0[7])); \
+                score[r * KEYS_PER_CHUNK + j] = (((s0[0] + s0[4]) + (s0[1] + s0[5])) + ((s0[2] + s0[6]) + (s0[3] + s0[7]))) * ks; \
             }                                                                                                              \
         }                                                                                                                  \
         for (int r = 0; r < rows; r++) {                                                                                   \
@@ -252,14 +273,14 @@ enum { MAX_GROUP = 8, VALUE_BLOCK = 4, AHEAD_ROWS = KEYS_PER_CHUNK };
             for (int r = 0; r < rows; r++)                                                                                 \
                 for (int i = 0; i < VALUE_BLOCK; i++) av[r][i] = *(const v8 *)(a + r * DIM + 8 * (i0 + i));                \
             for (int64_t jj = 0; jj < count; jj++) {                                                                       \
-                const T *vj = v + jj * DIM + 8 * i0;                                                                       \
+                const T *vj = (const T *)(v + jj * (ROW));                                                                 \
                 v8 vv[VALUE_BLOCK];                                                                                        \
                 if (i0 == 0 && jj + AHEAD_ROWS < ahead)                                                                    \
-                    for (int b = 0; b < DIM * (int)sizeof(T); b += 64)                                                     \
-                        _mm_prefetch((const char *)(vj + AHEAD_ROWS * DIM) + b, _MM_HINT_T1);                              \
-                for (int i = 0; i < VALUE_BLOCK; i++) vv[i] = LOAD(vj + 8 * i);                                            \
+                    for (int b = 0; b < (ROW); b += 64) _mm_prefetch((const char *)vj + AHEAD_ROWS * (ROW) + b, _MM_HINT_T1); \
+                for (int i = 0; i < VALUE_BLOCK; i++) vv[i] = LOAD(vj + 8 * (i0 + i));                                     \
+                const float vs = SCALE(vj);                                                                                \
                 for (int r = 0; r < rows; r++) {                                                                           \
-                    const float p = score[r * KEYS_PER_CHUNK + jj];                                                        \
+                    const float p = score[r * KEYS_PER_CHUNK + jj] * vs;                                                   \
                     for (int i = 0; i < VALUE_BLOCK; i++) av[r][i] += p * vv[i];                                           \
                 }                                                                                                          \
             }                                                                                                              \
@@ -269,7 +290,7 @@ enum { MAX_GROUP = 8, VALUE_BLOCK = 4, AHEAD_ROWS = KEYS_PER_CHUNK };
     }                                                                                                                      \
     /* NOTE: each group size a constant the inlined kernel is unrolled for */                                              \
     static inline __attribute__((always_inline)) ATTR void NAME(                                                           \
-        const float *restrict q, const T *restrict k, const T *restrict v, int64_t count, float *restrict a,               \
+        const float *restrict q, const char *restrict k, const char *restrict v, int64_t count, float *restrict a,         \
         float *maximum, float *sum, float *restrict score, int64_t ahead, int rows) {                                      \
         switch (rows) {                                                                                                    \
         case 1: NAME##_rows(q, k, v, count, a, maximum, sum, score, ahead, 1); break;                                      \
@@ -282,14 +303,34 @@ enum { MAX_GROUP = 8, VALUE_BLOCK = 4, AHEAD_ROWS = KEYS_PER_CHUNK };
         default: NAME##_rows(q, k, v, count, a, maximum, sum, score, ahead, 8); break;                                     \
         }                                                                                                                  \
     }
-CHUNK_GROUP(group_64, 64, float, LOAD_FLOAT, )
-CHUNK_GROUP(group_128, 128, float, LOAD_FLOAT, )
-CHUNK_GROUP(group_64_half, 64, half_t, LOAD_HALF, F16C)
-CHUNK_GROUP(group_128_half, 128, half_t, LOAD_HALF, F16C)
+CHUNK_GROUP(group_64, 64, float, 64 * 4, LOAD_FLOAT, NO_SCALE, )
+CHUNK_GROUP(group_128, 128, float, 128 * 4, LOAD_FLOAT, NO_SCALE, )
+CHUNK_GROUP(group_64_half, 64, half_t, 64 * 2, LOAD_HALF, NO_SCALE, F16C)
+CHUNK_GROUP(group_128_half, 128, half_t, 128 * 2, LOAD_HALF, NO_SCALE, F16C)
+/* 8-bit rows (DIM + 4 bytes): a key's dot products are taken with its codes and scaled once, a value's weight
+ * is scaled before it multiplies the codes, so the rows are widened where they are used, never copied. */
+CHUNK_GROUP(group_64_i8, 64, int8_t, 64 + 4, LOAD_I8, ROW_SCALE_64, F16C)
+CHUNK_GROUP(group_128_i8, 128, int8_t, 128 + 4, LOAD_I8, ROW_SCALE_128, F16C)
 
-/* n values into a cache row: copied, or rounded to float16. */
+
+/* n values as an 8-bit row: n int8 codes q = x (127 / max|x|) rounded to nearest even, then the float32
+ * scale max|x| / 127 (unaligned). lepton/runners/slot_cache.py's quantize_rows computes the same bits. */
+static inline void quantize_row(char *dst, const float *src, int64_t n) {
+    float top = 0.0f;
+    for (int64_t i = 0; i < n; i++) top = fabsf(src[i]) > top ? fabsf(src[i]) : top;
+    const float scale = top / 127.0f, inverse = top > 0.0f ? 127.0f / top : 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+        const float q = nearbyintf(src[i] * inverse);
+        dst[i] = (char)(int8_t)(q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q);
+    }
+    memcpy(dst + n, &scale, sizeof scale);
+}
+
+/* n values into a cache row: copied, rounded to float16, or quantized to an 8-bit row. */
 static inline void put_row(const Step *st, char *dst, const float *src, int64_t n) {
-    if (st->half)
+    if (st->int8)
+        quantize_row(dst, src, n);
+    else if (st->half)
         st->narrow((half_t *)dst, src, n);
     else
         memcpy(dst, src, (size_t)n * sizeof(float));
@@ -302,17 +343,17 @@ static void write_cache(void *data, size_t task) {
     const Step *st = data;
     const int64_t b = (int64_t)task / st->kv_heads, g = (int64_t)task % st->kv_heads, dim = st->dim;
     const int64_t fresh = new_tokens(st, b), past = cached_tokens(st, b);
-    const int64_t width = (st->heads + 2 * st->kv_heads) * dim, base = (b * st->kv_heads + g) * st->capacity * dim * st->size;
+    const int64_t width = (st->heads + 2 * st->kv_heads) * dim, base = (b * st->kv_heads + g) * st->capacity * st->row;
     char *key = st->key + base, *value = st->value + base;
-    if (key != st->past_key + base) memcpy(key, st->past_key + base, (size_t)(past * dim * st->size));
-    if (value != st->past_value + base) memcpy(value, st->past_value + base, (size_t)(past * dim * st->size));
+    if (key != st->past_key + base) memcpy(key, st->past_key + base, (size_t)(past * st->row));
+    if (value != st->past_value + base) memcpy(value, st->past_value + base, (size_t)(past * st->row));
     float rotated[dim];
     for (int64_t s = 0; s < fresh; s++) {
         const float *row = st->qkv + (b * st->length + s) * width;
         const int64_t pos = past + s;
         rotate(rotated, row + (st->heads + g) * dim, st->cos + pos * dim / 2, st->sin + pos * dim / 2, dim / 2, 1.0f);
-        put_row(st, key + pos * dim * st->size, rotated, dim);
-        put_row(st, value + pos * dim * st->size, row + (st->heads + st->kv_heads + g) * dim, dim);
+        put_row(st, key + pos * st->row, rotated, dim);
+        put_row(st, value + pos * st->row, row + (st->heads + st->kv_heads + g) * dim, dim);
     }
 }
 
@@ -321,7 +362,7 @@ static void write_cache(void *data, size_t task) {
 struct Keys {
     const float *query;
     float *acc, *maximum, *sum, *score, *chunk_keys, *chunk_values; /* chunk_*: room for a widened chunk */
-    int64_t rows, group, end0, keys_end, base; /* row r attends to keys [0, end0 + r / group); base: the cache's */
+    int64_t rows, group, end0, keys_end, base; /* row r attends to keys [0, end0 + r / group); base: the cache's, in bytes */
 };
 
 /* Keys of chunk [j0, j0 + KEYS_PER_CHUNK) that row r attends to (causal: up to its own position). */
@@ -342,9 +383,9 @@ static inline __attribute__((always_inline)) void rows_over_chunk(const Step *st
             float *a = w->acc + r * st->dim;
             if (!count) continue;
             if (st->dim == 64)
-                group_64(q, k, v, count, a, w->maximum + r, w->sum + r, w->score, ahead, (int)w->group);
+                group_64(q, (const char *)k, (const char *)v, count, a, w->maximum + r, w->sum + r, w->score, ahead, (int)w->group);
             else
-                group_128(q, k, v, count, a, w->maximum + r, w->sum + r, w->score, ahead, (int)w->group);
+                group_128(q, (const char *)k, (const char *)v, count, a, w->maximum + r, w->sum + r, w->score, ahead, (int)w->group);
         }
         return;
     }
@@ -365,18 +406,39 @@ static inline __attribute__((always_inline)) void rows_over_chunk(const Step *st
 /* The walk over float32 caches. */
 CLONED
 static void keys_float(const Step *st, const Keys *w) {
-    const float *key = (const float *)st->key + w->base, *value = (const float *)st->value + w->base;
+    const float *key = (const float *)(st->key + w->base), *value = (const float *)(st->value + w->base);
     for (int64_t j0 = 0; j0 < w->keys_end; j0 += KEYS_PER_CHUNK)
         rows_over_chunk(st, w, j0, key + j0 * st->dim, value + j0 * st->dim, w->keys_end - j0);
 }
 
 /* The walk over float16 caches in plain C: each chunk widened once into float32, then as above. */
 static void keys_half_plain(const Step *st, const Keys *w) {
-    const half_t *key = (const half_t *)st->key + w->base, *value = (const half_t *)st->value + w->base;
+    const half_t *key = (const half_t *)(st->key + w->base), *value = (const half_t *)(st->value + w->base);
     for (int64_t j0 = 0; j0 < w->keys_end; j0 += KEYS_PER_CHUNK) {
         const int64_t n = (j0 + KEYS_PER_CHUNK < w->keys_end ? KEYS_PER_CHUNK : w->keys_end - j0) * st->dim;
         widen_plain(w->chunk_keys, key + j0 * st->dim, n);
         widen_plain(w->chunk_values, value + j0 * st->dim, n);
+        rows_over_chunk(st, w, j0, w->chunk_keys, w->chunk_values, 0);
+    }
+}
+
+/* The walk over 8-bit rows in plain C: each chunk widened once into float32 (code x scale), then as above. */
+CLONED
+static void keys_int8_plain(const Step *st, const Keys *w) {
+    const int64_t dim = st->dim, row = st->row;
+    const char *key = st->key + w->base, *value = st->value + w->base;
+    for (int64_t j0 = 0; j0 < w->keys_end; j0 += KEYS_PER_CHUNK) {
+        const int64_t n = j0 + KEYS_PER_CHUNK < w->keys_end ? KEYS_PER_CHUNK : w->keys_end - j0;
+        for (int64_t j = 0; j < n; j++)
+            for (int kind = 0; kind < 2; kind++) {
+                const char *src = (kind ? value : key) + (j0 + j) * row;
+                float *restrict dst = (kind ? w->chunk_values : w->chunk_keys) + j * dim;
+                float scale;
+                memcpy(&scale, src + dim, sizeof scale);
+                const int8_t *restrict codes = (const int8_t *)src;
+#pragma omp simd
+                for (int64_t d = 0; d < dim; d++) dst[d] = (float)codes[d] * scale;
+            }
         rows_over_chunk(st, w, j0, w->chunk_keys, w->chunk_values, 0);
     }
 }
@@ -388,7 +450,7 @@ static void keys_half_plain(const Step *st, const Keys *w) {
  * widen each chunk once for all of them. */
 enum { WIDEN_ONCE_ROWS = 8 };
 static inline __attribute__((always_inline)) F16C void keys_half_vector(const Step *st, const Keys *w) {
-    const half_t *key = (const half_t *)st->key + w->base, *value = (const half_t *)st->value + w->base;
+    const half_t *key = (const half_t *)(st->key + w->base), *value = (const half_t *)(st->value + w->base);
     const int64_t dim = st->dim;
     for (int64_t j0 = 0; j0 < w->keys_end; j0 += KEYS_PER_CHUNK) {
         const half_t *k = key + j0 * dim, *v = value + j0 * dim;
@@ -406,9 +468,11 @@ static inline __attribute__((always_inline)) F16C void keys_half_vector(const St
                 float *a = w->acc + r * dim;
                 if (!count) continue;
                 if (dim == 64)
-                    group_64_half(q, k, v, count, a, w->maximum + r, w->sum + r, w->score, w->keys_end - j0, (int)w->group);
+                    group_64_half(q, (const char *)k, (const char *)v, count, a, w->maximum + r, w->sum + r, w->score,
+                                  w->keys_end - j0, (int)w->group);
                 else
-                    group_128_half(q, k, v, count, a, w->maximum + r, w->sum + r, w->score, w->keys_end - j0, (int)w->group);
+                    group_128_half(q, (const char *)k, (const char *)v, count, a, w->maximum + r, w->sum + r, w->score,
+                                  w->keys_end - j0, (int)w->group);
             }
             continue;
         }
@@ -425,10 +489,37 @@ static inline __attribute__((always_inline)) F16C void keys_half_vector(const St
     }
 }
 
+/* The walk over 8-bit rows with AVX2: for a few rows (decodes) head sizes 64 and 128 widen the codes as they
+ * are read, a position's group of heads together (CHUNK_GROUP); more rows, or other head sizes, widen
+ * each chunk once for all of them (keys_int8_plain). */
+static inline __attribute__((always_inline)) F16C void keys_int8_vector(const Step *st, const Keys *w) {
+    const int64_t dim = st->dim;
+    if ((dim != 64 && dim != 128) || w->rows > WIDEN_ONCE_ROWS || w->group > MAX_GROUP) {
+        keys_int8_plain(st, w);
+        return;
+    }
+    const char *key = st->key + w->base, *value = st->value + w->base;
+    for (int64_t j0 = 0; j0 < w->keys_end; j0 += KEYS_PER_CHUNK) {
+        const char *k = key + j0 * st->row, *v = value + j0 * st->row;
+        for (int64_t r = 0; r < w->rows; r += w->group) {
+            const int64_t count = chunk_count(w, r, j0);
+            if (!count) continue;
+            const float *q = w->query + r * dim;
+            float *a = w->acc + r * dim;
+            if (dim == 64)
+                group_64_i8(q, k, v, count, a, w->maximum + r, w->sum + r, w->score, w->keys_end - j0, (int)w->group);
+            else
+                group_128_i8(q, k, v, count, a, w->maximum + r, w->sum + r, w->score, w->keys_end - j0, (int)w->group);
+        }
+    }
+}
+
 /* keys_half_vector compiled twice: with AVX2, F16C and FMA (sixteen vector registers), and for AVX-512
  * processors (thirty-two: a group's accumulators stay in registers); FMA contracts its products either way. */
 __attribute__((target("avx2,f16c,fma"))) static void keys_half_f16c(const Step *st, const Keys *w) { keys_half_vector(st, w); }
 __attribute__((target("arch=x86-64-v4"))) static void keys_half_avx512(const Step *st, const Keys *w) { keys_half_vector(st, w); }
+__attribute__((target("avx2,f16c,fma"))) static void keys_int8_avx2(const Step *st, const Keys *w) { keys_int8_vector(st, w); }
+__attribute__((target("arch=x86-64-v4"))) static void keys_int8_avx512(const Step *st, const Keys *w) { keys_int8_vector(st, w); }
 
 /* keys_half_avx512 where the processor runs x86-64-v4 code; a one-target build (the tests') for a target
  * below it keeps to that target's code. */
@@ -459,7 +550,7 @@ static void attend(void *data, size_t task) {
     if (s1 > fresh) s1 = fresh;
     if (s0 >= s1) return;
     const int64_t rows = group * (s1 - s0), keys_end = past + s1;
-    const int64_t widened = st->half ? 2 * KEYS_PER_CHUNK * dim : 0; /* NOTE: a chunk's keys and values as float32 */
+    const int64_t widened = st->half || st->int8 ? 2 * KEYS_PER_CHUNK * dim : 0; /* NOTE: a chunk's keys and values as float32 */
     const int64_t scores = (group < MAX_GROUP ? group : MAX_GROUP) * KEYS_PER_CHUNK; /* NOTE: a group's rows at once */
     float *buffer = malloc((size_t)(2 * rows * dim + 2 * rows + scores + widened) * sizeof(float));
     if (!buffer) {
@@ -481,7 +572,7 @@ static void attend(void *data, size_t task) {
     }
     memset(acc, 0, (size_t)(rows * dim) * sizeof(float));
     const Keys walk = {query, acc, maximum, sum, score, chunk_keys, chunk_values, rows, group, past + s0 + 1, keys_end,
-                       (b * st->kv_heads + g) * st->capacity * dim};
+                       (b * st->kv_heads + g) * st->capacity * st->row};
     st->keys(st, &walk);
     for (int64_t s = s0; s < s1; s++)
         for (int64_t h = 0; h < group; h++) {
@@ -521,8 +612,10 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     TRY(input(context, 6, (const void **)&st.sin, sin_dims, 2));
     st.batch = qkv_dims[0], st.length = qkv_dims[1];
     st.heads = kernel->num_heads, st.kv_heads = kernel->kv_heads, st.scale = kernel->scale;
-    st.half = kernel->half, st.size = kernel->half ? 2 : 4, st.keys = kernel->keys, st.narrow = kernel->narrow;
-    st.capacity = key_dims[2], st.dim = key_dims[3];
+    st.half = kernel->half, st.int8 = kernel->int8, st.keys = kernel->keys, st.narrow = kernel->narrow;
+    st.capacity = key_dims[2], st.dim = key_dims[3] - (kernel->int8 ? 4 : 0); /* NOTE: an 8-bit row ends in its scale */
+    if (st.dim < 2) return invalid("SlotAttention: past_key rows of %lld values, %lld of them the scale", key_dims[3], kernel->int8 ? 4 : 0);
+    st.row = kernel->int8 ? st.dim + 4 : st.dim * (kernel->half ? 2 : 4);
     const int64_t width = (st.heads + 2 * st.kv_heads) * st.dim;
     if (qkv_dims[2] != width) return invalid("SlotAttention: qkv has %lld values per token, expected %lld", qkv_dims[2], width);
     for (int i = 0; i < 4; i++)
@@ -553,13 +646,13 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     return NULL;
 }
 
-static OrtStatus *create(const OrtKernelInfo *info, void **out, int half) {
+static OrtStatus *create(const OrtKernelInfo *info, void **out, int half, int int8) {
     Kernel *kernel = calloc(1, sizeof(Kernel));
     if (!kernel) return out_of_memory("SlotAttention");
-    kernel->half = half;
+    kernel->half = half, kernel->int8 = int8;
     /* NOTE: isa, optional: 0 = F16C where the processor has it, 1 = plain C (the tests run both) */
     const int f16c = optional_int(info, "isa", 0) == 0 && has_f16c() && __builtin_cpu_supports("fma");
-    kernel->keys = !half ? keys_float : !f16c ? keys_half_plain : half_avx512() ? keys_half_avx512 : keys_half_f16c;
+    kernel->keys = int8 ? (!f16c ? keys_int8_plain : half_avx512() ? keys_int8_avx512 : keys_int8_avx2) : !half ? keys_float : !f16c ? keys_half_plain : half_avx512() ? keys_half_avx512 : keys_half_f16c;
     kernel->narrow = f16c ? narrow_f16c : narrow_plain;
     OrtStatus *status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "num_heads", &kernel->num_heads);
     if (!status) status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "kv_num_heads", &kernel->kv_heads);
@@ -576,12 +669,17 @@ static OrtStatus *create(const OrtKernelInfo *info, void **out, int half) {
 
 static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const OrtKernelInfo *info, void **out) {
     (void)op, (void)ort_api;
-    return create(info, out, 0);
+    return create(info, out, 0, 0);
 }
 
 static OrtStatus *create_kernel_f16(const CustomOp *op, const void *ort_api, const OrtKernelInfo *info, void **out) {
     (void)op, (void)ort_api;
-    return create(info, out, 1);
+    return create(info, out, 1, 0);
+}
+
+static OrtStatus *create_kernel_i8(const CustomOp *op, const void *ort_api, const OrtKernelInfo *info, void **out) {
+    (void)op, (void)ort_api;
+    return create(info, out, 0, 1);
 }
 
 static int input_type(const CustomOp *op, size_t index) {
@@ -600,6 +698,19 @@ static int output_type_f16(const CustomOp *op, size_t index) {
     return index == 0 ? ELEMENT_FLOAT : ELEMENT_FLOAT16;
 }
 
+/* SlotAttentionI8: past_key and past_value, present_key and present_value uint8 rows of D + 4 bytes. */
+static int input_type_i8(const CustomOp *op, size_t index) {
+    (void)op;
+    return index == 1 || index == 2 ? ELEMENT_UINT8 : input_type(op, index);
+}
+
+static int output_type_i8(const CustomOp *op, size_t index) {
+    (void)op;
+    return index == 0 ? ELEMENT_FLOAT : ELEMENT_UINT8;
+}
+
 OPERATOR(lepton_slot_attention, "SlotAttention", 7, 3, input_type, create_kernel, compute);
 TYPED_OPERATOR(lepton_slot_attention_f16, "SlotAttentionF16", 7, 3, input_type_f16, output_type_f16, create_kernel_f16,
+               compute);
+TYPED_OPERATOR(lepton_slot_attention_i8, "SlotAttentionI8", 7, 3, input_type_i8, output_type_i8, create_kernel_i8,
                compute);

@@ -31,6 +31,31 @@ CAPACITY_STEP = 256
 SLOT_STEP = 8
 
 
+SCALE_BYTES = 4  # NOTE: an 8-bit slot row (kv_cache_dtype "int8") is D int8 codes, then their float32 scale
+INT8_ROWS = 2  # NOTE: lepton_slots_to_pools' `widen` for 8-bit rows (0: copied, 1: float16 widened)
+
+
+def quantize_rows(rows: np.ndarray) -> np.ndarray:
+    """float32 rows [..., D] as 8-bit slot rows, uint8 [..., D + 4]: codes q = x (127 / max|x|) rounded to
+    nearest even, then the scale max|x| / 127 as float32 bytes; the same bits as lepton/native's
+    SlotAttentionI8 writes (its quantize_row)."""
+    rows = np.asarray(rows, np.float32)
+    top = np.abs(rows).max(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(top > 0, np.float32(127) / top, np.float32(0)).astype(np.float32)
+    codes = np.clip(np.rint(rows * inverse), -127, 127).astype(np.int8)
+    scale = (top / np.float32(127)).astype(np.float32)
+    return np.concatenate([codes.view(np.uint8), scale.view(np.uint8)], axis=-1)
+
+
+def dequantize_rows(rows: np.ndarray) -> np.ndarray:
+    """8-bit slot rows uint8 [..., D + 4] back to float32 [..., D] (code x scale, exact in float32)."""
+    rows = np.ascontiguousarray(rows)
+    codes = rows[..., :-SCALE_BYTES].view(np.int8).astype(np.float32)
+    scale = np.ascontiguousarray(rows[..., -SCALE_BYTES:]).view(np.float32)
+    return codes * scale
+
+
 def _rounded(tokens: int, ceiling: int) -> int:
     return min(ceiling, max(CAPACITY_STEP, -(-tokens // CAPACITY_STEP) * CAPACITY_STEP))
 
@@ -48,7 +73,10 @@ class SlotCache:
     """Keys and values per layer [slots, KVH, capacity, D]; who holds each slot and how many tokens.
 
     dtype: the pools' (float32), or float16 (RunnerConfig.kv_cache_dtype): filled from the pools rounded to
-    nearest even, copied into them widened (exact), so that pools and slots hold the same values.
+    nearest even, copied into them widened (exact), so that pools and slots hold the same values; or uint8
+    (kv_cache_dtype "int8"): each row of a kv head is D int8 codes and their float32 scale, [..., D + 4]
+    (quantize_rows), filled from the pools quantized (a row's values quantize back to its codes) and copied
+    into them as code x scale.
 
     `keys[layer]` is `key_store[layer]` (a view), and the same for values; the stores are None until
     the first reserve and after a release.
@@ -89,9 +117,19 @@ class SlotCache:
         return sum(a.nbytes for a in self.keys + self.values)
 
     @property
+    def int8(self) -> bool:
+        """Rows of int8 codes and a scale (kv_cache_dtype "int8")."""
+        return np.dtype(self.dtype) == np.uint8
+
+    @property
+    def row(self) -> int:
+        """Elements of one slot row (a token's kv head): D, or D codes and SCALE_BYTES of scale."""
+        return self.head_dim + (SCALE_BYTES if self.int8 else 0)
+
+    @property
     def token_bytes(self) -> int:
         """Bytes of one token in one slot, keys and values of all layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * np.dtype(self.dtype).itemsize
+        return 2 * self.num_layers * self.num_kv_heads * self.row * np.dtype(self.dtype).itemsize
 
     def fits(self, rows: int, capacity: int) -> bool:
         """Whether `rows` slots of `capacity` tokens (rounded as reserve rounds them, no headroom) stay
@@ -133,7 +171,7 @@ class SlotCache:
         if self.max_bytes is not None and new_slots * new_cap * self.token_bytes > self.max_bytes:
             new_slots, new_cap = _slot_count(want_slots), want_cap  # NOTE: fits, checked above
         kept = [(self.index[r], r) for r in requests if r in self.index]
-        shape = (self.num_layers, new_slots, self.num_kv_heads, new_cap, self.head_dim)
+        shape = (self.num_layers, new_slots, self.num_kv_heads, new_cap, self.row)
         stores = []
         for old in (self.key_store, self.value_store):
             store = aligned_zeros(shape, self.dtype)
@@ -222,7 +260,8 @@ class SlotCache:
         if cached:
             for pools, store in ((k_store, self.key_store), (v_store, self.value_store)):
                 rows = pools[:, blocks].reshape(self.num_layers, -1, self.num_kv_heads, self.head_dim)[:, :cached]
-                store[:, slot, :, :cached] = rows.transpose(0, 2, 1, 3)
+                rows = rows.transpose(0, 2, 1, 3)
+                store[:, slot, :, :cached] = quantize_rows(rows) if self.int8 else rows
             self.refills += 1
         self.length[slot], self.tables[slot] = cached, blocks
 
@@ -233,24 +272,28 @@ class SlotCache:
         copy = slots_to_pools()
         index = [np.ascontiguousarray(a, np.int64) for a in (slots, positions, targets)]
         stores, pools = (self.key_store, self.value_store), (k_store, v_store)
-        layers, num_slots, kv_heads, capacity, head_dim = stores[0].shape
+        layers, num_slots, kv_heads, capacity, row = stores[0].shape
+        head_dim = row - SCALE_BYTES if self.int8 else row
         pool_rows = k_store.shape[1] * k_store.shape[2]
-        # NOTE: the C copy trusts these shapes and types (the same, or float16 slots into float32 pools);
-        # anything else takes numpy's copy (which raises on a mismatch, and casts)
+        # NOTE: the C copy trusts these shapes and types (the same, float16 slots or int8 rows into float32
+        # pools); anything else takes numpy's copy (which raises on a mismatch, and casts)
         widen = stores[0].dtype == np.float16 and k_store.dtype == np.float32
+        dequantize = self.int8 and k_store.dtype == np.float32
         native = copy is not None and all(a.flags.c_contiguous for a in (*stores, *pools)) and (
             stores[1].dtype == stores[0].dtype and v_store.dtype == k_store.dtype) and (
-            widen or k_store.dtype == stores[0].dtype) and all(
+            widen or dequantize or k_store.dtype == stores[0].dtype) and all(
             p.shape == (layers, *k_store.shape[1:3], kv_heads, head_dim) for p in pools) and (
             stores[1].shape == stores[0].shape)
         if not native:
             for pool, store in zip(pools, stores):
                 # NOTE: two index arrays apart put their axis first: [n, layers, KVH, D]
                 rows = store[:, index[0], :, index[1], :].transpose(1, 0, 2, 3)
-                pool.reshape(pool.shape[0], pool_rows, *pool.shape[3:])[:, index[2]] = rows
+                pool.reshape(pool.shape[0], pool_rows, *pool.shape[3:])[:, index[2]] = (
+                    dequantize_rows(rows) if self.int8 else rows)
             return
         bad = copy(*(a.ctypes.data for a in (*stores, *pools, *index)), index[0].size, layers, num_slots, kv_heads,
-                   capacity, pool_rows, head_dim * stores[0].itemsize, self.copy_threads, int(widen))
+                   capacity, pool_rows, row * stores[0].itemsize, self.copy_threads,
+                   INT8_ROWS if dequantize else int(widen))
         if bad:
             i = bad - 1
             raise IndexError(f"token {i}: slot {index[0][i]} (of {num_slots}), position {index[1][i]} "

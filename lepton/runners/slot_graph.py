@@ -15,7 +15,8 @@ Graph contract (what `lepton.runners.slot_runner` binds):
 - total_sequence_length [] int32: max(seqlens_k) + 1;
 - logits_indices [L] int64: rows of the flat [B * S] tokens whose logits are returned;
 - past_key_{i} / past_value_{i} [B, KVH, M, D] float32 (float16 with cache_dtype float16: Lepton's
-  SlotAttentionF16); outputs present_key_{i} / present_value_{i} (the same buffers when bound so) and
+  SlotAttentionF16; uint8 [B, KVH, M, D + 4] with cache_dtype int8, rows of D codes and their float32 scale:
+  SlotAttentionI8); outputs present_key_{i} / present_value_{i} (the same buffers when bound so) and
   logits [L, V].
 """
 
@@ -28,8 +29,10 @@ from onnx import TensorProto, helper, numpy_helper
 from lepton.models.llama import ModelConfig
 from lepton.native import DOMAIN as LEPTON_DOMAIN
 from lepton.runners.graph_edit import MS_DOMAIN, replace_nodes
+from lepton.runners.slot_cache import SCALE_BYTES  # NOTE: an int8 row's float32 scale, after its D codes
 KERNELS = ("onnxruntime", "lepton")  # GroupQueryAttention, SlotAttention
-CACHE_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+CACHE_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int8": TensorProto.UINT8}
+CACHE_OPS = {"float32": "SlotAttention", "float16": "SlotAttentionF16", "int8": "SlotAttentionI8"}
 SLOT_INPUTS = ("input_ids", "seqlens_k", "total_sequence_length", "logits_indices")
 
 
@@ -43,12 +46,12 @@ def slot_graph(model: onnx.ModelProto, cfg: ModelConfig, cos_half: np.ndarray, s
 
     cos_half / sin_half: [max positions, head_dim / 2] float32, the rotate-half tables of the model's RoPE;
     kernel: "onnxruntime" (GroupQueryAttention) or "lepton" (SlotAttention: the session must register
-    lepton.native's library); cache_dtype: "float32", or "float16" (kernel "lepton" only).
+    lepton.native's library); cache_dtype: "float32", or "float16" or "int8" (kernel "lepton" only).
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
-    if cache_dtype not in CACHE_DTYPES or (cache_dtype == "float16" and kernel != "lepton"):
-        raise ValueError(f"cache_dtype: {cache_dtype!r} with kernel {kernel!r} (float16 needs kernel 'lepton')")
+    if cache_dtype not in CACHE_DTYPES or (cache_dtype != "float32" and kernel != "lepton"):
+        raise ValueError(f"cache_dtype: {cache_dtype!r} with kernel {kernel!r} (float16 and int8 need kernel 'lepton')")
     graph = model.graph
     splits = [n for n in graph.node if n.op_type == "Split" and len(n.output) == 3]
     outputs = _attention_outputs(graph)
@@ -78,7 +81,7 @@ def slot_graph(model: onnx.ModelProto, cfg: ModelConfig, cos_half: np.ndarray, s
         nodes.append(node)
         if node.op_type == "Split":  # NOTE: right after the qkv split, so the order stays topological
             nodes += fused.get(node.output[0], [])
-    _set_io(graph, cfg, CACHE_DTYPES[cache_dtype])
+    _set_io(graph, cfg, cache_dtype)
     replace_nodes(model, [_copy(node) for node in _live(nodes, [o.name for o in graph.output])], inits)
     if kernel == "lepton" and not any(o.domain == LEPTON_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(LEPTON_DOMAIN, 1))
@@ -92,8 +95,7 @@ def _fused_layer(layer: int, qkv: str, cfg: ModelConfig, kernel: str, cache_dtyp
     outputs = [f"slot.attention_{layer}", f"present_key_{layer}", f"present_value_{layer}"]
     heads = dict(num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, scale=float(cfg.head_dim ** -0.5))
     if kernel == "lepton":
-        op = "SlotAttentionF16" if cache_dtype == "float16" else "SlotAttention"
-        attention = helper.make_node(op, [f"slot.qkv_{layer}", *caches, *lengths], outputs,
+        attention = helper.make_node(CACHE_OPS[cache_dtype], [f"slot.qkv_{layer}", *caches, *lengths], outputs,
                                      name=f"slot.attention_{layer}", domain=LEPTON_DOMAIN, **heads)
     else:
         attention = helper.make_node("GroupQueryAttention", [f"slot.qkv_{layer}", "", "", *caches, *lengths], outputs,
@@ -120,9 +122,10 @@ def _attention_outputs(graph: onnx.GraphProto) -> list[str]:
     return found
 
 
-def _set_io(graph: onnx.GraphProto, cfg: ModelConfig, cache_type: int) -> None:
+def _set_io(graph: onnx.GraphProto, cfg: ModelConfig, cache_dtype: str) -> None:
     """The slot graph's inputs and outputs (see the module docstring)."""
-    cache = ["B", cfg.num_kv_heads, "M", cfg.head_dim]
+    cache_type = CACHE_DTYPES[cache_dtype]
+    cache = ["B", cfg.num_kv_heads, "M", cfg.head_dim + (SCALE_BYTES if cache_dtype == "int8" else 0)]
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "S"]),
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["B"]),

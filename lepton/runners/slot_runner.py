@@ -54,12 +54,12 @@ def attention_kernel(setting: str, library: Path | None) -> str:
 
 
 def kv_cache_dtype(setting: str, kernel: str, approximate: bool) -> str:
-    """The slots' dtype for RunnerConfig.kv_cache_dtype: "float16" when asked (it needs Lepton's SlotAttention)
+    """The slots' dtype for RunnerConfig.kv_cache_dtype: "float16" or "int8" when asked (each needs Lepton's SlotAttention)
     or, with "auto", where Lepton's SlotAttention attends and the weights are already approximate (a
     quantized export, weight_dtype=bfloat16: each served only under a quality gate measured through this
     runner); "float32" otherwise (a float32 export stays float32 throughout, as validated against PyTorch)."""
-    if setting == "float16" and kernel != "lepton":
-        raise RuntimeError("kv_cache_dtype=float16: Lepton's SlotAttention is not available (lepton/native/"
+    if setting in ("float16", "int8") and kernel != "lepton":
+        raise RuntimeError(f"kv_cache_dtype={setting}: Lepton's SlotAttention is not available (lepton/native/"
                            "liblepton_ops.so is not built or older than its source; scripts/build_native.sh builds "
                            "it), or set kv_cache_dtype=auto")
     if setting == "auto":
@@ -113,7 +113,7 @@ class SlotRunner(OnnxRunner):
         cfg = self.model_config
         max_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         pool_bytes = sum(pool.nbytes for pool in self.k_pools + self.v_pools)
-        dtype = np.dtype(np.float16 if self.kv_cache_dtype == "float16" else self.manifest.kv_dtype)
+        dtype = np.dtype({"float16": np.float16, "int8": np.uint8}.get(self.kv_cache_dtype, self.manifest.kv_dtype))
         self.slots = SlotCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype,
                                self.block_size, max_capacity=max_len,
                                max_bytes=min(max(SLOT_BUDGET_POOLS * pool_bytes, SLOT_BUDGET_FLOOR),

@@ -3,7 +3,8 @@
 The slot graph may run either (RunnerConfig.attention_kernel); they must agree on every row that is
 read afterwards: the attention of each sequence's real tokens and the caches up to each sequence's
 length. Head sizes 64 and 128 take the vector-register paths of the C file, others its generic loop.
-SlotAttentionF16 (float16 caches) computes what SlotAttention computes on the caches' rounded values.
+SlotAttentionF16 (float16 caches) computes what SlotAttention computes on the caches' rounded values, and
+SlotAttentionI8 (8-bit rows: codes and a float32 scale) what float64 computes on its rows' values.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from onnx import TensorProto, helper
 
 from lepton.config import ConfigError, EngineConfig
 from lepton.native import DOMAIN, LIBRARY, ops_library
+from lepton.runners.slot_cache import SCALE_BYTES, dequantize_rows, quantize_rows
 from lepton.runners.slot_runner import attention_kernel, describe_kernel
 from tests.export.conftest import TARGETS, cpu_flags
 
@@ -27,21 +29,21 @@ ATOL = 5e-6
 
 def session(kernel: str, heads: int, kv_heads: int, dim: int, library: Path = LIBRARY, isa: int | None = None
             ) -> ort.InferenceSession:
-    """kernel: "lepton" (SlotAttention), "lepton-f16" (SlotAttentionF16; isa 1 = its plain C path) or
-    "onnxruntime" (GroupQueryAttention)."""
+    """kernel: "lepton" (SlotAttention), "lepton-f16" (SlotAttentionF16; isa 1 = its plain C path),
+    "lepton-i8" (SlotAttentionI8, the same) or "onnxruntime" (GroupQueryAttention)."""
     caches = ["past_key", "past_value"]
     lengths = ["seqlens_k", "total_sequence_length", "cos", "sin"]
     attrs = dict(num_heads=heads, kv_num_heads=kv_heads, scale=float(dim ** -0.5))
     if isa is not None:
         attrs["isa"] = isa
     if kernel.startswith("lepton"):
-        op = "SlotAttentionF16" if kernel == "lepton-f16" else "SlotAttention"
+        op = {"lepton-f16": "SlotAttentionF16", "lepton-i8": "SlotAttentionI8"}.get(kernel, "SlotAttention")
         node = helper.make_node(op, ["qkv", *caches, *lengths], ["out", "key", "value"], domain=DOMAIN, **attrs)
     else:
         node = helper.make_node("GroupQueryAttention", ["qkv", "", "", *caches, *lengths], ["out", "key", "value"],
                                 domain="com.microsoft", do_rotary=1, rotary_interleaved=0, **attrs)
-    f, cache = TensorProto.FLOAT, ["B", kv_heads, "M", dim]
-    c = TensorProto.FLOAT16 if kernel == "lepton-f16" else f
+    f, cache = TensorProto.FLOAT, ["B", kv_heads, "M", dim + SCALE_BYTES if kernel == "lepton-i8" else dim]
+    c = {"lepton-f16": TensorProto.FLOAT16, "lepton-i8": TensorProto.UINT8}.get(kernel, f)
     graph = helper.make_graph([node], "attention", [
         helper.make_tensor_value_info("qkv", f, ["B", "S", "W"]),  # NOTE: any width: the kernel checks it
         helper.make_tensor_value_info("past_key", c, cache), helper.make_tensor_value_info("past_value", c, cache),
@@ -69,7 +71,7 @@ def attend(sess: ort.InferenceSession, qkv, key, value, seqlens, in_place: bool 
     """(out, key cache, value cache) after one run; in place: the past caches bound as the present ones."""
     key, value = key.copy(), value.copy()
     binding = sess.io_binding()
-    cos, sin = rope(key.shape[-1])
+    cos, sin = rope(key.shape[-1] - (SCALE_BYTES if key.dtype == np.uint8 else 0))
     for name, array in (("qkv", qkv), ("seqlens_k", seqlens), ("cos", cos), ("sin", sin),
                         ("total_sequence_length", np.array(seqlens.max() + 1, np.int32))):
         binding.bind_cpu_input(name, array)
@@ -180,23 +182,29 @@ def attention_over(qkv: np.ndarray, key: np.ndarray, value: np.ndarray, past: in
 @pytest.mark.parametrize("in_place", [True, False], ids=["in place", "two buffers"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_float16_caches_give_what_float32_caches_of_the_rounded_values_give(sessions, case, in_place, isa):
+    # NOTE: this step's keys and values are the float32 ones rounded to nearest even, the cached ones kept
+    check_narrow_caches(sessions, case, in_place, "lepton-f16", isa, np.random.default_rng(11),
+                        lambda rows: rows.astype(np.float16), lambda rows: rows.astype(np.float32))
+
+
+def check_narrow_caches(sessions, case: str, in_place: bool, kernel: str, isa: int, rng, narrow, widen) -> None:
+    """The kernel over caches narrow(float32) against SlotAttention over their values widen(caches): this step's
+    rows written as narrow writes them, bit for bit, the cached rows kept, and attention as float64 computes
+    it over the caches' values."""
     heads, kv_heads, dim, batch, length, seqlens = CASES[case]
-    rng = np.random.default_rng(11)
     seqlens = np.array(seqlens, np.int32)
     qkv = rng.standard_normal((batch, length, (heads + 2 * kv_heads) * dim), np.float32)
-    key, value = (rng.standard_normal((batch, kv_heads, 256, dim), np.float32).astype(np.float16) for _ in range(2))
-    want = attend(sessions("lepton", heads, kv_heads, dim), qkv, key.astype(np.float32), value.astype(np.float32),
-                  seqlens, in_place)
-    got = attend(sessions("lepton-f16", heads, kv_heads, dim, isa=isa), qkv, key, value, seqlens, in_place)
-    assert got[1].dtype == got[2].dtype == np.float16
+    key, value = (narrow(rng.standard_normal((batch, kv_heads, 256, dim), np.float32)) for _ in range(2))
+    want = attend(sessions("lepton", heads, kv_heads, dim), qkv, widen(key), widen(value), seqlens, in_place)
+    got = attend(sessions(kernel, heads, kv_heads, dim, isa=isa), qkv, key, value, seqlens, in_place)
+    assert got[1].dtype == got[2].dtype == key.dtype and got[1].shape[-1] == key.shape[-1]
     first_prompt = length == seqlens.max() + 1
     for b, cached_after in enumerate(seqlens + 1):
         new = cached_after if first_prompt else length
-        # NOTE: this step's keys and values are the float32 ones rounded to nearest even, the cached ones kept
         for cache in (1, 2):
-            np.testing.assert_array_equal(got[cache][b, :, :cached_after], want[cache][b, :, :cached_after].astype(np.float16))
-        # NOTE: and attention reads them so: float64 over the float16 caches (with this step's rows rounded)
-        reference = attention_over(qkv[b, :new], got[1][b], got[2][b], cached_after - new, heads, kv_heads)
+            np.testing.assert_array_equal(got[cache][b, :, :cached_after], narrow(want[cache][b, :, :cached_after]))
+        keys, values = (widen(got[cache][b, :, :cached_after]) for cache in (1, 2))  # NOTE: rows past: unwritten
+        reference = attention_over(qkv[b, :new], keys, values, cached_after - new, heads, kv_heads)
         np.testing.assert_allclose(got[0][b, :new], reference, atol=ATOL, rtol=0)
         if first_prompt:
             assert not got[0][b, new:].any()
@@ -227,3 +235,24 @@ def test_the_kernel_setting(tmp_path):
         attention_kernel("lepton", None)
     with pytest.raises(ConfigError, match="attention_kernel: must be one of auto, lepton, onnxruntime, got 'fast'"):
         EngineConfig.from_parameters({"model_dir": str(tmp_path), "attention_kernel": "fast"})
+
+
+def test_quantized_rows_round_trip():
+    rows = np.random.default_rng(3).standard_normal((5, 64)).astype(np.float32)
+    rows[1] = 0.0  # NOTE: a zero row: scale 0, codes 0
+    packed = quantize_rows(rows)
+    assert packed.dtype == np.uint8 and packed.shape == (5, 64 + SCALE_BYTES)
+    back = dequantize_rows(packed)
+    assert not back[1].any()
+    top = np.abs(rows).max(axis=-1, keepdims=True)
+    assert (np.abs(back - rows) <= top / 127 / 2 * (1 + 1e-6)).all()  # NOTE: half a step at most
+    np.testing.assert_array_equal(quantize_rows(back), packed)  # NOTE: the pools' values give the slots' rows back
+
+
+@pytest.mark.parametrize("isa", [0, 1], ids=["AVX2 where the processor has it", "plain C"])
+@pytest.mark.parametrize("in_place", [True, False], ids=["in place", "two buffers"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_8_bit_rows_give_what_float64_gives_on_their_values(sessions, case, in_place, isa):
+    # NOTE: this step's keys (rotated) and values quantized as quantize_rows does
+    check_narrow_caches(sessions, case, in_place, "lepton-i8", isa, np.random.default_rng(13), quantize_rows,
+                        dequantize_rows)

@@ -13,6 +13,7 @@ from lepton.models.llama import ModelConfig
 from lepton.runners import make_runner, open_folder
 from lepton.runners.onnx_runner import OnnxRunner
 from lepton.runners.slot_graph import SLOT_INPUTS, SlotGraphError, slot_graph
+from lepton.runners.slot_cache import SCALE_BYTES, dequantize_rows
 from lepton.runners.slot_runner import SlotRunner, kv_cache_dtype
 from lepton.sampling_params import SamplingParams
 from lepton.scheduler import ScheduledSeq, SchedulerOutput
@@ -24,6 +25,8 @@ BLOCK_SIZE = 8
 ATOL = 1e-4
 # NOTE: float16 slots: keys and values rounded to 11 significant bits (seen: 1.8e-3 on the tiny models)
 F16_ATOL = 1e-2
+# NOTE: 8-bit rows: each value within half a step (max|row| / 254) of what was written
+I8_ATOL = 0.1
 
 
 def runner(export_dir, attention: str, deterministic: bool = False, kernel: str = "auto", kv_cache_dtype: str = "auto"):
@@ -115,22 +118,49 @@ def test_float16_slots_give_the_paged_graphs_logits_within_their_rounding(tiny_e
     assert slots.slots.refills >= 2 and slots.paged_runs == 2
 
 
+@pytest.mark.parametrize("kind,exporter", [("llama", "dynamo"), ("qwen2", "torchscript")])
+def test_8_bit_slots_give_the_paged_graphs_logits_within_their_rounding(tiny_exports, kind, exporter):
+    export_dir, _ = tiny_exports(kind, exporter)
+    paged, slots = runner(export_dir, "paged"), runner(export_dir, "slots", kv_cache_dtype="int8")
+    assert slots.kv_cache_dtype == "int8" and slots.slots.dtype == np.uint8
+    worst = run_schedule(paged, slots)
+    print(f"8-bit slots: largest logit difference {worst:.2e}")
+    assert 0 < worst <= I8_ATOL
+    cache, cfg = slots.slots, slots.model_config
+    assert cache.key_store.dtype == np.uint8 and cache.key_store.shape[-1] == cfg.head_dim + SCALE_BYTES
+    # NOTE: the pools hold exactly the values of the slots' rows (code x scale) for the tokens the slot graph
+    # computed (d's and e's chunks ran through the paged graph, which writes float32 rows into the pools)
+    checked = 0
+    for slot, length in enumerate(cache.length):
+        if cache.owner[slot] not in ("a", "b", "c") or not length:
+            continue
+        checked += 1
+        for pools, store in ((slots.k_store, cache.key_store), (slots.v_store, cache.value_store)):
+            rows = pools[:, cache.tables[slot]].reshape(cfg.num_layers, -1, cfg.num_kv_heads, cfg.head_dim)[:, :length]
+            np.testing.assert_array_equal(rows.transpose(0, 2, 1, 3), dequantize_rows(store[:, slot, :, :length]))
+    assert checked == 3
+    assert cache.refills >= 2 and slots.paged_runs == 2
+
+
 def test_the_kv_cache_dtype_setting():
     assert kv_cache_dtype("auto", "lepton", approximate=True) == "float16"
     assert kv_cache_dtype("auto", "lepton", approximate=False) == "float32"
     assert kv_cache_dtype("auto", "onnxruntime", approximate=True) == "float32"
     assert kv_cache_dtype("float32", "lepton", approximate=True) == "float32"
-    with pytest.raises(RuntimeError, match="kv_cache_dtype=float16: Lepton's SlotAttention is not available"):
-        kv_cache_dtype("float16", "onnxruntime", approximate=True)
+    assert kv_cache_dtype("int8", "lepton", approximate=False) == "int8"  # NOTE: only when asked
+    for setting in ("float16", "int8"):
+        with pytest.raises(RuntimeError, match=f"kv_cache_dtype={setting}: Lepton's SlotAttention is not available"):
+            kv_cache_dtype(setting, "onnxruntime", approximate=True)
     base = {"model_dir": "m", "runner": "onnxruntime", "kv_cache_dtype": "float16"}
     for extra, why in [({"runner": "torch"}, "runner=onnxruntime only"),
                        ({"attention": "paged"}, "not with attention=paged"),
                        ({"deterministic": "true"}, "not with deterministic=true"),
                        ({"attention_kernel": "onnxruntime"}, "Lepton's SlotAttention only")]:
-        with pytest.raises(ConfigError, match=f"kv_cache_dtype: float16 slots need attention=slots .*{why}"):
-            EngineConfig.from_parameters({**base, **extra})
-    with pytest.raises(ConfigError, match="kv_cache_dtype: must be one of auto, float32, float16, got 'int8'"):
-        EngineConfig.from_parameters({**base, "kv_cache_dtype": "int8"})
+        for dtype in ("float16", "int8"):
+            with pytest.raises(ConfigError, match=f"kv_cache_dtype: {dtype} slots need attention=slots .*{why}"):
+                EngineConfig.from_parameters({**base, **extra, "kv_cache_dtype": dtype})
+    with pytest.raises(ConfigError, match="kv_cache_dtype: must be one of auto, float32, float16, int8, got 'fp8'"):
+        EngineConfig.from_parameters({**base, "kv_cache_dtype": "fp8"})
 
 
 def test_run_returns_the_steps_keys_and_values_as_the_paged_graph_does(tiny_exports):
