@@ -1,12 +1,14 @@
 /* float16 <-> float32 for Lepton's library: the float16 slots' attention (slot_attention.c), their copy
  * into the float32 pools (kv_copy.c) and the 4-bit product's scales (q4_matmul.c, half_t). n values at a
  * time, with F16C's vcvtph2ps / vcvtps2ph (8 at a time) or in plain C: the same values either way
- * (widening is exact, narrowing rounds to nearest even). */
+ * (widening is exact, narrowing rounds to nearest even). And the 8-bit slots' rows widened (code x scale),
+ * for their attention and their copy. */
 #ifndef LEPTON_HALF_H
 #define LEPTON_HALF_H
 
 #include <immintrin.h>
 #include <stdint.h>
+#include <string.h>
 
 #pragma GCC visibility push(hidden)
 
@@ -28,6 +30,15 @@ static inline void widen_plain(float *restrict dst, const half_t *restrict src, 
 
 static inline void narrow_plain(half_t *restrict dst, const float *restrict src, int64_t n) {
     for (int64_t i = 0; i < n; i++) dst[i] = (half_t)src[i];
+}
+
+/* An 8-bit slot row (n int8 codes, then their float32 scale, unaligned) into n float32 values: code x scale. */
+static inline void widen_int8_row(float *restrict dst, const char *restrict src, int64_t n) {
+    float scale;
+    memcpy(&scale, src + n, sizeof scale);
+    const int8_t *restrict codes = (const int8_t *)src;
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) dst[i] = (float)codes[i] * scale;
 }
 
 F16C static inline void widen_f16c(float *restrict dst, const half_t *restrict src, int64_t n) {

@@ -40,15 +40,6 @@ F16C static void widen_stream_f16c(float *restrict dst, const half_t *restrict s
         _mm256_stream_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
 }
 
-/* An 8-bit row (n codes, then the float32 scale) into n float32 values: code x scale. */
-static void dequantize_row(float *restrict dst, const char *restrict src, int64_t n) {
-    float scale;
-    memcpy(&scale, src + n, sizeof scale);
-    const int8_t *restrict codes = (const int8_t *)src;
-#pragma omp simd
-    for (int64_t i = 0; i < n; i++) dst[i] = (float)codes[i] * scale;
-}
-
 static void copy_layers(const Copy *c) {
     const int64_t pool_row_bytes = c->int8 ? 4 * (c->row_bytes - 4) : c->widen ? 2 * c->row_bytes : c->row_bytes;
     for (int64_t pair = c->first; pair < c->end; pair++) {
@@ -72,7 +63,7 @@ static void copy_layers(const Copy *c) {
             for (int64_t head = 0; head < c->kv_heads; head++, dst += pool_row_bytes) {
                 const char *src = store + (((layer * c->num_slots + c->slots[i]) * c->kv_heads + head) * c->capacity + c->positions[i]) * c->row_bytes;
                 if (c->int8) {
-                    dequantize_row((float *)dst, src, c->row_bytes - 4);
+                    widen_int8_row((float *)dst, src, c->row_bytes - 4);
                 } else if (widen_streamed) {
                     widen_stream_f16c((float *)dst, (const half_t *)src, c->row_bytes / 2);
                 } else if (c->widen) {

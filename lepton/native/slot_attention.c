@@ -22,9 +22,10 @@
  * SlotAttentionI8 computes the same over caches of 8-bit rows (RunnerConfig.kv_cache_dtype "int8"): each
  * cached row of a kv head is D int8 values and their float32 scale, D + 4 bytes (the caches are uint8
  * [B, KVH, M, D + 4]): x = q s, s = max|x| / 127, q = x (127 / max|x|) rounded to nearest even. This step's
- * keys and values are quantized so as they are written; each chunk of cached rows is widened to float32
- * once, for all the query heads of its group; the rest is float32 as above. A decode reads 68 bytes a
- * row of 64 instead of float16's 128.
+ * keys and values are quantized so as they are written; decodes widen the codes as they read them (a
+ * key's dot products scaled once, a value's weight scaled before it multiplies the codes), longer rows
+ * widen each chunk of cached rows to float32 once; the rest is float32 as above. A decode reads 68 bytes
+ * a row of 64 instead of float16's 128.
  *
  * scripts/build_native.sh (run by `make setup`) builds it into lepton/native/liblepton_ops.so, which the
  * slot runner loads when it exists; the hot loops are compiled for AVX-512, AVX2 + FMA and plain x86-64,
@@ -429,16 +430,10 @@ static void keys_int8_plain(const Step *st, const Keys *w) {
     const char *key = st->key + w->base, *value = st->value + w->base;
     for (int64_t j0 = 0; j0 < w->keys_end; j0 += KEYS_PER_CHUNK) {
         const int64_t n = j0 + KEYS_PER_CHUNK < w->keys_end ? KEYS_PER_CHUNK : w->keys_end - j0;
-        for (int64_t j = 0; j < n; j++)
-            for (int kind = 0; kind < 2; kind++) {
-                const char *src = (kind ? value : key) + (j0 + j) * row;
-                float *restrict dst = (kind ? w->chunk_values : w->chunk_keys) + j * dim;
-                float scale;
-                memcpy(&scale, src + dim, sizeof scale);
-                const int8_t *restrict codes = (const int8_t *)src;
-#pragma omp simd
-                for (int64_t d = 0; d < dim; d++) dst[d] = (float)codes[d] * scale;
-            }
+        for (int64_t j = 0; j < n; j++) {
+            widen_int8_row(w->chunk_keys + j * dim, key + (j0 + j) * row, dim);
+            widen_int8_row(w->chunk_values + j * dim, value + (j0 + j) * row, dim);
+        }
         rows_over_chunk(st, w, j0, w->chunk_keys, w->chunk_values, 0);
     }
 }
@@ -652,7 +647,8 @@ static OrtStatus *create(const OrtKernelInfo *info, void **out, int half, int in
     kernel->half = half, kernel->int8 = int8;
     /* NOTE: isa, optional: 0 = F16C where the processor has it, 1 = plain C (the tests run both) */
     const int f16c = optional_int(info, "isa", 0) == 0 && has_f16c() && __builtin_cpu_supports("fma");
-    kernel->keys = int8 ? (!f16c ? keys_int8_plain : half_avx512() ? keys_int8_avx512 : keys_int8_avx2) : !half ? keys_float : !f16c ? keys_half_plain : half_avx512() ? keys_half_avx512 : keys_half_f16c;
+    kernel->keys = int8 ? (!f16c ? keys_int8_plain : half_avx512() ? keys_int8_avx512 : keys_int8_avx2)
+                   : !half ? keys_float : !f16c ? keys_half_plain : half_avx512() ? keys_half_avx512 : keys_half_f16c;
     kernel->narrow = f16c ? narrow_f16c : narrow_plain;
     OrtStatus *status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "num_heads", &kernel->num_heads);
     if (!status) status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "kv_num_heads", &kernel->kv_heads);
