@@ -99,11 +99,13 @@ def report_path(model_dir: Path, runner: str, dtype: str, reports_dir: Path = QU
 def fingerprint(model_dir: Path, runner: str = "torch") -> str:
     """What a runner quality report depends on: the folder's files (names, sizes, modification times)
     and the code that computes with them (torch: the step model and the torch runner; onnxruntime:
-    the bfloat16 rewrite and its operator, and the attention over float16 slots it is served with)."""
+    the bfloat16 rewrite and its operator, the products' epilogues, and the attention over float16 slots it
+    is served with)."""
     files = sorted(p for p in Path(model_dir).resolve().iterdir() if p.is_file())
     stamp = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]
     package = Path(__file__).resolve().parent
     sources = ([package / "runners" / "bf16_graph.py", package / "native" / "bf16_matmul.c", package / "native" / "bf16.h",
+                package / "runners" / "epilogue_graph.py", package / "native" / "ort.h",
                 package / "native" / "slot_attention.c", package / "native" / "half.h",
                 package / "runners" / "slot_runner.py"]
                if runner == "onnxruntime" else [*package.glob("models/*.py"), package / "runners" / "torch_runner.py"])

@@ -37,6 +37,7 @@ typedef void (*ConvertFn)(void *data, size_t task);
 
 typedef struct {
     int64_t k, n;
+    int gated; /* attribute gated = 1 */
     BTileFn tile;
     ConvertFn convert;
 } BKernel;
@@ -47,6 +48,8 @@ struct BProduct {
     float *y;
     uint32_t *pairs; /* [rows, K / 2]: each row's inputs as bfloat16 pairs (low half the even input) */
     int64_t rows, k, n, pairs_per_row, panels, chunks;
+    const float *residual;       /* NULL, or R [rows, N]: Y = R + A W^T */
+    int64_t gated, row0, panel0; /* gated: Y [rows, N / 2] = silu(gate) x up (ort.h PRODUCT_TASK) */
     BTileFn tile;
 };
 
@@ -57,7 +60,7 @@ static void convert_rows_generic(void *data, size_t task) {
         bf16_pairs(pr->a + m * pr->k, pr->pairs + m * pr->pairs_per_row, 0, pr->k);
 }
 
-static inline void store(const BProduct *pr, int64_t panel, int64_t m, const float *acc) { store_panel(pr->y, pr->n, panel, m, acc); }
+static inline void store(const BProduct *pr, int64_t panel, int64_t m, const float *acc) { STORE_PANEL(pr, panel, m, acc); }
 
 /* Plain C: the products in the order the vector path's definition gives. */
 static void tile_generic(const BProduct *pr, int64_t panel, int64_t m0, int64_t m1) {
@@ -97,7 +100,7 @@ static inline __attribute__((always_inline)) BF16 void bf16_rows(const BProduct 
         for (int i = 0; i < mt; i++)
             acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32((int)p[i * pr->pairs_per_row + j]), wj);
     }
-    store_rows(pr->y, pr->n, panel, m, acc, mt);
+    STORE_ROWS(pr, panel, m, acc, mt);
 }
 
 BF16 static void tile_bf16(const BProduct *pr, int64_t panel, int64_t m0, int64_t m1) {
@@ -117,14 +120,16 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     TRY(get_input(OP, 2, context, 1, (const void **)&pr.b, b_dims, 3, NULL));
     pr.k = kernel->k, pr.n = kernel->n, pr.pairs_per_row = kernel->k / 2, pr.panels = (kernel->n + LANES - 1) / LANES;
     TRY(check_panels(OP, "B", b_dims, pr.panels, pr.pairs_per_row, 2 * LANES, 2, "packed pairs", " values"));
-    TRY(product_output(OP, context, a_dims, a_rank, pr.k, pr.n, &pr.rows, &pr.y));
+    pr.gated = kernel->gated;
+    TRY(product_output(OP, context, a_dims, a_rank, pr.k, pr.gated ? pr.n / 2 : pr.n, &pr.rows, &pr.y));
+    TRY(residual_input(OP, context, 2, a_dims, a_rank, pr.n, pr.gated, &pr.residual));
     if (pr.rows == 0) return NULL;
     pr.pairs = malloc((size_t)(pr.rows * pr.pairs_per_row) * sizeof(uint32_t));
     if (!pr.pairs) return out_of_memory(OP);
     pr.tile = kernel->tile;
     pr.chunks = (pr.rows + ROW_CHUNK - 1) / ROW_CHUNK;
     prepare_then_multiply(context, kernel->convert, (size_t)((pr.rows + CONVERT_ROWS - 1) / CONVERT_ROWS), pr.rows * pr.k,
-                          product_task, (size_t)(pr.chunks * pr.panels), &pr);
+                          product_task, product_tasks(&pr), &pr);
     free(pr.pairs);
     return NULL;
 }
@@ -135,7 +140,7 @@ static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const O
     if (!kernel) return out_of_memory(OP);
     int isa = 0;
     OrtStatus *status = product_attributes(OP, info, 2, "K = %lld is not a positive even number (inputs go in pairs of %lld)",
-                                           bf16_runs, bf16_best_isa(), "1 plain C, 3 AVX-512 BF16", &kernel->k, &kernel->n, &isa);
+                                           bf16_runs, bf16_best_isa(), "1 plain C, 3 AVX-512 BF16", &kernel->k, &kernel->n, &isa, &kernel->gated);
     if (status) {
         free(kernel);
         return status;
@@ -151,4 +156,4 @@ static int input_type(const CustomOp *op, size_t index) {
     return index == 1 ? ELEMENT_UINT16 : ELEMENT_FLOAT;
 }
 
-OPERATOR(lepton_bf16_matmul, OP, 2, 1, input_type, create_kernel, compute);
+PRODUCT_OPERATOR(lepton_bf16_matmul, OP, 3, input_type, create_kernel, compute);

@@ -35,7 +35,7 @@ typedef struct {
 
 enum { ELEMENT_FLOAT = 1, ELEMENT_UINT8 = 2, ELEMENT_UINT16 = 4, ELEMENT_INT32 = 6, ELEMENT_FLOAT16 = 10 };
 enum { STATUS_INVALID_ARGUMENT = 2, STATUS_FAIL = 1 };
-enum { REQUIRED = 0 };
+enum { REQUIRED = 0, OPTIONAL = 1 };
 
 /* API version asked for (and the OrtCustomOp version declared): KernelContext_ParallelFor came with 17. */
 #define API_VERSION 17
@@ -223,6 +223,19 @@ static inline void free_kernel(void *kernel) { free(kernel); }
 
 /* The same with the outputs' types from output_type_fn. */
 #define TYPED_OPERATOR(var, name, inputs, outputs, input_type_fn, output_type_fn, create_fn, compute_fn) \
+    OPERATOR_WITH(var, name, inputs, outputs, input_type_fn, output_type_fn, required, create_fn, compute_fn)
+
+/* A weight product `var` named `name`: `inputs` inputs (types from input_type_fn), the last of them optional
+ * (the residual R), one float output. */
+#define PRODUCT_OPERATOR(var, name, inputs, input_type_fn, create_fn, compute_fn)                          \
+    static int var##_characteristic(const CustomOp *op, size_t index) {                                  \
+        (void)op;                                                                                        \
+        return index + 1 == (inputs) ? OPTIONAL : REQUIRED;                                              \
+    }                                                                                                    \
+    OPERATOR_WITH(var, name, inputs, 1, input_type_fn, float_output, var##_characteristic, create_fn, compute_fn)
+
+/* An operator with each input's characteristic (required or optional) from characteristic_fn. */
+#define OPERATOR_WITH(var, name, inputs, outputs, input_type_fn, output_type_fn, characteristic_fn, create_fn, compute_fn) \
     static const char *var##_name(const CustomOp *op) { (void)op; return name; }                 \
     static size_t var##_inputs(const CustomOp *op) { (void)op; return inputs; }                  \
     static size_t var##_outputs(const CustomOp *op) { (void)op; return outputs; }                \
@@ -235,7 +248,7 @@ static inline void free_kernel(void *kernel) { free(kernel); }
         .GetOutputType = output_type_fn,                                                         \
         .GetOutputTypeCount = var##_outputs,                                                     \
         .KernelDestroy = free_kernel,                                                            \
-        .GetInputCharacteristic = required,                                                      \
+        .GetInputCharacteristic = characteristic_fn,                                             \
         .GetOutputCharacteristic = required,                                                     \
         .GetInputMemoryType = default_memory,                                                    \
         .GetVariadicInputMinArity = one,                                                         \
@@ -249,6 +262,8 @@ static inline void free_kernel(void *kernel) { free(kernel); }
     }
 
 /* ---- what the weight products share --------------------------------------------------------- */
+
+enum { GATE_PAIR = 32 }; /* a gated product's unit: a gate panel of 16 outputs, then its up panel */
 
 /* AVX-512 F, BW and VL: what every AVX-512 path here also needs. */
 static inline int has_avx512(void) {
@@ -315,29 +330,79 @@ static inline OrtStatus *check_panels(const char *op, const char *name, const in
     return invalid(format, dims[0] * dims[1], panels * blocks);
 }
 
-/* Output row m's values of panel `panel` (16 outputs, fewer in the last panel) from acc. */
-static inline void store_panel(float *y, int64_t n, int64_t panel, int64_t m, const float *acc) {
+/* Output row m's values of panel `panel` (16 outputs, fewer in the last panel) from acc, plus the residual's
+ * where r (laid out as y) is not NULL: the same float32 sum an Add after the product makes. */
+static inline void store_panel(float *y, const float *r, int64_t n, int64_t panel, int64_t m, const float *acc) {
     const int64_t n0 = panel * 16, count = n - n0 < 16 ? n - n0 : 16;
-    memcpy(y + m * n + n0, acc, (size_t)count * sizeof(float));
+    float *out = y + m * n + n0;
+    if (!r) {
+        memcpy(out, acc, (size_t)count * sizeof(float));
+        return;
+    }
+    for (int64_t l = 0; l < count; l++) out[l] = r[m * n + n0 + l] + acc[l];
 }
 
 /* store_panel for `mt` rows m, m + 1, ... of 16 float32 sums each (AVX-512 registers). */
-static inline __attribute__((always_inline, target("avx512f"))) void store_rows(float *y, int64_t n, int64_t panel,
-                                                                                  int64_t m, const __m512 *acc, int mt) {
+static inline __attribute__((always_inline, target("avx512f"))) void store_rows(float *y, const float *r, int64_t n,
+                                                                                  int64_t panel, int64_t m,
+                                                                                  const __m512 *acc, int mt) {
+    const int64_t n0 = panel * 16, count = n - n0 < 16 ? n - n0 : 16;
+    const __mmask16 lanes = (__mmask16)((1u << count) - 1u);
     for (int i = 0; i < mt; i++) {
-        float out[16];
-        _mm512_storeu_ps(out, acc[i]);
-        store_panel(y, n, panel, m + i, out);
+        const int64_t at = (m + i) * n + n0;
+        __m512 v = acc[i];
+        if (r) v = _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, r + at), v);
+        _mm512_mask_storeu_ps(y + at, lanes, v);
     }
 }
 
+/* A tile's sums for rows m, m + 1, ... of panel `panel` into pr->y (plus pr->residual's, when given), whose
+ * first row is row pr->row0 and first panel pr->panel0 (0 and 0 but in a gated product's tasks, which gather
+ * a pair of panels in a buffer and take no residual). */
+#define STORE_ROWS(pr, panel, m, acc, mt) \
+    store_rows((pr)->y, (pr)->residual, (pr)->n, (panel) - (pr)->panel0, (m) - (pr)->row0, acc, mt)
+#define STORE_PANEL(pr, panel, m, acc) \
+    store_panel((pr)->y, (pr)->residual, (pr)->n, (panel) - (pr)->panel0, (m) - (pr)->row0, acc)
+
+/* The optional residual R, input `index`: *r = NULL when the node has none, else R must have Y's shape (A's
+ * dimensions but the last, then N); a gated product takes none. */
+static inline OrtStatus *residual_input(const char *op, OrtKernelContext *context, size_t index, const int64_t *a_dims,
+                                        size_t a_rank, int64_t n, int gated, const float **r) {
+    const OrtValue *value = NULL;
+    char format[192];
+    *r = NULL;
+    TRY(API(GetInputFn, API_KERNEL_CONTEXT_GET_INPUT)(context, index, &value));
+    if (!value) return NULL;
+    if (gated) {
+        snprintf(format, sizeof format, "%s: a gated product (gated = %%lld) takes no residual (input %%lld)", op);
+        return invalid(format, 1, (long long)index);
+    }
+    int64_t dims[4];
+    size_t count = 0;
+    TRY(shape_of(op, value, dims, 4, &count));
+    if (count != a_rank) {
+        snprintf(format, sizeof format, "%s: the residual has rank %%lld, expected Y's %%lld", op);
+        return invalid(format, (long long)count, (long long)a_rank);
+    }
+    for (size_t i = 0; i < count; i++) {
+        const int64_t want = i + 1 == count ? n : a_dims[i];
+        if (dims[i] != want) {
+            snprintf(format, sizeof format, "%s: the residual's dimension %zu is %%lld, expected Y's %%lld", op, i);
+            return invalid(format, dims[i], want);
+        }
+    }
+    return API(GetTensorMutableDataFn, API_GET_TENSOR_MUTABLE_DATA)((OrtValue *)value, (void **)r);
+}
+
 /* A weight product's attributes K and N (K a positive multiple of `k_step`, else the error `k_rule`: a format
- * taking K and k_step; N at least 1) and its optional isa (0: `best`), which `runs` must accept, else an error
- * naming the paths `isas` lists. */
+ * taking K and k_step; N at least 1), its optional isa (0: `best`), which `runs` must accept, else an error
+ * naming the paths `isas` lists, and its optional gated (0 or 1; gated needs N a multiple of 32). */
 static inline OrtStatus *product_attributes(const char *op, const OrtKernelInfo *info, int64_t k_step, const char *k_rule,
-                                            int (*runs)(int), int best, const char *isas, int64_t *k, int64_t *n, int *isa) {
+                                            int (*runs)(int), int best, const char *isas, int64_t *k, int64_t *n, int *isa,
+                                            int *gated) {
     char format[256];
     const int64_t asked = optional_int(info, "isa", 0); /* NOTE: optional: the best this processor runs */
+    const int64_t gate = optional_int(info, "gated", 0);
     TRY(API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "K", k));
     TRY(API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "N", n));
     if (*k < k_step || *k % k_step) {
@@ -348,6 +413,16 @@ static inline OrtStatus *product_attributes(const char *op, const OrtKernelInfo 
         snprintf(format, sizeof format, "%s: N = %%lld, expected at least %%lld", op);
         return invalid(format, *n, 1);
     }
+    if (gate != 0 && gate != 1) {
+        snprintf(format, sizeof format, "%s: gated = %%lld, expected 0 (Y = A W^T) or %%lld (Y = silu(gate) x up)", op);
+        return invalid(format, gate, 1);
+    }
+    if (gate && *n % GATE_PAIR) {
+        snprintf(format, sizeof format, "%s: N = %%lld, a gated product needs a multiple of %%lld (a gate panel of 16 "
+                 "outputs, then its up panel)", op);
+        return invalid(format, *n, GATE_PAIR);
+    }
+    *gated = (int)gate;
     *isa = asked ? (int)asked : best;
     if (!runs(*isa)) {
         snprintf(format, sizeof format, "%s: isa = %%lld needs instructions this processor lacks (%s; it runs up to %%lld)",
@@ -369,14 +444,62 @@ static inline void prepare_then_multiply(OrtKernelContext *context, void (*prepa
     parallel_for(context, multiply, tasks, data);
 }
 
-/* product_task(data, task) for a product type with rows, panels and tile(pr, panel, m0, m1): one task is
- * panel `task % panels` for the rows of chunk `task / panels` (ROW_CHUNK rows). */
-#define PRODUCT_TASK(Type)                                                                          \
-    static void product_task(void *data, size_t task) {                                             \
-        const Type *pr = data;                                                                      \
-        const int64_t panel = (int64_t)task % pr->panels, chunk = (int64_t)task / pr->panels;       \
-        const int64_t m0 = chunk * ROW_CHUNK, m1 = range_end(chunk, ROW_CHUNK, pr->rows);            \
-        pr->tile(pr, panel, m0, m1);                                                                \
+/* ---- gated products: Y = silu(gate) x up, the MLP's gate in the product's tasks ----------------- */
+
+/* exp(x) in plain float32 arithmetic the compiler vectorizes (Cephes' expf: x = n ln 2 + r, |r| <= ln 2 / 2, a
+ * polynomial of degree 6 in r, 2^n put into the exponent's bits); x clamped to [-87, 88], so the result is a
+ * normal number; within 2 ulp of exp over that range. */
+static inline float lepton_expf(float x) {
+    x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x; /* NOTE: a NaN passes through and makes the result NaN */
+    const float n = __builtin_rintf(x * 1.44269504088896341f);
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* `rows` rows of a gate panel's 16 sums and its up panel's 16 (pairs: [rows, 32]) -> silu(g) u = g u / (1 +
+ * exp(-g)) into y (16 values a row, rows `stride` apart). */
+CLONED __attribute__((unused)) static void gate_rows(const float *pairs, int64_t rows, float *y, int64_t stride) {
+    for (int64_t m = 0; m < rows; m++) {
+        const float *g = pairs + m * GATE_PAIR, *u = g + GATE_PAIR / 2;
+        float *out = y + m * stride;
+#pragma omp simd
+        for (int l = 0; l < GATE_PAIR / 2; l++) out[l] = g[l] * u[l] / (1.0f + lepton_expf(-g[l]));
+    }
+}
+
+/* product_task(data, task) for a product type with rows, panels, gated, y, residual, n, row0, panel0 and tile(pr,
+ * panel, m0, m1) (whose sums go through STORE_ROWS / STORE_PANEL): one task is panel `task % panels` for the
+ * rows of chunk `task / panels` (ROW_CHUNK rows); gated, one task is a pair of panels, gate panel 2j and up
+ * panel 2j + 1 (the runner interleaves the weights so), whose sums go to a buffer of the task's and leave as
+ * outputs 16j .. 16j + 15 of Y [rows, N / 2]. product_tasks(pr) is how many tasks there are. */
+#define PRODUCT_TASK(Type)                                                                                   \
+    static size_t product_tasks(const Type *pr) { return (size_t)(pr->chunks * (pr->gated ? pr->panels / 2 : pr->panels)); } \
+    static void product_task(void *data, size_t task) {                                                      \
+        const Type *pr = data;                                                                               \
+        const int64_t units = pr->gated ? pr->panels / 2 : pr->panels;                                       \
+        const int64_t unit = (int64_t)task % units, chunk = (int64_t)task / units;                           \
+        const int64_t m0 = chunk * ROW_CHUNK, m1 = range_end(chunk, ROW_CHUNK, pr->rows);                     \
+        if (!pr->gated) {                                                                                    \
+            pr->tile(pr, unit, m0, m1);                                                                      \
+            return;                                                                                          \
+        }                                                                                                    \
+        float sums[ROW_CHUNK * GATE_PAIR];                                                                   \
+        Type pair = *pr;                                                                                     \
+        pair.y = sums, pair.residual = NULL, pair.n = GATE_PAIR, pair.row0 = m0, pair.panel0 = 2 * unit;                           \
+        pr->tile(&pair, 2 * unit, m0, m1);                                                                   \
+        pr->tile(&pair, 2 * unit + 1, m0, m1);                                                               \
+        gate_rows(sums, m1 - m0, pr->y + m0 * (pr->n / 2) + unit * (GATE_PAIR / 2), pr->n / 2);              \
     }
 
 /* The operators (ops.c registers them). */

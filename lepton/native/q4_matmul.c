@@ -55,6 +55,7 @@ typedef void (*ConvertFn)(void *data, size_t task);
 
 typedef struct {
     int64_t k, n;
+    int gated; /* attribute gated = 1 */
     int int8; /* 1: int8 activations (accuracy level 4) */
     QTileFn tile;
     ConvertFn convert;
@@ -71,6 +72,8 @@ struct QProduct {
     float *ascale;   /* int8: [rows, K / 32] their scales */
     int32_t *offset; /* int8: [rows, K / 32] -8 x the block's sum of codes */
     int64_t rows, k, n, blocks, pairs_per_row, panels, chunks;
+    const float *residual;       /* NULL, or R [rows, N]: Y = R + A W^T */
+    int64_t gated, row0, panel0; /* gated: Y [rows, N / 2] = silu(gate) x up (ort.h PRODUCT_TASK) */
     QTileFn tile;
 };
 
@@ -108,7 +111,7 @@ BF16 static void convert_rows_bf16(void *data, size_t task) {
 
 /* ---- products: one panel of 16 outputs for rows [m0, m1) --------------------------------------- */
 
-static inline void store(const QProduct *pr, int64_t panel, int64_t m, const float *acc) { store_panel(pr->y, pr->n, panel, m, acc); }
+static inline void store(const QProduct *pr, int64_t panel, int64_t m, const float *acc) { STORE_PANEL(pr, panel, m, acc); }
 
 /* Plain C: per output, the block's dot in vdpbf16ps' order (a pair's odd input, then its even one), then
  * acc = fma(dot, d, acc) and fma(sum, m - 128 d, acc), as the vector path. */
@@ -175,7 +178,7 @@ static inline __attribute__((always_inline)) BF16 void q4_rows(const QProduct *p
             acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(sums[i * pr->blocks + blk]), c, acc[i]);
         }
     }
-    store_rows(pr->y, pr->n, panel, m, acc, mt);
+    STORE_ROWS(pr, panel, m, acc, mt);
 }
 
 BF16 static void tile_bf16(const QProduct *pr, int64_t panel, int64_t m0, int64_t m1) {
@@ -288,7 +291,7 @@ static inline __attribute__((always_inline)) VNNI void int8_rows(const QProduct 
         int8_block(pr, w8, m, blk, d, c, acc, first);
         if (mt > 8) int8_block(pr, w8, m + 8, blk, d, c, acc + 8, mt - 8);
     }
-    store_rows(pr->y, pr->n, panel, m, acc, mt);
+    STORE_ROWS(pr, panel, m, acc, mt);
 }
 
 VNNI static void tile_int8_vnni(const QProduct *pr, int64_t panel, int64_t m0, int64_t m1) {
@@ -317,7 +320,9 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     TRY(check_panels(OP, "B", b_dims, pr.panels, pr.blocks, BLOCK_BYTES, BLOCK, "packed blocks", " bytes"));
     TRY(check_panels(OP, "scales", s_dims, pr.panels, pr.blocks, LANES, BLOCK, "blocks", ""));
     TRY(check_panels(OP, "mins", m_dims, pr.panels, pr.blocks, LANES, BLOCK, "blocks", ""));
-    TRY(product_output(OP, context, a_dims, a_rank, pr.k, pr.n, &pr.rows, &pr.y));
+    pr.gated = kernel->gated;
+    TRY(product_output(OP, context, a_dims, a_rank, pr.k, pr.gated ? pr.n / 2 : pr.n, &pr.rows, &pr.y));
+    TRY(residual_input(OP, context, 4, a_dims, a_rank, pr.n, pr.gated, &pr.residual));
     if (pr.rows == 0) return NULL;
     const size_t values = (size_t)(pr.rows * pr.blocks);
     char *buffer = kernel->int8 ? malloc(values * (BLOCK + 3 * sizeof(float)))
@@ -335,7 +340,7 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     pr.tile = kernel->tile;
     pr.chunks = (pr.rows + ROW_CHUNK - 1) / ROW_CHUNK;
     prepare_then_multiply(context, kernel->convert, (size_t)((pr.rows + CONVERT_ROWS - 1) / CONVERT_ROWS), pr.rows * pr.k,
-                          product_task, (size_t)(pr.chunks * pr.panels), &pr);
+                          product_task, product_tasks(&pr), &pr);
     free(buffer);
     return NULL;
 }
@@ -361,9 +366,9 @@ static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const O
     OrtStatus *status =
         int8 ? product_attributes(OP, info, BLOCK, "K = %lld is not a positive multiple of the block size %lld", int8_runs,
                                   int8_runs(BF16_ISA_AVX512) ? BF16_ISA_AVX512 : BF16_ISA_GENERIC,
-                                  "int8 = 1: 1 plain C, 3 AVX-512 VNNI", &kernel->k, &kernel->n, &isa)
+                                  "int8 = 1: 1 plain C, 3 AVX-512 VNNI", &kernel->k, &kernel->n, &isa, &kernel->gated)
              : product_attributes(OP, info, BLOCK, "K = %lld is not a positive multiple of the block size %lld", bf16_runs,
-                                  bf16_best_isa(), "1 plain C, 3 AVX-512 BF16", &kernel->k, &kernel->n, &isa);
+                                  bf16_best_isa(), "1 plain C, 3 AVX-512 BF16", &kernel->k, &kernel->n, &isa, &kernel->gated);
     if (status) {
         free(kernel);
         return status;
@@ -381,7 +386,7 @@ static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const O
 
 static int input_type(const CustomOp *op, size_t index) {
     (void)op;
-    return index == 1 ? ELEMENT_UINT8 : index == 0 ? ELEMENT_FLOAT : ELEMENT_FLOAT16;
+    return index == 1 ? ELEMENT_UINT8 : index == 0 || index == 4 ? ELEMENT_FLOAT : ELEMENT_FLOAT16;
 }
 
-OPERATOR(lepton_q4_matmul, OP, 4, 1, input_type, create_kernel, compute);
+PRODUCT_OPERATOR(lepton_q4_matmul, OP, 5, input_type, create_kernel, compute);

@@ -49,6 +49,7 @@ typedef void (*TileFn)(const Product *pr, int64_t panel, int64_t m0, int64_t m1)
 
 typedef struct {
     int64_t k, n;
+    int gated; /* attribute gated = 1 */
     TileFn tile;
 } Kernel;
 
@@ -60,6 +61,8 @@ struct Product {
     float *ascale;   /* [tiles, blocks, tile rows] */
     int32_t *offset; /* [rows, blocks]: -128 x the block's sum of quantized activations */
     int64_t rows, k, n, blocks, panels, chunks;
+    const float *residual;       /* NULL, or R [rows, N]: Y = R + A W^T */
+    int64_t gated, row0, panel0; /* gated: Y [rows, N / 2] = silu(gate) x up (ort.h PRODUCT_TASK) */
     int64_t tile_rows, group_stride; /* min(rows, TILE_ROWS), 4 x tile_rows */
     TileFn tile;
 };
@@ -108,7 +111,7 @@ static void quantize_rows(void *data, size_t task) {
 
 /* ---- products: one panel of 16 outputs for rows [m0, m1) --------------------------------------- */
 
-static inline void store(const Product *pr, int64_t panel, int64_t m, const float *acc) { store_panel(pr->y, pr->n, panel, m, acc); }
+static inline void store(const Product *pr, int64_t panel, int64_t m, const float *acc) { STORE_PANEL(pr, panel, m, acc); }
 
 /* Plain C: the same integers and the same float operations, in the same order, as the vector paths. */
 static void tile_generic(const Product *pr, int64_t panel, int64_t m0, int64_t m1) {
@@ -224,7 +227,7 @@ static inline __attribute__((always_inline)) VNNI void vnni_rows(const Product *
         vnni_block(w, q, pr->group_stride, offset + at, ascale + at, s, acc, first, 1);
         if (mt > 8) vnni_block(w, q + 8 * 4, pr->group_stride, offset + at + 8, ascale + at + 8, s, acc + 8, mt - 8, 0);
     }
-    store_rows(pr->y, pr->n, panel, m, acc, mt);
+    STORE_ROWS(pr, panel, m, acc, mt);
 }
 
 VNNI static void tile_vnni(const Product *pr, int64_t panel, int64_t m0, int64_t m1) {
@@ -270,7 +273,9 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     pr.k = kernel->k, pr.n = kernel->n, pr.blocks = kernel->k / BLOCK, pr.panels = (kernel->n + LANES - 1) / LANES;
     TRY(check_panels(OP, "B", b_dims, pr.panels, pr.blocks, PANEL_BYTES, BLOCK, "packed blocks", " bytes"));
     TRY(check_panels(OP, "scales", s_dims, pr.panels, pr.blocks, LANES, BLOCK, "blocks", ""));
-    TRY(product_output(OP, context, a_dims, a_rank, pr.k, pr.n, &pr.rows, &pr.y));
+    pr.gated = kernel->gated;
+    TRY(product_output(OP, context, a_dims, a_rank, pr.k, pr.gated ? pr.n / 2 : pr.n, &pr.rows, &pr.y));
+    TRY(residual_input(OP, context, 3, a_dims, a_rank, pr.n, pr.gated, &pr.residual));
     if (pr.rows == 0) return NULL;
     pr.tile_rows = pr.rows < TILE_ROWS ? pr.rows : TILE_ROWS, pr.group_stride = 4 * pr.tile_rows;
     const int64_t padded = (pr.rows + pr.tile_rows - 1) / pr.tile_rows * pr.tile_rows; /* NOTE: the last tile's rows past `rows` are never read */
@@ -282,7 +287,7 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     pr.tile = kernel->tile;
     pr.chunks = (pr.rows + ROW_CHUNK - 1) / ROW_CHUNK;
     prepare_then_multiply(context, quantize_rows, (size_t)((pr.rows + QUANTIZE_ROWS - 1) / QUANTIZE_ROWS), pr.rows * pr.k,
-                          product_task, (size_t)(pr.chunks * pr.panels), &pr);
+                          product_task, product_tasks(&pr), &pr);
     free(buffer);
     return NULL;
 }
@@ -293,7 +298,7 @@ static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const O
     if (!kernel) return out_of_memory(OP);
     int isa = 0;
     OrtStatus *status = product_attributes(OP, info, BLOCK, "K = %lld is not a positive multiple of the block size %lld",
-                                           runs, best_isa(), "1 plain C, 2 AVX2, 3 AVX-512 VNNI", &kernel->k, &kernel->n, &isa);
+                                           runs, best_isa(), "1 plain C, 2 AVX2, 3 AVX-512 VNNI", &kernel->k, &kernel->n, &isa, &kernel->gated);
     if (status) {
         free(kernel);
         return status;
@@ -308,4 +313,4 @@ static int input_type(const CustomOp *op, size_t index) {
     return index == 1 ? ELEMENT_UINT8 : ELEMENT_FLOAT;
 }
 
-OPERATOR(lepton_q8_matmul, OP, 3, 1, input_type, create_kernel, compute);
+PRODUCT_OPERATOR(lepton_q8_matmul, OP, 4, input_type, create_kernel, compute);
