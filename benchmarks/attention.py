@@ -1,9 +1,11 @@
-"""Time one decode step's attention alone: SmolLM2-135M's 30 layers (9 query heads, 3 kv heads of 64) of
-Lepton's SlotAttention over float32 slots, SlotAttentionF16 over float16 slots or SlotAttentionI8 over 8-bit
-rows (D codes and a scale), each layer with caches of
-its own (out of cache, as in a step), `--sequences` decodes each over `--context` cached tokens.
+"""Time one step's attention alone: SmolLM2-135M's 30 layers (9 query heads, 3 kv heads of 64) of Lepton's
+SlotAttention over float32 slots, SlotAttentionF16 over float16 slots or SlotAttentionI8 over 8-bit rows (D
+codes and a scale), each layer with caches of its own (out of cache, as in a step), `--sequences` decodes each
+over `--context` cached tokens, or with `--new-tokens N` a prompt of N tokens each (after `--context` cached
+ones: 0 for a first prompt).
 
     python -m benchmarks.attention --sequences 16 --context 192
+    python -m benchmarks.attention --sequences 1 --context 0 --new-tokens 512
 
 Random queries, keys and values (only the speed is measured); 2 intra-op threads spinning at most 100 us, as
 the runner computes; the kinds alternate `--rounds` times in one process, since this machine's speed
@@ -36,14 +38,15 @@ def row_width(kind: str) -> int:
     return DIM + SCALE_BYTES if kind == "int8" else DIM
 
 
-def attention_session(kind: str, sequences: int, capacity: int, positions: int, threads: int, library: Path):
+def attention_session(kind: str, sequences: int, capacity: int, positions: int, threads: int, library: Path,
+                      new_tokens: int = 1):
     op, _, cache_type = KINDS[kind]
     names = ["qkv", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos", "sin"]
     node = helper.make_node(op, names, ["out", "key", "value"], domain=DOMAIN, num_heads=HEADS,
                             kv_num_heads=KV_HEADS, scale=DIM ** -0.5)
     cache = [sequences, KV_HEADS, capacity, row_width(kind)]
     graph = helper.make_graph([node], "attention", [
-        helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [sequences, 1, (HEADS + 2 * KV_HEADS) * DIM]),
+        helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [sequences, new_tokens, (HEADS + 2 * KV_HEADS) * DIM]),
         helper.make_tensor_value_info("past_key", cache_type, cache),
         helper.make_tensor_value_info("past_value", cache_type, cache),
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [sequences]),
@@ -60,13 +63,13 @@ def attention_session(kind: str, sequences: int, capacity: int, positions: int, 
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def layer_bindings(session, kind: str, sequences: int, context: int, capacity: int, rng) -> list:
+def layer_bindings(session, kind: str, sequences: int, context: int, capacity: int, rng, new_tokens: int = 1) -> list:
     """One binding a layer: the step's inputs and that layer's caches, bound in place."""
     dtype = KINDS[kind][1]
     angles = rng.uniform(-3, 3, (capacity, DIM // 2))
-    inputs = {"qkv": rng.standard_normal((sequences, 1, (HEADS + 2 * KV_HEADS) * DIM)).astype(np.float32),
-              "seqlens_k": np.full(sequences, context, np.int32),  # NOTE: context cached + this step's token
-              "total_sequence_length": np.array(context + 1, np.int32),
+    inputs = {"qkv": rng.standard_normal((sequences, new_tokens, (HEADS + 2 * KV_HEADS) * DIM)).astype(np.float32),
+              "seqlens_k": np.full(sequences, context + new_tokens - 1, np.int32),  # NOTE: context cached + this step's
+              "total_sequence_length": np.array(context + new_tokens, np.int32),
               "cos": np.cos(angles).astype(np.float32), "sin": np.sin(angles).astype(np.float32)}
     bindings = []
     for _ in range(LAYERS):
@@ -88,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sequences", type=int, default=16, help="decoding sequences")
     parser.add_argument("--context", type=int, default=192, help="tokens cached before the step, per sequence")
+    parser.add_argument("--new-tokens", type=int, default=1,
+                        help="tokens of each sequence in the step (1: decodes; more: a prompt, or a chunk after "
+                             "--context cached tokens)")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per kind and round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
@@ -95,10 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.library.is_file():
         sys.exit(f"benchmarks.attention: {args.library} is not built (scripts/build_native.sh)")
-    capacity = -(-(args.context + 1) // 256) * 256
+    capacity = -(-(args.context + args.new_tokens) // 256) * 256
     rng = np.random.default_rng(0)
-    runs = {kind: (session := attention_session(kind, args.sequences, capacity, capacity, args.threads, args.library),
-                   layer_bindings(session, kind, args.sequences, args.context, capacity, rng)) for kind in KINDS}
+    runs = {kind: (session := attention_session(kind, args.sequences, capacity, capacity, args.threads, args.library,
+                                                args.new_tokens),
+                   layer_bindings(session, kind, args.sequences, args.context, capacity, rng, args.new_tokens))
+            for kind in KINDS}
     for round_ in range(1, args.rounds + 1):
         for kind, (session, bindings) in runs.items():
             times = []
@@ -108,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                     session.run_with_iobinding(binding)
                 if repeat:  # NOTE: the first step warms up
                     times.append((time.perf_counter() - started) * 1e3)
-            print(f"round {round_}, {kind} slots: {LAYERS} layers of {args.sequences} decodes over {args.context} tokens "
+            what = "decodes" if args.new_tokens == 1 else f"x {args.new_tokens} new tokens"
+            print(f"round {round_}, {kind} slots: {LAYERS} layers of {args.sequences} {what} over {args.context} tokens "
                   f"{statistics.median(times):.2f} ms (min {min(times):.2f})", flush=True)
     return 0
 

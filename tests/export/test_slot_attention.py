@@ -103,6 +103,8 @@ CASES = {  # name: (heads, kv heads, dim, sequences, new tokens per row, seqlens
     "2 decodes, head 128, 16 heads a kv head": (16, 1, 128, 2, 1, [100, 33]),
     "first prompts, head 64, 8 heads a kv head": (16, 2, 64, 2, 5, [4, 2]),
     "a two-token chunk after cached tokens": (9, 3, 64, 1, 2, [100]),
+    "a long first prompt: query blocks, key chunks and partial tiles": (9, 3, 64, 2, 150, [149, 70]),
+    "a long chunk after cached tokens, head 128": (8, 2, 128, 1, 75, [180]),
 }
 
 
