@@ -69,21 +69,17 @@ def _halves(split: onnx.NodeProto, n: int, rank: int | None, initializers: dict)
     return True
 
 
-def _shape(graph: onnx.GraphProto, name: str) -> list | None:
-    """The declared shape of `name` (each dimension its value or its name), None when none is declared."""
+def _shapes(graph: onnx.GraphProto) -> dict[str, list]:
+    """Each value's declared shape (each dimension its value or its name; the first declaration of a name)."""
+    shapes: dict[str, list] = {}
     for info in [*graph.value_info, *graph.input, *graph.output]:
-        if info.name == name and info.type.tensor_type.HasField("shape"):
-            return [d.dim_param or d.dim_value or None for d in info.type.tensor_type.shape.dim]
-    return None
+        if info.type.tensor_type.HasField("shape"):
+            shapes.setdefault(info.name, [d.dim_param or d.dim_value or None for d in info.type.tensor_type.shape.dim])
+    return shapes
 
 
-def _rank(graph: onnx.GraphProto, name: str) -> int | None:
-    shape = _shape(graph, name)
-    return None if shape is None else len(shape)
-
-
-def _gate_nodes(graph: onnx.GraphProto, product: onnx.NodeProto, readers: dict, outputs: set,
-                initializers: dict) -> list[onnx.NodeProto] | None:
+def _gate_nodes(product: onnx.NodeProto, readers: dict, outputs: set, initializers: dict,
+                shapes: dict[str, list]) -> list[onnx.NodeProto] | None:
     """[Split, Sigmoid, Mul (silu), Mul (silu x up)] after `product` when they compute silu(gate) x up of its
     halves and nothing else reads what they make on the way; else None."""
     n = _attrs(product)["N"]
@@ -91,7 +87,8 @@ def _gate_nodes(graph: onnx.GraphProto, product: onnx.NodeProto, readers: dict, 
     if n % GATE_PAIR or y in outputs or len(readers.get(y, [])) != 1:
         return None
     split = readers[y][0]
-    if not _halves(split, n, _rank(graph, y) or _rank(graph, product.input[0]), initializers):
+    shape = shapes.get(y) or shapes.get(product.input[0])
+    if not _halves(split, n, None if shape is None else len(shape), initializers):
         return None
     gate, up = split.output
     sigmoids = [r for r in readers.get(gate, []) if r.op_type == "Sigmoid"]
@@ -116,11 +113,12 @@ def gated_graph(model: onnx.ModelProto) -> int:
     initializers = {t.name: t for t in graph.initializer}
     readers = _readers(graph)
     outputs = {o.name for o in graph.output}
+    shapes = _shapes(graph)
     gone, added, count = set(), [], 0
     for node in graph.node:
         if not _product(node) or not all(name in initializers for name in node.input[1:]):
             continue
-        gate = _gate_nodes(graph, node, readers, outputs, initializers)
+        gate = _gate_nodes(node, readers, outputs, initializers, shapes)
         if gate is None:
             continue
         names = [f"{name}.gated" for name in node.input[1:]]
@@ -147,6 +145,7 @@ def residual_graph(model: onnx.ModelProto) -> int:
     graph = model.graph
     readers = _readers(graph)
     outputs = {o.name for o in graph.output}
+    shapes = _shapes(graph)
     fused: dict[int, onnx.NodeProto] = {}  # NOTE: id of each Add -> its product, which takes the Add's place
     gone = set()
     for node in graph.node:
@@ -160,8 +159,8 @@ def residual_graph(model: onnx.ModelProto) -> int:
         others = [name for name in add.input if name != y]
         if len(add.input) != 2 or len(others) != 1:
             continue
-        shape = _shape(graph, y)
-        if shape is None or None in shape or _shape(graph, others[0]) != shape:
+        shape = shapes.get(y)
+        if shape is None or None in shape or shapes.get(others[0]) != shape:
             continue
         node.input.append(others[0])
         node.output[0] = add.output[0]
