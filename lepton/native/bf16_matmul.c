@@ -15,8 +15,11 @@
  * vdpbf16ps' definition; each product of two bfloat16 values is exact in float32); a processor may round
  * the pair's sum once instead of twice, so paths agree to float32 rounding, not bit for bit.
  *
- * Work: the rows of A are rounded once (on ONNX Runtime's intra-op threads when there are many), then each
- * task computes one panel of 16 outputs for up to 64 rows, 8 rows at a time (8 accumulators in registers).
+ * Work: the rows of A are rounded once (on ONNX Runtime's intra-op threads when there are many) into tiles of
+ * rows (pair j of a tile's rows side by side), then each task computes one panel of 16 outputs for up to 64
+ * rows: a product of at most 16 rows (decodes) in one pass over the panel (16 accumulators in registers),
+ * more rows 8 at a time (their panel read again from the first-level cache). The panel is prefetched 4 KB
+ * ahead: at 16 rows a pass consumes its weights slowly enough that 1 KB ahead arrives late.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -27,7 +30,7 @@
 #include "bf16.h"
 #include "ort.h"
 
-enum { LANES = 16, PAIR_BYTES = 2 * LANES * 2, ROW_CHUNK = 64, CONVERT_ROWS = 16, PREFETCH_BYTES = 1024 };
+enum { LANES = 16, PAIR_BYTES = 2 * LANES * 2, ROW_CHUNK = 64, CONVERT_ROWS = 16, TILE_ROWS = 16, PREFETCH_BYTES = 4096 };
 #define OP "MatMulBF16"
 
 typedef struct BProduct BProduct;
@@ -46,18 +49,35 @@ struct BProduct {
     const float *a;
     const uint16_t *b;
     float *y;
-    uint32_t *pairs; /* [rows, K / 2]: each row's inputs as bfloat16 pairs (low half the even input) */
-    int64_t rows, k, n, pairs_per_row, panels, chunks;
+    uint32_t *pairs; /* each row's inputs as bfloat16 pairs (low half the even input), in tiles of tile_rows rows:
+                      * [tiles, K / 2, tile_rows], so that a tile's rows are one pointer and constant offsets */
+    int64_t rows, k, n, pairs_per_row, panels, chunks, tile_rows;
     const float *residual;       /* NULL, or R [rows, N]: Y = R + A W^T */
     int64_t gated, row0, panel0; /* gated: Y [rows, N / 2] = silu(gate) x up (ort.h PRODUCT_TASK) */
     BTileFn tile;
 };
 
-/* Rows [CONVERT_ROWS x task, ...) of A as bfloat16 pairs. */
+/* Row m's pairs: its tile's [K / 2, tile rows] block, the row's column of it. */
+static inline uint32_t *row_pairs(const BProduct *pr, int64_t m) {
+    return pr->pairs + (m / pr->tile_rows) * pr->pairs_per_row * pr->tile_rows + m % pr->tile_rows;
+}
+
+/* Row m's pairs from `count` (at most 16) pairs converted into `pairs`, the first being pair j. */
+static inline void put_pairs(const BProduct *pr, uint32_t *row, int64_t j, const uint32_t *pairs, int64_t count) {
+    for (int64_t i = 0; i < count; i++) row[(j + i) * pr->tile_rows] = pairs[i];
+}
+
+/* Rows [CONVERT_ROWS x task, ...) of A as bfloat16 pairs, into their tiles. */
 static void convert_rows_generic(void *data, size_t task) {
     const BProduct *pr = data;
-    for (int64_t m = (int64_t)task * CONVERT_ROWS; m < range_end((int64_t)task, CONVERT_ROWS, pr->rows); m++)
-        bf16_pairs(pr->a + m * pr->k, pr->pairs + m * pr->pairs_per_row, 0, pr->k);
+    for (int64_t m = (int64_t)task * CONVERT_ROWS; m < range_end((int64_t)task, CONVERT_ROWS, pr->rows); m++) {
+        uint32_t *row = row_pairs(pr, m), pairs[LANES];
+        for (int64_t i = 0; i < pr->k; i += 2 * LANES) {
+            const int64_t end = i + 2 * LANES < pr->k ? i + 2 * LANES : pr->k;
+            bf16_pairs(pr->a + m * pr->k + i, pairs, 0, end - i);
+            put_pairs(pr, row, i / 2, pairs, (end - i) / 2);
+        }
+    }
 }
 
 static inline void store(const BProduct *pr, int64_t panel, int64_t m, const float *acc) { STORE_PANEL(pr, panel, m, acc); }
@@ -66,10 +86,11 @@ static inline void store(const BProduct *pr, int64_t panel, int64_t m, const flo
 static void tile_generic(const BProduct *pr, int64_t panel, int64_t m0, int64_t m1) {
     const uint16_t *w = pr->b + panel * pr->pairs_per_row * 2 * LANES;
     for (int64_t m = m0; m < m1; m++) {
-        const uint32_t *p = pr->pairs + m * pr->pairs_per_row;
+        const uint32_t *p = row_pairs(pr, m);
         float acc[LANES] = {0};
         for (int64_t j = 0; j < pr->pairs_per_row; j++) {
-            const float lo = from_bf16((uint16_t)(p[j] & 0xffffu)), hi = from_bf16((uint16_t)(p[j] >> 16));
+            const uint32_t pj = p[j * pr->tile_rows];
+            const float lo = from_bf16((uint16_t)(pj & 0xffffu)), hi = from_bf16((uint16_t)(pj >> 16));
             const uint16_t *wj = w + j * 2 * LANES;
             for (int l = 0; l < LANES; l++) {
                 acc[l] = fmaf(hi, from_bf16(wj[2 * l + 1]), acc[l]);
@@ -83,28 +104,41 @@ static void tile_generic(const BProduct *pr, int64_t panel, int64_t m0, int64_t 
 /* convert_rows_generic with vcvtne2ps2bf16 (the same bits). */
 BF16 static void convert_rows_bf16(void *data, size_t task) {
     const BProduct *pr = data;
-    for (int64_t m = (int64_t)task * CONVERT_ROWS; m < range_end((int64_t)task, CONVERT_ROWS, pr->rows); m++)
-        bf16_pairs_avx512(pr->a + m * pr->k, pr->pairs + m * pr->pairs_per_row, pr->k);
+    for (int64_t m = (int64_t)task * CONVERT_ROWS; m < range_end((int64_t)task, CONVERT_ROWS, pr->rows); m++) {
+        uint32_t *row = row_pairs(pr, m), pairs[LANES];
+        if (pr->tile_rows == 1) {
+            bf16_pairs_avx512(pr->a + m * pr->k, row, pr->k);
+            continue;
+        }
+        for (int64_t i = 0; i < pr->k; i += 2 * LANES) {
+            const int64_t end = i + 2 * LANES < pr->k ? i + 2 * LANES : pr->k;
+            bf16_pairs_avx512(pr->a + m * pr->k + i, pairs, end - i);
+            put_pairs(pr, row, i / 2, pairs, (end - i) / 2);
+        }
+    }
 }
 
 /* AVX-512 BF16: vdpbf16ps of the 64 bytes of a pair (16 outputs x 2 inputs) with each row's pair
- * broadcast, `mt` rows at a time. */
+ * broadcast, `mt` rows (of one tile) at a time. */
 static inline __attribute__((always_inline)) BF16 void bf16_rows(const BProduct *pr, int64_t panel, int64_t m, const int mt) {
     const uint8_t *w = (const uint8_t *)(pr->b + panel * pr->pairs_per_row * 2 * LANES);
-    const uint32_t *p = pr->pairs + m * pr->pairs_per_row;
-    __m512 acc[15]; /* NOTE: 8 rows at most are asked for (ROWS_AT_A_TIME's other cases are never taken) */
+    const uint32_t *p = row_pairs(pr, m);
+    const int64_t stride = pr->tile_rows;
+    __m512 acc[16];
     for (int i = 0; i < mt; i++) acc[i] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < pr->pairs_per_row; j++) {
+    for (int64_t j = 0; j < pr->pairs_per_row; j++, p += stride) {
         _mm_prefetch((const char *)(w + j * PAIR_BYTES + PREFETCH_BYTES), _MM_HINT_T0);
         const __m512bh wj = (__m512bh)_mm512_loadu_si512((const void *)(w + j * PAIR_BYTES));
-        for (int i = 0; i < mt; i++)
-            acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32((int)p[i * pr->pairs_per_row + j]), wj);
+        for (int i = 0; i < mt; i++) acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32((int)p[i]), wj);
     }
     STORE_ROWS(pr, panel, m, acc, mt);
 }
 
 BF16 static void tile_bf16(const BProduct *pr, int64_t panel, int64_t m0, int64_t m1) {
-    ROWS_AT_A_TIME(bf16_rows, pr, panel, m0, m1, 8);
+    if (pr->rows <= TILE_ROWS) /* NOTE: decodes: one pass over the panel (the tile is all the rows) */
+        ROWS_AT_A_TIME(bf16_rows, pr, panel, m0, m1, TILE_ROWS);
+    else
+        ROWS_AT_A_TIME(bf16_rows, pr, panel, m0, m1, 8);
 }
 
 PRODUCT_TASK(BProduct)
@@ -124,7 +158,9 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     TRY(product_output(OP, context, a_dims, a_rank, pr.k, pr.gated ? pr.n / 2 : pr.n, &pr.rows, &pr.y));
     TRY(residual_input(OP, context, 2, a_dims, a_rank, pr.n, pr.gated, &pr.residual));
     if (pr.rows == 0) return NULL;
-    pr.pairs = malloc((size_t)(pr.rows * pr.pairs_per_row) * sizeof(uint32_t));
+    pr.tile_rows = pr.rows <= TILE_ROWS ? pr.rows : 8;
+    const int64_t padded = (pr.rows + pr.tile_rows - 1) / pr.tile_rows * pr.tile_rows; /* NOTE: the last tile's rows past `rows` are never read */
+    pr.pairs = malloc((size_t)(padded * pr.pairs_per_row) * sizeof(uint32_t));
     if (!pr.pairs) return out_of_memory(OP);
     pr.tile = kernel->tile;
     pr.chunks = (pr.rows + ROW_CHUNK - 1) / ROW_CHUNK;

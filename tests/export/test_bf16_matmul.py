@@ -51,6 +51,8 @@ CASES = {  # name: (K, N, rows shape)
     "one pair, one output": (2, 1, (1,)),
     "N not a multiple of 16": (64, 40, (3,)),
     "SmolLM2's qkv, 16 decodes": (576, 960, (16,)),
+    "13 rows in one pass, K not a multiple of 32": (100, 40, (13,)),
+    "17 rows: tiles of 8, the last of 1": (66, 20, (17,)),
     "SmolLM2's down_proj, rank 3": (1536, 576, (2, 9)),
     "130 rows: chunks and tile remainders": (96, 33, (130,)),
 }
