@@ -53,4 +53,25 @@ static inline BF16 void bf16_pairs_avx512(const float *x, uint32_t *p, int64_t k
     bf16_pairs(x, p, i, k);
 }
 
+/* x[0 .. k) (k even) as pairs p[0], p[stride], p[2 stride], ...: one row of a tile of `stride` rows whose pair j
+ * lies side by side for all its rows (what the products' row tiles hold). */
+static inline void bf16_pairs_strided(const float *x, uint32_t *p, int64_t k, int64_t stride) {
+    for (int64_t i = 0; i < k; i += 2) p[i / 2 * stride] = (uint32_t)to_bf16(x[i]) | (uint32_t)to_bf16(x[i + 1]) << 16;
+}
+
+/* bf16_pairs_strided with vcvtne2ps2bf16, 32 inputs at a time (the same bits). */
+static inline BF16 void bf16_pairs_strided_avx512(const float *x, uint32_t *p, int64_t k, int64_t stride) {
+    if (stride == 1) {
+        bf16_pairs_avx512(x, p, k);
+        return;
+    }
+    int64_t i = 0;
+    uint32_t pairs[16];
+    for (; i + 32 <= k; i += 32) {
+        _mm512_storeu_si512((void *)pairs, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i)));
+        for (int l = 0; l < 16; l++) p[(i / 2 + l) * stride] = pairs[l];
+    }
+    bf16_pairs_strided(x + i, p + i / 2 * stride, k - i, stride);
+}
+
 #endif

@@ -62,22 +62,11 @@ static inline uint32_t *row_pairs(const BProduct *pr, int64_t m) {
     return pr->pairs + (m / pr->tile_rows) * pr->pairs_per_row * pr->tile_rows + m % pr->tile_rows;
 }
 
-/* Row m's pairs from `count` (at most 16) pairs converted into `pairs`, the first being pair j. */
-static inline void put_pairs(const BProduct *pr, uint32_t *row, int64_t j, const uint32_t *pairs, int64_t count) {
-    for (int64_t i = 0; i < count; i++) row[(j + i) * pr->tile_rows] = pairs[i];
-}
-
 /* Rows [CONVERT_ROWS x task, ...) of A as bfloat16 pairs, into their tiles. */
 static void convert_rows_generic(void *data, size_t task) {
     const BProduct *pr = data;
-    for (int64_t m = (int64_t)task * CONVERT_ROWS; m < range_end((int64_t)task, CONVERT_ROWS, pr->rows); m++) {
-        uint32_t *row = row_pairs(pr, m), pairs[LANES];
-        for (int64_t i = 0; i < pr->k; i += 2 * LANES) {
-            const int64_t end = i + 2 * LANES < pr->k ? i + 2 * LANES : pr->k;
-            bf16_pairs(pr->a + m * pr->k + i, pairs, 0, end - i);
-            put_pairs(pr, row, i / 2, pairs, (end - i) / 2);
-        }
-    }
+    for (int64_t m = (int64_t)task * CONVERT_ROWS; m < range_end((int64_t)task, CONVERT_ROWS, pr->rows); m++)
+        bf16_pairs_strided(pr->a + m * pr->k, row_pairs(pr, m), pr->k, pr->tile_rows);
 }
 
 static inline void store(const BProduct *pr, int64_t panel, int64_t m, const float *acc) { STORE_PANEL(pr, panel, m, acc); }
@@ -104,18 +93,8 @@ static void tile_generic(const BProduct *pr, int64_t panel, int64_t m0, int64_t 
 /* convert_rows_generic with vcvtne2ps2bf16 (the same bits). */
 BF16 static void convert_rows_bf16(void *data, size_t task) {
     const BProduct *pr = data;
-    for (int64_t m = (int64_t)task * CONVERT_ROWS; m < range_end((int64_t)task, CONVERT_ROWS, pr->rows); m++) {
-        uint32_t *row = row_pairs(pr, m), pairs[LANES];
-        if (pr->tile_rows == 1) {
-            bf16_pairs_avx512(pr->a + m * pr->k, row, pr->k);
-            continue;
-        }
-        for (int64_t i = 0; i < pr->k; i += 2 * LANES) {
-            const int64_t end = i + 2 * LANES < pr->k ? i + 2 * LANES : pr->k;
-            bf16_pairs_avx512(pr->a + m * pr->k + i, pairs, end - i);
-            put_pairs(pr, row, i / 2, pairs, (end - i) / 2);
-        }
-    }
+    for (int64_t m = (int64_t)task * CONVERT_ROWS; m < range_end((int64_t)task, CONVERT_ROWS, pr->rows); m++)
+        bf16_pairs_strided_avx512(pr->a + m * pr->k, row_pairs(pr, m), pr->k, pr->tile_rows);
 }
 
 /* AVX-512 BF16: vdpbf16ps of the 64 bytes of a pair (16 outputs x 2 inputs) with each row's pair
