@@ -1,13 +1,18 @@
 """Time one decode step's weight products alone: SmolLM2-135M's 30 layers (qkv 576x960, o 576x576, gate_up
 576x3072, down 1536x576) and its lm_head (576x49152), each with weights of its own (out of cache, as in a
 step), as one ONNX Runtime graph of Lepton's MatMulBF16, MatMulQ8 or MatMulQ4 nodes or float32 Gemms (MLAS).
-q4 is what a q4_1 export is served with: the layers' MatMulQ4, the lm_head's MatMulBF16; q4-int8 the same with
-int8 activations (MatMulQ4's int8 = 1: a q4_1 export at accuracy level 4).
+q4: the layers' MatMulQ4 with bfloat16 activations and the lm_head's MatMulBF16; q4-int8 the same with int8
+activations (MatMulQ4's int8 = 1, accuracy level 4; the q4_1 preset serves 90 of its 120 layer products so, 30
+with bfloat16 activations, and its lm_head in 8 bits, MatMulQ8).
 
     python -m benchmarks.products --kind bf16 --rows 1,16,128
 
 Random weights (only the speed is measured); 2 intra-op threads spinning at most 100 us, as the runner
-computes. Run the kinds one after another, alternating, several times: this machine's speed drifts.
+computes. Run the kinds one after another, alternating, several times: this machine's speed drifts. To compare
+builds of the operators, give each with --library: one process alternates between them, --rounds times:
+
+    python -m benchmarks.products --kind bf16 --rows 1,16,128 --library /tmp/old.so --library \
+        lepton/native/liblepton_ops.so --rounds 4
 """
 
 from __future__ import annotations
@@ -66,30 +71,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default="1,16,128", help="rows (tokens) of each timed run, comma separated")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--library", type=Path, default=LIBRARY, help="the operators' library (another build to compare)")
+    parser.add_argument("--library", type=Path, action="append",
+                        help="the operators' library (default: lepton.native's); given several times, each gets a "
+                             "session of its own and the runs alternate between them, round after round")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of every rows count on every library")
     args = parser.parse_args(argv)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
-    options.add_session_config_entry("session.intra_op.spin_duration_us", "100")
-    if args.kind != "fp32":
-        if not args.library.is_file():
-            sys.exit(f"benchmarks.products: {args.library} is not built (scripts/build_native.sh)")
-        options.register_custom_ops_library(str(args.library))
-    session = ort.InferenceSession(products_model(args.kind).SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    libraries = args.library or [LIBRARY]
+    sessions = [session(args.kind, library, args.threads) for library in libraries]
     rng = np.random.default_rng(1)
-    line = []
-    for rows in (int(r) for r in args.rows.split(",")):
-        feeds = {f"a{k}": rng.standard_normal((rows, k)).astype(np.float32) for k in (576, 1536)}
-        session.run(None, feeds)
-        times = []
-        for _ in range(args.repeats):
-            started = time.perf_counter()
-            session.run(None, feeds)
-            times.append((time.perf_counter() - started) * 1e3)
-        line.append(f"{rows} rows {statistics.median(times):.2f} ms (min {min(times):.2f})")
-    print(f"{args.kind}: " + ", ".join(line), flush=True)
+    rows_list = [int(r) for r in args.rows.split(",")]
+    feeds = {rows: {f"a{k}": rng.standard_normal((rows, k)).astype(np.float32) for k in (576, 1536)} for rows in rows_list}
+    medians: dict[tuple[int, int], list[float]] = {}
+    for _ in range(args.rounds):
+        for rows in rows_list:
+            for index, sess in enumerate(sessions):
+                medians.setdefault((index, rows), []).append(time_runs(sess, feeds[rows], args.repeats))
+    for index, library in enumerate(libraries):
+        name = "" if len(libraries) == 1 else f" [{library}]"
+        print(f"{args.kind}{name}: " + ", ".join(
+            f"{rows} rows {statistics.median(medians[index, rows]):.2f} ms"
+            + (f" (rounds {' '.join(f'{t:.2f}' for t in medians[index, rows])})" if args.rounds > 1 else "")
+            for rows in rows_list), flush=True)
     return 0
+
+
+def session(kind: str, library: Path, threads: int) -> ort.InferenceSession:
+    """The products of `kind` in a session with `threads` intra-op threads spinning at most 100 us."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.spin_duration_us", "100")
+    if kind != "fp32":
+        if not library.is_file():
+            sys.exit(f"benchmarks.products: {library} is not built (scripts/build_native.sh)")
+        options.register_custom_ops_library(str(library))
+    return ort.InferenceSession(products_model(kind).SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def time_runs(sess: ort.InferenceSession, feeds: dict, repeats: int) -> float:
+    """The median ms of `repeats` runs after one untimed run."""
+    sess.run(None, feeds)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        sess.run(None, feeds)
+        times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times)
 
 
 if __name__ == "__main__":
