@@ -38,9 +38,15 @@ static inline float from_bf16(uint16_t h) {
     return x;
 }
 
+/* x[0 .. k) (k even) as pairs p[0], p[stride], p[2 stride], ...: one row of a tile of `stride` rows whose pair j
+ * lies side by side for all its rows (what the products' row tiles hold); stride 1: a row on its own. */
+static inline void bf16_pairs_strided(const float *x, uint32_t *p, int64_t k, int64_t stride) {
+    for (int64_t i = 0; i < k; i += 2) p[i / 2 * stride] = (uint32_t)to_bf16(x[i]) | (uint32_t)to_bf16(x[i + 1]) << 16;
+}
+
 /* x[from .. k) (from and k even) as bfloat16 pairs p[from / 2 ..). */
 static inline void bf16_pairs(const float *x, uint32_t *p, int64_t from, int64_t k) {
-    for (int64_t i = from; i < k; i += 2) p[i / 2] = (uint32_t)to_bf16(x[i]) | (uint32_t)to_bf16(x[i + 1]) << 16;
+    bf16_pairs_strided(x + from, p + from / 2, k - from, 1);
 }
 
 /* bf16_pairs with vcvtne2ps2bf16, 32 inputs at a time (the same bits). */
@@ -51,12 +57,6 @@ static inline BF16 void bf16_pairs_avx512(const float *x, uint32_t *p, int64_t k
         _mm512_storeu_si512((void *)(p + i / 2), (__m512i)h);
     }
     bf16_pairs(x, p, i, k);
-}
-
-/* x[0 .. k) (k even) as pairs p[0], p[stride], p[2 stride], ...: one row of a tile of `stride` rows whose pair j
- * lies side by side for all its rows (what the products' row tiles hold). */
-static inline void bf16_pairs_strided(const float *x, uint32_t *p, int64_t k, int64_t stride) {
-    for (int64_t i = 0; i < k; i += 2) p[i / 2 * stride] = (uint32_t)to_bf16(x[i]) | (uint32_t)to_bf16(x[i + 1]) << 16;
 }
 
 /* bf16_pairs_strided with vcvtne2ps2bf16, 32 inputs at a time (the same bits). */

@@ -30,7 +30,10 @@
 #include "bf16.h"
 #include "ort.h"
 
-enum { LANES = 16, PAIR_BYTES = 2 * LANES * 2, ROW_CHUNK = 64, CONVERT_ROWS = 16, TILE_ROWS = 16, PREFETCH_BYTES = 4096 };
+enum { LANES = 16, PAIR_BYTES = 2 * LANES * 2, ROW_CHUNK = 64, CONVERT_ROWS = 16, PREFETCH_BYTES = 4096 };
+/* Row tiles: all the rows of a product of at most TILE_ROWS (a decode step's, taken in one pass over each
+ * panel), else PASS_ROWS (a prompt's, taken that many at a time, each tile one pass). */
+enum { TILE_ROWS = 16, PASS_ROWS = 8 };
 #define OP "MatMulBF16"
 
 typedef struct BProduct BProduct;
@@ -117,7 +120,7 @@ BF16 static void tile_bf16(const BProduct *pr, int64_t panel, int64_t m0, int64_
     if (pr->rows <= TILE_ROWS) /* NOTE: decodes: one pass over the panel (the tile is all the rows) */
         ROWS_AT_A_TIME(bf16_rows, pr, panel, m0, m1, TILE_ROWS);
     else
-        ROWS_AT_A_TIME(bf16_rows, pr, panel, m0, m1, 8);
+        ROWS_AT_A_TIME(bf16_rows, pr, panel, m0, m1, PASS_ROWS);
 }
 
 PRODUCT_TASK(BProduct)
@@ -137,7 +140,7 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     TRY(product_output(OP, context, a_dims, a_rank, pr.k, pr.gated ? pr.n / 2 : pr.n, &pr.rows, &pr.y));
     TRY(residual_input(OP, context, 2, a_dims, a_rank, pr.n, pr.gated, &pr.residual));
     if (pr.rows == 0) return NULL;
-    pr.tile_rows = pr.rows <= TILE_ROWS ? pr.rows : 8;
+    pr.tile_rows = pr.rows <= TILE_ROWS ? pr.rows : PASS_ROWS;
     const int64_t padded = (pr.rows + pr.tile_rows - 1) / pr.tile_rows * pr.tile_rows; /* NOTE: the last tile's rows past `rows` are never read */
     pr.pairs = malloc((size_t)(padded * pr.pairs_per_row) * sizeof(uint32_t));
     if (!pr.pairs) return out_of_memory(OP);
