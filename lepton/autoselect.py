@@ -105,7 +105,8 @@ def fingerprint(model_dir: Path, runner: str = "torch") -> str:
     stamp = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]
     package = Path(__file__).resolve().parent
     sources = ([package / "runners" / "bf16_graph.py", package / "native" / "bf16_matmul.c", package / "native" / "bf16.h",
-                package / "runners" / "epilogue_graph.py", package / "native" / "ort.h",
+                package / "runners" / "epilogue_graph.py", package / "runners" / "norm_graph.py",
+                package / "runners" / "slot_graph.py", package / "native" / "ort.h",
                 package / "native" / "slot_attention.c", package / "native" / "half.h",
                 package / "runners" / "slot_runner.py"]
                if runner == "onnxruntime" else [*package.glob("models/*.py"), package / "runners" / "torch_runner.py"])

@@ -8,6 +8,8 @@
  * rewrites the graph): panels of 16 outputs, each pair of inputs as 16 outputs x 2 = 64 bytes, so that
  * one vdpbf16ps advances 16 outputs by 2 inputs with the row's 2 inputs broadcast.
  *
+ * Two optional inputs come after the weights (ort.h): R float [..., N], Y = R + A W^T; G float [K], the RMS norm's weight: A's rows
+ * normalized first, x g / sqrt(mean(x^2) + epsilon) (attribute epsilon, default 1e-5; lepton/runners/norm_graph.py).
  * Inputs: A float [..., K]; B uint16 (bfloat16 bits) [ceil(N / 16), K / 2, 32]. Attributes: K (even), N;
  * isa (optional): 0 = the best this processor runs, 1 = plain C, 3 = AVX-512 BF16. Every path rounds A the
  * same (vcvtne2ps2bf16's rounding: nearest even, NaN quiet, denormals flushed to zero) and computes,
@@ -43,7 +45,8 @@ typedef void (*ConvertFn)(void *data, size_t task);
 
 typedef struct {
     int64_t k, n;
-    int gated; /* attribute gated = 1 */
+    int gated;     /* attribute gated = 1 */
+    float epsilon; /* the RMS norm's (input 3, optional) */
     BTileFn tile;
     ConvertFn convert;
 } BKernel;
@@ -140,15 +143,21 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     TRY(product_output(OP, context, a_dims, a_rank, pr.k, pr.gated ? pr.n / 2 : pr.n, &pr.rows, &pr.y));
     TRY(residual_input(OP, context, 2, a_dims, a_rank, pr.n, pr.gated, &pr.residual));
     if (pr.rows == 0) return NULL;
+    float *normed = NULL;
+    TRY(normalized_input(OP, context, 3, pr.rows, pr.k, kernel->epsilon, &pr.a, &normed));
     pr.tile_rows = pr.rows <= TILE_ROWS ? pr.rows : PASS_ROWS;
     const int64_t padded = (pr.rows + pr.tile_rows - 1) / pr.tile_rows * pr.tile_rows; /* NOTE: the last tile's rows past `rows` are never read */
     pr.pairs = malloc((size_t)(padded * pr.pairs_per_row) * sizeof(uint32_t));
-    if (!pr.pairs) return out_of_memory(OP);
+    if (!pr.pairs) {
+        free(normed);
+        return out_of_memory(OP);
+    }
     pr.tile = kernel->tile;
     pr.chunks = (pr.rows + ROW_CHUNK - 1) / ROW_CHUNK;
     prepare_then_multiply(context, kernel->convert, (size_t)((pr.rows + CONVERT_ROWS - 1) / CONVERT_ROWS), pr.rows * pr.k,
                           product_task, product_tasks(&pr), &pr);
     free(pr.pairs);
+    free(normed);
     return NULL;
 }
 
@@ -159,6 +168,7 @@ static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const O
     int isa = 0;
     OrtStatus *status = product_attributes(OP, info, 2, "K = %lld is not a positive even number (inputs go in pairs of %lld)",
                                            bf16_runs, bf16_best_isa(), "1 plain C, 3 AVX-512 BF16", &kernel->k, &kernel->n, &isa, &kernel->gated);
+    if (!status) status = norm_epsilon(OP, info, &kernel->epsilon);
     if (status) {
         free(kernel);
         return status;
@@ -174,4 +184,4 @@ static int input_type(const CustomOp *op, size_t index) {
     return index == 1 ? ELEMENT_UINT16 : ELEMENT_FLOAT;
 }
 
-PRODUCT_OPERATOR(lepton_bf16_matmul, OP, 3, input_type, create_kernel, compute);
+PRODUCT_OPERATOR(lepton_bf16_matmul, OP, 4, input_type, create_kernel, compute);

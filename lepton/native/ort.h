@@ -225,12 +225,12 @@ static inline void free_kernel(void *kernel) { free(kernel); }
 #define TYPED_OPERATOR(var, name, inputs, outputs, input_type_fn, output_type_fn, create_fn, compute_fn) \
     OPERATOR_WITH(var, name, inputs, outputs, input_type_fn, output_type_fn, required, create_fn, compute_fn)
 
-/* A weight product `var` named `name`: `inputs` inputs (types from input_type_fn), the last of them optional
- * (the residual R), one float output. */
+/* A weight product `var` named `name`: `inputs` inputs (types from input_type_fn), the last two of them optional
+ * (the residual R, then the RMS norm's weight G), one float output. */
 #define PRODUCT_OPERATOR(var, name, inputs, input_type_fn, create_fn, compute_fn)                          \
     static int var##_characteristic(const CustomOp *op, size_t index) {                                  \
         (void)op;                                                                                        \
-        return index + 1 == (inputs) ? OPTIONAL : REQUIRED;                                              \
+        return index + 2 >= (inputs) ? OPTIONAL : REQUIRED;                                              \
     }                                                                                                    \
     OPERATOR_WITH(var, name, inputs, 1, input_type_fn, float_output, var##_characteristic, create_fn, compute_fn)
 
@@ -429,6 +429,86 @@ static inline OrtStatus *product_attributes(const char *op, const OrtKernelInfo 
                  op, isas);
         return invalid(format, asked, best);
     }
+    return NULL;
+}
+
+/* ---- the RMS norm before a product: A's rows normalized as the product reads them ----------------- */
+
+/* The optional attribute epsilon of a product's norm (1e-5, ONNX's SimplifiedLayerNormalization's, when the node
+ * has none), which must be a positive finite number. */
+static inline OrtStatus *norm_epsilon(const char *op, const OrtKernelInfo *info, float *epsilon) {
+    *epsilon = 1e-5f;
+    OrtStatus *status = API(GetAttributeFloatFn, API_KERNEL_INFO_GET_ATTRIBUTE_FLOAT)(info, "epsilon", epsilon);
+    if (status) { /* NOTE: no such attribute: the default */
+        API(ReleaseStatusFn, API_RELEASE_STATUS)(status);
+        *epsilon = 1e-5f;
+    }
+    if (!(*epsilon > 0.0f && *epsilon < 1e30f)) {
+        char message[160];
+        snprintf(message, sizeof message, "%s: epsilon = %g, expected a positive number (the RMS norm's)", op, (double)*epsilon);
+        return API(CreateStatusFn, API_CREATE_STATUS)(STATUS_INVALID_ARGUMENT, message);
+    }
+    return NULL;
+}
+
+enum { NORM_ROWS = 16 };
+
+typedef struct {
+    const float *x, *g;
+    float *out;
+    int64_t rows, k;
+    float epsilon;
+} NormRows;
+
+/* Rows [NORM_ROWS x task, ...): out = x g / sqrt(mean(x^2) + epsilon), the sum of squares in float64 (eight
+ * running sums, then theirs), as ONNX Runtime's SimplifiedLayerNormalization sums them; x / r then times g in
+ * float32. */
+static void norm_rows(void *data, size_t task) {
+    const NormRows *nr = data;
+    const int64_t k = nr->k;
+    for (int64_t m = (int64_t)task * NORM_ROWS; m < range_end((int64_t)task, NORM_ROWS, nr->rows); m++) {
+        const float *x = nr->x + m * k;
+        float *out = nr->out + m * k;
+        double part[8] = {0}, squares = 0.0;
+        int64_t j = 0;
+        for (; j + 8 <= k; j += 8)
+            for (int l = 0; l < 8; l++) part[l] += (double)x[j + l] * (double)x[j + l];
+        for (; j < k; j++) part[0] += (double)x[j] * (double)x[j];
+        for (int l = 0; l < 8; l++) squares += part[l];
+        /* NOTE: sqrtsd itself: the argument is at least epsilon > 0, and the library needs no libm for it */
+        const float r = (float)_mm_cvtsd_f64(_mm_sqrt_sd(_mm_setzero_pd(), _mm_set_sd(squares / (double)k + (double)nr->epsilon)));
+        for (j = 0; j < k; j++) out[j] = x[j] / r * nr->g[j];
+    }
+}
+
+/* The optional RMS norm's weight G [K], input `index`: when the node has it, *a (rows x K values) becomes a copy
+ * of its rows normalized, x g / sqrt(mean(x^2) + epsilon), in *normed (the caller frees it; NULL without a norm).
+ * What the export's Pow, ReduceMean, Add, Sqrt, Div and Mul (or ONNX Runtime's SimplifiedLayerNormalization)
+ * compute before the product, in the product's own node (lepton/runners/norm_graph.py). */
+static inline OrtStatus *normalized_input(const char *op, OrtKernelContext *context, size_t index, int64_t rows, int64_t k,
+                                          float epsilon, const float **a, float **normed) {
+    const OrtValue *value = NULL;
+    *normed = NULL;
+    TRY(API(GetInputFn, API_KERNEL_CONTEXT_GET_INPUT)(context, index, &value));
+    if (!value) return NULL;
+    int64_t dims[4];
+    size_t count = 0;
+    TRY(shape_of(op, value, dims, 4, &count));
+    if (count != 1 || dims[0] != k) {
+        char format[160];
+        snprintf(format, sizeof format, count != 1 ? "%s: the norm's weight (input %zu) has rank %%lld, expected %%lld"
+                 : "%s: the norm's weight (input %zu) has %%lld values, expected K = %%lld", op, index);
+        return count != 1 ? invalid(format, (long long)count, 1) : invalid(format, dims[0], k);
+    }
+    NormRows nr = {.x = *a, .rows = rows, .k = k, .epsilon = epsilon};
+    TRY(API(GetTensorMutableDataFn, API_GET_TENSOR_MUTABLE_DATA)((OrtValue *)value, (void **)&nr.g));
+    if (!(nr.out = malloc((size_t)(rows * k) * sizeof(float)))) return out_of_memory(op);
+    const size_t tasks = (size_t)((rows + NORM_ROWS - 1) / NORM_ROWS);
+    if (rows * k <= 32768) /* NOTE: as prepare_then_multiply: a few microseconds, not worth waking the pool */
+        for (size_t t = 0; t < tasks; t++) norm_rows(&nr, t);
+    else
+        parallel_for(context, norm_rows, tasks, &nr);
+    *a = *normed = nr.out;
     return NULL;
 }
 

@@ -11,6 +11,8 @@
  * the rounded activations (products of bfloat16 values are exact in float32: the 128 sum(a) cancels to
  * float32 rounding).
  *
+ * Two optional inputs come after the weights (ort.h): R float [..., N], Y = R + A W^T; G float [K], the RMS norm's weight: A's rows
+ * normalized first, x g / sqrt(mean(x^2) + epsilon) (attribute epsilon, default 1e-5; lepton/runners/norm_graph.py).
  * Inputs: A float [..., K]; B uint8 [ceil(N / 16), K / 32, 256] (lepton/runners/q4_graph.py packs it: per
  * panel of 16 outputs and block, 8 groups of 32 bytes, byte 2l + t of group g = q[l][4g + t] |
  * q[l][4g + 2 + t] << 4, so a group's low nibbles are inputs 4g, 4g + 1 and its high ones 4g + 2, 4g + 3 of
@@ -55,8 +57,9 @@ typedef void (*ConvertFn)(void *data, size_t task);
 
 typedef struct {
     int64_t k, n;
-    int gated; /* attribute gated = 1 */
-    int int8; /* 1: int8 activations (accuracy level 4) */
+    int gated;     /* attribute gated = 1 */
+    int int8;      /* 1: int8 activations (accuracy level 4) */
+    float epsilon; /* the RMS norm's (input 5, optional) */
     QTileFn tile;
     ConvertFn convert;
 } QKernel;
@@ -324,10 +327,15 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     TRY(product_output(OP, context, a_dims, a_rank, pr.k, pr.gated ? pr.n / 2 : pr.n, &pr.rows, &pr.y));
     TRY(residual_input(OP, context, 4, a_dims, a_rank, pr.n, pr.gated, &pr.residual));
     if (pr.rows == 0) return NULL;
+    float *normed = NULL;
+    TRY(normalized_input(OP, context, 5, pr.rows, pr.k, kernel->epsilon, &pr.a, &normed));
     const size_t values = (size_t)(pr.rows * pr.blocks);
     char *buffer = kernel->int8 ? malloc(values * (BLOCK + 3 * sizeof(float)))
                                 : malloc((size_t)(pr.rows * pr.pairs_per_row) * sizeof(uint32_t) + values * sizeof(float));
-    if (!buffer) return out_of_memory(OP);
+    if (!buffer) {
+        free(normed);
+        return out_of_memory(OP);
+    }
     if (kernel->int8) { /* NOTE: float and int32 arrays first, the codes after them */
         pr.sums = (float *)buffer;
         pr.ascale = pr.sums + values;
@@ -342,6 +350,7 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     prepare_then_multiply(context, kernel->convert, (size_t)((pr.rows + CONVERT_ROWS - 1) / CONVERT_ROWS), pr.rows * pr.k,
                           product_task, product_tasks(&pr), &pr);
     free(buffer);
+    free(normed);
     return NULL;
 }
 
@@ -369,6 +378,7 @@ static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const O
                                   "int8 = 1: 1 plain C, 3 AVX-512 VNNI", &kernel->k, &kernel->n, &isa, &kernel->gated)
              : product_attributes(OP, info, BLOCK, "K = %lld is not a positive multiple of the block size %lld", bf16_runs,
                                   bf16_best_isa(), "1 plain C, 3 AVX-512 BF16", &kernel->k, &kernel->n, &isa, &kernel->gated);
+    if (!status) status = norm_epsilon(OP, info, &kernel->epsilon);
     if (status) {
         free(kernel);
         return status;
@@ -386,7 +396,7 @@ static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const O
 
 static int input_type(const CustomOp *op, size_t index) {
     (void)op;
-    return index == 1 ? ELEMENT_UINT8 : index == 0 || index == 4 ? ELEMENT_FLOAT : ELEMENT_FLOAT16;
+    return index == 1 ? ELEMENT_UINT8 : index == 0 || index >= 4 ? ELEMENT_FLOAT : ELEMENT_FLOAT16;
 }
 
-PRODUCT_OPERATOR(lepton_q4_matmul, OP, 5, input_type, create_kernel, compute);
+PRODUCT_OPERATOR(lepton_q4_matmul, OP, 6, input_type, create_kernel, compute);

@@ -10,6 +10,8 @@
  * offset of 128 is taken off by starting each block's sums at -128 x the sum of its activations.
  *
  * Inputs: A float [..., K]; B uint8 [ceil(N / 16), K / 32, 512]; scales float [ceil(N / 16), K / 32, 16].
+ * Two optional inputs come after the weights (ort.h): R float [..., N], Y = R + A W^T; G float [K], the RMS norm's weight: A's rows
+ * normalized first, x g / sqrt(mean(x^2) + epsilon) (attribute epsilon, default 1e-5; lepton/runners/norm_graph.py).
  * Attributes: K, N; isa (optional): 0 = the best this processor runs, 1 = plain C, 2 = AVX2, 3 =
  * AVX-512 VNNI (the tests run each; all give the same integers and the same float operations in the
  * same order, so the same bits).
@@ -49,7 +51,8 @@ typedef void (*TileFn)(const Product *pr, int64_t panel, int64_t m0, int64_t m1)
 
 typedef struct {
     int64_t k, n;
-    int gated; /* attribute gated = 1 */
+    int gated;     /* attribute gated = 1 */
+    float epsilon; /* the RMS norm's (input 4, optional) */
     TileFn tile;
 } Kernel;
 
@@ -277,10 +280,15 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     TRY(product_output(OP, context, a_dims, a_rank, pr.k, pr.gated ? pr.n / 2 : pr.n, &pr.rows, &pr.y));
     TRY(residual_input(OP, context, 3, a_dims, a_rank, pr.n, pr.gated, &pr.residual));
     if (pr.rows == 0) return NULL;
+    float *normed = NULL;
+    TRY(normalized_input(OP, context, 4, pr.rows, pr.k, kernel->epsilon, &pr.a, &normed));
     pr.tile_rows = pr.rows < TILE_ROWS ? pr.rows : TILE_ROWS, pr.group_stride = 4 * pr.tile_rows;
     const int64_t padded = (pr.rows + pr.tile_rows - 1) / pr.tile_rows * pr.tile_rows; /* NOTE: the last tile's rows past `rows` are never read */
     char *buffer = malloc((size_t)(padded * pr.k) + (size_t)(padded * pr.blocks) * (sizeof(float) + sizeof(int32_t)));
-    if (!buffer) return out_of_memory(OP);
+    if (!buffer) {
+        free(normed);
+        return out_of_memory(OP);
+    }
     pr.ascale = (float *)buffer;
     pr.offset = (int32_t *)(pr.ascale + padded * pr.blocks);
     pr.aq = (int8_t *)(pr.offset + padded * pr.blocks);
@@ -289,6 +297,7 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     prepare_then_multiply(context, quantize_rows, (size_t)((pr.rows + QUANTIZE_ROWS - 1) / QUANTIZE_ROWS), pr.rows * pr.k,
                           product_task, product_tasks(&pr), &pr);
     free(buffer);
+    free(normed);
     return NULL;
 }
 
@@ -299,6 +308,7 @@ static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const O
     int isa = 0;
     OrtStatus *status = product_attributes(OP, info, BLOCK, "K = %lld is not a positive multiple of the block size %lld",
                                            runs, best_isa(), "1 plain C, 2 AVX2, 3 AVX-512 VNNI", &kernel->k, &kernel->n, &isa, &kernel->gated);
+    if (!status) status = norm_epsilon(OP, info, &kernel->epsilon);
     if (status) {
         free(kernel);
         return status;
@@ -313,4 +323,4 @@ static int input_type(const CustomOp *op, size_t index) {
     return index == 1 ? ELEMENT_UINT8 : ELEMENT_FLOAT;
 }
 
-PRODUCT_OPERATOR(lepton_q8_matmul, OP, 4, input_type, create_kernel, compute);
+PRODUCT_OPERATOR(lepton_q8_matmul, OP, 5, input_type, create_kernel, compute);

@@ -1,7 +1,8 @@
 /* Lepton's slot attention: an ONNX Runtime custom operator (domain "ai.lepton", op "SlotAttention").
  *
  * It computes what com.microsoft GroupQueryAttention computes for the slot graph
- * (lepton/runners/slot_graph.py): packed qkv [B, S, (N + 2 KVH) D], rotate-half rotary on queries and
+ * (lepton/runners/slot_graph.py): packed qkv [B, S, (N + 2 KVH) D] (or its tokens flat, [B x S, (N + 2 KVH) D],
+ * B then being past_key's and the output [B x S, N D]), rotate-half rotary on queries and
  * keys, this step's keys and values written into the caches [B, KVH, M, D] (in place when the past and
  * present caches are one buffer), causal attention over each sequence's cached tokens. ONNX Runtime's
  * CPU kernel runs two small matrix products per (sequence, query head), packing that head's keys each
@@ -598,14 +599,23 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     int64_t qkv_dims[4], key_dims[4], value_dims[4], seq_dims[4], total_dims[4], cos_dims[4], sin_dims[4];
     Step st = {0};
     const int32_t *total;
-    TRY(input(context, 0, (const void **)&st.qkv, qkv_dims, 3));
+    size_t qkv_rank = 0;
+    TRY(get_input("SlotAttention", 7, context, 0, (const void **)&st.qkv, qkv_dims, (size_t)-1, &qkv_rank));
     TRY(input(context, 1, (const void **)&st.past_key, key_dims, 4));
     TRY(input(context, 2, (const void **)&st.past_value, value_dims, 4));
     TRY(input(context, 3, (const void **)&st.seqlens, seq_dims, 1));
     TRY(input(context, 4, (const void **)&total, total_dims, (size_t)-1));
     TRY(input(context, 5, (const void **)&st.cos, cos_dims, 2));
     TRY(input(context, 6, (const void **)&st.sin, sin_dims, 2));
-    st.batch = qkv_dims[0], st.length = qkv_dims[1];
+    if (qkv_rank != 2 && qkv_rank != 3)
+        return invalid("SlotAttention: qkv has rank %lld, expected %lld ([B, S, width]) or 2 ([B x S, width])", (long long)qkv_rank, 3);
+    if (qkv_rank == 2) { /* NOTE: the flat tokens of the product before it: B from the caches, S = rows / B */
+        if (key_dims[0] < 1 || qkv_dims[0] % key_dims[0])
+            return invalid("SlotAttention: qkv has %lld rows, not S rows for each of past_key's %lld sequences", qkv_dims[0], key_dims[0]);
+        st.batch = key_dims[0], st.length = qkv_dims[0] / key_dims[0], qkv_dims[2] = qkv_dims[1];
+    } else {
+        st.batch = qkv_dims[0], st.length = qkv_dims[1];
+    }
     st.heads = kernel->num_heads, st.kv_heads = kernel->kv_heads, st.scale = kernel->scale;
     st.half = kernel->half, st.int8 = kernel->int8, st.keys = kernel->keys, st.narrow = kernel->narrow;
     st.capacity = key_dims[2], st.dim = key_dims[3] - (kernel->int8 ? 4 : 0); /* NOTE: an 8-bit row ends in its scale */
@@ -630,8 +640,8 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
         if (past + fresh > cos_dims[0])
             return invalid("SlotAttention: position %lld is past the rotary tables' %lld", past + fresh - 1, cos_dims[0]);
     }
-    const int64_t out_dims[3] = {st.batch, st.length, st.heads * st.dim};
-    TRY(get_output(context, 0, out_dims, 3, &st.out));
+    const int64_t out_dims[3] = {st.batch, st.length, st.heads * st.dim}, flat_dims[2] = {st.batch * st.length, st.heads * st.dim};
+    TRY(qkv_rank == 2 ? get_output(context, 0, flat_dims, 2, &st.out) : get_output(context, 0, out_dims, 3, &st.out));
     TRY(cache_output(context, 1, key_dims, &st.key));
     TRY(cache_output(context, 2, value_dims, &st.value));
     st.blocks = (st.length + QUERY_BLOCK - 1) / QUERY_BLOCK;

@@ -23,7 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from lepton.native import DOMAIN as LEPTON_DOMAIN
-from lepton.runners.graph_edit import add_rewritten
+from lepton.runners.graph_edit import add_rewritten, drop_nodes
 
 # NOTE: each product's inputs without the optional residual, the last one
 PRODUCTS = {"MatMulQ4": 4, "MatMulQ8": 3, "MatMulBF16": 2}
@@ -131,9 +131,7 @@ def gated_graph(model: onnx.ModelProto) -> int:
         gone.update(id(g) for g in gate)
         count += 1
     if count:
-        nodes = [node for node in graph.node if id(node) not in gone]
-        graph.ClearField("node")
-        graph.node.extend(nodes)
+        drop_nodes(graph, gone)
         add_rewritten(model, added, LEPTON_DOMAIN)
     return count
 

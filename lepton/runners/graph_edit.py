@@ -1,5 +1,5 @@
 """Edits of an ONNX graph shared by the exporter's quantizers (export/nbits.py), the slot rewrite and the
-runners' rewrites to Lepton's operators (q8_graph, q4_graph, bf16_graph)."""
+runners' rewrites to Lepton's operators (q8_graph, q4_graph, bf16_graph, epilogue_graph, norm_graph)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,13 @@ def drop_dead_nodes(graph: onnx.GraphProto) -> None:
             needed.update(node.input)
     graph.ClearField("node")
     graph.node.extend(reversed(kept))
+
+
+def drop_nodes(graph: onnx.GraphProto, gone: set[int]) -> None:
+    """Remove the nodes whose id() is in `gone`, the others kept in their order."""
+    nodes = [node for node in graph.node if id(node) not in gone]
+    graph.ClearField("node")
+    graph.node.extend(nodes)
 
 
 def add_rewritten(model: onnx.ModelProto, initializers: list[onnx.TensorProto], domain: str) -> None:

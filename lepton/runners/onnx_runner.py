@@ -19,6 +19,7 @@ from lepton.model_folder import ModelFolder
 from lepton.native import ops_library
 from lepton.runners.bf16_graph import bf16_graph, unavailable as bf16_unavailable
 from lepton.runners.epilogue_graph import epilogue_graph
+from lepton.runners.norm_graph import norm_graph
 from lepton.runners.q4_graph import INT8_LEVEL, q4_graph
 from lepton.runners.q8_graph import bfloat16_kernels, matmul_kernel, q8_graph
 
@@ -128,7 +129,8 @@ class OnnxRunner:
         """A q8_0 export's weight products rewritten to Lepton's MatMulQ8, a q4_1 export's to MatMulQ4 (and
         its lm_head to MatMulQ8 when 8-bit, to MatMulBF16 when float32), when RunnerConfig.matmul_kernel picks Lepton's operators
         (lepton/runners/q8_graph.py, q4_graph.py; printed, with why), then each MLP's gate into its gate/up product and
-        each residual add into the product before it (epilogue_graph.py). model: the export's graph to rewrite,
+        each residual add into the product before it (epilogue_graph.py), each RMS norm before them into them
+        (norm_graph.py). model: the export's graph to rewrite,
         None to read it here. Returns the graph (rewritten, or `model` as given) and the library to
         register (None when nothing was rewritten)."""
         quantization = self.manifest.quantization
@@ -142,7 +144,7 @@ class OnnxRunner:
                                     int8_activations=quantization.accuracy_level == INT8_LEVEL)
         if kernel == "lepton" and self.manifest.external_data is not None:
             kernel, why = "onnxruntime", "the export keeps its weights in an external file"
-        count, head, head8, int8, epilogues = 0, 0, 0, 0, (0, 0)
+        count, head, head8, int8, epilogues = 0, 0, 0, 0, (0, 0, 0)
         if kernel == "lepton":
             model = onnx.load(str(path / self.manifest.model_file)) if model is None else model
             if method == "q8_0":
@@ -155,7 +157,7 @@ class OnnxRunner:
             if not count:
                 why = ("no MatMulNBits node of 8 bits, blocks of 32, accuracy level 4" if method == "q8_0"
                        else "no q4_1 product (4-bit MatMulNBits in blocks of 32 plus its offsets)")
-            epilogues = epilogue_graph(model) if count else (0, 0)
+            epilogues = (*epilogue_graph(model), norm_graph(model)) if count else (0, 0, 0)
         if method == "q8_0":
             what = f"Lepton's MatMulQ8 ({count} nodes; {why})" if count else f"ONNX Runtime's MatMulNBits ({why})"
             print(f"[lepton] 8-bit weight products: {what}", flush=True)
@@ -174,7 +176,8 @@ class OnnxRunner:
     def _bf16_products(self, path: Path, config: EngineConfig,
                        model: onnx.ModelProto | None) -> tuple[onnx.ModelProto, Path]:
         """weight_dtype=bfloat16: a float32 export's weight products rewritten to Lepton's MatMulBF16
-        (lepton/runners/bf16_graph.py), each MLP's gate and residual add into the products (epilogue_graph.py);
+        (lepton/runners/bf16_graph.py), each MLP's gate and residual add into the products (epilogue_graph.py) and
+        the RMS norms before them (norm_graph.py);
         anything that cannot is refused, naming the setting."""
         quantization = self.manifest.quantization
         if quantization is not None:
@@ -191,7 +194,7 @@ class OnnxRunner:
         if not count:
             raise ConfigError(f"weight_dtype=bfloat16: {path} has no float32 weight product to rewrite")
         print(f"[lepton] weight products in bfloat16: Lepton's MatMulBF16 ({count} nodes; AVX-512 BF16)", flush=True)
-        _print_epilogues(*epilogue_graph(model))
+        _print_epilogues(*epilogue_graph(model), norm_graph(model))
         return model, library
 
     def _bind_pools(self, config: EngineConfig) -> None:
@@ -294,9 +297,9 @@ def sub_batch(batch: ModelInput, rows: np.ndarray, block_size: int) -> tuple[Mod
     return part, logits_rows
 
 
-def _print_epilogues(gated: int, residual: int) -> None:
+def _print_epilogues(gated: int, residual: int, norms: int) -> None:
     print(f"[lepton] in the weight products' own tasks: the MLPs' gate, silu(gate) x up, in {gated}; the residual "
-          f"add in {residual}", flush=True)
+          f"add in {residual}; the RMS norm before them, {norms} norms", flush=True)
 
 
 def _check_config(manifest: Manifest, config: EngineConfig, path: Path) -> int:

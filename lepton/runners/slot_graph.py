@@ -89,18 +89,17 @@ def slot_graph(model: onnx.ModelProto, cfg: ModelConfig, cos_half: np.ndarray, s
 
 
 def _fused_layer(layer: int, qkv: str, cfg: ModelConfig, kernel: str, cache_dtype: str) -> list[onnx.NodeProto]:
-    """qkv [B * S, (N + 2 KVH) D] -> [B, S, ...] -> attention -> [B * S, N D] (slot.out_{layer})."""
+    """qkv [B * S, (N + 2 KVH) D] -> [B, S, ...] -> attention -> [B * S, N D] (slot.out_{layer}); Lepton's
+    SlotAttention takes and gives the flat tokens itself (B from the caches), no Reshape on either side."""
     caches = [f"past_key_{layer}", f"past_value_{layer}"]
     lengths = ["seqlens_k", "total_sequence_length", "slot.cos_cache", "slot.sin_cache"]
     outputs = [f"slot.attention_{layer}", f"present_key_{layer}", f"present_value_{layer}"]
     heads = dict(num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, scale=float(cfg.head_dim ** -0.5))
     if kernel == "lepton":
-        attention = helper.make_node(CACHE_OPS[cache_dtype], [f"slot.qkv_{layer}", *caches, *lengths], outputs,
-                                     name=f"slot.attention_{layer}", domain=LEPTON_DOMAIN, **heads)
-    else:
-        attention = helper.make_node("GroupQueryAttention", [f"slot.qkv_{layer}", "", "", *caches, *lengths], outputs,
-                                     name=f"slot.gqa_{layer}", domain=MS_DOMAIN, do_rotary=1, rotary_interleaved=0,
-                                     **heads)
+        return [helper.make_node(CACHE_OPS[cache_dtype], [qkv, *caches, *lengths], [f"slot.out_{layer}", *outputs[1:]],
+                                 name=f"slot.attention_{layer}", domain=LEPTON_DOMAIN, **heads)]
+    attention = helper.make_node("GroupQueryAttention", [f"slot.qkv_{layer}", "", "", *caches, *lengths], outputs,
+                                 name=f"slot.gqa_{layer}", domain=MS_DOMAIN, do_rotary=1, rotary_interleaved=0, **heads)
     return [
         helper.make_node("Reshape", [qkv, "slot.qkv_shape"], [f"slot.qkv_{layer}"], name=f"slot.qkv_{layer}"),
         attention,

@@ -27,10 +27,11 @@ POSITIONS = 1024
 ATOL = 5e-6
 
 
-def session(kernel: str, heads: int, kv_heads: int, dim: int, library: Path = LIBRARY, isa: int | None = None
-            ) -> ort.InferenceSession:
+def session(kernel: str, heads: int, kv_heads: int, dim: int, library: Path = LIBRARY, isa: int | None = None,
+            flat: bool = False) -> ort.InferenceSession:
     """kernel: "lepton" (SlotAttention), "lepton-f16" (SlotAttentionF16; isa 1 = its plain C path),
-    "lepton-i8" (SlotAttentionI8, the same) or "onnxruntime" (GroupQueryAttention)."""
+    "lepton-i8" (SlotAttentionI8, the same) or "onnxruntime" (GroupQueryAttention); flat: qkv and the output
+    declared [B x S, width] (Lepton's kernels only), as the slot graph gives them."""
     caches = ["past_key", "past_value"]
     lengths = ["seqlens_k", "total_sequence_length", "cos", "sin"]
     attrs = dict(num_heads=heads, kv_num_heads=kv_heads, scale=float(dim ** -0.5))
@@ -45,13 +46,13 @@ def session(kernel: str, heads: int, kv_heads: int, dim: int, library: Path = LI
     f, cache = TensorProto.FLOAT, ["B", kv_heads, "M", dim + SCALE_BYTES if kernel == "lepton-i8" else dim]
     c = {"lepton-f16": TensorProto.FLOAT16, "lepton-i8": TensorProto.UINT8}.get(kernel, f)
     graph = helper.make_graph([node], "attention", [
-        helper.make_tensor_value_info("qkv", f, ["B", "S", "W"]),  # NOTE: any width: the kernel checks it
+        helper.make_tensor_value_info("qkv", f, ["T", "W"] if flat else ["B", "S", "W"]),  # NOTE: any width: the kernel checks it
         helper.make_tensor_value_info("past_key", c, cache), helper.make_tensor_value_info("past_value", c, cache),
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["B"]),
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
         helper.make_tensor_value_info("cos", f, [POSITIONS, dim // 2]),
         helper.make_tensor_value_info("sin", f, [POSITIONS, dim // 2]),
-    ], [helper.make_tensor_value_info("out", f, ["B", "S", heads * dim]),
+    ], [helper.make_tensor_value_info("out", f, ["T", heads * dim] if flat else ["B", "S", heads * dim]),
         helper.make_tensor_value_info("key", c, cache), helper.make_tensor_value_info("value", c, cache)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
                                                     helper.make_opsetid(DOMAIN, 1)])
@@ -112,9 +113,9 @@ CASES = {  # name: (heads, kv heads, dim, sequences, new tokens per row, seqlens
 def sessions():
     made = {}
 
-    def get(kernel: str, heads: int, kv_heads: int, dim: int, library: Path = LIBRARY, isa: int | None = None
-            ) -> ort.InferenceSession:
-        key = (kernel, heads, kv_heads, dim, library, isa)
+    def get(kernel: str, heads: int, kv_heads: int, dim: int, library: Path = LIBRARY, isa: int | None = None,
+            flat: bool = False) -> ort.InferenceSession:
+        key = (kernel, heads, kv_heads, dim, library, isa, flat)
         if key not in made:
             made[key] = session(*key)
         return made[key]
@@ -224,6 +225,37 @@ def test_bad_inputs_are_refused_with_the_input_and_the_limit(sessions):
         attend(sess, rng.standard_normal((2, 1, 960), np.float32), key, key, np.array([5, 39], np.int32))
     with pytest.raises(Exception, match="SlotAttention: seqlens_k has 3 values for 2 sequences"):
         attend(sess, rng.standard_normal((2, 1, 960), np.float32), key, key, np.array([5, 6, 7], np.int32))
+
+
+@pytest.mark.parametrize("kernel", ["lepton", "lepton-f16", "lepton-i8"])
+@pytest.mark.parametrize("case", ["16 decodes, head 64, 3 heads a kv head", "first prompts, right padded",
+                                  "a chunk after cached tokens"])
+def test_flat_tokens_give_what_b_by_s_tokens_give(sessions, kernel, case):
+    """The slot graph hands SlotAttention the qkv product's rows as they are, [B x S, width] (B from the caches),
+    and takes [B x S, N D] back: the same bits, caches included, as [B, S, width] in and [B, S, N D] out."""
+    heads, kv_heads, dim, batch, length, seqlens = CASES[case]
+    rng = np.random.default_rng(11)
+    seqlens = np.array(seqlens, np.int32)
+    qkv = rng.standard_normal((batch, length, (heads + 2 * kv_heads) * dim), np.float32)
+    key, value = (rng.standard_normal((batch, kv_heads, 256, dim), np.float32) for _ in range(2))
+    if kernel == "lepton-f16":
+        key, value = key.astype(np.float16), value.astype(np.float16)
+    elif kernel == "lepton-i8":
+        key, value = quantize_rows(key), quantize_rows(value)
+    want = attend(sessions(kernel, heads, kv_heads, dim), qkv, key, value, seqlens)
+    got = attend(sessions(kernel, heads, kv_heads, dim, flat=True), qkv.reshape(batch * length, -1), key, value, seqlens)
+    assert got[0].shape == (batch * length, heads * dim)
+    np.testing.assert_array_equal(got[0], want[0].reshape(batch * length, -1))
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[2], want[2])
+
+
+def test_flat_tokens_must_be_s_rows_for_each_sequence(sessions):
+    heads, kv_heads, dim = 9, 3, 64
+    qkv = np.zeros((7, (heads + 2 * kv_heads) * dim), np.float32)
+    key = np.zeros((2, kv_heads, 32, dim), np.float32)
+    with pytest.raises(Exception, match="SlotAttention: qkv has 7 rows, not S rows for each of past_key's 2 sequences"):
+        attend(sessions("lepton", heads, kv_heads, dim, flat=True), qkv, key, key, np.array([3, 3], np.int32))
 
 
 def test_the_kernel_setting(tmp_path):
