@@ -37,8 +37,9 @@ def _standard(node: onnx.NodeProto | None, op_type: str) -> bool:
     return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
 
 
-def _last_axis(mean: onnx.NodeProto, initializers: dict, rank: int | None) -> bool:
-    """Whether the ReduceMean reduces exactly the last axis and keeps it (axes as input, opset 18, or attribute)."""
+def _last_axis(mean: onnx.NodeProto, initializers: dict) -> bool:
+    """Whether the ReduceMean reduces exactly the last axis, written -1, and keeps it (axes as input, opset 18, or
+    attribute)."""
     attrs = _attrs(mean)
     if attrs.get("keepdims", 1) != 1:
         return False
@@ -46,7 +47,7 @@ def _last_axis(mean: onnx.NodeProto, initializers: dict, rank: int | None) -> bo
     if axes is None and len(mean.input) > 1 and mean.input[1]:
         axes = _constant(mean.input[1], initializers)
         axes = None if axes is None else axes.reshape(-1).tolist()
-    return axes is not None and len(axes) == 1 and (axes[0] == -1 or (rank is not None and axes[0] == rank - 1))
+    return axes is not None and len(axes) == 1 and axes[0] == -1
 
 
 def _norm_nodes(normed: str, producers: dict, readers: dict, initializers: dict, outputs: set,
@@ -76,7 +77,7 @@ def _norm_nodes(normed: str, producers: dict, readers: dict, initializers: dict,
     if epsilon is None or epsilon.size != 1 or not float(epsilon.reshape(-1)[0]) > 0:
         return None
     mean = producers.get(next(name for name in add.input if name != eps[0]))
-    if not _standard(mean, "ReduceMean") or not _last_axis(mean, initializers, None):
+    if not _standard(mean, "ReduceMean") or not _last_axis(mean, initializers):
         return None
     power = producers.get(mean.input[0])
     exponent = _constant(power.input[1], initializers) if _standard(power, "Pow") else None
