@@ -14,7 +14,7 @@ from lepton.manifest import MANIFEST_FILE, Manifest
 from lepton.batch import ModelInput
 from lepton.config import EngineConfig
 from lepton.errors import ConfigError, ModelFolderError
-from lepton.memory import advise_huge_pages, aligned_zeros, check_fits, kv_budget_bytes
+from lepton.memory import advise_huge_pages, aligned_zeros, check_fits, kv_budget_bytes, populate
 from lepton.model_folder import ModelFolder
 from lepton.native import ops_library
 from lepton.runners.bf16_graph import bf16_graph, unavailable as bf16_unavailable
@@ -110,6 +110,10 @@ class OnnxRunner:
         if advised := advise_huge_pages():
             print(f"[lepton] transparent huge pages: {advised >> 20} MiB of this process's large resident mappings "
                   f"(the weights among them) collapsed", flush=True)
+        # NOTE: the pools' memory now, not a page fault at a time while serving (after the collapse: huge
+        # pages for them cost more at load than they saved, lepton.memory.populate)
+        populate(self.k_store)
+        populate(self.v_store)
 
     def _session(self, path: Path, config: EngineConfig, profile_prefix: str | None) -> ort.InferenceSession:
         return self._export_session(path, config, profile_prefix, *self._products(path, config, None))

@@ -103,6 +103,8 @@ class SlotCache:
     moves: int = 0  # slot-to-slot copies so far
     refills: int = 0  # fills from the pools so far
     _clock: int = 0
+    _plan_key: tuple | None = None  # NOTE: what _copy_plan worked its plan out for
+    _plan: tuple | None = None
 
     @property
     def num_slots(self) -> int:
@@ -269,8 +271,33 @@ class SlotCache:
                  v_store: np.ndarray) -> None:
         """Copy tokens' keys and values (slot slots[i], position positions[i]) into pool row targets[i]
         (block x block_size + offset) of k_store, v_store [layers, blocks, block_size, KVH, D]."""
-        copy = slots_to_pools()
         index = [np.ascontiguousarray(a, np.int64) for a in (slots, positions, targets)]
+        plan = self._copy_plan(k_store, v_store)
+        if plan is None:
+            stores, pools = (self.key_store, self.value_store), (k_store, v_store)
+            pool_rows = k_store.shape[1] * k_store.shape[2]
+            for pool, store in zip(pools, stores):
+                # NOTE: two index arrays apart put their axis first: [n, layers, KVH, D]
+                rows = store[:, index[0], :, index[1], :].transpose(1, 0, 2, 3)
+                pool.reshape(pool.shape[0], pool_rows, *pool.shape[3:])[:, index[2]] = (
+                    dequantize_rows(rows) if self.int8 else rows)
+            return
+        copy, addresses, sizes = plan
+        bad = copy(*addresses, *(a.ctypes.data for a in index), index[0].size, *sizes)
+        if bad:
+            i = bad - 1
+            _, num_slots, _, capacity, pool_rows = sizes[:5]
+            raise IndexError(f"token {i}: slot {index[0][i]} (of {num_slots}), position {index[1][i]} "
+                             f"(capacity {capacity}) or pool row {index[2][i]} (of {pool_rows}) out of range")
+
+    def _copy_plan(self, k_store: np.ndarray, v_store: np.ndarray) -> tuple | None:
+        """lepton_slots_to_pools and its arguments but the token indices, for these stores and pools; None
+        where the C copy does not apply. Worked out once per reallocation of the slots (a step of one
+        decode spent more on these checks than on the copy)."""
+        key = (self.generation, id(self.key_store), id(k_store), id(v_store))
+        if self._plan_key == key:
+            return self._plan
+        copy = slots_to_pools()
         stores, pools = (self.key_store, self.value_store), (k_store, v_store)
         layers, num_slots, kv_heads, capacity, row = stores[0].shape
         head_dim = row - SCALE_BYTES if self.int8 else row
@@ -284,20 +311,27 @@ class SlotCache:
             widen or dequantize or k_store.dtype == stores[0].dtype) and all(
             p.shape == (layers, *k_store.shape[1:3], kv_heads, head_dim) for p in pools) and (
             stores[1].shape == stores[0].shape)
-        if not native:
-            for pool, store in zip(pools, stores):
-                # NOTE: two index arrays apart put their axis first: [n, layers, KVH, D]
-                rows = store[:, index[0], :, index[1], :].transpose(1, 0, 2, 3)
-                pool.reshape(pool.shape[0], pool_rows, *pool.shape[3:])[:, index[2]] = (
-                    dequantize_rows(rows) if self.int8 else rows)
-            return
-        bad = copy(*(a.ctypes.data for a in (*stores, *pools, *index)), index[0].size, layers, num_slots, kv_heads,
-                   capacity, pool_rows, row * stores[0].itemsize, self.copy_threads,
-                   INT8_ROWS if dequantize else int(widen))
-        if bad:
-            i = bad - 1
-            raise IndexError(f"token {i}: slot {index[0][i]} (of {num_slots}), position {index[1][i]} "
-                             f"(capacity {capacity}) or pool row {index[2][i]} (of {pool_rows}) out of range")
+        plan = None
+        if native:
+            plan = (copy, tuple(a.ctypes.data for a in (*stores, *pools)),
+                    (layers, num_slots, kv_heads, capacity, pool_rows, row * stores[0].itemsize, self.copy_threads,
+                     INT8_ROWS if dequantize else int(widen)))
+        self._plan_key, self._plan = key, plan
+        return plan
+
+    def touch(self, slots: list[int]) -> None:
+        """These slots are this step's (what place does for the rows it keeps where they are)."""
+        self._clock += 1
+        for slot in slots:
+            self.last_used[slot] = self._clock
+
+    def commit_next(self, slot: int, length: int, block_table: np.ndarray) -> None:
+        """commit for a slot that held `length - 1` tokens of the same blocks: its table grows only when
+        the new token opens a block."""
+        self.length[slot] = length
+        blocks = -(-length // self.block_size)
+        if blocks != self.tables[slot].size:
+            self.tables[slot] = np.array(block_table[:blocks], np.int64)
 
     def commit(self, request: str, length: int, block_table: np.ndarray) -> None:
         """After a step: the request's slot holds `length` tokens of these blocks."""

@@ -14,6 +14,7 @@ step's K/V end in the pools, which stay what prefix caching, validation and a re
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,19 @@ def describe_kernel(kernel: str, setting: str) -> str:
     return f"ONNX Runtime's GroupQueryAttention ({why})"
 
 
+@dataclass(frozen=True)
+class _Decodes:
+    """A step of decodes alone that ran in their slots: what the next step of the same requests reuses."""
+
+    request_ids: tuple[str, ...]
+    slots: list[int]  # the slot of each row (scheduled order)
+    order: np.ndarray  # rows by slot: graph row i is slot first + i
+    graph_rows: np.ndarray  # the graph row of each scheduled row (its logits' index in the graph's output)
+    first: int
+    generation: int  # SlotCache.generation when they were placed
+    slot_array: np.ndarray  # slots as int64, for the copy into the pools
+
+
 class SlotRunner(OnnxRunner):
     """OnnxRunner whose graph attends over slots; `slots` holds the per-sequence caches, `paged_session`
     runs the export as it is for steps with several chunks after cached tokens."""
@@ -122,18 +136,25 @@ class SlotRunner(OnnxRunner):
         self._bindings: dict[tuple[int, int], ort.SessionIOBinding] = {}  # (first slot, rows) -> binding
         self._bindings_generation = self.slots.generation
         self._paged_binding, self.pool_values = bind_pools(self.paged_session, self.k_pools, self.v_pools)
+        self._decodes: _Decodes | None = None  # the last step, when it was decodes alone in their slots
+        self.repeated_steps = 0  # steps of the same decodes as the step before (_repeat_decodes)
         self.paged_runs = 0  # steps whose chunks after cached tokens ran through the paged graph
         self.over_budget_steps = 0  # steps that ran wholly through the paged graph: slots over their budget
 
     def clear(self) -> None:
         super().clear()
         self.slots.drop_all()
+        self._decodes = None
 
     def run_step(self, batch: ModelInput) -> np.ndarray:
         """One step: float32 logits [L, vocab] in scheduled order; its K/V are written into the pools."""
         ids, query_lens, context_lens = batch.request_ids, batch.query_lens, batch.context_lens
         if len(ids) != len(query_lens):
             raise ValueError("the slot runner needs ModelInput.request_ids (lepton.batch.build_model_input sets them)")
+        repeated = self._repeat_decodes(batch)
+        if repeated is not None:
+            return repeated
+        self._decodes = None
         starts = np.concatenate([[0], np.cumsum(query_lens)[:-1]]).astype(np.int64)
         cached = context_lens - query_lens
         decodes = np.flatnonzero(query_lens == 1)
@@ -168,6 +189,48 @@ class SlotRunner(OnnxRunner):
         if paged.size:  # NOTE: their slots keep what they held; the next step that needs them refills them
             self.paged_runs += 1
             self._run_paged_rows(batch, paged, logits)
+        elif decodes.size == len(ids) and len(batch.logits_indices) == len(ids):
+            slots = [self.slots.index[request] for request in ids]
+            order = np.argsort(slots)
+            self._decodes = _Decodes(ids, slots, order, np.argsort(order), min(slots), self.slots.generation,
+                                     np.array(slots, np.int64))
+        return logits
+
+    def _repeat_decodes(self, batch: ModelInput) -> np.ndarray | None:
+        """The step when it decodes the same requests as the step before, each still in its slot (the
+        slots' bookkeeping of run_step reduced to what changes); None for any other step."""
+        last = self._decodes
+        if last is None or batch.request_ids != last.request_ids or self.slots.generation != last.generation:
+            return None
+        count, context_lens = len(last.slots), batch.context_lens
+        if len(batch.logits_indices) != count or int(batch.query_lens.max()) != 1:
+            return None
+        slots = self.slots
+        top = int(context_lens.max())
+        if top > slots.capacity or not slots.fits(count, top):
+            return None
+        contexts = context_lens.tolist()
+        for request, slot, context in zip(last.request_ids, last.slots, contexts):
+            if slots.index.get(request) != slot or slots.length[slot] != context - 1:
+                return None
+        slots.touch(last.slots)
+        self.repeated_steps += 1
+        logits = np.empty((count, self.model_config.vocab_size), np.float32)
+        order = last.order
+        binding = self._binding(last.first, count)
+        inputs = {
+            "input_ids": batch.input_ids[order].reshape(count, 1),
+            "seqlens_k": (context_lens[order] - 1).astype(np.int32),
+            "total_sequence_length": np.array(top, np.int32),
+            "logits_indices": last.graph_rows,
+        }
+        for name, array in inputs.items():
+            binding.bind_cpu_input(name, array)
+        binding.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        for slot, context, table in zip(last.slots, contexts, batch.block_tables):
+            slots.commit_next(slot, context, table)
+        slots.to_pools(last.slot_array, batch.positions, batch.slot_mapping, self.k_store, self.v_store)
         return logits
 
     def run(self, batch: ModelInput) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -102,6 +102,40 @@ def test_slots_give_the_paged_graphs_logits_and_pools(tiny_exports, kind, export
     assert slots.slots.moves >= 1, "the schedule should have moved a decode row down"
     assert slots.slots.refills >= 2, "the prefix hits and the row moved out should have been refilled"
     assert slots.paged_runs == 2, "the two steps with two chunks after cached tokens run the paged graph"
+    assert slots.repeated_steps == 2, "the second and third of three steps of c, a, b decodes repeat the first"
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["float32", "float16", "int8"])
+def test_decodes_of_the_same_requests_as_the_step_before_give_the_same_bits(tiny_exports, kv_cache_dtype):
+    export_dir, _ = tiny_exports("llama", "torchscript")
+    fast, full = (runner(export_dir, "slots", kernel="lepton", kv_cache_dtype=kv_cache_dtype) for _ in range(2))
+    full._repeat_decodes = lambda batch: None  # NOTE: every step through run_step's whole bookkeeping
+    plan = Schedule(fast.model_config.vocab_size)
+    for request, length in (("a", 21), ("b", 5), ("c", 14)):
+        plan.add(request, plan.tokens(length + 40))
+    # NOTE: decodes crossing block boundaries, the order of the rows changed, a prompt beside them, a row
+    # gone, then clear() (the slots dropped) and the same requests decoding on
+    steps = [[("a", 21), ("b", 5)]] + [[("a", 1), ("b", 1)]] * 12 + [[("b", 1), ("a", 1)]] * 3
+    steps += [[("b", 1), ("a", 1), ("c", 14)]] + [[("b", 1), ("a", 1), ("c", 1)]] * 4 + [[("a", 1), ("c", 1)]] * 3
+    expected_repeats = 11 + 2 + 3 + 2
+    for number, rows in enumerate(steps):
+        batch = plan.step(rows)
+        np.testing.assert_array_equal(fast.execute(batch).numpy(), full.execute(batch).numpy(), err_msg=f"step {number}")
+        ours, theirs = fast.slots, full.slots
+        assert (ours.length, ours.owner, ours.last_used) == (theirs.length, theirs.owner, theirs.last_used), number
+        assert [t.tolist() for t in ours.tables] == [t.tolist() for t in theirs.tables], number
+        assert (ours.refills, ours.moves) == (theirs.refills, theirs.moves), number
+    for ours, theirs in zip(fast.k_pools + fast.v_pools, full.k_pools + full.v_pools):
+        np.testing.assert_array_equal(ours, theirs)
+    for ours, theirs in ((fast.slots.key_store, full.slots.key_store), (fast.slots.value_store, full.slots.value_store)):
+        np.testing.assert_array_equal(ours, theirs)
+    assert fast.repeated_steps == expected_repeats and full.repeated_steps == 0
+    fast.clear()
+    full.clear()
+    for number in range(3):  # NOTE: after clear() the slots are refilled from the (zeroed) pools, not reused
+        batch = plan.step([("a", 1), ("c", 1)])
+        np.testing.assert_array_equal(fast.execute(batch).numpy(), full.execute(batch).numpy(), err_msg=f"after clear {number}")
+    assert fast.repeated_steps == expected_repeats + 2
 
 
 @pytest.mark.parametrize("kind,exporter", [("llama", "dynamo"), ("qwen2", "torchscript")])

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lepton.memory import advise_huge_pages, aligned_zeros, mappings, transparent_huge_pages
+import lepton.memory as memory
+from lepton.memory import advise_huge_pages, aligned_zeros, mappings, populate, transparent_huge_pages
 
 
 def test_aligned_zeros_start_on_the_boundary():
@@ -76,3 +77,29 @@ def test_no_huge_pages_with_the_setting_off(monkeypatch):
     monkeypatch.setenv("LEPTON_HUGE_PAGES", "0")
     keep = np.ones(64 << 20, np.uint8)
     assert advise_huge_pages() == 0 and keep.all()
+
+
+def resident_bytes(array: np.ndarray) -> int:
+    """Rss of the mappings over the array (advice on part of a mapping splits it in several)."""
+    start, end = array.ctypes.data, array.ctypes.data + array.nbytes
+    return sum(m.sizes["Rss"] for m in mappings() if m.low < end and m.high > start)
+
+
+@pytest.mark.parametrize("populate_write", [True, False], ids=["madvise", "one write a page"])
+def test_populate_faults_the_pools_in_at_once_and_keeps_them_zero(monkeypatch, populate_write):
+    if not populate_write:  # NOTE: a kernel without MADV_POPULATE_WRITE (before 5.14)
+        real = memory._madvise
+        monkeypatch.setattr(memory, "_madvise", lambda start, length, advice: advice != memory.MADV_POPULATE_WRITE
+                            and real(start, length, advice))
+    pools = aligned_zeros((30, 97, 16, 3, 64), np.float32)  # NOTE: 36 MiB, calloc'd: not resident yet
+    assert resident_bytes(pools) < pools.nbytes // 2
+    populate(pools)
+    assert resident_bytes(pools) >= pools.nbytes
+    assert not pools.any()
+
+
+def test_populate_takes_empty_and_small_arrays():
+    for shape in ((0, 4), (3,), (1000, 3)):
+        array = aligned_zeros(shape, np.float32)
+        populate(array)
+        assert array.shape == shape and not array.any()
