@@ -9,7 +9,9 @@ prompt's later chunk) in its slot when it is the step's only one. Both operators
 sequence at a time (as GroupQueryAttention's CPU kernel defines them), so two or more run together through the paged graph instead (a
 second session over the same export, reading the pools): one pass over the weights, as OnnxRunner
 does; so does a whole step whose slots would pass their memory budget (SLOT_BUDGET_POOLS). Every
-step's K/V end in the pools, which stay what prefix caching, validation and a refilled slot read.
+step's K/V end in the pools, which stay what prefix caching, validation and a refilled slot read. A step that
+decodes the same requests as the step before, each still in its slot, skips the slots' bookkeeping
+(`_repeat_decodes`): most steps of a steady batch.
 """
 
 from __future__ import annotations

@@ -35,10 +35,11 @@ def kernel_version() -> tuple[int, int]:
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
-def resident_mapping(size: int) -> tuple[mmap.mmap, np.ndarray]:
-    """A private anonymous mapping of `size` bytes, every page touched (as loaded weights are), fenced by a
-    PROT_NONE page at each end so that the kernel never merges it with a neighbour (where malloc would put
-    96 MiB depends on what the test session allocated before: a heap mostly freed is never collapsed)."""
+def resident_mapping(size: int, touch: bool = True) -> tuple[mmap.mmap, np.ndarray]:
+    """A private anonymous mapping of `size` bytes, every page touched (as loaded weights are) unless not
+    `touch`, fenced by a PROT_NONE page at each end so that the kernel never merges it with a neighbour (where
+    malloc would put 96 MiB depends on what the test session allocated before: a heap mostly freed is never
+    collapsed, and may be resident already)."""
     page = mmap.PAGESIZE
     region = mmap.mmap(-1, size + 2 * page, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     whole = np.frombuffer(region, np.uint8)
@@ -47,7 +48,8 @@ def resident_mapping(size: int) -> tuple[mmap.mmap, np.ndarray]:
     for at in (whole.ctypes.data, whole.ctypes.data + page + size):
         assert libc.mprotect(at, page, 0) == 0, ctypes.get_errno()
     body = whole[page:page + size]
-    body[:] = 1
+    if touch:
+        body[:] = 1
     return region, body
 
 
@@ -91,7 +93,8 @@ def test_populate_faults_the_pools_in_at_once_and_keeps_them_zero(monkeypatch, p
         real = memory._madvise
         monkeypatch.setattr(memory, "_madvise", lambda start, length, advice: advice != memory.MADV_POPULATE_WRITE
                             and real(start, length, advice))
-    pools = aligned_zeros((30, 97, 16, 3, 64), np.float32)  # NOTE: 36 MiB, calloc'd: not resident yet
+    _region, raw = resident_mapping(36 << 20, touch=False)  # NOTE: zeros, as calloc'd pools; _region keeps it mapped
+    pools = raw.view(np.float32).reshape(-1, 16, 3, 64)
     assert resident_bytes(pools) < pools.nbytes // 2
     populate(pools)
     assert resident_bytes(pools) >= pools.nbytes
