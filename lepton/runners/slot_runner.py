@@ -219,17 +219,8 @@ class SlotRunner(OnnxRunner):
         self.repeated_steps += 1
         logits = np.empty((count, self.model_config.vocab_size), np.float32)
         order = last.order
-        binding = self._binding(last.first, count)
-        inputs = {
-            "input_ids": batch.input_ids[order].reshape(count, 1),
-            "seqlens_k": (context_lens[order] - 1).astype(np.int32),
-            "total_sequence_length": np.array(top, np.int32),
-            "logits_indices": last.graph_rows,
-        }
-        for name, array in inputs.items():
-            binding.bind_cpu_input(name, array)
-        binding.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
-        self.session.run_with_iobinding(binding)
+        self._run_bound(self._binding(last.first, count), batch.input_ids[order].reshape(count, 1),
+                        context_lens[order], last.graph_rows, logits)
         for slot, context, table in zip(last.slots, contexts, batch.block_tables):
             slots.commit_next(slot, context, table)
         slots.to_pools(last.slot_array, batch.positions, batch.slot_mapping, self.k_store, self.v_store)
@@ -278,26 +269,31 @@ class SlotRunner(OnnxRunner):
         """One graph run over slots [first, first + len(rows)), its logits written into logits[wanted];
         shorter rows are padded with their last token (their padding's K/V land past their length, where
         nothing reads them)."""
-        binding = self._binding(first, rows.size)
         offsets = np.minimum(np.arange(length)[None, :], batch.query_lens[rows][:, None] - 1)
         tokens = (starts[rows][:, None] + offsets).reshape(-1)
-        context = batch.context_lens[rows]
+        # NOTE: the logits go straight into their rows when these are consecutive (every step of decodes
+        # alone): binding get_outputs() instead wraps all 61 outputs, ~10 % of a one-decode step served.
+        consecutive = wanted.size and wanted[-1] - wanted[0] == wanted.size - 1
+        out = logits[wanted[0]:wanted[-1] + 1] if consecutive else np.empty((wanted.size, logits.shape[1]), logits.dtype)
+        self._run_bound(self._binding(first, rows.size), batch.input_ids[tokens].reshape(rows.size, length),
+                        batch.context_lens[rows], logits_indices, out)
+        if not consecutive:
+            logits[wanted] = out
+
+    def _run_bound(self, binding: ort.SessionIOBinding, input_ids: np.ndarray, context: np.ndarray,
+                   logits_indices: np.ndarray, out: np.ndarray) -> None:
+        """One run of the slot graph over a binding's slots: the rows' ids [rows, S] and contexts after the
+        step, the logits of the graph's flat tokens logits_indices written into out."""
         inputs = {
-            "input_ids": np.ascontiguousarray(batch.input_ids[tokens].reshape(rows.size, length)),
+            "input_ids": np.ascontiguousarray(input_ids),
             "seqlens_k": (context - 1).astype(np.int32),
             "total_sequence_length": np.array(context.max(), np.int32),
             "logits_indices": np.ascontiguousarray(logits_indices, np.int64),
         }
         for name, array in inputs.items():
             binding.bind_cpu_input(name, array)
-        # NOTE: the logits go straight into their rows when these are consecutive (every step of decodes
-        # alone): binding get_outputs() instead wraps all 61 outputs, ~10 % of a one-decode step served.
-        consecutive = wanted.size and wanted[-1] - wanted[0] == wanted.size - 1
-        out = logits[wanted[0]:wanted[-1] + 1] if consecutive else np.empty((wanted.size, logits.shape[1]), logits.dtype)
         binding.bind_output("logits", "cpu", 0, out.dtype, list(out.shape), out.ctypes.data)
         self.session.run_with_iobinding(binding)
-        if not consecutive:
-            logits[wanted] = out
 
     def _binding(self, first: int, count: int) -> ort.SessionIOBinding:
         """A binding whose past and present caches are slots [first, first + count), shared in place."""
