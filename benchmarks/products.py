@@ -1,6 +1,7 @@
 """Time one decode step's weight products alone: SmolLM2-135M's 30 layers (qkv 576x960, o 576x576, gate_up
 576x3072, down 1536x576) and its lm_head (576x49152), each with weights of its own (out of cache, as in a
-step), as one ONNX Runtime graph of Lepton's MatMulBF16, MatMulQ8 or MatMulQ4 nodes or float32 Gemms (MLAS).
+step), as one ONNX Runtime graph of Lepton's MatMulBF16, MatMulF32 (f32), MatMulQ8 or MatMulQ4 nodes or float32 Gemms
+(MLAS: fp32).
 q4: the layers' MatMulQ4 with bfloat16 activations and the lm_head's MatMulBF16; q4-int8 the same with int8
 activations (MatMulQ4's int8 = 1, accuracy level 4; the q4_1 preset serves 90 of its 120 layer products so, 30
 with bfloat16 activations, and its lm_head in 8 bits, MatMulQ8).
@@ -44,6 +45,10 @@ def products_model(kind: str, layers: int = 30, seed: int = 0):
             codes = rng.integers(0, 1 << 16, (panels, k // 2, 32), dtype=np.uint16) & 0xBFFF  # NOTE: finite values
             initializers.append(numpy_helper.from_array(codes, f"w{i}"))
             nodes.append(helper.make_node("MatMulBF16", [f"a{k}", f"w{i}"], [f"y{i}"], domain=DOMAIN, K=k, N=n))
+        elif kind == "f32":
+            packed = (rng.standard_normal((panels, k, 16)) * 0.02).astype(np.float32)
+            initializers.append(numpy_helper.from_array(packed, f"w{i}"))
+            nodes.append(helper.make_node("MatMulF32", [f"a{k}", f"w{i}"], [f"y{i}"], domain=DOMAIN, K=k, N=n))
         elif kind == "q8":
             codes = rng.integers(1, 256, (panels, k // 32, 512), dtype=np.uint8)
             scales = rng.uniform(1e-3, 2e-2, (panels, k // 32, 16)).astype(np.float32)
@@ -69,7 +74,7 @@ def products_model(kind: str, layers: int = 30, seed: int = 0):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.products", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kind", choices=("bf16", "q8", "q4", "q4-int8", "fp32"), required=True)
+    parser.add_argument("--kind", choices=("bf16", "f32", "q8", "q4", "q4-int8", "fp32"), required=True)
     parser.add_argument("--rows", default="1,16,128", help="rows (tokens) of each timed run, comma separated")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)

@@ -143,7 +143,7 @@ def main(argv=None) -> int:
 # MatMul is then attention's two products (in a torchscript float32 graph it counts weights too).
 OP_KINDS = {
     "weight GEMMs": ("DynamicQuantizeMatMul", "MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits", "MatMulQ8",
-                     "MatMulQ4", "MatMulBF16", "Gemm", "MatMulIntegerToFloat"),
+                     "MatMulQ4", "MatMulBF16", "MatMulF32", "Gemm", "MatMulIntegerToFloat"),
     "attention": ("MatMul", "FusedMatMul", "Softmax", "Einsum", "GroupQueryAttention", "SlotAttention", "SlotAttentionF16",
                   "SlotAttentionI8"),
     "K/V gathers, index": ("Gather", "GatherND", "GatherElements", "ScatterND", "Concat", "Where",

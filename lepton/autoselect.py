@@ -100,7 +100,7 @@ def fingerprint(model_dir: Path, runner: str = "torch") -> str:
     """What a runner quality report depends on: the folder's files (names, sizes, modification times)
     and the code that computes with them (torch: the step model and the torch runner; onnxruntime:
     the bfloat16 rewrite and its operator, the products' epilogues, and the attention over float16 slots it
-    is served with)."""
+    is served with; the float32 rewrite and its operator, which compute the float32 reference)."""
     files = sorted(p for p in Path(model_dir).resolve().iterdir() if p.is_file())
     stamp = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]
     package = Path(__file__).resolve().parent
@@ -108,7 +108,8 @@ def fingerprint(model_dir: Path, runner: str = "torch") -> str:
                 package / "runners" / "epilogue_graph.py", package / "runners" / "norm_graph.py",
                 package / "runners" / "slot_graph.py", package / "native" / "ort.h",
                 package / "native" / "slot_attention.c", package / "native" / "half.h",
-                package / "runners" / "slot_runner.py"]
+                package / "runners" / "slot_runner.py", package / "runners" / "f32_graph.py",
+                package / "native" / "f32_matmul.c", package / "runners" / "graph_edit.py"]
                if runner == "onnxruntime" else [*package.glob("models/*.py"), package / "runners" / "torch_runner.py"])
     code = [hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(sources)]
     return hashlib.sha256(json.dumps([stamp, code]).encode()).hexdigest()

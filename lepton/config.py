@@ -27,7 +27,9 @@ ATTENTION_KERNELS = ("auto", "lepton", "onnxruntime")
 # NOTE: onnxruntime, 8-bit exports (q8_0): "lepton": lepton/native's MatMulQ8 (lepton/native/q8_matmul.c)
 # for ONNX Runtime's MatMulNBits; "onnxruntime": MatMulNBits; "auto": lepton's when its library is built
 # and the processor has AVX-512 VNNI (lepton/runners/q8_graph.py). 4-bit exports (q4_1): "lepton": MatMulQ4
-# (lepton/native/q4_matmul.c, lepton/runners/q4_graph.py); "auto": with AVX-512 BF16.
+# (lepton/native/q4_matmul.c, lepton/runners/q4_graph.py); "auto": with AVX-512 BF16. float32 exports:
+# "lepton": MatMulF32 (lepton/native/f32_matmul.c, lepton/runners/f32_graph.py) for MatMul and Gemm; "auto": with
+# AVX-512F.
 MATMUL_KERNELS = ("auto", "lepton", "onnxruntime")
 # NOTE: onnxruntime, float32 exports: "bfloat16": the weight products in bfloat16 through lepton/native's
 # MatMulBF16 (AVX-512 BF16; lepton/runners/bf16_graph.py), everything else float32; "export": as exported.
@@ -81,7 +83,7 @@ class RunnerConfig:
     device_id: int = 0  # the CUDA device of the tensorrt runner (a KIND_GPU instance sets its GPU)
     attention: str = "auto"  # onnxruntime: "auto", "slots" or "paged" (see ATTENTIONS)
     attention_kernel: str = "auto"  # attention=slots: "auto", "lepton" or "onnxruntime" (see ATTENTION_KERNELS)
-    matmul_kernel: str = "auto"  # q8_0 / q4_1 weight products: "auto", "lepton" or "onnxruntime" (see MATMUL_KERNELS)
+    matmul_kernel: str = "auto"  # q8_0 / q4_1 / float32 weight products: "auto", "lepton" or "onnxruntime" (see MATMUL_KERNELS)
     weight_dtype: str = "export"  # onnxruntime: "export" or "bfloat16" products (see WEIGHT_DTYPES)
     kv_cache_dtype: str = "auto"  # attention=slots: "auto", "float32" or "float16" slots (see KV_CACHE_DTYPES)
     # NOTE: onnxruntime: true: intra-op threads spin between ops while a step runs and sleep once it returns

@@ -12,7 +12,9 @@ Domain ai.lepton:
   activations rounded to bfloat16, packed for AVX-512 BF16, or (a product at accuracy level 4, int8 = 1)
   quantized to int8 per block of 32, packed for AVX-512 VNNI (lepton/runners/q4_graph.py);
 - `MatMulBF16` (bf16_matmul.c): a float32 export's weight products in bfloat16 (weight_dtype=bfloat16),
-  packed for AVX-512 BF16 (lepton/runners/bf16_graph.py).
+  packed for AVX-512 BF16 (lepton/runners/bf16_graph.py);
+- `MatMulF32` (f32_matmul.c): a float32 export's weight products in float32 (matmul_kernel), packed for
+  AVX-512F's FMAs, a decode step's rows in one pass over the weights (lepton/runners/f32_graph.py).
 And one plain function, called through ctypes: `lepton_slots_to_pools` (kv_copy.c), the slot runner's
 copy of each step's K/V into the block pools (lepton/runners/slot_cache.py), float16 slots widened, 8-bit rows as code x scale.
 The library is absent where no C compiler was there to build it; the runners then keep ONNX Runtime's

@@ -3,8 +3,8 @@
  * library by calling each, and the table only ever grows at its end) and the helpers that read inputs,
  * make outputs, refuse bad ones and spread work over ONNX Runtime's intra-op threads.
  *
- * ops.c registers the operators (RegisterCustomOps); slot_attention.c, q8_matmul.c, q4_matmul.c and
- * bf16_matmul.c define them.
+ * ops.c registers the operators (RegisterCustomOps); slot_attention.c, q8_matmul.c, q4_matmul.c,
+ * bf16_matmul.c and f32_matmul.c define them.
  */
 #ifndef LEPTON_ORT_H
 #define LEPTON_ORT_H
@@ -589,6 +589,7 @@ extern const CustomOp lepton_slot_attention_i8;
 extern const CustomOp lepton_q8_matmul;
 extern const CustomOp lepton_q4_matmul;
 extern const CustomOp lepton_bf16_matmul;
+extern const CustomOp lepton_f32_matmul;
 
 #pragma GCC visibility pop
 

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 
-from lepton.native import DOMAIN as LEPTON_DOMAIN
-from lepton.runners.graph_edit import add_rewritten
+from lepton.runners.graph_edit import float_weight, rewrite_float_products
 
 LANES = 16
 
@@ -67,52 +65,11 @@ def pack(weight_nk: np.ndarray) -> np.ndarray:
 
 def weight_of(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> np.ndarray | None:
     """The [N, K] float32 weight of a product MatMulBF16 computes (a Gemm's bias then added), else None."""
-    if node.domain not in ("", "ai.onnx") or len(node.input) < 2 or node.input[1] not in initializers:
-        return None
-    tensor = initializers[node.input[1]]
-    if tensor.data_type != onnx.TensorProto.FLOAT or len(tensor.dims) != 2:
-        return None
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if node.op_type == "Gemm":
-        if attrs.get("transA", 0) or attrs.get("transB", 0) != 1 or attrs.get("alpha", 1.0) != 1.0:
-            return None
-        if len(node.input) > 2 and node.input[2] and attrs.get("beta", 1.0) != 1.0:
-            return None
-        weight = numpy_helper.to_array(tensor)  # [N, K]
-    elif node.op_type == "MatMul":
-        weight = numpy_helper.to_array(tensor).T  # [K, N] -> [N, K]
-    else:
-        return None
-    return weight if weight.shape[1] % 2 == 0 else None
+    weight = float_weight(node, initializers)
+    return weight if weight is not None and weight.shape[1] % 2 == 0 else None
 
 
 def bf16_graph(model: onnx.ModelProto) -> int:
     """Rewrite every product of an activation with a float32 weight to MatMulBF16, in place; returns how
     many. A weight other nodes also read (a tied embedding's table) stays for them in float32."""
-    graph = model.graph
-    initializers = {t.name: t for t in graph.initializer}
-    packed: dict[str, str] = {}  # NOTE: a weight two products share is packed once
-    added, biased, count = [], [], 0
-    for node in graph.node:
-        weight = weight_of(node, initializers)
-        if weight is None:
-            continue
-        name = packed.get(node.input[1])
-        if name is None:
-            name = packed[node.input[1]] = f"{node.input[1]}.bf16"
-            added.append(numpy_helper.from_array(pack(weight), name))
-        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
-        product = f"{node.output[0]}.bf16_product" if bias else node.output[0]
-        replacement = helper.make_node("MatMulBF16", [node.input[0], name], [product], name=node.name,
-                                       domain=LEPTON_DOMAIN, K=int(weight.shape[1]), N=int(weight.shape[0]))
-        if bias:  # NOTE: Gemm's C (beta 1), broadcast over the rows as Gemm does
-            biased.append((node.output[0], helper.make_node("Add", [product, bias], [node.output[0]],
-                                                             name=f"{node.name or node.output[0]}.bias")))
-        node.CopyFrom(replacement)
-        count += 1
-    for output, add in biased:  # NOTE: each Add right after its product keeps the graph in topological order
-        at = next(i for i, n in enumerate(graph.node) if f"{output}.bf16_product" in n.output)
-        graph.node.insert(at + 1, add)
-    if count:
-        add_rewritten(model, added, LEPTON_DOMAIN)
-    return count
+    return rewrite_float_products(model, "MatMulBF16", "bf16", pack, weight_of)

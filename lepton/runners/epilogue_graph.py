@@ -26,7 +26,7 @@ from lepton.native import DOMAIN as LEPTON_DOMAIN
 from lepton.runners.graph_edit import add_rewritten, drop_nodes
 
 # NOTE: each product's inputs without the optional residual, the last one
-PRODUCTS = {"MatMulQ4": 4, "MatMulQ8": 3, "MatMulBF16": 2}
+PRODUCTS = {"MatMulQ4": 4, "MatMulQ8": 3, "MatMulBF16": 2, "MatMulF32": 2}
 GATE_PAIR = 32  # NOTE: a panel is 16 outputs; a gated product's N is a multiple of 2 panels
 
 

@@ -1,10 +1,15 @@
 """Edits of an ONNX graph shared by the exporter's quantizers (export/nbits.py), the slot rewrite and the
-runners' rewrites to Lepton's operators (q8_graph, q4_graph, bf16_graph, epilogue_graph, norm_graph)."""
+runners' rewrites to Lepton's operators (q8_graph, q4_graph, bf16_graph, f32_graph, epilogue_graph, norm_graph)."""
 
 from __future__ import annotations
 
+from typing import Callable
+
+import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
+
+from lepton.native import DOMAIN as LEPTON_DOMAIN
 
 MS_DOMAIN = "com.microsoft"
 
@@ -24,9 +29,11 @@ def replace_nodes(model: onnx.ModelProto, nodes: list[onnx.NodeProto], initializ
 def drop_unused_initializers(graph: onnx.GraphProto) -> None:
     """Remove initializers no node or output reads."""
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    kept = [t for t in graph.initializer if t.name in used]
-    graph.ClearField("initializer")
-    graph.initializer.extend(kept)
+    # NOTE: deleted where they are: clearing the field and adding the kept ones back copied every kept
+    # weight once more into the message's memory, which protobuf frees only with the whole message
+    for index in reversed(range(len(graph.initializer))):
+        if graph.initializer[index].name not in used:
+            del graph.initializer[index]
 
 
 def drop_dead_nodes(graph: onnx.GraphProto) -> None:
@@ -55,3 +62,59 @@ def add_rewritten(model: onnx.ModelProto, initializers: list[onnx.TensorProto], 
     drop_unused_initializers(model.graph)
     if not any(o.domain == domain for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(domain, 1))
+
+
+def float_weight(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> np.ndarray | None:
+    """The [N, K] float32 weight of a product of an activation with a float32 weight initializer (`Gemm` with
+    transB=1 and alpha=1, a bias with beta 1 then added, as the exporter writes it; `MatMul` with a 2-D weight),
+    else None."""
+    if node.domain not in ("", "ai.onnx") or len(node.input) < 2 or node.input[1] not in initializers:
+        return None
+    tensor = initializers[node.input[1]]
+    if tensor.data_type != onnx.TensorProto.FLOAT or len(tensor.dims) != 2:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Gemm":
+        if attrs.get("transA", 0) or attrs.get("transB", 0) != 1 or attrs.get("alpha", 1.0) != 1.0:
+            return None
+        if len(node.input) > 2 and node.input[2] and attrs.get("beta", 1.0) != 1.0:
+            return None
+        return numpy_helper.to_array(tensor)  # [N, K]
+    if node.op_type == "MatMul":
+        return numpy_helper.to_array(tensor).T  # [K, N] -> [N, K]
+    return None
+
+
+def rewrite_float_products(model: onnx.ModelProto, op_type: str, suffix: str, pack: Callable[[np.ndarray], np.ndarray],
+                           weight_of: Callable[[onnx.NodeProto, dict], np.ndarray | None]) -> int:
+    """Rewrite every product whose weight `weight_of` gives ([N, K] float32) to Lepton's `op_type` (inputs A and the
+    packed weights, attributes K and N), in place; returns how many. Each weight is packed once (`pack`, named
+    `<weight>.<suffix>`); a weight other nodes also read (a tied embedding's table) stays for them as it was; a
+    Gemm's bias becomes an Add right after the product."""
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    packed: dict[str, str] = {}  # NOTE: a weight two products share is packed once
+    added, biased, count = [], [], 0
+    for node in graph.node:
+        weight = weight_of(node, initializers)
+        if weight is None:
+            continue
+        name = packed.get(node.input[1])
+        if name is None:
+            name = packed[node.input[1]] = f"{node.input[1]}.{suffix}"
+            added.append(numpy_helper.from_array(pack(weight), name))
+        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+        product = f"{node.output[0]}.{suffix}_product" if bias else node.output[0]
+        replacement = helper.make_node(op_type, [node.input[0], name], [product], name=node.name,
+                                       domain=LEPTON_DOMAIN, K=int(weight.shape[1]), N=int(weight.shape[0]))
+        if bias:  # NOTE: Gemm's C (beta 1), broadcast over the rows as Gemm does
+            biased.append((product, helper.make_node("Add", [product, bias], [node.output[0]],
+                                                     name=f"{node.name or node.output[0]}.bias")))
+        node.CopyFrom(replacement)
+        count += 1
+    for product, add in biased:  # NOTE: each Add right after its product keeps the graph in topological order
+        at = next(i for i, n in enumerate(graph.node) if product in n.output)
+        graph.node.insert(at + 1, add)
+    if count:
+        add_rewritten(model, added, LEPTON_DOMAIN)
+    return count

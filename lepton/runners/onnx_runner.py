@@ -18,6 +18,7 @@ from lepton.memory import advise_huge_pages, aligned_zeros, check_fits, kv_budge
 from lepton.model_folder import ModelFolder
 from lepton.native import ops_library
 from lepton.runners.bf16_graph import bf16_graph, unavailable as bf16_unavailable
+from lepton.runners.f32_graph import f32_graph
 from lepton.runners.epilogue_graph import epilogue_graph
 from lepton.runners.norm_graph import norm_graph
 from lepton.runners.q4_graph import INT8_LEVEL, q4_graph
@@ -119,10 +120,11 @@ class OnnxRunner:
         return self._export_session(path, config, profile_prefix, *self._products(path, config, None))
 
     def _export_session(self, path: Path, config: EngineConfig, profile_prefix: str | None,
-                        model: onnx.ModelProto | None, library: Path | None) -> ort.InferenceSession:
-        """A session over the export's graph: `model` (its products rewritten, `library` registered) or,
-        when None, the file as it is."""
-        session = make_session(model.SerializeToString() if model is not None else path / self.manifest.model_file,
+                        model: onnx.ModelProto | bytes | None, library: Path | None) -> ort.InferenceSession:
+        """A session over the export's graph: `model` (its products rewritten, `library` registered; a message
+        or serialized) or, when None, the file as it is."""
+        source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+        session = make_session(source if source is not None else path / self.manifest.model_file,
                                config.runner.compute_threads, profile_prefix, spin_wait=config.runner.spin_wait,
                                spin_duration_us=config.runner.spin_duration_us, ops_library=library)
         _check_graph(session, self.manifest, path)
@@ -131,7 +133,8 @@ class OnnxRunner:
     def _products(self, path: Path, config: EngineConfig,
                   model: onnx.ModelProto | None) -> tuple[onnx.ModelProto | None, Path | None]:
         """A q8_0 export's weight products rewritten to Lepton's MatMulQ8, a q4_1 export's to MatMulQ4 (and
-        its lm_head to MatMulQ8 when 8-bit, to MatMulBF16 when float32), when RunnerConfig.matmul_kernel picks Lepton's operators
+        its lm_head to MatMulQ8 when 8-bit, to MatMulBF16 when float32), a float32 export's to MatMulF32
+        (`_f32_products`), when RunnerConfig.matmul_kernel picks Lepton's operators
         (lepton/runners/q8_graph.py, q4_graph.py; printed, with why), then each MLP's gate into its gate/up product and
         each residual add into the product before it (epilogue_graph.py), each RMS norm before them into them
         (norm_graph.py). model: the export's graph to rewrite,
@@ -140,6 +143,8 @@ class OnnxRunner:
         quantization = self.manifest.quantization
         if config.runner.weight_dtype == "bfloat16":
             return self._bf16_products(path, config, model)
+        if quantization is None:
+            return self._f32_products(path, config, model)
         if quantization is None or quantization.method not in ("q8_0", "q4_1"):
             return model, None
         method = quantization.method
@@ -176,6 +181,27 @@ class OnnxRunner:
         if count:
             _print_epilogues(*epilogues)
         return model, library if count else None
+
+    def _f32_products(self, path: Path, config: EngineConfig,
+                      model: onnx.ModelProto | None) -> tuple[onnx.ModelProto | None, Path | None]:
+        """A float32 export's weight products rewritten to Lepton's MatMulF32 (lepton/runners/f32_graph.py) when
+        RunnerConfig.matmul_kernel picks Lepton's operators, then the epilogues and norms into them, as `_products`;
+        printed, with why."""
+        library = ops_library()
+        kernel, why = matmul_kernel(config.runner.matmul_kernel, library, method="float32")
+        if kernel == "lepton" and self.manifest.external_data is not None:
+            kernel, why = "onnxruntime", "the export keeps its weights in an external file"
+        count = 0
+        if kernel == "lepton":
+            model = onnx.load(str(path / self.manifest.model_file)) if model is None else model
+            count = f32_graph(model)
+            why = why if count else "no product of an activation with a float32 weight"
+        what = f"Lepton's MatMulF32 ({count} nodes; {why})" if count else f"ONNX Runtime's MatMul and Gemm ({why})"
+        print(f"[lepton] float32 weight products: {what}", flush=True)
+        if not count:
+            return model, None
+        _print_epilogues(*epilogue_graph(model), norm_graph(model))
+        return model, library
 
     def _bf16_products(self, path: Path, config: EngineConfig,
                        model: onnx.ModelProto | None) -> tuple[onnx.ModelProto, Path]:

@@ -82,7 +82,8 @@ def matmul_kernel(setting: str, library: Path | None, cpu: dict | None = None,
     faster with (docs/performance.md): AVX-512 VNNI for q8_0's MatMulQ8 and for a q4_1 export with int8
     activations (accuracy level 4; its products at level 0 and a float32 head too where AVX-512 BF16 is
     there, see bfloat16_kernels), AVX-512 BF16 for q4_1's MatMulQ4 with bfloat16 ones
-    (lepton/runners/q4_graph.py); elsewhere the operators run an AVX2 or plain C path, which only an
+    (lepton/runners/q4_graph.py), AVX-512F for a float32 export's MatMulF32 (method "float32",
+    lepton/runners/f32_graph.py); elsewhere the operators run an AVX2 or plain C path, which only an
     explicit matmul_kernel=lepton asks for."""
     if setting == "onnxruntime":
         return "onnxruntime", "matmul_kernel=onnxruntime"
@@ -95,6 +96,8 @@ def matmul_kernel(setting: str, library: Path | None, cpu: dict | None = None,
     if setting == "lepton":
         return "lepton", "matmul_kernel=lepton"
     cpu = cpu_features() if cpu is None else cpu
+    if method == "float32":
+        return ("lepton", "AVX-512F") if cpu.get("avx512f") else ("onnxruntime", "no AVX-512F on this processor")
     bf16 = method == "q4_1" and not int8_activations
     flag, name = ("avx512_bf16", "AVX-512 BF16") if bf16 else ("avx512_vnni", "AVX-512 VNNI")
     if not (cpu.get(flag) and cpu.get("avx512f")):

@@ -104,14 +104,13 @@ class SlotRunner(OnnxRunner):
         # NOTE: external weights stay in their file: the rewritten graph (without them) is handed over
         # serialized, which protobuf caps at 2 GiB, and ONNX Runtime reads the weights from the folder.
         external = self.manifest.external_data is not None
-        # NOTE: the export read and its products rewritten once, for both sessions (the paged one gets a copy)
+        # NOTE: the export read and its products rewritten once, for both sessions (the paged one gets it
+        # serialized: a copy of the message would hold the weights once more)
         model, products_library = self._products(
             path, config, onnx.load(str(path / self.manifest.model_file), load_external_data=not external))
-        paged = None
-        if products_library is not None:
-            paged = onnx.ModelProto()
-            paged.CopyFrom(model)
+        paged = model.SerializeToString() if products_library is not None else None
         self.paged_session = self._export_session(path, config, None, paged, products_library)
+        del paged
         library = ops_library()
         self.attention_kernel = attention_kernel(config.runner.attention_kernel, library)
         approximate = self.manifest.quantization is not None or config.runner.weight_dtype == "bfloat16"
@@ -120,7 +119,11 @@ class SlotRunner(OnnxRunner):
               f"{self.kv_cache_dtype} slots", flush=True)
         model = slot_graph(model, cfg, cos.numpy(), sin.numpy(), kernel=self.attention_kernel,
                            cache_dtype=self.kv_cache_dtype)
-        return make_session(model.SerializeToString(), config.runner.compute_threads, profile_prefix,
+        # NOTE: the message freed before the session is made: protobuf keeps what the rewrites removed from it
+        # (the weights before packing) until the whole message goes
+        serialized = model.SerializeToString()
+        del model
+        return make_session(serialized, config.runner.compute_threads, profile_prefix,
                             data_folder=path if external else None, spin_wait=config.runner.spin_wait,
                             spin_duration_us=config.runner.spin_duration_us,
                             ops_library=library if self.attention_kernel == "lepton" else products_library)

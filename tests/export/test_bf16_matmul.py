@@ -27,8 +27,9 @@ ISAS = [1, pytest.param(3, marks=pytest.mark.skipif(not HAS_BF16, reason="no AVX
 needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason="weight_dtype=bfloat16 needs AVX-512 BF16")
 
 
-def product_model(k: int, n: int, packed: np.ndarray, rank: int = 2, **attrs) -> onnx.ModelProto:
-    node = helper.make_node("MatMulBF16", ["a", "b"], ["y"], domain=DOMAIN, K=k, N=n, **attrs)
+def product_model(k: int, n: int, packed: np.ndarray, rank: int = 2, op: str = "MatMulBF16", **attrs) -> onnx.ModelProto:
+    """One product `op` of A [..., width] (the kernel checks the width) with the packed weights B."""
+    node = helper.make_node(op, ["a", "b"], ["y"], domain=DOMAIN, K=k, N=n, **attrs)
     rows = [f"r{i}" for i in range(rank - 1)]
     graph = helper.make_graph([node], "product", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [*rows, "width"])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*rows, n])],
@@ -36,9 +37,9 @@ def product_model(k: int, n: int, packed: np.ndarray, rank: int = 2, **attrs) ->
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
 
 
-def session(model: onnx.ModelProto) -> ort.InferenceSession:
+def session(model: onnx.ModelProto, threads: int = 2) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
+    options.intra_op_num_threads = threads
     options.register_custom_ops_library(str(LIBRARY))
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
@@ -121,19 +122,21 @@ def test_bad_inputs_are_refused_with_the_input_and_the_limit():
             session(product_model(8, 16, pack(weight), isa=3))
 
 
-def test_the_rewrite_takes_the_float32_weight_products():
-    rng = np.random.default_rng(3)
+def float_products_model(rng: np.random.Generator) -> tuple[onnx.ModelProto, dict, list[onnx.NodeProto]]:
+    """A graph of float32 weight products a rewrite may take or must leave (outputs rows, h5, h6, h7, h8), its
+    feeds and its nodes."""
     w = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in
          (("gemm", (24, 8)), ("biased", (16, 24)), ("bias", (16,)), ("kn", (16, 12)), ("tied", (20, 12)), ("odd", (4, 5)))}
     nodes = [
-        helper.make_node("Gemm", ["x", "gemm"], ["h1"], transB=1),                        # rewritten
-        helper.make_node("Gemm", ["h1", "biased", "bias"], ["h2"], transB=1),            # rewritten, + Add
-        helper.make_node("MatMul", ["h2", "kn"], ["h3"]),                                # rewritten ([K, N])
-        helper.make_node("Gemm", ["h3", "tied"], ["h4"], transB=1),                      # rewritten; the table stays
+        helper.make_node("Gemm", ["x", "gemm"], ["h1"], transB=1),                        # a product
+        helper.make_node("Gemm", ["h1", "biased", "bias"], ["h2"], transB=1),            # a product, + Add
+        helper.make_node("MatMul", ["h2", "kn"], ["h3"]),                                # a product ([K, N])
+        helper.make_node("Gemm", ["h3", "tied"], ["h4"], transB=1),                      # a product; the table stays
         helper.make_node("Gather", ["tied", "ids"], ["rows"]),                           # reads the float32 table
         helper.make_node("MatMul", ["h4", "h4t"], ["h5"]),                               # two activations: kept
         helper.make_node("Gemm", ["h3", "gemm2"], ["h6"], transB=0),                     # transB=0: kept
-        helper.make_node("Gemm", ["odd_in", "odd"], ["h7"], transB=1),                   # K odd: kept
+        helper.make_node("Gemm", ["odd_in", "odd"], ["h7"], transB=1),                   # K odd
+        helper.make_node("Gemm", ["odd_in", "odd"], ["h8"], transB=1, alpha=2.0),        # alpha 2: kept
     ]
     inits = [numpy_helper.from_array(v, k) for k, v in w.items()]
     inits.append(numpy_helper.from_array(rng.standard_normal((12, 3)).astype(np.float32), "gemm2"))
@@ -141,21 +144,27 @@ def test_the_rewrite_takes_the_float32_weight_products():
         nodes, "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", 8]), helper.make_tensor_value_info("ids", TensorProto.INT64, [2]),
          helper.make_tensor_value_info("h4t", TensorProto.FLOAT, [20, 2]), helper.make_tensor_value_info("odd_in", TensorProto.FLOAT, ["M", 5])],
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("rows", "h5", "h6", "h7")], inits)
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("rows", "h5", "h6", "h7", "h8")], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     feeds = {"x": rng.standard_normal((5, 8)).astype(np.float32), "ids": np.array([3, 0], np.int64),
              "h4t": rng.standard_normal((20, 2)).astype(np.float32), "odd_in": rng.standard_normal((5, 5)).astype(np.float32)}
+    return model, feeds, nodes
+
+
+def test_the_rewrite_takes_the_float32_weight_products():
+    model, feeds, nodes = float_products_model(np.random.default_rng(3))
     want = session(model).run(None, feeds)
     inits_by_name = {t.name: t for t in model.graph.initializer}
-    assert [weight_of(n, inits_by_name) is not None for n in nodes] == [True, True, True, True, False, False, False, False]
+    assert [weight_of(n, inits_by_name) is not None for n in nodes] == [True] * 4 + [False] * 5  # NOTE: K odd: kept
     assert bf16_graph(model) == 4
     assert [n.op_type for n in model.graph.node] == ["MatMulBF16", "MatMulBF16", "Add", "MatMulBF16", "MatMulBF16",
-                                                     "Gather", "MatMul", "Gemm", "Gemm"]
+                                                     "Gather", "MatMul", "Gemm", "Gemm", "Gemm"]
     names = {t.name for t in model.graph.initializer}
     assert "tied" in names and {"gemm", "biased", "kn"}.isdisjoint(names)  # NOTE: replaced by their packed copies
     got = session(model).run(None, feeds)
     np.testing.assert_array_equal(got[0], want[0])  # NOTE: the Gather still reads float32
     np.testing.assert_array_equal(got[3], want[3])
+    np.testing.assert_array_equal(got[4], want[4])
     for g, e in zip(got[1:3], want[1:3]):  # NOTE: through three bfloat16 products
         np.testing.assert_allclose(g, e, rtol=0, atol=0.03 * np.abs(e).max())
 

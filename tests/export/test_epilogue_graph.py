@@ -1,4 +1,4 @@
-"""The epilogues of Lepton's weight products (MatMulQ4, MatMulQ8, MatMulBF16): the MLP's gate (gated = 1) and
+"""The epilogues of Lepton's weight products (MatMulQ4, MatMulQ8, MatMulBF16, MatMulF32): the MLP's gate (gated = 1) and
 the residual add (an optional last input), and the runner's rewrite of the nodes they replace
 (lepton/runners/epilogue_graph.py).
 
@@ -18,10 +18,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lepton.native import DOMAIN
 from lepton.runners.bf16_graph import pack as bf16_pack
+from lepton.runners.f32_graph import pack as f32_pack
 from lepton.runners.q4_graph import pack as q4_pack
 from lepton.runners.q8_graph import pack as q8_pack
 from lepton.runners.epilogue_graph import epilogue_graph, gated_graph, interleave, residual_graph
 from tests.export.test_bf16_matmul import HAS_BF16
+from tests.export.test_f32_matmul import HAS_AVX512
 from tests.export.test_q4_matmul import HAS_VNNI, q4_weights
 from tests.export.test_q8_matmul import random_weights, session
 
@@ -36,6 +38,8 @@ PATHS = {
     "MatMulQ8, AVX-512 VNNI": ("MatMulQ8", {"isa": 3}, HAS_VNNI),
     "MatMulBF16, C": ("MatMulBF16", {"isa": 1}, True),
     "MatMulBF16, AVX-512 BF16": ("MatMulBF16", {"isa": 3}, HAS_BF16),
+    "MatMulF32, C": ("MatMulF32", {"isa": 1}, True),
+    "MatMulF32, AVX-512F": ("MatMulF32", {"isa": 3}, HAS_AVX512),
 }
 ROWS = {"one decode": (1,), "16 decodes": (16,), "70 rows: two chunks, tile remainders": (70,), "rank 3": (2, 9)}
 
@@ -46,6 +50,8 @@ def packed_weights(op: str, rng: np.random.Generator, k: int, n: int, int8: int 
         return list(q4_pack(*q4_weights(rng, n, k), int8=bool(int8)))
     if op == "MatMulQ8":
         return list(q8_pack(*random_weights(rng, k, n)))
+    if op == "MatMulF32":
+        return [f32_pack(rng.standard_normal((n, k)).astype(np.float32) * 0.05)]
     return [bf16_pack(rng.standard_normal((n, k)).astype(np.float32) * 0.05)]
 
 

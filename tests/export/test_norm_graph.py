@@ -1,4 +1,4 @@
-"""The RMS norm inside Lepton's weight products (MatMulQ4, MatMulQ8, MatMulBF16: the optional norm weight G after
+"""The RMS norm inside Lepton's weight products (MatMulQ4, MatMulQ8, MatMulBF16, MatMulF32: the optional norm weight G after
 the optional residual, attribute epsilon) and the runner's rewrite of the exported norm into them
 (lepton/runners/norm_graph.py).
 
@@ -87,7 +87,8 @@ def test_a_product_given_a_norm_gives_the_product_of_the_normalized_rows(path, r
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("path", ["MatMulQ4 int8, C", "MatMulQ8, C", "MatMulBF16, C", "MatMulBF16, AVX-512 BF16"])
+@pytest.mark.parametrize("path", ["MatMulQ4 int8, C", "MatMulQ8, C", "MatMulBF16, C", "MatMulBF16, AVX-512 BF16",
+                                  "MatMulF32, AVX-512F"])
 def test_a_norm_and_a_residual_together(path):
     op, attrs, runs = PATHS[path]
     if not runs:
