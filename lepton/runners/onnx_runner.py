@@ -145,7 +145,7 @@ class OnnxRunner:
             return self._bf16_products(path, config, model)
         if quantization is None:
             return self._f32_products(path, config, model)
-        if quantization is None or quantization.method not in ("q8_0", "q4_1"):
+        if quantization.method not in ("q8_0", "q4_1"):
             return model, None
         method = quantization.method
         library = ops_library()
