@@ -4,7 +4,7 @@ Two epilogues, each a pass over the product's output that ONNX Runtime otherwise
 
 - The MLP's gate (gated = 1). A Llama-family MLP computes silu(x Wg^T) x (x Wu^T); the exports fuse the two
   weights into one product of 2 I outputs, Split it in halves, then Sigmoid and Mul the first half (silu) and
-  Mul that with the second. Lepton's MatMulQ4, MatMulQ8 and MatMulBF16 with gated = 1 compute silu(gate) x up
+  Mul that with the second. Lepton's MatMulQ4, MatMulQ8, MatMulBF16 and MatMulF32 with gated = 1 compute silu(gate) x up
   in the product's own tasks (lepton/native/ort.h, PRODUCT_TASK): their weights' panels of 16 outputs
   interleaved, gate panel j then up panel j, and Y [..., I]. The Split, the Sigmoid and the two Muls go.
 - The residual add (an optional last input R). After attention's o_proj and the MLP's down_proj the exports
@@ -13,7 +13,7 @@ Two epilogues, each a pass over the product's output that ONNX Runtime otherwise
 
 A 16-decode step of SmolLM2 q4_1 spent ~1.6 ms of 22 in those nodes, a 128-token prompt ~5 of 84
 (docs/performance.md). The rewrite runs after the weight products became Lepton's (q8_graph, q4_graph,
-bf16_graph).
+bf16_graph, f32_graph).
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ A Llama-family layer normalizes its residual stream x before the qkv product and
 product, and the model's last norm comes before the lm_head: y = g x / sqrt(mean(x^2) + epsilon). The exports
 write it as Pow(x, 2), ReduceMean over the last axis (keepdims), Add epsilon, Sqrt, Div(x, ...) and Mul by the
 weight g, which ONNX Runtime fuses into a SimplifiedLayerNormalization node at load. Given g as their last
-input and epsilon as an attribute, Lepton's MatMulQ4, MatMulQ8 and MatMulBF16 normalize A's rows themselves
-(lepton/native/ort.h, normalized_input) and the six nodes go: 61 nodes fewer a SmolLM2 step, a kernel launch and
-a pass over the rows each. A norm whose output anything but Lepton's products reads (q8_0's and q4_1's
+input and epsilon as an attribute, Lepton's MatMulQ4, MatMulQ8, MatMulBF16 and MatMulF32 normalize A's rows
+themselves (lepton/native/ort.h, normalized_input) and the six nodes go: 61 nodes fewer a SmolLM2 step, a kernel
+launch and a pass over the rows each. A norm whose output anything but Lepton's products reads (q8_0's and q4_1's
 lm_head, whose top candidates a float32 product rescores from the same normalized rows) stays as exported.
 
 The rewrite runs after the products' epilogues (epilogue_graph.py), so a product's optional residual is known:
