@@ -16,7 +16,9 @@ Domain ai.lepton:
 - `MatMulF32` (f32_matmul.c): a float32 export's weight products in float32 (matmul_kernel), packed for
   AVX-512F's FMAs, a decode step's rows in one pass over the weights (lepton/runners/f32_graph.py).
 And one plain function, called through ctypes: `lepton_slots_to_pools` (kv_copy.c), the slot runner's
-copy of each step's K/V into the block pools (lepton/runners/slot_cache.py), float16 slots widened, 8-bit rows as code x scale.
+copy of a step's K/V into the block pools after ONNX Runtime's GroupQueryAttention wrote them into the slots
+(lepton/runners/slot_cache.py), float16 slots widened, 8-bit rows as code x scale (SlotAttention, given the
+pools, writes them there itself).
 The library is absent where no C compiler was there to build it; the runners then keep ONNX Runtime's
 own operators (RunnerConfig.attention_kernel, RunnerConfig.matmul_kernel) and numpy's copy, the slots stay
 float32 (kv_cache_dtype=auto), and weight_dtype=bfloat16 and kv_cache_dtype=float16 or int8 are refused.

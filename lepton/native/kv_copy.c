@@ -1,5 +1,7 @@
 /* The K/V a slot-graph step wrote into its slots, copied over to the paged pools (lepton/runners/
- * slot_runner.py, after every step: the pools are what prefix caching, the paged graph and refills read).
+ * slot_runner.py, after every step whose attention was ONNX Runtime's GroupQueryAttention: Lepton's
+ * SlotAttention writes them into the pools itself; the pools are what prefix caching, the paged graph and
+ * refills read).
  * Not an ONNX Runtime operator: the runner calls it through ctypes between graph runs. numpy's fancy
  * indexing did the same in 1.2 ms a 16-decode step and 24 ms a 512-token step (SmolLM2: 30 layers,
  * 3 kv heads of 64), most of it per-row overhead: each token's row of one layer and kv head is a

@@ -33,7 +33,7 @@ typedef struct {
     const char *(*GetVersionString)(void);
 } OrtApiBase;
 
-enum { ELEMENT_FLOAT = 1, ELEMENT_UINT8 = 2, ELEMENT_UINT16 = 4, ELEMENT_INT32 = 6, ELEMENT_FLOAT16 = 10 };
+enum { ELEMENT_FLOAT = 1, ELEMENT_UINT8 = 2, ELEMENT_UINT16 = 4, ELEMENT_INT32 = 6, ELEMENT_INT64 = 7, ELEMENT_FLOAT16 = 10 };
 enum { STATUS_INVALID_ARGUMENT = 2, STATUS_FAIL = 1 };
 enum { REQUIRED = 0, OPTIONAL = 1 };
 

@@ -20,6 +20,15 @@
  * A decode reads half the cache's bytes: 16 decodes over 192 tokens of SmolLM2 read 141 MB of float32
  * keys and values a step, as much as its q8_0 weights.
  *
+ * With its three optional inputs (pool_rows [B x S] int64, key_pools and value_pools [layers, P, KVH, D]
+ * float32, every layer's pools: one input for all the graph's nodes, the attribute pool_layer picking the
+ * node's) each of this step's keys and values is also written into the paged pools, at row
+ * pool_rows[b x S + s] of both (-1: nowhere), as the cache holds it, widened to float32 (a float16 row
+ * exactly, an 8-bit row as code x scale):
+ * what lepton/native/kv_copy.c did after the run, here while the rows are still in cache. The pools are
+ * inputs the operator writes into (the runner binds them, nothing else in the graph reads them); no row
+ * is written unless every index is in range.
+ *
  * SlotAttentionI8 computes the same over caches of 8-bit rows (RunnerConfig.kv_cache_dtype "int8"): each
  * cached row of a kv head is D int8 values and their float32 scale, D + 4 bytes (the caches are uint8
  * [B, KVH, M, D + 4]): x = q s, s = max|x| / 127, q = x (127 / max|x|) rounded to nearest even. This step's
@@ -58,6 +67,8 @@ typedef struct {
     int int8; /* caches of 8-bit rows with a scale (SlotAttentionI8) */
     KeysFn keys;
     NarrowFn narrow;
+    WidenFn widen;
+    int64_t pool_layer; /* the layer of the pools inputs this node writes */
 } Kernel;
 
 struct Step {
@@ -71,6 +82,10 @@ struct Step {
     int first_prompt, half, int8;
     KeysFn keys; /* phase 2's walk over the keys, for the cache's type and the processor */
     NarrowFn narrow;
+    WidenFn widen;
+    int stream; /* pool rows written with streaming stores (F16C: AVX2 and F16C) */
+    const int64_t *pool_rows; /* NULL: no pools; else token b x length + s's pool row, -1 for none */
+    float *key_pool, *value_pool; /* [pool rows, kv_heads, dim] */
     float scale;
     volatile int out_of_memory; /* a task could not allocate its buffer */
 };
@@ -338,8 +353,36 @@ static inline void put_row(const Step *st, char *dst, const float *src, int64_t 
         memcpy(dst, src, (size_t)n * sizeof(float));
 }
 
+/* n float32 values (n a multiple of 8, dst 32-byte aligned) stored past the caches: the pools are read again
+ * only by refills, prefix hits and the paged graph, and a plain store would read each line in first. */
+F16C static void stream_row(float *restrict dst, const float *restrict src, int64_t n) {
+    for (int64_t i = 0; i < n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+}
+
+F16C static void stream_half_row(float *restrict dst, const half_t *restrict src, int64_t n) {
+    for (int64_t i = 0; i < n; i += 8) _mm256_stream_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+}
+
+/* A cache row as float32 into a pool row: copied, widened from float16, or code x scale; streamed where the
+ * processor has F16C and the row allows it (the caller fences). */
+static inline void pool_row(const Step *st, float *dst, const char *src, int64_t n) {
+    float widened[n];
+    if (st->int8) {
+        widen_int8_row(widened, src, n);
+        src = (const char *)widened;
+    }
+    if (st->stream && n % 8 == 0 && (uintptr_t)dst % 32 == 0) {
+        if (st->half && !st->int8) stream_half_row(dst, (const half_t *)src, n);
+        else stream_row(dst, (const float *)src, n);
+    } else if (st->half && !st->int8) {
+        st->widen(dst, (const half_t *)src, n);
+    } else {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+    }
+}
+
 /* Phase 1, one (sequence, kv head): the past rows into the present cache when they are two buffers,
- * then this step's keys (rotated) and values. */
+ * then this step's keys (rotated) and values, and with pools their pool rows too. */
 CLONED
 static void write_cache(void *data, size_t task) {
     const Step *st = data;
@@ -356,7 +399,14 @@ static void write_cache(void *data, size_t task) {
         rotate(rotated, row + (st->heads + g) * dim, st->cos + pos * dim / 2, st->sin + pos * dim / 2, dim / 2, 1.0f);
         put_row(st, key + pos * st->row, rotated, dim);
         put_row(st, value + pos * st->row, row + (st->heads + st->kv_heads + g) * dim, dim);
+        const int64_t target = st->pool_rows ? st->pool_rows[b * st->length + s] : -1;
+        if (target >= 0) {
+            const int64_t at = (target * st->kv_heads + g) * dim;
+            pool_row(st, st->key_pool + at, key + pos * st->row, dim);
+            pool_row(st, st->value_pool + at, value + pos * st->row, dim);
+        }
     }
+    if (st->pool_rows && st->stream) _mm_sfence();
 }
 
 /* One (sequence, kv head, block of query positions)'s rows (every query head of the group at each
@@ -583,8 +633,42 @@ static void attend(void *data, size_t task) {
 
 /* ---- the operator ------------------------------------------------------------------------------ */
 
+enum { INPUTS = 10 }; /* NOTE: the last three (pool_rows, key_pool, value_pool) optional, all or none */
+
 static OrtStatus *input(OrtKernelContext *context, size_t index, const void **data, int64_t *dims, size_t rank) {
-    return get_input("SlotAttention", 7, context, index, data, dims, rank, NULL);
+    return get_input("SlotAttention", INPUTS, context, index, data, dims, rank, NULL);
+}
+
+/* The optional pools: st->pool_rows stays NULL without them; refused unless all three are given, shaped
+ * [B x S], [layers, P, KVH, D] and [layers, P, KVH, D], with pool_layer below layers and every row index
+ * below P (or -1). */
+static OrtStatus *pools(OrtKernelContext *context, int64_t layer, Step *st) {
+    const OrtValue *given[3] = {NULL, NULL, NULL};
+    int count = 0;
+    for (size_t i = 0; i < 3; i++) {
+        TRY(API(GetInputFn, API_KERNEL_CONTEXT_GET_INPUT)(context, 7 + i, &given[i]));
+        count += given[i] != NULL;
+    }
+    if (count == 0) return NULL;
+    if (count != 3) return invalid("SlotAttention: pool_rows, key_pools and value_pools go together (%lld of %lld given)", count, 3);
+    int64_t rows_dims[4], key_dims[4], value_dims[4];
+    TRY(input(context, 7, (const void **)&st->pool_rows, rows_dims, 1));
+    TRY(input(context, 8, (const void **)&st->key_pool, key_dims, 4));
+    TRY(input(context, 9, (const void **)&st->value_pool, value_dims, 4));
+    if (rows_dims[0] != st->batch * st->length)
+        return invalid("SlotAttention: pool_rows has %lld values for %lld tokens", rows_dims[0], st->batch * st->length);
+    for (int i = 0; i < 4; i++)
+        if (value_dims[i] != key_dims[i]) return invalid("SlotAttention: value_pools dimension %lld differs from key_pools' (%lld)", i, value_dims[i]);
+    if (key_dims[2] != st->kv_heads || key_dims[3] != st->dim)
+        return invalid("SlotAttention: key_pools rows of %lld x %lld values, expected kv_num_heads x head_dim", key_dims[2], key_dims[3]);
+    if (layer < 0 || layer >= key_dims[0])
+        return invalid("SlotAttention: pool_layer %lld, the pools have %lld layers", layer, key_dims[0]);
+    for (int64_t t = 0; t < rows_dims[0]; t++)
+        if (st->pool_rows[t] < -1 || st->pool_rows[t] >= key_dims[1])
+            return invalid("SlotAttention: pool_rows has %lld, outside [-1, %lld) (the pools' rows)", st->pool_rows[t], key_dims[1]);
+    const int64_t offset = layer * key_dims[1] * key_dims[2] * key_dims[3];
+    st->key_pool += offset, st->value_pool += offset;
+    return NULL;
 }
 
 static OrtStatus *cache_output(OrtKernelContext *context, size_t index, const int64_t *dims, char **data) {
@@ -600,7 +684,7 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     Step st = {0};
     const int32_t *total;
     size_t qkv_rank = 0;
-    TRY(get_input("SlotAttention", 7, context, 0, (const void **)&st.qkv, qkv_dims, (size_t)-1, &qkv_rank));
+    TRY(get_input("SlotAttention", INPUTS, context, 0, (const void **)&st.qkv, qkv_dims, (size_t)-1, &qkv_rank));
     TRY(input(context, 1, (const void **)&st.past_key, key_dims, 4));
     TRY(input(context, 2, (const void **)&st.past_value, value_dims, 4));
     TRY(input(context, 3, (const void **)&st.seqlens, seq_dims, 1));
@@ -644,6 +728,8 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     TRY(qkv_rank == 2 ? get_output(context, 0, flat_dims, 2, &st.out) : get_output(context, 0, out_dims, 3, &st.out));
     TRY(cache_output(context, 1, key_dims, &st.key));
     TRY(cache_output(context, 2, value_dims, &st.value));
+    st.widen = kernel->widen, st.stream = kernel->widen == widen_f16c;
+    TRY(pools(context, kernel->pool_layer, &st));
     st.blocks = (st.length + QUERY_BLOCK - 1) / QUERY_BLOCK;
     parallel_for(context, write_cache, (size_t)(st.batch * st.kv_heads), &st);
     parallel_for(context, attend, (size_t)(st.batch * st.kv_heads * st.blocks), &st);
@@ -660,6 +746,8 @@ static OrtStatus *create(const OrtKernelInfo *info, void **out, int half, int in
     kernel->keys = int8 ? (!f16c ? keys_int8_plain : half_avx512() ? keys_int8_avx512 : keys_int8_avx2)
                    : !half ? keys_float : !f16c ? keys_half_plain : half_avx512() ? keys_half_avx512 : keys_half_f16c;
     kernel->narrow = f16c ? narrow_f16c : narrow_plain;
+    kernel->widen = f16c ? widen_f16c : widen_plain;
+    kernel->pool_layer = optional_int(info, "pool_layer", 0);
     OrtStatus *status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "num_heads", &kernel->num_heads);
     if (!status) status = API(GetAttributeInt64Fn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "kv_num_heads", &kernel->kv_heads);
     if (!status) status = API(GetAttributeFloatFn, API_KERNEL_INFO_GET_ATTRIBUTE_FLOAT)(info, "scale", &kernel->scale);
@@ -690,7 +778,12 @@ static OrtStatus *create_kernel_i8(const CustomOp *op, const void *ort_api, cons
 
 static int input_type(const CustomOp *op, size_t index) {
     (void)op;
-    return index == 3 || index == 4 ? ELEMENT_INT32 : ELEMENT_FLOAT;
+    return index == 3 || index == 4 ? ELEMENT_INT32 : index == 7 ? ELEMENT_INT64 : ELEMENT_FLOAT;
+}
+
+static int characteristic(const CustomOp *op, size_t index) {
+    (void)op;
+    return index >= 7 ? OPTIONAL : REQUIRED;
 }
 
 /* SlotAttentionF16: past_key and past_value, present_key and present_value float16. */
@@ -715,8 +808,9 @@ static int output_type_i8(const CustomOp *op, size_t index) {
     return index == 0 ? ELEMENT_FLOAT : ELEMENT_UINT8;
 }
 
-OPERATOR(lepton_slot_attention, "SlotAttention", 7, 3, input_type, create_kernel, compute);
-TYPED_OPERATOR(lepton_slot_attention_f16, "SlotAttentionF16", 7, 3, input_type_f16, output_type_f16, create_kernel_f16,
-               compute);
-TYPED_OPERATOR(lepton_slot_attention_i8, "SlotAttentionI8", 7, 3, input_type_i8, output_type_i8, create_kernel_i8,
-               compute);
+OPERATOR_WITH(lepton_slot_attention, "SlotAttention", INPUTS, 3, input_type, float_output, characteristic, create_kernel,
+              compute);
+OPERATOR_WITH(lepton_slot_attention_f16, "SlotAttentionF16", INPUTS, 3, input_type_f16, output_type_f16, characteristic,
+              create_kernel_f16, compute);
+OPERATOR_WITH(lepton_slot_attention_i8, "SlotAttentionI8", INPUTS, 3, input_type_i8, output_type_i8, characteristic,
+              create_kernel_i8, compute);

@@ -7,7 +7,8 @@ array per kind [layers, slots, KVH, capacity, D] so that a copy across all layer
 operation. A slot is valid for a request
 when it holds exactly the tokens the step says are cached; otherwise it is filled from the pools through
 the block table (a prefix-cache hit, a resumed request, a slot taken by another request). Numpy, and
-the copy into the pools after each step in C (lepton.native.slots_to_pools) when the library is built.
+the copy of a step's K/V into the pools in C (lepton.native.slots_to_pools) when the library is built: after
+the runs of ONNX Runtime's GroupQueryAttention (Lepton's SlotAttention writes the pools itself).
 
 One graph run attends over the slots [first, first + B): the decode rows of a step are kept in slots
 0 .. B-1 (moving rows between slots as requests come and go), prompts from their first token right

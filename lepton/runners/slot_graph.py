@@ -17,7 +17,12 @@ Graph contract (what `lepton.runners.slot_runner` binds):
 - past_key_{i} / past_value_{i} [B, KVH, M, D] float32 (float16 with cache_dtype float16: Lepton's
   SlotAttentionF16; uint8 [B, KVH, M, D + 4] with cache_dtype int8, rows of D codes and their float32 scale:
   SlotAttentionI8); outputs present_key_{i} / present_value_{i} (the same buffers when bound so) and
-  logits [L, V].
+  logits [L, V];
+- with pools (Lepton's SlotAttention only): pool_rows [B * S] int64, each flat token's row in the paged pools
+  (block x block_size + offset; -1: none), and key_pools / value_pools [layers, P, KVH, D] float32, every
+  layer's pools (one input each for all the layers: a bound input costs ONNX Runtime a few microseconds a
+  run), which each layer's attention writes this step's keys and values into (inputs written in place: the
+  runner binds its pools' memory).
 """
 
 from __future__ import annotations
@@ -41,17 +46,20 @@ class SlotGraphError(RuntimeError):
 
 
 def slot_graph(model: onnx.ModelProto, cfg: ModelConfig, cos_half: np.ndarray, sin_half: np.ndarray,
-               kernel: str = "onnxruntime", cache_dtype: str = "float32") -> onnx.ModelProto:
+               kernel: str = "onnxruntime", cache_dtype: str = "float32", pools: bool = False) -> onnx.ModelProto:
     """Rewrite the paged step graph in place (see the module docstring); returns it.
 
     cos_half / sin_half: [max positions, head_dim / 2] float32, the rotate-half tables of the model's RoPE;
     kernel: "onnxruntime" (GroupQueryAttention) or "lepton" (SlotAttention: the session must register
-    lepton.native's library); cache_dtype: "float32", or "float16" or "int8" (kernel "lepton" only).
+    lepton.native's library); cache_dtype: "float32", or "float16" or "int8" (kernel "lepton" only); pools:
+    the attention also writes each step's keys and values into the paged pools (kernel "lepton" only).
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
     if cache_dtype not in CACHE_DTYPES or (cache_dtype != "float32" and kernel != "lepton"):
         raise ValueError(f"cache_dtype: {cache_dtype!r} with kernel {kernel!r} (float16 and int8 need kernel 'lepton')")
+    if pools and kernel != "lepton":
+        raise ValueError(f"pools: the attention writes into the pools with kernel 'lepton' only, not {kernel!r}")
     graph = model.graph
     splits = [n for n in graph.node if n.op_type == "Split" and len(n.output) == 3]
     outputs = _attention_outputs(graph)
@@ -72,7 +80,7 @@ def slot_graph(model: onnx.ModelProto, cfg: ModelConfig, cos_half: np.ndarray, s
     ]
     renamed, fused = {"input_ids": "slot.flat_ids"}, {}
     for layer, (split, attention_out) in enumerate(zip(splits, outputs)):
-        fused[split.output[0]] = _fused_layer(layer, split.input[0], cfg, kernel, cache_dtype)
+        fused[split.output[0]] = _fused_layer(layer, split.input[0], cfg, kernel, cache_dtype, pools)
         renamed[attention_out] = f"slot.out_{layer}"
     for node in graph.node:
         for i, name in enumerate(node.input):
@@ -81,14 +89,15 @@ def slot_graph(model: onnx.ModelProto, cfg: ModelConfig, cos_half: np.ndarray, s
         nodes.append(node)
         if node.op_type == "Split":  # NOTE: right after the qkv split, so the order stays topological
             nodes += fused.get(node.output[0], [])
-    _set_io(graph, cfg, cache_dtype)
+    _set_io(graph, cfg, cache_dtype, pools)
     replace_nodes(model, [_copy(node) for node in _live(nodes, [o.name for o in graph.output])], inits)
     if kernel == "lepton" and not any(o.domain == LEPTON_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(LEPTON_DOMAIN, 1))
     return model
 
 
-def _fused_layer(layer: int, qkv: str, cfg: ModelConfig, kernel: str, cache_dtype: str) -> list[onnx.NodeProto]:
+def _fused_layer(layer: int, qkv: str, cfg: ModelConfig, kernel: str, cache_dtype: str,
+                 pools: bool) -> list[onnx.NodeProto]:
     """qkv [B * S, (N + 2 KVH) D] -> [B, S, ...] -> attention -> [B * S, N D] (slot.out_{layer}); Lepton's
     SlotAttention takes and gives the flat tokens itself (B from the caches), no Reshape on either side."""
     caches = [f"past_key_{layer}", f"past_value_{layer}"]
@@ -96,7 +105,9 @@ def _fused_layer(layer: int, qkv: str, cfg: ModelConfig, kernel: str, cache_dtyp
     outputs = [f"slot.attention_{layer}", f"present_key_{layer}", f"present_value_{layer}"]
     heads = dict(num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, scale=float(cfg.head_dim ** -0.5))
     if kernel == "lepton":
-        return [helper.make_node(CACHE_OPS[cache_dtype], [qkv, *caches, *lengths], [f"slot.out_{layer}", *outputs[1:]],
+        pool_inputs, pool_layer = (["pool_rows", "key_pools", "value_pools"], {"pool_layer": layer}) if pools else ([], {})
+        return [helper.make_node(CACHE_OPS[cache_dtype], [qkv, *caches, *lengths, *pool_inputs],
+                                 [f"slot.out_{layer}", *outputs[1:]], **pool_layer,
                                  name=f"slot.attention_{layer}", domain=LEPTON_DOMAIN, **heads)]
     attention = helper.make_node("GroupQueryAttention", [f"slot.qkv_{layer}", "", "", *caches, *lengths], outputs,
                                  name=f"slot.gqa_{layer}", domain=MS_DOMAIN, do_rotary=1, rotary_interleaved=0, **heads)
@@ -121,7 +132,7 @@ def _attention_outputs(graph: onnx.GraphProto) -> list[str]:
     return found
 
 
-def _set_io(graph: onnx.GraphProto, cfg: ModelConfig, cache_dtype: str) -> None:
+def _set_io(graph: onnx.GraphProto, cfg: ModelConfig, cache_dtype: str, pools: bool) -> None:
     """The slot graph's inputs and outputs (see the module docstring)."""
     cache_type = CACHE_DTYPES[cache_dtype]
     cache = ["B", cfg.num_kv_heads, "M", cfg.head_dim + (SCALE_BYTES if cache_dtype == "int8" else 0)]
@@ -132,6 +143,11 @@ def _set_io(graph: onnx.GraphProto, cfg: ModelConfig, cache_dtype: str) -> None:
         helper.make_tensor_value_info("logits_indices", TensorProto.INT64, ["L"]),
     ]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["L", cfg.vocab_size])]
+    if pools:
+        inputs.append(helper.make_tensor_value_info("pool_rows", TensorProto.INT64, ["T"]))
+        for kv in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"{kv}_pools", TensorProto.FLOAT,
+                                                        [cfg.num_layers, "P", cfg.num_kv_heads, cfg.head_dim]))
     for layer in range(cfg.num_layers):
         for kv in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_{kv}_{layer}", cache_type, cache))

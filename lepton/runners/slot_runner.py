@@ -9,7 +9,9 @@ prompt's later chunk) in its slot when it is the step's only one. Both operators
 sequence at a time (as GroupQueryAttention's CPU kernel defines them), so two or more run together through the paged graph instead (a
 second session over the same export, reading the pools): one pass over the weights, as OnnxRunner
 does; so does a whole step whose slots would pass their memory budget (SLOT_BUDGET_POOLS). Every
-step's K/V end in the pools, which stay what prefix caching, validation and a refilled slot read. A step that
+step's K/V end in the pools, which stay what prefix caching, validation and a refilled slot read: Lepton's
+SlotAttention writes them there as it writes the slots (`pools_in_graph`), ONNX Runtime's GroupQueryAttention
+leaves them to a copy after the run (`SlotCache.to_pools`). A step that
 decodes the same requests as the step before, each still in its slot, skips the slots' bookkeeping
 (`_repeat_decodes`): most steps of a steady batch.
 """
@@ -117,8 +119,11 @@ class SlotRunner(OnnxRunner):
         self.kv_cache_dtype = kv_cache_dtype(config.runner.kv_cache_dtype, self.attention_kernel, approximate)
         print(f"[lepton] attention=slots: {describe_kernel(self.attention_kernel, config.runner.attention_kernel)}, "
               f"{self.kv_cache_dtype} slots", flush=True)
+        # NOTE: the attention writes each step's K/V into float32 pools itself (while they are in cache: a
+        # 16-decode step of SmolLM2 spent ~0.35 ms copying them over after the run, docs/performance.md)
+        self.pools_in_graph = self.attention_kernel == "lepton" and np.dtype(self.manifest.kv_dtype) == np.float32
         model = slot_graph(model, cfg, cos.numpy(), sin.numpy(), kernel=self.attention_kernel,
-                           cache_dtype=self.kv_cache_dtype)
+                           cache_dtype=self.kv_cache_dtype, pools=self.pools_in_graph)
         # NOTE: the message freed before the session is made: protobuf keeps what the rewrites removed from it
         # (the weights before packing) until the whole message goes
         serialized = model.SerializeToString()
@@ -188,7 +193,7 @@ class SlotRunner(OnnxRunner):
         for row in in_slots:
             self.slots.commit(ids[row], int(context_lens[row]), batch.block_tables[row])
         tokens = np.flatnonzero(token_slots >= 0)
-        if tokens.size:
+        if tokens.size and not self.pools_in_graph:
             self.slots.to_pools(token_slots[tokens], batch.positions[tokens], batch.slot_mapping[tokens],
                                 self.k_store, self.v_store)
         if paged.size:  # NOTE: their slots keep what they held; the next step that needs them refills them
@@ -223,10 +228,11 @@ class SlotRunner(OnnxRunner):
         logits = np.empty((count, self.model_config.vocab_size), np.float32)
         order = last.order
         self._run_bound(self._binding(last.first, count), batch.input_ids[order].reshape(count, 1),
-                        context_lens[order], last.graph_rows, logits)
+                        context_lens[order], last.graph_rows, logits, batch.slot_mapping[order])
         for slot, context, table in zip(last.slots, contexts, batch.block_tables):
             slots.commit_next(slot, context, table)
-        slots.to_pools(last.slot_array, batch.positions, batch.slot_mapping, self.k_store, self.v_store)
+        if not self.pools_in_graph:
+            slots.to_pools(last.slot_array, batch.positions, batch.slot_mapping, self.k_store, self.v_store)
         return logits
 
     def run(self, batch: ModelInput) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -272,27 +278,34 @@ class SlotRunner(OnnxRunner):
         """One graph run over slots [first, first + len(rows)), its logits written into logits[wanted];
         shorter rows are padded with their last token (their padding's K/V land past their length, where
         nothing reads them)."""
-        offsets = np.minimum(np.arange(length)[None, :], batch.query_lens[rows][:, None] - 1)
+        steps = np.arange(length)[None, :]
+        offsets = np.minimum(steps, batch.query_lens[rows][:, None] - 1)
         tokens = (starts[rows][:, None] + offsets).reshape(-1)
+        # NOTE: the padding's tokens go into no pool row
+        pool_rows = np.where(steps < batch.query_lens[rows][:, None], batch.slot_mapping[tokens].reshape(rows.size, length),
+                             -1).reshape(-1)
         # NOTE: the logits go straight into their rows when these are consecutive (every step of decodes
         # alone): binding get_outputs() instead wraps all 61 outputs, ~10 % of a one-decode step served.
         consecutive = wanted.size and wanted[-1] - wanted[0] == wanted.size - 1
         out = logits[wanted[0]:wanted[-1] + 1] if consecutive else np.empty((wanted.size, logits.shape[1]), logits.dtype)
         self._run_bound(self._binding(first, rows.size), batch.input_ids[tokens].reshape(rows.size, length),
-                        batch.context_lens[rows], logits_indices, out)
+                        batch.context_lens[rows], logits_indices, out, pool_rows)
         if not consecutive:
             logits[wanted] = out
 
     def _run_bound(self, binding: ort.SessionIOBinding, input_ids: np.ndarray, context: np.ndarray,
-                   logits_indices: np.ndarray, out: np.ndarray) -> None:
+                   logits_indices: np.ndarray, out: np.ndarray, pool_rows: np.ndarray) -> None:
         """One run of the slot graph over a binding's slots: the rows' ids [rows, S] and contexts after the
-        step, the logits of the graph's flat tokens logits_indices written into out."""
+        step, the logits of the graph's flat tokens logits_indices written into out; with pools_in_graph
+        each flat token's K/V into pool row pool_rows (-1: none)."""
         inputs = {
             "input_ids": np.ascontiguousarray(input_ids),
             "seqlens_k": (context - 1).astype(np.int32),
             "total_sequence_length": np.array(context.max(), np.int32),
             "logits_indices": np.ascontiguousarray(logits_indices, np.int64),
         }
+        if self.pools_in_graph:
+            inputs["pool_rows"] = np.ascontiguousarray(pool_rows, np.int64)
         for name, array in inputs.items():
             binding.bind_cpu_input(name, array)
         binding.bind_output("logits", "cpu", 0, out.dtype, list(out.shape), out.ctypes.data)
@@ -314,5 +327,12 @@ class SlotRunner(OnnxRunner):
                         raise RuntimeError("onnxruntime copied a slot cache; the runner relies on zero-copy binding")
                     binding.bind_ortvalue_input(f"past_{kind}_{layer}", value)
                     binding.bind_ortvalue_output(f"present_{kind}_{layer}", value)
+            if self.pools_in_graph:  # NOTE: the same memory as the paged session's pools (written in place)
+                for kind, store in (("key", self.k_store), ("value", self.v_store)):
+                    layers, blocks, block_size = store.shape[:3]
+                    value = ort.OrtValue.ortvalue_from_numpy(store.reshape(layers, blocks * block_size, *store.shape[3:]))
+                    if value.data_ptr() != store.ctypes.data:
+                        raise RuntimeError("onnxruntime copied a pool; the runner relies on zero-copy binding")
+                    binding.bind_ortvalue_input(f"{kind}_pools", value)
             self._bindings[key] = binding
         return self._bindings[key]

@@ -4,7 +4,8 @@ The slot graph may run either (RunnerConfig.attention_kernel); they must agree o
 read afterwards: the attention of each sequence's real tokens and the caches up to each sequence's
 length. Head sizes 64 and 128 take the vector-register paths of the C file, others its generic loop.
 SlotAttentionF16 (float16 caches) computes what SlotAttention computes on the caches' rounded values, and
-SlotAttentionI8 (8-bit rows: codes and a float32 scale) what float64 computes on its rows' values.
+SlotAttentionI8 (8-bit rows: codes and a float32 scale) what float64 computes on its rows' values. Given the
+paged pools, each writes this step's rows into them as its cache holds them, widened to float32.
 """
 
 from __future__ import annotations
@@ -23,15 +24,17 @@ from lepton.runners.slot_runner import attention_kernel, describe_kernel
 from tests.export.conftest import TARGETS, cpu_flags
 
 POSITIONS = 1024
+POOL_INPUTS = ("pool_rows", "key_pools", "value_pools")
 # NOTE: float32 sums in another order and an exp of ~2e-7 relative error; outputs are O(1).
 ATOL = 5e-6
 
 
 def session(kernel: str, heads: int, kv_heads: int, dim: int, library: Path = LIBRARY, isa: int | None = None,
-            flat: bool = False) -> ort.InferenceSession:
+            flat: bool = False, pools: tuple[str, ...] = ()) -> ort.InferenceSession:
     """kernel: "lepton" (SlotAttention), "lepton-f16" (SlotAttentionF16; isa 1 = its plain C path),
     "lepton-i8" (SlotAttentionI8, the same) or "onnxruntime" (GroupQueryAttention); flat: qkv and the output
-    declared [B x S, width] (Lepton's kernels only), as the slot graph gives them."""
+    declared [B x S, width] (Lepton's kernels only), as the slot graph gives them; pools: the optional pool
+    inputs the node is given (of pool_rows, key_pools, value_pools; pool_layer 1)."""
     caches = ["past_key", "past_value"]
     lengths = ["seqlens_k", "total_sequence_length", "cos", "sin"]
     attrs = dict(num_heads=heads, kv_num_heads=kv_heads, scale=float(dim ** -0.5))
@@ -39,7 +42,11 @@ def session(kernel: str, heads: int, kv_heads: int, dim: int, library: Path = LI
         attrs["isa"] = isa
     if kernel.startswith("lepton"):
         op = {"lepton-f16": "SlotAttentionF16", "lepton-i8": "SlotAttentionI8"}.get(kernel, "SlotAttention")
-        node = helper.make_node(op, ["qkv", *caches, *lengths], ["out", "key", "value"], domain=DOMAIN, **attrs)
+        names = [name if name in pools else "" for name in POOL_INPUTS] if pools else []
+        while names and not names[-1]:
+            names.pop()
+        node = helper.make_node(op, ["qkv", *caches, *lengths, *names], ["out", "key", "value"], domain=DOMAIN, **attrs,
+                                **({"pool_layer": 1} if pools else {}))
     else:
         node = helper.make_node("GroupQueryAttention", ["qkv", "", "", *caches, *lengths], ["out", "key", "value"],
                                 domain="com.microsoft", do_rotary=1, rotary_interleaved=0, **attrs)
@@ -52,6 +59,9 @@ def session(kernel: str, heads: int, kv_heads: int, dim: int, library: Path = LI
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
         helper.make_tensor_value_info("cos", f, [POSITIONS, dim // 2]),
         helper.make_tensor_value_info("sin", f, [POSITIONS, dim // 2]),
+        *[helper.make_tensor_value_info(name, TensorProto.INT64 if name == "pool_rows" else f,
+                                        ["T"] if name == "pool_rows" else ["layers", "P", "KVH", "D"])
+          for name in POOL_INPUTS if name in pools],
     ], [helper.make_tensor_value_info("out", f, ["T", heads * dim] if flat else ["B", "S", heads * dim]),
         helper.make_tensor_value_info("key", c, cache), helper.make_tensor_value_info("value", c, cache)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1),
@@ -68,10 +78,13 @@ def rope(dim: int) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def attend(sess: ort.InferenceSession, qkv, key, value, seqlens, in_place: bool = True):
-    """(out, key cache, value cache) after one run; in place: the past caches bound as the present ones."""
+def attend(sess: ort.InferenceSession, qkv, key, value, seqlens, in_place: bool = True, pools: dict | None = None):
+    """(out, key cache, value cache) after one run; in place: the past caches bound as the present ones;
+    pools: arrays bound to the pool inputs of these names (the pools written in place)."""
     key, value = key.copy(), value.copy()
     binding = sess.io_binding()
+    for name, array in (pools or {}).items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
     cos, sin = rope(key.shape[-1] - (SCALE_BYTES if key.dtype == np.uint8 else 0))
     for name, array in (("qkv", qkv), ("seqlens_k", seqlens), ("cos", cos), ("sin", sin),
                         ("total_sequence_length", np.array(seqlens.max() + 1, np.int32))):
@@ -114,8 +127,8 @@ def sessions():
     made = {}
 
     def get(kernel: str, heads: int, kv_heads: int, dim: int, library: Path = LIBRARY, isa: int | None = None,
-            flat: bool = False) -> ort.InferenceSession:
-        key = (kernel, heads, kv_heads, dim, library, isa, flat)
+            flat: bool = False, pools: tuple[str, ...] = ()) -> ort.InferenceSession:
+        key = (kernel, heads, kv_heads, dim, library, isa, flat, pools)
         if key not in made:
             made[key] = session(*key)
         return made[key]
@@ -227,6 +240,18 @@ def test_bad_inputs_are_refused_with_the_input_and_the_limit(sessions):
         attend(sess, rng.standard_normal((2, 1, 960), np.float32), key, key, np.array([5, 6, 7], np.int32))
 
 
+def case_inputs(kernel: str, case: str, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """seqlens_k, qkv and caches of 256 positions for CASES[case], the caches in the kernel's type."""
+    heads, kv_heads, dim, batch, length, seqlens = CASES[case]
+    qkv = rng.standard_normal((batch, length, (heads + 2 * kv_heads) * dim), np.float32)
+    key, value = (rng.standard_normal((batch, kv_heads, 256, dim), np.float32) for _ in range(2))
+    if kernel == "lepton-f16":
+        key, value = key.astype(np.float16), value.astype(np.float16)
+    elif kernel == "lepton-i8":
+        key, value = quantize_rows(key), quantize_rows(value)
+    return np.array(seqlens, np.int32), qkv, key, value
+
+
 @pytest.mark.parametrize("kernel", ["lepton", "lepton-f16", "lepton-i8"])
 @pytest.mark.parametrize("case", ["16 decodes, head 64, 3 heads a kv head", "first prompts, right padded",
                                   "a chunk after cached tokens"])
@@ -235,13 +260,7 @@ def test_flat_tokens_give_what_b_by_s_tokens_give(sessions, kernel, case):
     and takes [B x S, N D] back: the same bits, caches included, as [B, S, width] in and [B, S, N D] out."""
     heads, kv_heads, dim, batch, length, seqlens = CASES[case]
     rng = np.random.default_rng(11)
-    seqlens = np.array(seqlens, np.int32)
-    qkv = rng.standard_normal((batch, length, (heads + 2 * kv_heads) * dim), np.float32)
-    key, value = (rng.standard_normal((batch, kv_heads, 256, dim), np.float32) for _ in range(2))
-    if kernel == "lepton-f16":
-        key, value = key.astype(np.float16), value.astype(np.float16)
-    elif kernel == "lepton-i8":
-        key, value = quantize_rows(key), quantize_rows(value)
+    seqlens, qkv, key, value = case_inputs(kernel, case, rng)
     want = attend(sessions(kernel, heads, kv_heads, dim), qkv, key, value, seqlens)
     got = attend(sessions(kernel, heads, kv_heads, dim, flat=True), qkv.reshape(batch * length, -1), key, value, seqlens)
     assert got[0].shape == (batch * length, heads * dim)
@@ -290,3 +309,69 @@ def test_8_bit_rows_give_what_float64_gives_on_their_values(sessions, case, in_p
     # NOTE: this step's keys (rotated) and values quantized as quantize_rows does
     check_narrow_caches(sessions, case, in_place, "lepton-i8", isa, np.random.default_rng(13), quantize_rows,
                         dequantize_rows)
+
+
+WIDEN = {"lepton": lambda rows: rows, "lepton-f16": lambda rows: rows.astype(np.float32), "lepton-i8": dequantize_rows}
+
+
+@pytest.mark.parametrize("isa", [0, 1], ids=["vector paths where the processor has them", "plain C"])
+@pytest.mark.parametrize("kernel", ["lepton", "lepton-f16", "lepton-i8"])
+@pytest.mark.parametrize("case", ["16 decodes, head 64, 3 heads a kv head", "first prompts, right padded",
+                                  "a long chunk after cached tokens, head 128", "one decode, generic head size"])
+def test_the_steps_rows_go_into_the_pools_as_the_caches_hold_them(sessions, kernel, case, isa):
+    """pool_rows sends each new token's key and value rows to a row of layer pool_layer's pools, widened to float32
+    from what the cache holds (bit for bit what lepton/native/kv_copy.c wrote after the run); -1 and a first
+    prompt's padding go nowhere, every other row and layer stays as it was, and the rest of the output is what
+    the node gives without pools."""
+    heads, kv_heads, dim, batch, length, seqlens = CASES[case]
+    rng = np.random.default_rng(17)
+    seqlens, qkv, key, value = case_inputs(kernel, case, rng)
+    tokens = batch * length
+    pool_rows = rng.permutation(tokens + 5)[:tokens].astype(np.int64)  # NOTE: distinct rows, in no order
+    pool_rows[1::3] = -1
+    key_pools, value_pools = (np.full((3, tokens + 5, kv_heads, dim), sentinel, np.float32) for sentinel in (7.0, -7.0))
+    bound = {"pool_rows": pool_rows, "key_pools": key_pools, "value_pools": value_pools}
+    got = attend(sessions(kernel, heads, kv_heads, dim, isa=isa, pools=POOL_INPUTS), qkv, key, value, seqlens, pools=bound)
+    want = attend(sessions(kernel, heads, kv_heads, dim, isa=isa), qkv, key, value, seqlens)
+    for ours, theirs in zip(got, want):
+        np.testing.assert_array_equal(ours, theirs)
+    first_prompt = length == seqlens.max() + 1
+    written = np.zeros(tokens + 5, bool)
+    for b, cached_after in enumerate(seqlens + 1):
+        new = cached_after if first_prompt else length
+        for s in range(new):
+            target = pool_rows[b * length + s]
+            if target < 0:
+                continue
+            written[target] = True
+            position = cached_after - new + s
+            np.testing.assert_array_equal(key_pools[1, target], WIDEN[kernel](got[1][b, :, position]))
+            np.testing.assert_array_equal(value_pools[1, target], WIDEN[kernel](got[2][b, :, position]))
+    real = [pool_rows[b * length + s] for b, c in enumerate(seqlens + 1) for s in range(c if first_prompt else length)]
+    assert written.sum() == sum(t >= 0 for t in real) > 0
+    assert (key_pools[1, ~written] == 7.0).all() and (value_pools[1, ~written] == -7.0).all()
+    assert (key_pools[[0, 2]] == 7.0).all() and (value_pools[[0, 2]] == -7.0).all()
+
+
+def test_bad_pools_are_refused_and_nothing_is_written(sessions):
+    heads, kv_heads, dim = 9, 3, 64
+    rng = np.random.default_rng(0)
+    qkv = rng.standard_normal((2, 1, (heads + 2 * kv_heads) * dim), np.float32)
+    key = rng.standard_normal((2, kv_heads, 32, dim), np.float32)
+    seqlens = np.array([5, 6], np.int32)
+    pools = np.zeros((2, 20, kv_heads, dim), np.float32)
+    sess = sessions("lepton", heads, kv_heads, dim, pools=POOL_INPUTS)
+    with pytest.raises(Exception, match=r"SlotAttention: pool_rows has 20, outside \[-1, 20\) \(the pools' rows\)"):
+        attend(sess, qkv, key, key, seqlens, pools={"pool_rows": np.array([3, 20]), "key_pools": pools, "value_pools": pools})
+    assert not pools.any()
+    with pytest.raises(Exception, match="SlotAttention: pool_rows has 3 values for 2 tokens"):
+        attend(sess, qkv, key, key, seqlens, pools={"pool_rows": np.array([3, 4, 5]), "key_pools": pools, "value_pools": pools})
+    with pytest.raises(Exception, match="SlotAttention: pool_layer 1, the pools have 1 layers"):
+        attend(sess, qkv, key, key, seqlens, pools={"pool_rows": np.array([3, 4]), "key_pools": pools[:1], "value_pools": pools[:1]})
+    with pytest.raises(Exception, match="SlotAttention: key_pools rows of 3 x 32 values, expected kv_num_heads x head_dim"):
+        narrow = np.zeros((2, 20, kv_heads, 32), np.float32)
+        attend(sess, qkv, key, key, seqlens, pools={"pool_rows": np.array([3, 4]), "key_pools": narrow, "value_pools": narrow})
+    two = sessions("lepton", heads, kv_heads, dim, pools=("pool_rows", "key_pools"))
+    with pytest.raises(Exception, match=r"SlotAttention: pool_rows, key_pools and value_pools go together \(2 of 3 given\)"):
+        attend(two, qkv, key, key, seqlens, pools={"pool_rows": np.array([3, 4]), "key_pools": pools})
+    assert not pools.any()
