@@ -366,15 +366,15 @@ F16C static void stream_half_row(float *restrict dst, const half_t *restrict src
 /* A cache row as float32 into a pool row: copied, widened from float16, or code x scale; streamed where the
  * processor has F16C and the row allows it (the caller fences). */
 static inline void pool_row(const Step *st, float *dst, const char *src, int64_t n) {
-    float widened[n];
-    if (st->int8) {
+    float widened[st->int8 ? n : 1];
+    if (st->int8) { /* NOTE: then a float32 row like the others */
         widen_int8_row(widened, src, n);
         src = (const char *)widened;
     }
     if (st->stream && n % 8 == 0 && (uintptr_t)dst % 32 == 0) {
-        if (st->half && !st->int8) stream_half_row(dst, (const half_t *)src, n);
+        if (st->half) stream_half_row(dst, (const half_t *)src, n);
         else stream_row(dst, (const float *)src, n);
-    } else if (st->half && !st->int8) {
+    } else if (st->half) {
         st->widen(dst, (const half_t *)src, n);
     } else {
         memcpy(dst, src, (size_t)n * sizeof(float));
@@ -633,7 +633,7 @@ static void attend(void *data, size_t task) {
 
 /* ---- the operator ------------------------------------------------------------------------------ */
 
-enum { INPUTS = 10 }; /* NOTE: the last three (pool_rows, key_pool, value_pool) optional, all or none */
+enum { INPUTS = 10 }; /* NOTE: the last three (pool_rows, key_pools, value_pools) optional, all or none */
 
 static OrtStatus *input(OrtKernelContext *context, size_t index, const void **data, int64_t *dims, size_t rank) {
     return get_input("SlotAttention", INPUTS, context, index, data, dims, rank, NULL);

@@ -179,7 +179,9 @@ class SlotRunner(OnnxRunner):
             return self._run_paged_step(batch)
         logits_rows = np.repeat(np.arange(len(ids)), query_lens)[batch.logits_indices]
         logits = np.empty((len(batch.logits_indices), self.model_config.vocab_size), np.float32)
-        token_slots = np.full(batch.num_tokens, -1, np.int64)  # NOTE: -1: computed by the paged graph
+        # NOTE: each token's slot, for the copy into the pools after the run (-1: computed by the paged graph);
+        # none when the attention writes the pools itself
+        token_slots = None if self.pools_in_graph else np.full(batch.num_tokens, -1, np.int64)
         if in_slots.size:
             self.slots.reserve([ids[r] for r in in_slots], int(context_lens[in_slots].max()))
             self.slots.place([ids[r] for r in decodes], [ids[r] for r in alone], [ids[r] for r in fresh])
@@ -192,8 +194,8 @@ class SlotRunner(OnnxRunner):
                 self._run_rows(rows, starts, batch, logits_rows, logits, token_slots)
         for row in in_slots:
             self.slots.commit(ids[row], int(context_lens[row]), batch.block_tables[row])
-        tokens = np.flatnonzero(token_slots >= 0)
-        if tokens.size and not self.pools_in_graph:
+        tokens = np.flatnonzero(token_slots >= 0) if token_slots is not None else ()
+        if len(tokens):
             self.slots.to_pools(token_slots[tokens], batch.positions[tokens], batch.slot_mapping[tokens],
                                 self.k_store, self.v_store)
         if paged.size:  # NOTE: their slots keep what they held; the next step that needs them refills them
@@ -228,7 +230,8 @@ class SlotRunner(OnnxRunner):
         logits = np.empty((count, self.model_config.vocab_size), np.float32)
         order = last.order
         self._run_bound(self._binding(last.first, count), batch.input_ids[order].reshape(count, 1),
-                        context_lens[order], last.graph_rows, logits, batch.slot_mapping[order])
+                        context_lens[order], last.graph_rows, logits,
+                        batch.slot_mapping[order] if self.pools_in_graph else None)
         for slot, context, table in zip(last.slots, contexts, batch.block_tables):
             slots.commit_next(slot, context, table)
         if not self.pools_in_graph:
@@ -259,7 +262,7 @@ class SlotRunner(OnnxRunner):
         logits[logits_rows] = run_paged(self.paged_session, self._paged_binding, part, self.k_pools, self.v_pools)[0]
 
     def _run_rows(self, rows: np.ndarray, starts: np.ndarray, batch: ModelInput, logits_rows: np.ndarray,
-                  logits: np.ndarray, token_slots: np.ndarray) -> None:
+                  logits: np.ndarray, token_slots: np.ndarray | None) -> None:
         """One graph run over the rows' slots (consecutive), filling their logits and their tokens' slots."""
         slots = np.array([self.slots.index[batch.request_ids[r]] for r in rows])
         rows = rows[np.argsort(slots)]  # NOTE: graph row i is slot first + i
@@ -270,8 +273,9 @@ class SlotRunner(OnnxRunner):
         wanted = np.flatnonzero(graph_row[logits_rows] >= 0)
         local = graph_row[logits_rows[wanted]] * length + batch.logits_indices[wanted] - starts[logits_rows[wanted]]
         self._run_graph(first, rows, length, starts, batch, local, logits, wanted)
-        for slot, row in enumerate(rows, start=first):
-            token_slots[starts[row]:starts[row] + batch.query_lens[row]] = slot
+        if token_slots is not None:
+            for slot, row in enumerate(rows, start=first):
+                token_slots[starts[row]:starts[row] + batch.query_lens[row]] = slot
 
     def _run_graph(self, first: int, rows: np.ndarray, length: int, starts: np.ndarray, batch: ModelInput,
                    logits_indices: np.ndarray, logits: np.ndarray, wanted: np.ndarray) -> None:
@@ -283,7 +287,7 @@ class SlotRunner(OnnxRunner):
         tokens = (starts[rows][:, None] + offsets).reshape(-1)
         # NOTE: the padding's tokens go into no pool row
         pool_rows = np.where(steps < batch.query_lens[rows][:, None], batch.slot_mapping[tokens].reshape(rows.size, length),
-                             -1).reshape(-1)
+                             -1).reshape(-1) if self.pools_in_graph else None
         # NOTE: the logits go straight into their rows when these are consecutive (every step of decodes
         # alone): binding get_outputs() instead wraps all 61 outputs, ~10 % of a one-decode step served.
         consecutive = wanted.size and wanted[-1] - wanted[0] == wanted.size - 1
@@ -294,10 +298,10 @@ class SlotRunner(OnnxRunner):
             logits[wanted] = out
 
     def _run_bound(self, binding: ort.SessionIOBinding, input_ids: np.ndarray, context: np.ndarray,
-                   logits_indices: np.ndarray, out: np.ndarray, pool_rows: np.ndarray) -> None:
+                   logits_indices: np.ndarray, out: np.ndarray, pool_rows: np.ndarray | None) -> None:
         """One run of the slot graph over a binding's slots: the rows' ids [rows, S] and contexts after the
         step, the logits of the graph's flat tokens logits_indices written into out; with pools_in_graph
-        each flat token's K/V into pool row pool_rows (-1: none)."""
+        each flat token's K/V into pool row pool_rows (-1: none; None without pools_in_graph)."""
         inputs = {
             "input_ids": np.ascontiguousarray(input_ids),
             "seqlens_k": (context - 1).astype(np.int32),
