@@ -51,7 +51,7 @@ def products_model(kind: str, layers: int = 30, seed: int = 0):
             nodes.append(helper.make_node("MatMulF32", [f"a{k}", f"w{i}"], [f"y{i}"], domain=DOMAIN, K=k, N=n))
         elif kind == "q8":
             codes = rng.integers(1, 256, (panels, k // 32, 512), dtype=np.uint8)
-            scales = rng.uniform(1e-3, 2e-2, (panels, k // 32, 16)).astype(np.float32)
+            scales = rng.uniform(1e-3, 2e-2, (panels, k // 32, 16)).astype(np.float16)
             initializers += [numpy_helper.from_array(codes, f"w{i}"), numpy_helper.from_array(scales, f"s{i}")]
             nodes.append(helper.make_node("MatMulQ8", [f"a{k}", f"w{i}", f"s{i}"], [f"y{i}"], domain=DOMAIN, K=k, N=n))
         elif kind in ("q4", "q4-int8"):

@@ -6,7 +6,8 @@ product: Y = MatMulNBits(A; q, d, zero point 8) + blocksum(A) @ C, C[b, n] = m +
 blocksum(A) = A @ S with S the [K, K/32] block indicator. On weights already on a Q4_1 grid (a model
 dequantized from a Q4_1 GGUF) it reproduces them to float32 rounding; on others it is Q4_1 quantization.
 Q8_0 (the tied lm_head of q4_1, every weight of the q8_0 method): w = d * q, q in -127..127,
-d = max|w| / 127; MatMulNBits bits=8.
+d = max|w| / 127 rounded to float16 (as llama.cpp stores it; Lepton's MatMulQ8 reads 2 bytes a block, not 4),
+the codes rounded against that d; MatMulNBits bits=8 (its float32 scales hold the float16 values).
 """
 
 from __future__ import annotations
@@ -56,9 +57,10 @@ def quantize_q4_1(weight_nk: np.ndarray, block_size: int = 32) -> BlockWeights:
 
 
 def quantize_q8_0(weight_nk: np.ndarray, block_size: int = 32) -> BlockWeights:
-    """Symmetric 8-bit codes per block, d = max|w| / 127 (llama.cpp quantize_row_q8_0, float32 d)."""
+    """Symmetric 8-bit codes per block, d = max|w| / 127 in float16 (llama.cpp quantize_row_q8_0), each code
+    rounded against that d (llama.cpp rounds against the float32 d): clipped to -127..127 where d rounded down."""
     blocks = _blocks(weight_nk, block_size).astype(np.float64)
-    step = np.abs(blocks).max(axis=-1) / 127.0
+    step = (np.abs(blocks).max(axis=-1) / 127.0).astype(np.float16).astype(np.float64)
     safe = np.where(step > 0, step, 1.0)
     codes = (np.clip(np.rint(blocks / safe[..., None]), -127, 127) + Q8_ZERO).astype(np.uint8)
     return BlockWeights(8, block_size, codes, step.astype(np.float32), None)

@@ -3,9 +3,11 @@
 ONNX Runtime's MatMulNBits with bits=8, block_size=32, no zero points and accuracy_level=4 (what
 `export quantize --method q8_0` writes) quantizes its activations to int8 per block of 32 and multiplies
 them with the weights' int8 codes; MatMulQ8 computes the same products with the codes packed for the
-vector units (AVX-512 VNNI vpdpbusd: 16 outputs x 4 inputs per instruction), so each node's weights are
-repacked here once, when the runner builds its session. Any other MatMulNBits (4 bits, zero points,
-another block size or accuracy level) is kept.
+vector units (AVX-512 VNNI vpdpbusd: 16 outputs x 4 inputs per instruction) and the scales in float16
+(what `export quantize` writes are float32 values float16 holds exactly, export/nbits.py), so each node's
+weights are repacked here once, when the runner builds its session. Any other MatMulNBits (4 bits, zero
+points, another block size or accuracy level, or a scale float16 does not hold: an export quantized before
+2026-12-06) is kept.
 """
 
 from __future__ import annotations
@@ -26,15 +28,19 @@ BLOCK, LANES = 32, 16
 def pack(codes: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """MatMulNBits' codes [N, K / 32, 32] uint8 and scales [N * K / 32] (or [N, K / 32]) float32 ->
     MatMulQ8's B [ceil(N / 16), K / 32, 512] uint8 (per block: 8 groups of 4 inputs x 16 outputs x 4)
-    and scales [ceil(N / 16), K / 32, 16]. Outputs past N in the last panel get code 128 and scale 0."""
+    and scales [ceil(N / 16), K / 32, 16] float16. Outputs past N in the last panel get code 128 and scale 0.
+    A scale float16 does not hold exactly is refused (ValueError): MatMulQ8 would compute another product."""
     n, blocks, block = codes.shape
     if block != BLOCK:
         raise ValueError(f"codes: blocks of {block} values, MatMulQ8 takes {BLOCK}")
     scales = np.asarray(scales, np.float32).reshape(n, blocks)
+    if not half_exact(scales):
+        raise ValueError("scales: a value float16 does not hold exactly; MatMulQ8 keeps its scales in float16 "
+                         "(quantize again: export/nbits.py rounds them)")
     panels = -(-n // LANES)
     padded = np.full((panels * LANES, blocks, BLOCK), 128, np.uint8)
     padded[:n] = codes
-    padded_scales = np.zeros((panels * LANES, blocks), np.float32)
+    padded_scales = np.zeros((panels * LANES, blocks), np.float16)
     padded_scales[:n] = scales
     # [P, 16 lanes, blocks, 8 groups, 4] -> [P, blocks, 8 groups, 16 lanes, 4]
     packed = padded.reshape(panels, LANES, blocks, BLOCK // 4, 4).transpose(0, 2, 3, 1, 4)
@@ -50,7 +56,15 @@ def rewritable(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) 
     extra = [name for name in node.input[3:] if name]  # NOTE: zero points, g_idx, bias
     return (attrs.get("bits") == 8 and attrs.get("block_size") == BLOCK and attrs.get("accuracy_level") == 4
             and attrs.get("K", 0) % BLOCK == 0 and not extra
-            and node.input[1] in initializers and node.input[2] in initializers)
+            and node.input[1] in initializers and node.input[2] in initializers
+            and half_exact(numpy_helper.to_array(initializers[node.input[2]])))
+
+
+def half_exact(scales: np.ndarray) -> bool:
+    """Every scale a finite value float16 holds exactly (MatMulQ8's scales are float16)."""
+    scales = np.asarray(scales, np.float32)
+    with np.errstate(over="ignore"):
+        return bool(np.isfinite(scales).all() and np.array_equal(scales.astype(np.float16).astype(np.float32), scales))
 
 
 def q8_graph(model: onnx.ModelProto) -> int:

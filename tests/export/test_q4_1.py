@@ -68,6 +68,21 @@ def test_q8_0_reproduces_a_weight_on_its_grid():
     np.testing.assert_allclose(block.dequantize(), weight, rtol=0, atol=1e-7)
 
 
+def test_q8_0_scales_are_float16_values_and_each_code_the_nearest_against_them():
+    weight = np.random.default_rng(2).standard_normal((40, 96)).astype(np.float32) * 0.05
+    block = quantize_q8_0(weight)
+    scales = block.scales.astype(np.float64)
+    assert block.scales.dtype == np.float32
+    np.testing.assert_array_equal(block.scales.astype(np.float16).astype(np.float32), block.scales)
+    blocks = weight.reshape(40, 3, 32).astype(np.float64)
+    exact = np.abs(blocks).max(-1) / 127.0
+    assert (np.abs(scales - exact) <= exact * 2.0 ** -11).all()  # NOTE: float16's rounding, half an ulp
+    codes = block.codes.astype(np.int64) - 128
+    assert np.abs(codes).max() <= 127
+    unclipped = np.abs(blocks / scales[..., None]) <= 127
+    np.testing.assert_array_equal(codes[unclipped], np.rint(blocks / scales[..., None])[unclipped])
+
+
 def matmul_model(weights: dict[str, np.ndarray], rows: int) -> onnx.ModelProto:
     """x @ W1 @ W2 ...: MatMuls over [K, N] initializers, the float32 export's layout after gemms_to_matmuls."""
     names = list(weights)

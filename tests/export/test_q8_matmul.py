@@ -46,9 +46,10 @@ def session(model: onnx.ModelProto, library: Path = LIBRARY) -> ort.InferenceSes
 
 
 def random_weights(rng: np.random.Generator, k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """MatMulNBits' codes [N, K / 32, 32] (1..255: symmetric q8_0 never writes 0) and scales [N * K / 32]."""
+    """MatMulNBits' codes [N, K / 32, 32] (1..255: symmetric q8_0 never writes 0) and scales [N * K / 32], float32
+    values float16 holds (what export/nbits.py writes; MatMulQ8 keeps them in float16)."""
     codes = rng.integers(1, 256, (n, k // 32, 32), dtype=np.uint8)
-    return codes, rng.uniform(1e-3, 2e-2, n * (k // 32)).astype(np.float32)
+    return codes, rng.uniform(1e-3, 2e-2, n * (k // 32)).astype(np.float16).astype(np.float32)
 
 
 def nbits_initializers(codes: np.ndarray, scales: np.ndarray) -> list[onnx.TensorProto]:
@@ -152,13 +153,15 @@ def test_pack_puts_each_code_where_the_kernel_reads_it():
     rng = np.random.default_rng(5)
     codes, scales = random_weights(rng, 64, 20)
     packed, packed_scales = pack(codes, scales)
-    assert packed.shape == (2, 2, 512) and packed_scales.shape == (2, 2, 16)
+    assert packed.shape == (2, 2, 512) and packed_scales.shape == (2, 2, 16) and packed_scales.dtype == np.float16
     for n, block, i in [(0, 0, 0), (5, 1, 7), (17, 0, 31), (19, 1, 30)]:
         panel, lane, group, t = n // 16, n % 16, i // 4, i % 4
         assert packed[panel, block, group * 64 + lane * 4 + t] == codes[n, block, i]
         assert packed_scales[panel, block, lane] == scales[n * 2 + block]
     assert (packed[1, :, :].reshape(2, 8, 16, 4)[:, :, 4:] == 128).all()  # NOTE: outputs 20-31 are padding
     assert (packed_scales[1, :, 4:] == 0).all()
+    with pytest.raises(ValueError, match="scales: a value float16 does not hold exactly"):
+        pack(codes, scales + np.float32(1e-7))
 
 
 def test_bad_inputs_are_refused_with_the_input_and_the_limit():
@@ -176,11 +179,15 @@ def test_bad_inputs_are_refused_with_the_input_and_the_limit():
         session(product_model("MatMulQ8", 64, 32, 2, q8_initializers(codes, scales), isa=9))
 
 
-def nbits_node(name: str, k: int, n: int, bits: int = 8, accuracy_level: int = 4, zero_points: bool = False):
+def nbits_node(name: str, k: int, n: int, bits: int = 8, accuracy_level: int = 4, zero_points: bool = False,
+               half_scales: bool = True):
     rng = np.random.default_rng(len(name))
     blob = 32 * bits // 8
+    scales = rng.uniform(1e-3, 1e-2, n * k // 32).astype(np.float32)
+    if half_scales:
+        scales = scales.astype(np.float16).astype(np.float32)
     inits = [numpy_helper.from_array(rng.integers(1, 256, (n, k // 32, blob), dtype=np.uint8), f"{name}.codes"),
-             numpy_helper.from_array(rng.uniform(1e-3, 1e-2, n * k // 32).astype(np.float32), f"{name}.scales")]
+             numpy_helper.from_array(scales, f"{name}.scales")]
     inputs = [f"{name}.in", f"{name}.codes", f"{name}.scales"]
     if zero_points:
         inits.append(numpy_helper.from_array(np.full(n * k // 32, 128, np.uint8), f"{name}.zeros"))
@@ -192,9 +199,9 @@ def nbits_node(name: str, k: int, n: int, bits: int = 8, accuracy_level: int = 4
 
 def test_the_rewrite_takes_only_what_matmulq8_computes_the_same():
     parts = [nbits_node("q8", 64, 64), nbits_node("q4", 64, 64, bits=4), nbits_node("zeros", 64, 64, zero_points=True),
-             nbits_node("acc1", 64, 48, accuracy_level=1)]
+             nbits_node("float32 scales", 64, 64, half_scales=False), nbits_node("acc1", 64, 48, accuracy_level=1)]
     nodes = [helper.make_node("Identity", ["x"], ["q8.in"])]
-    for (node, _), following in zip(parts, ["q4.in", "zeros.in", "acc1.in", None]):
+    for (node, _), following in zip(parts, ["q4.in", "zeros.in", "float32 scales.in", "acc1.in", None]):
         nodes.append(node)
         if following:
             nodes.append(helper.make_node("Identity", [node.output[0]], [following]))
@@ -205,10 +212,10 @@ def test_the_rewrite_takes_only_what_matmulq8_computes_the_same():
     x = np.random.default_rng(8).standard_normal((7, 64)).astype(np.float32)
     want = session(model).run(None, {"x": x})[0]
     inits = {t.name: t for t in model.graph.initializer}
-    assert [rewritable(node, inits) for node, _ in parts] == [True, False, False, False]
+    assert [rewritable(node, inits) for node, _ in parts] == [True, False, False, False, False]
     assert q8_graph(model) == 1
     assert [n.op_type for n in model.graph.node if n.op_type != "Identity"] == ["MatMulQ8", "MatMulNBits", "MatMulNBits",
-                                                                               "MatMulNBits"]
+                                                                               "MatMulNBits", "MatMulNBits"]
     assert "q8.codes" not in {t.name for t in model.graph.initializer}  # NOTE: replaced by the packed codes
     np.testing.assert_allclose(session(model).run(None, {"x": x})[0], want, rtol=0, atol=1e-5 * np.abs(want).max())
 
@@ -249,4 +256,7 @@ def test_a_q8_0_export_serves_its_logits_with_matmulq8(tiny_q8_0, attention, cap
     assert "ONNX Runtime's MatMulNBits (matmul_kernel=onnxruntime)" in capsys.readouterr().out
     rewritten = q8_runner(tiny_q8_0, attention, "lepton")
     assert "8-bit weight products: Lepton's MatMulQ8 (9 nodes; matmul_kernel=lepton)" in capsys.readouterr().out
-    assert run_schedule(as_written, rewritten) < 1e-4
+    # NOTE: the RMS norms go into MatMulQ8 (norm_graph.py) and round differently from ONNX Runtime's norm: now and
+    # then an activation lands on the other side of an int8 rounding, one code off, and a logit moves by ~1e-3 (1.1e-3
+    # once in this schedule, with the slots, since the scales are float16 values); every other logit within 2e-6
+    assert run_schedule(as_written, rewritten) < 3e-3
