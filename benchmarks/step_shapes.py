@@ -42,15 +42,19 @@ def parse_args(argv):
     p.add_argument("--prefill", type=int, default=128, help="tokens of the prefill chunk")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="engine parameter")
+    p.add_argument("--sampled", action="store_true",
+                   help="rows sampled at temperature 1 (the whole lm_head read); default greedy, as the served "
+                        "workloads of docs/benchmarks.md (a draft head's steps: lepton/runners/draft_head.py)")
     p.add_argument("--ort-profile", action="store_true",
                    help="onnxruntime: also print where each shape's step time goes, by kind of graph op")
     return p.parse_args(argv)
 
 
-def make_step(num_decodes: int, context: int, prefill: int, block_size: int):
-    """A scheduler output of num_decodes one-token steps and, if prefill > 0, one prompt chunk."""
+def make_step(num_decodes: int, context: int, prefill: int, block_size: int, greedy: bool = True):
+    """A scheduler output of num_decodes one-token steps and, if prefill > 0, one prompt chunk (rows greedy, or
+    sampled at temperature 1)."""
     items, next_block = [], 0
-    params = SamplingParams(max_tokens=1)
+    params = SamplingParams(max_tokens=1, temperature=0.0 if greedy else 1.0)
     rows = [(f"d{i}", context, 1) for i in range(num_decodes)] + ([("p", 0, prefill)] if prefill else [])
     for request_id, num_computed, num_new in rows:
         total = num_computed + num_new
@@ -111,7 +115,8 @@ def main(argv=None) -> int:
     }
     functions = step_functions(args, params, list(shapes))
     labels = list(dict.fromkeys(label for label, _ in functions))
-    cases = {(label, shape): (fn, build_model_input(make_step(shapes[shape][0], args.context, shapes[shape][1], bs), bs))
+    cases = {(label, shape): (fn, build_model_input(make_step(shapes[shape][0], args.context, shapes[shape][1], bs,
+                                                               greedy=not args.sampled), bs))
              for (label, shape), (fn, bs) in functions.items()}
     times: dict[tuple[str, str], list[float]] = {key: [] for key in cases}
     for fn, batch in cases.values():  # NOTE: warm-up, one of each

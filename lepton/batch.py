@@ -41,6 +41,9 @@ class ModelInput:
     # several attention calls use these groups so that decodes are not padded to a prefill chunk.
     groups: tuple[AttentionGroup, ...] = ()
     request_ids: tuple[str, ...] = ()  # [S] the request of each scheduled sequence (the slot runner's key)
+    # NOTE: the sampler reads only each row's argmax (SamplingParams.argmax_only): a runner may return logits
+    # exact only at the top candidates (lepton/runners/draft_head.py)
+    argmax_only: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -84,6 +87,7 @@ def _general_input(items: list[ScheduledSeq], block_size: int) -> ModelInput:
         sample_request_ids=tuple(items[row].seq.request_id for row in sampled),
         groups=_groups(starts, query_lens, tables, [len(it.block_table) for it in items]),
         request_ids=tuple(it.seq.request_id for it in items),
+        argmax_only=_argmax_only(items, sampled),
     )
 
 
@@ -113,7 +117,15 @@ def _decodes_input(items: list[ScheduledSeq], block_size: int) -> ModelInput:
         sample_request_ids=tuple(items[row].seq.request_id for row in sampled),
         groups=(group,),
         request_ids=tuple(it.seq.request_id for it in items),
+        argmax_only=_argmax_only(items, sampled),
     )
+
+
+def _argmax_only(items: list[ScheduledSeq], sampled: list[int]) -> bool:
+    """Whether the sampler reads only the argmax of every row of logits this step returns (a step that samples
+    nothing is not: whoever asks for its logits then, as the quality tools do, reads them all)."""
+    return bool(sampled) and all(items[row].seq.params.argmax_only(len(items[row].seq.output_token_ids))
+                                 for row in sampled)
 
 
 def _token_at(seq, position: int) -> int:

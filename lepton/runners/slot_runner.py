@@ -13,7 +13,9 @@ step's K/V end in the pools, which stay what prefix caching, validation and a re
 SlotAttention writes them there as it writes the slots (`pools_in_graph`), ONNX Runtime's GroupQueryAttention
 leaves them to a copy after the run (`SlotCache.to_pools`). A step that
 decodes the same requests as the step before, each still in its slot, skips the slots' bookkeeping
-(`_repeat_decodes`): most steps of a steady batch.
+(`_repeat_decodes`): most steps of a steady batch. A step whose sampler reads only each row's argmax (greedy, no
+logprobs or penalties: ModelInput.argmax_only) runs the head's 4-bit draft instead of the head itself where the
+slot graph has one (RunnerConfig.draft_head, lepton/runners/draft_head.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from lepton.models.llama import rope_tables
 from lepton.models.loader import rope_parameters
 from lepton.memory import available_bytes
 from lepton.native import ops_library
+from lepton.autoselect import cpu_features
+from lepton.runners.draft_head import FLAG as DRAFT_FLAG
+from lepton.runners.draft_head import draft_head_graph
 from lepton.runners.onnx_runner import OnnxRunner, bind_pools, make_session, open_export_folder, run_paged, sub_batch
 from lepton.runners.slot_cache import SlotCache
 from lepton.runners.slot_graph import slot_graph
@@ -124,6 +129,7 @@ class SlotRunner(OnnxRunner):
         self.pools_in_graph = self.attention_kernel == "lepton" and np.dtype(self.manifest.kv_dtype) == np.float32
         model = slot_graph(model, cfg, cos.numpy(), sin.numpy(), kernel=self.attention_kernel,
                            cache_dtype=self.kv_cache_dtype, pools=self.pools_in_graph)
+        self.draft_head = self._draft_head(model, config)
         # NOTE: the message freed before the session is made: protobuf keeps what the rewrites removed from it
         # (the weights before packing) until the whole message goes
         serialized = model.SerializeToString()
@@ -132,6 +138,24 @@ class SlotRunner(OnnxRunner):
                             data_folder=path if external else None, spin_wait=config.runner.spin_wait,
                             spin_duration_us=config.runner.spin_duration_us,
                             ops_library=library if self.attention_kernel == "lepton" else products_library)
+
+    @staticmethod
+    def _draft_head(model: onnx.ModelProto, config: EngineConfig) -> bool:
+        """The slot graph's rescored 8-bit head given a 4-bit draft for argmax-only steps
+        (lepton/runners/draft_head.py) where RunnerConfig.draft_head and the processor allow; printed.
+        (deterministic=true never comes here: it serves attention=paged, whose head stays as exported.)"""
+        if not config.runner.draft_head:
+            print("[lepton] lm_head: as exported for every step (draft_head=false)", flush=True)
+            return False
+        if not (cpu_features().get("avx512_vnni") and cpu_features().get("avx512f")):
+            print("[lepton] lm_head: as exported for every step (no AVX-512 VNNI for its 4-bit draft)", flush=True)
+            return False
+        draft = draft_head_graph(model)
+        if draft:
+            print(f"[lepton] lm_head: steps that read only the argmax (greedy, no logprobs or penalties) pick its "
+                  f"candidates with a 4-bit draft (MatMulQ4, {draft / 1e6:.1f} MB) and rescore them as the head "
+                  f"computes; the other steps read the head itself", flush=True)
+        return bool(draft)
 
     def _bind_pools(self, config: EngineConfig) -> None:
         cfg = self.model_config
@@ -147,6 +171,8 @@ class SlotRunner(OnnxRunner):
         self._bindings_generation = self.slots.generation
         self._paged_binding, self.pool_values = bind_pools(self.paged_session, self.k_pools, self.v_pools)
         self._decodes: _Decodes | None = None  # the last step, when it was decodes alone in their slots
+        # NOTE: bound as OrtValues made once: binding a numpy scalar copies it into a new one every run
+        self._flags = {flag: ort.OrtValue.ortvalue_from_numpy(np.array(flag)) for flag in (False, True)}
         self.repeated_steps = 0  # steps of the same decodes as the step before (_repeat_decodes)
         self.paged_runs = 0  # steps whose chunks after cached tokens ran through the paged graph
         self.over_budget_steps = 0  # steps that ran wholly through the paged graph: slots over their budget
@@ -231,7 +257,7 @@ class SlotRunner(OnnxRunner):
         order = last.order
         self._run_bound(self._binding(last.first, count), batch.input_ids[order].reshape(count, 1),
                         context_lens[order], last.graph_rows, logits,
-                        batch.slot_mapping[order] if self.pools_in_graph else None)
+                        batch.slot_mapping[order] if self.pools_in_graph else None, batch.argmax_only)
         for slot, context, table in zip(last.slots, contexts, batch.block_tables):
             slots.commit_next(slot, context, table)
         if not self.pools_in_graph:
@@ -293,15 +319,17 @@ class SlotRunner(OnnxRunner):
         consecutive = wanted.size and wanted[-1] - wanted[0] == wanted.size - 1
         out = logits[wanted[0]:wanted[-1] + 1] if consecutive else np.empty((wanted.size, logits.shape[1]), logits.dtype)
         self._run_bound(self._binding(first, rows.size), batch.input_ids[tokens].reshape(rows.size, length),
-                        batch.context_lens[rows], logits_indices, out, pool_rows)
+                        batch.context_lens[rows], logits_indices, out, pool_rows, batch.argmax_only)
         if not consecutive:
             logits[wanted] = out
 
     def _run_bound(self, binding: ort.SessionIOBinding, input_ids: np.ndarray, context: np.ndarray,
-                   logits_indices: np.ndarray, out: np.ndarray, pool_rows: np.ndarray | None) -> None:
+                   logits_indices: np.ndarray, out: np.ndarray, pool_rows: np.ndarray | None,
+                   argmax_only: bool) -> None:
         """One run of the slot graph over a binding's slots: the rows' ids [rows, S] and contexts after the
         step, the logits of the graph's flat tokens logits_indices written into out; with pools_in_graph
-        each flat token's K/V into pool row pool_rows (-1: none; None without pools_in_graph)."""
+        each flat token's K/V into pool row pool_rows (-1: none; None without pools_in_graph); argmax_only:
+        only each row's argmax is read (the draft head's logits, when the graph has one)."""
         inputs = {
             "input_ids": np.ascontiguousarray(input_ids),
             "seqlens_k": (context - 1).astype(np.int32),
@@ -312,6 +340,8 @@ class SlotRunner(OnnxRunner):
             inputs["pool_rows"] = np.ascontiguousarray(pool_rows, np.int64)
         for name, array in inputs.items():
             binding.bind_cpu_input(name, array)
+        if self.draft_head:
+            binding.bind_ortvalue_input(DRAFT_FLAG, self._flags[argmax_only])
         binding.bind_output("logits", "cpu", 0, out.dtype, list(out.shape), out.ctypes.data)
         self.session.run_with_iobinding(binding)
 
