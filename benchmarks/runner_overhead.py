@@ -65,6 +65,10 @@ def logits_read(model_dir: Path, repeats: int) -> tuple[float, float]:
                         ("total_sequence_length", np.array(10, np.int32)),
                         ("logits_indices", np.array([0], np.int64))):
         binding.bind_cpu_input(name, array)
+    if runner.pools_in_graph:  # NOTE: the step's K/V go into no pool row
+        binding.bind_cpu_input("pool_rows", np.array([-1], np.int64))
+    if runner.draft_head:  # NOTE: the head itself, as a sampled step reads it
+        binding.bind_cpu_input("argmax_only", np.array(False))
     binding.bind_output("logits", "cpu")
     runner.session.run_with_iobinding(binding)
     wrapped = _ms(lambda: binding.get_outputs()[0].numpy(), repeats)
