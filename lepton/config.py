@@ -94,9 +94,9 @@ class RunnerConfig:
     # (session.intra_op.spin_duration_us); 0 = ONNX Runtime's own default, which served on 2 cores lost to
     # sleeping; 100 us served 1.09x / 1.19x the 16-stream throughput of sleeping (docs/performance.md)
     spin_duration_us: int = 100
-    # NOTE: onnxruntime slots, a q8_0 / q4_1 export's rescored 8-bit lm_head: steps whose sampler reads only
-    # each row's argmax (greedy, no logprobs or penalties) pick the candidates with a 4-bit draft of it
-    # (lepton/runners/draft_head.py); never with deterministic
+    # NOTE: onnxruntime with attention=slots, a q8_0 / q4_1 export's rescored 8-bit lm_head or a tied float32 /
+    # bfloat16 one: steps whose sampler reads only each row's argmax (greedy, no logprobs or penalties) pick its
+    # candidates with a 4-bit draft of it and rescore them (lepton/runners/draft_head.py)
     draft_head: bool = True
 
     @property

@@ -11,8 +11,8 @@ the slot graph's head becomes an `If` on a boolean graph input, `argmax_only`:
   the tied embedding as the head computes them, and written over the draft's.
 
 Two heads are drafted. A q8_0 or q4_1 export's rescored 8-bit head (export/nbits.py `rescore_nodes`; MatMulQ8
-once q8_graph ran) already recomputes its top candidates in float32 from those rows: the draft takes as many,
-rescored by the same nodes. A float32 export's head of Lepton's MatMulF32, or MatMulBF16 (weight_dtype=
+once q8_graph ran) already recomputes its top candidates in float32 from those rows: the draft takes as many and
+rescores them with the same kind of nodes over the same rows (smoothing's column scale included). A float32 export's head of Lepton's MatMulF32, or MatMulBF16 (weight_dtype=
 bfloat16), whose weight is the tied embedding's table (still in the graph for the embedding's Gather), and
 whose final RMS norm it took in (norm_graph.py): the draft normalizes the same way, takes DRAFT_CANDIDATES,
 and rescores them in float32 from the table, rounded to bfloat16 first (rows and activations, nearest even,
