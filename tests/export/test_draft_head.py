@@ -166,3 +166,22 @@ def test_an_untied_head_or_the_export_graph_itself_is_left_as_it_is(tiny_exports
         model = onnx.load(str(tiny_exports(kind, "dynamo")[0] / "model.onnx"))
         before = model.SerializeToString()
         assert draft_head_graph(model) == 0 and model.SerializeToString() == before
+
+
+@needs_vnni
+def test_a_chunk_that_samples_nothing_runs_through_the_draft_beside_greedy_rows(served):
+    # NOTE: b's chunks sample nothing; in step 2 its chunk after cached tokens runs alone, asking no logits row
+    draft, plain = runner(served), runner(served, draft_head=False)
+    greedy_params = SamplingParams(temperature=0.0)
+    picks = {}
+    for name, run in (("draft", draft), ("plain", plain)):
+        a = Sequence("a", list(range(100, 120)), greedy_params, 1 << 10)
+        b = Sequence("b", list(range(200, 250)), greedy_params, 1 << 10)
+        first = build_model_input(SchedulerOutput([ScheduledSeq(a, 0, 20, [0, 1, 2], True),
+                                                   ScheduledSeq(b, 0, 16, list(range(3, 10)), False)], 36), BLOCK_SIZE)
+        a.output_token_ids.append(7)
+        second = build_model_input(SchedulerOutput([ScheduledSeq(a, 20, 1, [0, 1, 2], True),
+                                                    ScheduledSeq(b, 16, 16, list(range(3, 10)), False)], 17), BLOCK_SIZE)
+        assert first.argmax_only and second.argmax_only
+        picks[name] = [run.execute(step).numpy().argmax(axis=1).tolist() for step in (first, second)]
+    assert picks["draft"] == picks["plain"] and [len(rows) for rows in picks["draft"]] == [1, 1]
