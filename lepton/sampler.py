@@ -90,7 +90,7 @@ def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> tor
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> torch.Tensor:
     """Apply repetition (prompt and output), frequency and presence (output) penalties, vLLM style."""
-    uses = [_uses_penalties(row.params) for row in rows]
+    uses = [row.params.uses_penalties for row in rows]
     if not any(uses):
         return logits  # NOTE: fast path, no count tensors are built
     vocab, device = logits.shape[-1], logits.device
@@ -105,11 +105,6 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingInput]) -> torc
     seen = (prompt_counts > 0) | (out_counts > 0)
     logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
     return logits - freq * out_counts - pres * (out_counts > 0).float()
-
-
-def _uses_penalties(params: SamplingParams) -> bool:
-    """Whether any penalty of params changes logits."""
-    return params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:

@@ -89,11 +89,15 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def uses_penalties(self) -> bool:
+        """Whether any penalty changes the logits (lepton/sampler.py applies them)."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
     def argmax_only(self, num_output_tokens: int) -> bool:
         """Whether the sampler reads nothing of this request's next logits but their argmax (lepton/sampler.py):
         greedy, no logprobs, no penalty, and min_tokens reached (before it, eos and stops are masked first)."""
-        return (self.temperature == 0.0 and self.logprobs is None and self.repetition_penalty == 1.0
-                and self.frequency_penalty == 0.0 and self.presence_penalty == 0.0
+        return (self.greedy and self.logprobs is None and not self.uses_penalties
                 and num_output_tokens >= self.min_tokens)
 
     def replace(self, **changes) -> "SamplingParams":

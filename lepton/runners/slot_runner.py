@@ -27,13 +27,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from lepton.autoselect import cpu_features
 from lepton.batch import ModelInput
 from lepton.config import EngineConfig
 from lepton.models.llama import rope_tables
 from lepton.models.loader import rope_parameters
 from lepton.memory import available_bytes
 from lepton.native import ops_library
-from lepton.autoselect import cpu_features
 from lepton.runners.draft_head import FLAG as DRAFT_FLAG
 from lepton.runners.draft_head import draft_head_graph
 from lepton.runners.onnx_runner import OnnxRunner, bind_pools, make_session, open_export_folder, run_paged, sub_batch
@@ -141,13 +141,14 @@ class SlotRunner(OnnxRunner):
 
     @staticmethod
     def _draft_head(model: onnx.ModelProto, config: EngineConfig) -> bool:
-        """The slot graph's rescored 8-bit head given a 4-bit draft for argmax-only steps
-        (lepton/runners/draft_head.py) where RunnerConfig.draft_head and the processor allow; printed.
+        """The slot graph's head (a rescored 8-bit one, or a tied MatMulF32 / MatMulBF16 one) given a 4-bit draft for
+        argmax-only steps (lepton/runners/draft_head.py) where RunnerConfig.draft_head and the processor allow; printed.
         (deterministic=true never comes here: it serves attention=paged, whose head stays as exported.)"""
         if not config.runner.draft_head:
             print("[lepton] lm_head: as exported for every step (draft_head=false)", flush=True)
             return False
-        if not (cpu_features().get("avx512_vnni") and cpu_features().get("avx512f")):
+        cpu = cpu_features()
+        if not (cpu.get("avx512_vnni") and cpu.get("avx512f")):
             print("[lepton] lm_head: as exported for every step (no AVX-512 VNNI for its 4-bit draft)", flush=True)
             return False
         draft = draft_head_graph(model)
