@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from benchmarks.peers import ratios
 from benchmarks.peers.ratios import triton_and_in_process
 from benchmarks.report import _fmt, _save
 
@@ -58,8 +59,21 @@ def _machine_lines(result: dict) -> list[str]:
         "(`torch._int_mm`) (`benchmarks.peers.probe`)",
         f"- **Bandwidth floor** of one decode step (weights read once per token / {bw['all_threads']} GB/s, "
         f"{result['model']['num_params'] / 1e6:.1f} M parameters): "
-        + ", ".join(f"{p} {v:.2f} ms" for p, v in result["floors_ms"].items()),
+        + ", ".join(f"{p} {v:.2f} ms" for p, v in result["floors_ms"].items())
+        + _counted_floors(result),
     ]
+
+
+def _counted_floors(result: dict) -> str:
+    """The floors of the Lepton systems whose runner counted the bytes its greedy decode reads (ratios.system_floor)."""
+    counted = [(s["label"], s["decode_reads"]["argmax_only"], ratios.system_floor(s, result)[0])
+               for s in result["systems"] if (s.get("decode_reads") or {}).get("argmax_only")]
+    if not counted:
+        return ""
+    return ("; Lepton's ONNX Runtime runners count the bytes their decode step's products read (printed at load: "
+            "`one decode step's weight products read ...`); W1 is greedy, where they read the lm_head's 4-bit draft "
+            "instead of the head, so their floor is what such a step reads: "
+            + ", ".join(f"{label} {mb / 1e6:.1f} MB, {ms:.2f} ms" for label, mb, ms in counted))
 
 
 def markdown(result: dict, images: list[Path], doc_dir: Path) -> str:
@@ -224,7 +238,7 @@ def plots(result: dict, img_dir: Path) -> list[Path]:
             ax.barh(range(len(systems)), [v or 0 for v in values], color=colors)
             if key == "itl_ms" and workload == "w1":
                 for i, s in enumerate(systems):
-                    ax.plot([result["floors_ms"][s["precision"]]] * 2, [i - 0.4, i + 0.4], "k-", lw=1)
+                    ax.plot([ratios.system_floor(s, result)[0]] * 2, [i - 0.4, i + 0.4], "k-", lw=1)
             ax.set_title(title, fontsize=9)
             ax.set_yticks(range(len(systems)), labels, fontsize=8)
             ax.invert_yaxis()

@@ -118,3 +118,38 @@ def rewrite_float_products(model: onnx.ModelProto, op_type: str, suffix: str, pa
     if count:
         add_rewritten(model, added, LEPTON_DOMAIN)
     return count
+
+
+# NOTE: the weight products, whatever their domain (ONNX, com.microsoft, Lepton's): input 0 is the activation
+PRODUCTS = frozenset({"MatMul", "Gemm", "MatMulNBits", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+                      "MatMulQ8", "MatMulQ4", "MatMulF32", "MatMulBF16"})
+FOUR_BIT = frozenset({onnx.TensorProto.INT4, onnx.TensorProto.UINT4})  # NOTE: two to a byte
+
+
+def product_weight_bytes(graph: onnx.GraphProto, then_branch: bool) -> int:
+    """Bytes of the weights one decode step's products read: each initializer a product takes beside its
+    activation, counted once, in the graph and in the branch of each If that runs (then_branch: the then branch,
+    else the else branch). What Gathers read (a token's embedding row, a rescore's candidate rows), norm
+    weights and rope tables are not counted: a few hundred kB a step. Sizes come from the initializers' dims,
+    so a graph loaded without its external data counts as well."""
+    counted: set[str] = set()
+    return _product_bytes(graph, {t.name: t for t in graph.initializer}, then_branch, counted)
+
+
+def _product_bytes(graph: onnx.GraphProto, initializers: dict[str, onnx.TensorProto], then_branch: bool,
+                   counted: set[str]) -> int:
+    total = 0
+    for node in graph.node:
+        if node.op_type == "If":
+            branch = next(a.g for a in node.attribute if a.name == ("then_branch" if then_branch else "else_branch"))
+            inner = initializers | {t.name: t for t in branch.initializer}
+            total += _product_bytes(branch, inner, then_branch, counted)
+        elif node.op_type in PRODUCTS:
+            for name in node.input[1:]:
+                tensor = initializers.get(name)
+                if tensor is not None and name not in counted:
+                    counted.add(name)
+                    count = int(np.prod(tensor.dims, dtype=np.int64))
+                    total += (count + 1) // 2 if tensor.data_type in FOUR_BIT else \
+                        count * helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return total

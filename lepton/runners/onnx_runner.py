@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -72,10 +73,20 @@ def make_session(model: Path | bytes, num_threads: int, profile_prefix: str | No
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
+@dataclass(frozen=True)
+class DecodeReads:
+    """Bytes of weights one decode step's products read (graph_edit.product_weight_bytes): the bandwidth floor of
+    a token is these over the machine's read bandwidth (benchmarks.peers)."""
+
+    argmax_only: int  # a step whose sampler reads only the argmax (the head's draft where the graph has one)
+    full_logits: int  # any other step
+
+
 class OnnxRunner:
     """An ONNX Runtime session plus per-layer K and V pools [num_blocks, block_size, KVH, D]."""
 
     weight_copies = 1  # sessions holding the weights (each prepacks its own)
+    decode_reads: DecodeReads | None = None  # counted where the runner rewrites its graph (SlotRunner)
 
     def __init__(self, folder: ModelFolder | str | Path, config: EngineConfig,
                  profile_prefix: str | None = None) -> None:

@@ -36,7 +36,8 @@ from lepton.memory import available_bytes
 from lepton.native import ops_library
 from lepton.runners.draft_head import FLAG as DRAFT_FLAG
 from lepton.runners.draft_head import draft_head_graph
-from lepton.runners.onnx_runner import OnnxRunner, bind_pools, make_session, open_export_folder, run_paged, sub_batch
+from lepton.runners.graph_edit import product_weight_bytes
+from lepton.runners.onnx_runner import DecodeReads, OnnxRunner, bind_pools, make_session, open_export_folder, run_paged, sub_batch
 from lepton.runners.slot_cache import SlotCache
 from lepton.runners.slot_graph import slot_graph
 
@@ -130,6 +131,10 @@ class SlotRunner(OnnxRunner):
         model = slot_graph(model, cfg, cos.numpy(), sin.numpy(), kernel=self.attention_kernel,
                            cache_dtype=self.kv_cache_dtype, pools=self.pools_in_graph)
         self.draft_head = self._draft_head(model, config)
+        self.decode_reads = DecodeReads(product_weight_bytes(model.graph, then_branch=True),
+                                        product_weight_bytes(model.graph, then_branch=False))
+        print(f"[lepton] one decode step's weight products read {self.decode_reads.argmax_only / 1e6:.1f} MB when "
+              f"only the argmax is sampled, {self.decode_reads.full_logits / 1e6:.1f} MB otherwise", flush=True)
         # NOTE: the message freed before the session is made: protobuf keeps what the rewrites removed from it
         # (the weights before packing) until the whole message goes
         serialized = model.SerializeToString()

@@ -169,6 +169,22 @@ def test_an_untied_head_or_the_export_graph_itself_is_left_as_it_is(tiny_exports
 
 
 @needs_vnni
+def test_a_greedy_decode_reads_the_drafts_bytes_in_place_of_the_heads(served, capsys):
+    # NOTE: the head as each configuration reads it: 8-bit blocks of 32 with a float16 scale (the rescored heads),
+    # MatMulF32's float32 or MatMulBF16's bfloat16 rows; the draft: 4-bit codes, float16 d and m a block of 32
+    export_dir, weight_dtype = served
+    kind = export_dir.name if export_dir.name in ("q8_0", "q4_1") else weight_dtype
+    head_bytes_per_weight = {"q8_0": 34 / 32, "q4_1": 34 / 32, "export": 4, "bfloat16": 2}[kind]
+    with_draft = runner(served)
+    weights = with_draft.model_config.vocab_size * with_draft.model_config.hidden_size
+    drafted, plain = with_draft.decode_reads, runner(served, draft_head=False).decode_reads
+    assert plain.argmax_only == plain.full_logits == drafted.full_logits
+    assert drafted.full_logits - drafted.argmax_only == weights * head_bytes_per_weight - weights * 20 / 32
+    assert f"one decode step's weight products read {drafted.argmax_only / 1e6:.1f} MB when only the argmax" \
+        in capsys.readouterr().out
+
+
+@needs_vnni
 def test_a_chunk_that_samples_nothing_runs_through_the_draft_beside_greedy_rows(served):
     # NOTE: b's chunks sample nothing; in step 2 its chunk after cached tokens runs alone, asking no logits row
     draft, plain = runner(served), runner(served, draft_head=False)

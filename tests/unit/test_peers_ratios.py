@@ -41,6 +41,21 @@ def test_an_export_failing_its_gate_is_named_but_never_counted_against_the_peers
                                                                         ("Lepton int8", "fails its quality gate")]
 
 
+def test_a_runner_that_counted_its_greedy_decodes_bytes_is_held_to_their_floor():
+    # NOTE: with the lm_head's 4-bit draft a greedy step reads less than the precision's weights: 100 MB at 50 GB/s
+    q8_0 = system("lepton", "Lepton q8_0", "8-bit", 400.0, 75.0, 3.0)
+    q8_0["decode_reads"] = {"argmax_only": 100_000_000, "full_logits": 120_000_000}
+    torch = system("lepton", "Lepton torch fp32", "fp32", 100.0, 300.0, 1.2)
+    result = sitting(q8_0, torch) | {"probe": {"read_bandwidth_gbps": {"all_threads": 50.0}}}
+    assert ratios.system_floor(q8_0, result) == (2.0, "100.0 MB its greedy decode reads")
+    assert ratios.system_floor(torch, result) == (1.0, "fp32 weights")
+    rows = [r for r in ratios.compute(result) if r["name"].startswith("W1 ITL p50 / bandwidth floor")]
+    assert [(r["name"], r["reference"], r["ratio"], r["met"], r["note"]) for r in rows] == [
+        ("W1 ITL p50 / bandwidth floor (100.0 MB its greedy decode reads, 2.00 ms)", 2.0, 1.5, False,
+         "the 8-bit weights' floor 1.00 ms: 3.000"),
+        ("W1 ITL p50 / bandwidth floor (fp32 weights, 1.00 ms)", 1.0, 1.2, True, "")]
+
+
 def test_only_failing_exports_leave_the_comparison_empty():
     rows = rows_by_name(sitting(system("lepton", "Lepton int4", "4-bit", 350.0, 60.0, 5.0, GATE_FAILED)))
     four_bit = rows["W2 output tok/s, 4-bit: best Lepton / best peer"]
