@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile Lepton's ONNX Runtime operators (lepton/native/*.c: SlotAttention, MatMulQ8, MatMulQ4, MatMulBF16, MatMulF32) and the slot
+# Compile Lepton's ONNX Runtime operators (lepton/native/*.c: SlotAttention, MatMulQ8, MatMulQ4, MatMulBF16, MatMulF32, TopKRescore) and the slot
 # runner's K/V copy (called through ctypes) into lepton/native/liblepton_ops.so when the library is
 # missing or older than a source. Hot loops are
 # compiled for AVX-512, AVX2 + FMA and plain x86-64 (target_clones, or one function per instruction

@@ -15,7 +15,9 @@ Domain ai.lepton:
 - `MatMulBF16` (bf16_matmul.c): a float32 export's weight products in bfloat16 (weight_dtype=bfloat16),
   packed for AVX-512 BF16 (lepton/runners/bf16_graph.py);
 - `MatMulF32` (f32_matmul.c): a float32 export's weight products in float32 (matmul_kernel), packed for
-  AVX-512F's FMAs, a decode step's rows in one pass over the weights (lepton/runners/f32_graph.py).
+  AVX-512F's FMAs, a decode step's rows in one pass over the weights (lepton/runners/f32_graph.py);
+- `TopKRescore` (rescore.c): a rescored lm_head's top candidates per row recomputed in float32 from the
+  table's rows, over the approximate logits (lepton/runners/rescore_graph.py, and the draft's then branch).
 And one plain function, called through ctypes: `lepton_slots_to_pools` (kv_copy.c), the slot runner's
 copy of a step's K/V into the block pools after ONNX Runtime's GroupQueryAttention wrote them into the slots
 (lepton/runners/slot_cache.py), float16 slots widened, 8-bit rows as code x scale (SlotAttention, given the

@@ -16,5 +16,6 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOp
     TRY(API(CustomOpDomainAddFn, API_CUSTOM_OP_DOMAIN_ADD)(domain, &lepton_q4_matmul));
     TRY(API(CustomOpDomainAddFn, API_CUSTOM_OP_DOMAIN_ADD)(domain, &lepton_bf16_matmul));
     TRY(API(CustomOpDomainAddFn, API_CUSTOM_OP_DOMAIN_ADD)(domain, &lepton_f32_matmul));
+    TRY(API(CustomOpDomainAddFn, API_CUSTOM_OP_DOMAIN_ADD)(domain, &lepton_topk_rescore));
     return API(AddCustomOpDomainFn, API_ADD_CUSTOM_OP_DOMAIN)(options, domain);
 }

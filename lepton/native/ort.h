@@ -590,6 +590,7 @@ extern const CustomOp lepton_q8_matmul;
 extern const CustomOp lepton_q4_matmul;
 extern const CustomOp lepton_bf16_matmul;
 extern const CustomOp lepton_f32_matmul;
+extern const CustomOp lepton_topk_rescore;
 
 #pragma GCC visibility pop
 

@@ -10,14 +10,16 @@ the slot graph's head becomes an `If` on a boolean graph input, `argmax_only`:
   bfloat16, 113.2 in float32) takes the top candidates, whose logits are recomputed from the float32 rows of
   the tied embedding as the head computes them, and written over the draft's.
 
-Two heads are drafted. A q8_0 or q4_1 export's rescored 8-bit head (export/nbits.py `rescore_nodes`; MatMulQ8
-once q8_graph ran) already recomputes its top candidates in float32 from those rows: the draft takes as many and
-rescores them with the same kind of nodes over the same rows (smoothing's column scale included). A float32 export's head of Lepton's MatMulF32, or MatMulBF16 (weight_dtype=
-bfloat16), whose weight is the tied embedding's table (still in the graph for the embedding's Gather), and
-whose final RMS norm it took in (norm_graph.py): the draft normalizes the same way, takes DRAFT_CANDIDATES,
-and rescores them in float32 from the table, rounded to bfloat16 first (rows and activations, nearest even,
-as MatMulBF16 rounds them) for a bfloat16 head, so that both paths give the same argmax up to float32's order
-of summation.
+Two heads are drafted. A q8_0 or q4_1 export's rescored 8-bit head (export/nbits.py `rescore_nodes`: MatMulQ8
+once q8_graph ran, its rescore one TopKRescore node once rescore_graph ran) already recomputes its top candidates
+in float32 from those rows: the draft takes as many and rescores them with a TopKRescore of its own over the same
+rows (smoothing's column scale included). A float32 export's head of Lepton's MatMulF32, or MatMulBF16
+(weight_dtype=bfloat16), whose weight is the tied embedding's table (still in the graph for the embedding's
+Gather), and whose final RMS norm it took in (norm_graph.py): the draft's TopKRescore normalizes the same way,
+takes DRAFT_CANDIDATES, and rescores them in float32 from the table, rounded to bfloat16 first (rows and
+activations, nearest even, as MatMulBF16 rounds them) for a bfloat16 head, so that both paths give the same
+argmax up to float32's order of summation. The then branch is two nodes: MatMulQ4, then TopKRescore
+(lepton/native/rescore.c).
 
 The argmax of the two agrees wherever the true best is among the draft's candidates: on SmolLM2-135M-Instruct's
 held-out text, 8,192 positions of 8,192 with 16, 32 or 64 candidates of a 4-bit head (docs/performance.md,
@@ -67,37 +69,26 @@ class _Head:
     nodes: list[onnx.NodeProto]
     activation: str  # the product's A: normalized rows, or (norm) the rows before the final norm
     table: str  # float32 [N, K]: the candidates' rows
-    k: str | None  # int64 [1] initializer: how many candidates (None: DRAFT_CANDIDATES)
-    axis: str | None  # int64 [1] initializer holding -1 (None: made here)
+    k: int | None  # how many candidates (None: DRAFT_CANDIDATES)
     scale: str | None = None  # per K column: the head's weight is table * scale (a smoothed 8-bit head)
     norm: tuple[str, float] | None = None  # the final RMS norm's weight and epsilon, taken into the product
     bfloat16: bool = False  # the head computes in bfloat16 (rows and activations rounded): so does the rescore
 
 
 def _rescored_head(producers: dict) -> _Head | None:
-    """The rescored 8-bit head whose ScatterElements writes the graph output `logits`, or None."""
-    scatter = producers.get("logits")
-    if scatter is None or scatter.op_type != "ScatterElements" or not scatter.name.endswith(".rescore.scatter"):
+    """The rescored 8-bit head writing the graph output `logits` (MatMulQ8, then its top candidates rescored by
+    TopKRescore: lepton/runners/rescore_graph.py), or None."""
+    rescore = producers.get("logits")
+    if rescore is None or rescore.op_type != "TopKRescore" or rescore.domain != LEPTON_DOMAIN:
         return None
-    approx, ids, exact = scatter.input
-    product, topk = producers.get(approx), producers.get(ids)
-    squeeze = producers.get(exact)
-    matmul = producers.get(squeeze.input[0]) if squeeze is not None and squeeze.op_type == "Squeeze" else None
-    if (product is None or product.op_type != "MatMulQ8" or product.domain != LEPTON_DOMAIN or topk is None
-            or topk.op_type != "TopK" or topk.input[0] != approx or matmul is None or matmul.op_type != "MatMul"):
+    product = producers.get(rescore.input[0])
+    attrs = {a.name: helper.get_attribute_value(a) for a in rescore.attribute}
+    if (product is None or product.op_type != "MatMulQ8" or product.domain != LEPTON_DOMAIN
+            or product.input[0] != rescore.input[1] or attrs.get("bfloat16", 0)
+            or (len(rescore.input) > 4 and rescore.input[4])):
         return None
-    gather, column = producers.get(matmul.input[0]), producers.get(matmul.input[1])
-    if gather is None or gather.op_type != "Gather" or column is None or column.op_type != "Unsqueeze":
-        return None
-    hidden, scale, scaled = product.input[0], None, producers.get(column.input[0])
-    if scaled is not None and scaled.op_type == "Mul" and scaled.input[0] == hidden:
-        scale = scaled.input[1]
-    elif column.input[0] == hidden:
-        scaled = None
-    else:
-        return None
-    nodes = [n for n in (product, scaled, topk, gather, column, matmul, squeeze, scatter) if n is not None]
-    return _Head(nodes, hidden, gather.input[0], topk.input[1], column.input[1], scale=scale)
+    scale = rescore.input[3] if len(rescore.input) > 3 and rescore.input[3] else None
+    return _Head([product, rescore], rescore.input[1], rescore.input[2], int(attrs["k"]), scale=scale)
 
 
 def _float_head(producers: dict, initializers: dict) -> _Head | None:
@@ -113,7 +104,7 @@ def _float_head(producers: dict, initializers: dict) -> _Head | None:
             or attrs.get("gated", 0) or (len(product.input) > 2 and product.input[2])):
         return None
     norm = (product.input[3], float(attrs.get("epsilon", 1e-5))) if len(product.input) > 3 and product.input[3] else None
-    return _Head([product], product.input[0], table, None, None, norm=norm,
+    return _Head([product], product.input[0], table, None, norm=norm,
                  bfloat16=product.op_type == "MatMulBF16")
 
 
@@ -140,40 +131,17 @@ def draft_head_graph(model: onnx.ModelProto) -> int:
     prefix, added = "draft_head", []
     names = [f"{prefix}.q4_codes", f"{prefix}.q4_scales", f"{prefix}.q4_mins"]
     added += [numpy_helper.from_array(array, name) for array, name in zip(arrays, names)]
-    if head.k is None:
-        head.k = f"{prefix}.k"
-        added.append(numpy_helper.from_array(np.array([min(DRAFT_CANDIDATES, n)], np.int64), head.k))
-    if head.axis is None:
-        head.axis = f"{prefix}.axis"
-        added.append(numpy_helper.from_array(np.array([-1], np.int64), head.axis))
-    p = f"{prefix}.rescore"
+    candidates = DRAFT_CANDIDATES if head.k is None else head.k
     draft_inputs = [head.activation, *names] + (["", head.norm[0]] if head.norm else [])
-    draft = [helper.make_node("MatMulQ4", draft_inputs, [f"{prefix}.approx"], name=f"{prefix}.product",
-                              domain=LEPTON_DOMAIN, K=k, N=n, int8=1,
-                              **({"epsilon": head.norm[1]} if head.norm else {}))]
-    hidden = head.activation
-    if head.norm:  # NOTE: the normalized rows the product computed inside, for the rescore
-        draft.append(helper.make_node("SimplifiedLayerNormalization", [hidden, head.norm[0]], [f"{p}.normalized"],
-                                      name=f"{p}.norm", axis=-1, epsilon=head.norm[1], stash_type=1))
-        hidden = f"{p}.normalized"
-    if head.scale is not None:
-        draft.append(helper.make_node("Mul", [hidden, head.scale], [f"{p}.scaled"], name=f"{p}.scaled"))
-        hidden = f"{p}.scaled"
-    rows = f"{p}.rows"
-    draft += [
-        helper.make_node("TopK", [f"{prefix}.approx", head.k], [f"{p}.values", f"{p}.ids"], name=f"{p}.topk",
-                         axis=-1, largest=1, sorted=0),
-        helper.make_node("Gather", [head.table, f"{p}.ids"], [rows], name=f"{p}.gather", axis=0),  # [L, k, K]
-    ]
-    if head.bfloat16:
-        draft += _rounded(hidden, f"{p}.hidden_bf16") + _rounded(rows, f"{p}.rows_bf16")
-        hidden, rows = f"{p}.hidden_bf16", f"{p}.rows_bf16"
-    draft += [
-        helper.make_node("Unsqueeze", [hidden, head.axis], [f"{p}.column"], name=f"{p}.column"),  # [L, K, 1]
-        helper.make_node("MatMul", [rows, f"{p}.column"], [f"{p}.exact3"], name=f"{p}.matmul"),
-        helper.make_node("Squeeze", [f"{p}.exact3", head.axis], [f"{p}.exact"], name=f"{p}.exact"),  # [L, k]
-        helper.make_node("ScatterElements", [f"{prefix}.approx", f"{p}.ids", f"{p}.exact"], [f"{prefix}.logits"],
-                         name=f"{p}.scatter", axis=-1),
+    rescore_inputs = [f"{prefix}.approx", head.activation, head.table, head.scale or ""] + ([head.norm[0]] if head.norm else [])
+    draft = [
+        helper.make_node("MatMulQ4", draft_inputs, [f"{prefix}.approx"], name=f"{prefix}.product",
+                         domain=LEPTON_DOMAIN, K=k, N=n, int8=1, **({"epsilon": head.norm[1]} if head.norm else {})),
+        # NOTE: the top candidates rescored as the head computes them (lepton/native/rescore.c): what TopK, Gather,
+        # MatMul and ScatterElements did, one task a row
+        helper.make_node("TopKRescore", rescore_inputs, [f"{prefix}.logits"], name=f"{prefix}.rescore",
+                         domain=LEPTON_DOMAIN, k=candidates, bfloat16=int(head.bfloat16),
+                         **({"epsilon": head.norm[1]} if head.norm else {})),
     ]
     head.nodes[-1].output[0] = "lm_head.logits"  # NOTE: the head's last node, in the else branch
     branch = helper.make_node(
@@ -187,12 +155,6 @@ def draft_head_graph(model: onnx.ModelProto) -> int:
     # NOTE: no initializer goes: the branches read the head's (outer-scope names, not the If's inputs)
     graph.initializer.extend(added)
     return sum(array.nbytes for array in arrays)
-
-
-def _rounded(name: str, output: str) -> list[onnx.NodeProto]:
-    """output = name rounded to bfloat16 (nearest even) and back to float32."""
-    return [helper.make_node("Cast", [name], [f"{output}.bits"], name=f"{output}.to", to=TensorProto.BFLOAT16),
-            helper.make_node("Cast", [f"{output}.bits"], [output], name=f"{output}.from", to=TensorProto.FLOAT)]
 
 
 def _float_output(name: str) -> onnx.ValueInfoProto:

@@ -23,6 +23,7 @@ from lepton.runners.f32_graph import f32_graph
 from lepton.runners.epilogue_graph import epilogue_graph
 from lepton.runners.norm_graph import norm_graph
 from lepton.runners.q4_graph import INT8_LEVEL, q4_graph
+from lepton.runners.rescore_graph import rescore_graph
 from lepton.runners.q8_graph import bfloat16_kernels, matmul_kernel, q8_graph
 
 INDEX_INPUTS = (
@@ -164,7 +165,7 @@ class OnnxRunner:
                                     int8_activations=quantization.accuracy_level == INT8_LEVEL)
         if kernel == "lepton" and self.manifest.external_data is not None:
             kernel, why = "onnxruntime", "the export keeps its weights in an external file"
-        count, head, head8, int8, epilogues = 0, 0, 0, 0, (0, 0, 0)
+        count, head, head8, int8, epilogues, rescored = 0, 0, 0, 0, (0, 0, 0), 0
         if kernel == "lepton":
             model = onnx.load(str(path / self.manifest.model_file)) if model is None else model
             if method == "q8_0":
@@ -178,6 +179,7 @@ class OnnxRunner:
                 why = ("no MatMulNBits node of 8 bits, blocks of 32, accuracy level 4" if method == "q8_0"
                        else "no q4_1 product (4-bit MatMulNBits in blocks of 32 plus its offsets)")
             epilogues = (*epilogue_graph(model), norm_graph(model)) if count else (0, 0, 0)
+            rescored = rescore_graph(model) if count else 0
         if method == "q8_0":
             what = f"Lepton's MatMulQ8 ({count} nodes; {why})" if count else f"ONNX Runtime's MatMulNBits ({why})"
             print(f"[lepton] 8-bit weight products: {what}", flush=True)
@@ -191,6 +193,8 @@ class OnnxRunner:
             print(f"[lepton] 4-bit weight products: {what}", flush=True)
         if count:
             _print_epilogues(*epilogues)
+        if rescored:
+            print("[lepton] the lm_head's top candidates rescored in one node: Lepton's TopKRescore", flush=True)
         return model, library if count else None
 
     def _f32_products(self, path: Path, config: EngineConfig,
