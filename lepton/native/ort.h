@@ -481,14 +481,11 @@ static void norm_rows(void *data, size_t task) {
     }
 }
 
-/* The optional RMS norm's weight G [K], input `index`: when the node has it, *a (rows x K values) becomes a copy
- * of its rows normalized, x g / sqrt(mean(x^2) + epsilon), in *normed (the caller frees it; NULL without a norm).
- * What the export's Pow, ReduceMean, Add, Sqrt, Div and Mul (or ONNX Runtime's SimplifiedLayerNormalization)
- * compute before the product, in the product's own node (lepton/runners/norm_graph.py). */
-static inline OrtStatus *normalized_input(const char *op, OrtKernelContext *context, size_t index, int64_t rows, int64_t k,
-                                          float epsilon, const float **a, float **normed) {
+/* An optional float input [K], input `index` (`what` names it in errors): *data, or NULL when the node has none. */
+static inline OrtStatus *vector_input(const char *op, OrtKernelContext *context, size_t index, int64_t k, const char *what,
+                                      const float **data) {
     const OrtValue *value = NULL;
-    *normed = NULL;
+    *data = NULL;
     TRY(API(GetInputFn, API_KERNEL_CONTEXT_GET_INPUT)(context, index, &value));
     if (!value) return NULL;
     int64_t dims[4];
@@ -496,12 +493,24 @@ static inline OrtStatus *normalized_input(const char *op, OrtKernelContext *cont
     TRY(shape_of(op, value, dims, 4, &count));
     if (count != 1 || dims[0] != k) {
         char format[160];
-        snprintf(format, sizeof format, count != 1 ? "%s: the norm's weight (input %zu) has rank %%lld, expected %%lld"
-                 : "%s: the norm's weight (input %zu) has %%lld values, expected K = %%lld", op, index);
+        snprintf(format, sizeof format, count != 1 ? "%s: %s (input %zu) has rank %%lld, expected %%lld"
+                 : "%s: %s (input %zu) has %%lld values, expected K = %%lld", op, what, index);
         return count != 1 ? invalid(format, (long long)count, 1) : invalid(format, dims[0], k);
     }
-    NormRows nr = {.x = *a, .rows = rows, .k = k, .epsilon = epsilon};
-    TRY(API(GetTensorMutableDataFn, API_GET_TENSOR_MUTABLE_DATA)((OrtValue *)value, (void **)&nr.g));
+    return API(GetTensorMutableDataFn, API_GET_TENSOR_MUTABLE_DATA)((OrtValue *)value, (void **)data);
+}
+
+/* The optional RMS norm's weight G [K], input `index`: when the node has it, *a (rows x K values) becomes a copy
+ * of its rows normalized, x g / sqrt(mean(x^2) + epsilon), in *normed (the caller frees it; NULL without a norm).
+ * What the export's Pow, ReduceMean, Add, Sqrt, Div and Mul (or ONNX Runtime's SimplifiedLayerNormalization)
+ * compute before the product, in the product's own node (lepton/runners/norm_graph.py). */
+static inline OrtStatus *normalized_input(const char *op, OrtKernelContext *context, size_t index, int64_t rows, int64_t k,
+                                          float epsilon, const float **a, float **normed) {
+    const float *g = NULL;
+    *normed = NULL;
+    TRY(vector_input(op, context, index, k, "the norm's weight", &g));
+    if (!g) return NULL;
+    NormRows nr = {.x = *a, .g = g, .rows = rows, .k = k, .epsilon = epsilon};
     if (!(nr.out = malloc((size_t)(rows * k) * sizeof(float)))) return out_of_memory(op);
     const size_t tasks = (size_t)((rows + NORM_ROWS - 1) / NORM_ROWS);
     if (rows * k <= 32768) /* NOTE: as prepare_then_multiply: a few microseconds, not worth waking the pool */

@@ -18,8 +18,6 @@
  * in X is never a candidate (and stays in Y, where the sampler's check finds it). Each dot is summed in
  * float32 in a fixed order per build (vectorized): it may differ from the head's own kernels in the last bits.
  */
-#include <immintrin.h>
-#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -121,22 +119,6 @@ static void rescore_row(void *data, size_t task) {
     }
 }
 
-static OrtStatus *vector_input(OrtKernelContext *context, size_t index, int64_t k, const float **data, const char *what) {
-    const OrtValue *value = NULL;
-    *data = NULL;
-    TRY(API(GetInputFn, API_KERNEL_CONTEXT_GET_INPUT)(context, index, &value));
-    if (!value) return NULL;
-    int64_t dims[4];
-    size_t count = 0;
-    TRY(shape_of(OP, value, dims, 4, &count));
-    if (count != 1 || dims[0] != k) {
-        char format[160];
-        snprintf(format, sizeof format, "%s: %s (input %zu) has %%lld values, expected K = %%lld", OP, what, index);
-        return invalid(format, count == 1 ? dims[0] : -1, k);
-    }
-    return API(GetTensorMutableDataFn, API_GET_TENSOR_MUTABLE_DATA)((OrtValue *)value, (void **)data);
-}
-
 static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     const RescoreKernel *kernel = kernel_data;
     int64_t x_dims[4], h_dims[4], t_dims[4];
@@ -156,7 +138,7 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
         if (h_dims[i] != x_dims[i]) return invalid(OP ": H's leading dimensions differ from X's (%lld against %lld)", h_dims[i], x_dims[i]);
         rows *= x_dims[i];
     }
-    TRY(vector_input(context, 3, rs.kdim, &rs.scale, "the column scale"));
+    TRY(vector_input(OP, context, 3, rs.kdim, "the column scale", &rs.scale));
     TRY(get_output(context, 0, x_dims, x_rank, &rs.y));
     if (rows == 0) return NULL;
     float *normed = NULL;

@@ -23,8 +23,8 @@ from lepton.runners.f32_graph import f32_graph
 from lepton.runners.epilogue_graph import epilogue_graph
 from lepton.runners.norm_graph import norm_graph
 from lepton.runners.q4_graph import INT8_LEVEL, q4_graph
-from lepton.runners.rescore_graph import rescore_graph
 from lepton.runners.q8_graph import bfloat16_kernels, matmul_kernel, q8_graph
+from lepton.runners.rescore_graph import rescore_graph
 
 INDEX_INPUTS = (
     "input_ids", "positions", "token_index", "token_slot", "query_lens",
