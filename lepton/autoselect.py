@@ -11,6 +11,14 @@ disturbed timing must not decide: the candidates scoring within CONTENDER_MARGIN
 again, in alternating order, up to ROUNDS times in all, and each keeps its fastest round (a busy
 machine only ever adds time). The result is cached per processor and candidate set. An explicit runner
 setting never comes here.
+
+Which kernel computes an ONNX export's weight products is timed too, not read off the processor's flags:
+where Lepton's operators can take an export's products (q8_0, q4_1, float32; lepton/runners/q8_graph.py),
+the export is a candidate twice, with RunnerConfig.matmul_kernel at `auto` (what the flags pick) and at the
+other kernel (`onnxruntime` where auto picks Lepton's, `lepton` where it picks ONNX Runtime's MatMulNBits,
+MatMul and Gemm). The export's quality gate holds for both: they compute the same products (q8_0 and float32:
+the same numbers up to the order of float32 sums; q4_1: the same int8 arithmetic at accuracy level 4, and at
+level 0 float32 activations in MatMulNBits where MatMulQ4 rounds them to bfloat16).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ PREFILL_TOKENS = 128  # the prompt whose prefill step is timed
 PROMPT_PER_OUTPUT = 1.0  # prompt tokens prefilled per generated token (the benchmarks' 128 in, 128 out)
 ROUNDS = 3  # timings of a contender at most
 CONTENDER_MARGIN = 1.3  # a candidate scoring within this factor of the best is timed again
-TIMING_METHOD = 2  # NOTE: part of the cache key; 2 = contenders re-timed, prefill timed (1: each once, decodes only)
+TIMING_METHOD = 3  # NOTE: part of the cache key; 3 = both kernels timed (2: contenders re-timed, prefill timed)
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,13 @@ class Candidate:
     num_threads: int
     dtype: str = "float32"
     weight_dtype: str = "export"  # onnxruntime: "bfloat16" = a float32 export's products in bfloat16
+    matmul_kernel: str = "auto"  # onnxruntime: RunnerConfig.matmul_kernel
+
+    def engine_parameters(self) -> dict[str, str]:
+        """The engine parameters (EngineConfig.from_parameters) that serve this candidate, defaults left out."""
+        params = {"runner": self.runner, "num_threads": str(self.num_threads)}
+        defaults = (("dtype", "float32"), ("weight_dtype", "export"), ("matmul_kernel", "auto"))
+        return params | {key: getattr(self, key) for key, default in defaults if getattr(self, key) != default}
 
 
 @dataclass(frozen=True)
@@ -162,6 +177,9 @@ def candidates(model_dir: Path, exports_root: Path, quality_dir: Path = QUALITY_
             skipped.append(f"{export.name} ({method}): quality gate not passed: {failures}")
             continue
         found += [Candidate(f"onnxruntime {method}, {_threads(n)}", "onnxruntime", export, n) for n in threads]
+        if other := kernel_alternative(manifest, cpu):
+            found += [Candidate(f"onnxruntime {method}, matmul_kernel={other}, {_threads(n)}", "onnxruntime", export, n,
+                                matmul_kernel=other) for n in threads]
         if method == "fp32":
             if why := _bf16_weights_failures(export, cpu, quality_dir):
                 skipped.append(f"{export.name} (fp32, bf16 weights): {why}")
@@ -169,6 +187,24 @@ def candidates(model_dir: Path, exports_root: Path, quality_dir: Path = QUALITY_
                 found += [Candidate(f"onnxruntime fp32, bf16 weights, {_threads(n)}", "onnxruntime", export, n,
                                     weight_dtype="bfloat16") for n in threads]
     return found, skipped
+
+
+def kernel_alternative(manifest: dict, cpu: dict) -> str | None:
+    """The matmul_kernel setting that computes an export's weight products with the other kernel than `auto`
+    picks on this processor, or None where one kernel only can: an export whose products Lepton's operators
+    do not take (int8, int4), one with external weights, or the library not built."""
+    from lepton.native import ops_library
+    from lepton.runners.q4_graph import INT8_LEVEL
+    from lepton.runners.q8_graph import matmul_kernel
+
+    quantization = manifest.get("quantization") or {}
+    method = {"fp32": "float32", "q8_0": "q8_0", "q4_1": "q4_1"}.get(quantization.get("method", "fp32"))
+    library = ops_library()
+    if method is None or library is None or manifest.get("external_data"):
+        return None
+    auto, _ = matmul_kernel("auto", library, cpu, method=method,
+                            int8_activations=quantization.get("accuracy_level") == INT8_LEVEL)
+    return "onnxruntime" if auto == "lepton" else "lepton"
 
 
 def _bf16_weights_failures(export: Path, cpu: dict, quality_dir: Path) -> str:
@@ -213,10 +249,9 @@ def time_candidate_here(candidate: Candidate, steps: int = 5) -> Timing:
     from lepton.sampling_params import SamplingParams
 
     engine = LLMEngine(EngineConfig.from_parameters({
-        "model_dir": str(candidate.model_dir), "runner": candidate.runner, "num_threads": str(candidate.num_threads),
-        "dtype": candidate.dtype, "weight_dtype": candidate.weight_dtype,
-        "kv_cache_memory_bytes": "256M", "max_num_seqs": str(BATCH), "max_num_batched_tokens": "2048",
-        "enable_prefix_caching": "false", "max_model_len": "1024",
+        "model_dir": str(candidate.model_dir), **candidate.engine_parameters(), "kv_cache_memory_bytes": "256M",
+        "max_num_seqs": str(BATCH), "max_num_batched_tokens": "2048", "enable_prefix_caching": "false",
+        "max_model_len": "1024",
     }))
     vocab = engine.runner.model_config.vocab_size
     params = SamplingParams(max_tokens=4 * steps + 4, temperature=0.0, ignore_eos=True)
@@ -284,9 +319,10 @@ class Choice:
     def explain(self) -> str:
         flags = [f for f in CPU_FLAGS if self.cpu.get(f)]
         lines = [f"[auto] processor: {self.cpu['model']}, {self.cpu['cores']} cores, {' '.join(flags) or 'no AVX2'}"]
+        width = max(len(t.candidate.name) for t in self.timings)
         for t in sorted(self.timings, key=lambda t: t.score):
             mark = "->" if t.candidate == self.candidate else "  "
-            lines.append(f"[auto] {mark} {t.candidate.name:<42} {BATCH} decodes {t.decode_batch_ms:7.1f} ms/step, "
+            lines.append(f"[auto] {mark} {t.candidate.name:<{width}} {BATCH} decodes {t.decode_batch_ms:7.1f} ms/step, "
                          f"1 decode {t.decode_one_ms:6.1f}, {PREFILL_TOKENS}-token prompt {t.prefill_ms:6.1f}; "
                          f"fastest of {t.rounds}  ({t.candidate.model_dir})")
         lines += [f"[auto]    left out: {line}" for line in self.skipped]

@@ -410,14 +410,7 @@ def _auto_configuration(model: Path, params: dict[str, str]) -> tuple[Path, dict
     build = PROJECT_ROOT / "build"
     choice = choose(model, build / "onnx", build / "autoselect")
     print(choice.explain(), flush=True)
-    chosen = choice.candidate
-    params = {"runner": chosen.runner, **params}
-    params.setdefault("num_threads", str(chosen.num_threads))
-    if chosen.dtype != "float32":
-        params.setdefault("dtype", chosen.dtype)
-    if chosen.weight_dtype != "export":
-        params.setdefault("weight_dtype", chosen.weight_dtype)
-    return chosen.model_dir, params
+    return choice.candidate.model_dir, choice.candidate.engine_parameters() | params  # NOTE: what the user set wins
 
 
 def _drain_summary(acks: list[DrainAck], num_instances: int) -> str:

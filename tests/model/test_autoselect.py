@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from lepton.autoselect import (
     BATCH, CONTENDER_MARGIN, PREFILL_TOKENS, PROMPT_PER_OUTPUT, Candidate, Timing, candidates, choose,
     cpu_features, fingerprint, report_path, time_candidate, time_candidates,
@@ -173,3 +175,53 @@ def test_bf16_weights_need_the_instructions_the_library_and_a_passed_report_of_t
     assert all(c.name.startswith("onnxruntime fp32, bf16 weights, ") for c in found)
     found, skipped = bf16_weights({"avx2": True})
     assert not found and skipped == ["m (fp32, bf16 weights): no AVX512-BF16 on this processor"]
+
+
+def test_each_export_lepton_can_compute_is_timed_with_both_kernels_not_picked_by_the_flags(tmp_path):
+    from lepton.native import ops_library
+
+    if ops_library() is None:
+        pytest.skip("lepton/native is not built")
+    model = tmp_path / "model"
+    model.mkdir()
+    exports = tmp_path / "onnx"
+    fake_export(exports, "m", model)
+    fake_export(exports, "m-q8_0", model, "q8_0", failures=[])
+    fake_export(exports, "m-int8", model, "int8", failures=[])
+    external = fake_export(exports, "m-ext", model, "q4_1", failures=[])
+    manifest = json.loads((external / "manifest.json").read_text())
+    (external / "manifest.json").write_text(json.dumps({**manifest, "external_data": "model.onnx.data"}))
+    vnni = {"avx512f": True, "avx512_vnni": True, "avx512_bf16": False}
+    cores = len(os.sched_getaffinity(0))
+
+    def kernels(cpu):
+        found, _ = candidates(model, exports, tmp_path / "quality", cpu)
+        return {(c.model_dir.name, c.matmul_kernel, c.num_threads) for c in found if c.runner == "onnxruntime"}
+
+    threads = {cores, max(1, cores - 1)}
+    # NOTE: where the flags pick Lepton's operators the other kernel is ONNX Runtime's, and the reverse;
+    # int8 (MatMulInteger) and external weights have one kernel only
+    assert kernels(vnni) == {(name, kernel, n) for n in threads for name, kernel in (
+        ("m", "auto"), ("m", "onnxruntime"), ("m-q8_0", "auto"), ("m-q8_0", "onnxruntime"), ("m-int8", "auto"),
+        ("m-ext", "auto"))}
+    assert kernels({"avx2": True}) == {(name, kernel, n) for n in threads for name, kernel in (
+        ("m", "auto"), ("m", "lepton"), ("m-q8_0", "auto"), ("m-q8_0", "lepton"), ("m-int8", "auto"),
+        ("m-ext", "auto"))}
+    found, _ = candidates(model, exports, tmp_path / "quality", vnni)
+    other = next(c for c in found if c.model_dir.name == "m-q8_0" and c.matmul_kernel != "auto")
+    assert other.name == f"onnxruntime q8_0, matmul_kernel=onnxruntime, {cores} thread{'s' if cores > 1 else ''}"
+
+
+def test_a_candidate_is_served_with_exactly_the_settings_it_was_timed_with(tmp_path):
+    from lepton.config import EngineConfig
+
+    plain = Candidate("onnxruntime q8_0, 2 threads", "onnxruntime", tmp_path, 2)
+    assert plain.engine_parameters() == {"runner": "onnxruntime", "num_threads": "2"}
+    other = Candidate("onnxruntime q8_0, matmul_kernel=onnxruntime, 1 thread", "onnxruntime", tmp_path, 1,
+                      matmul_kernel="onnxruntime")
+    assert other.engine_parameters() == {"runner": "onnxruntime", "num_threads": "1", "matmul_kernel": "onnxruntime"}
+    bf16 = Candidate("onnxruntime fp32, bf16 weights, 2 threads", "onnxruntime", tmp_path, 2, weight_dtype="bfloat16")
+    torch = Candidate("torch bf16, 1 thread", "torch", tmp_path, 1, dtype="bfloat16")
+    assert bf16.engine_parameters()["weight_dtype"] == "bfloat16" and torch.engine_parameters()["dtype"] == "bfloat16"
+    config = EngineConfig.from_parameters({"model_dir": str(tmp_path), **other.engine_parameters()})
+    assert (config.runner.runner, config.runner.num_threads, config.runner.matmul_kernel) == ("onnxruntime", 1, "onnxruntime")
