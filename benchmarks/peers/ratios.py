@@ -117,6 +117,13 @@ def compute(result: dict) -> list[dict]:
         served, inproc = triton_and_in_process(s)
         rows.append(_row("W2 output tok/s, through Triton / engine in process", (served, s["label"]),
                          (inproc, s["label"] + " in process"), 0.95, ">=", _gate_note(s)))
+    for s in lepton:
+        pair = s.get("w2_perf_analyzer") or {}
+        if pair:  # NOTE: the same, the load sent by perf_analyzer (C++) where benchmarks.loadgen (Python) sends it above
+            rows.append(_row("W2 output tok/s, through Triton (perf_analyzer's client) / engine in process",
+                             ((pair.get("served") or {}).get("output_tok_per_s"), s["label"]),
+                             ((pair.get("in_process") or {}).get("output_tok_per_s"), s["label"] + " in process"),
+                             0.95, ">=", _gate_note(s)))
     return rows
 
 

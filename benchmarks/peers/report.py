@@ -179,9 +179,10 @@ def _last_table(text: list[str]) -> list[str]:
 
 def _lepton_section(result: dict) -> list[str]:
     lines = ["", "## Lepton: through Triton and in process, prefix caching on and off", "",
-             "| variant | W2 out tok/s Triton / in process (back-to-back pairs: their mean) | W2 TTFT ms p50 Triton / in process | W2 ITL ms p50 "
+             "| variant | W2 out tok/s Triton / in process (back-to-back pairs: their mean) | W2 out tok/s Triton, "
+             "perf_analyzer's client / in process | W2 TTFT ms p50 Triton / in process | W2 ITL ms p50 "
              "Triton / in process | prefix TTFT ms p50 caching on / off | prefix cached first: TTFT ms p50 caching on / "
-             "off | prefix-cache hits / queries (tokens) | Lepton export used |", "|---|---|---|---|---|---|---|---|"]
+             "off | prefix-cache hits / queries (tokens) | Lepton export used |", "|---|---|---|---|---|---|---|---|---|"]
     for s in result["systems"]:
         if s["peer"] != "lepton" or not s["workloads"]:
             continue
@@ -195,8 +196,11 @@ def _lepton_section(result: dict) -> list[str]:
         served, in_process = triton_and_in_process(s)
         pairs = ", ".join(f"{_fmt(p['served'].get('output_tok_per_s'))} / {_fmt(p['in_process'].get('output_tok_per_s'))}"
                           for p in s.get("w2_pairs") or [])
+        pa = s.get("w2_perf_analyzer") or {}
+        pa_rates = [(pa.get(k) or {}).get("output_tok_per_s") for k in ("served", "in_process")]
+        pa_cell = f"{_fmt(pa_rates[0])} / {_fmt(pa_rates[1])}" if pa else "–"
         lines.append(f"| {s['label']} | {_fmt(served)} / {_fmt(in_process)}{f' (pairs: {pairs})' if pairs else ''} | "
-                     f"{_fmt(p50(w2, 'ttft_ms'))} / {_fmt(p50(inproc, 'ttft_ms'))} | {_fmt(p50(w2, 'itl_ms'))} / "
+                     f"{pa_cell} | {_fmt(p50(w2, 'ttft_ms'))} / {_fmt(p50(inproc, 'ttft_ms'))} | {_fmt(p50(w2, 'itl_ms'))} / "
                      f"{_fmt(p50(inproc, 'itl_ms'))} | {_fmt(p50(prefix, 'ttft_ms'))} / "
                      f"{_fmt(p50(no_cache, 'ttft_ms'))} | {_fmt(p50(warm, 'ttft_ms'))} / {_fmt(p50(warm_no_cache, 'ttft_ms'))} | "
                      f"{hits} | {s.get('quality_gate') or '–'} |")
@@ -257,7 +261,11 @@ METHOD = """## How each figure is measured
   `benchmarks.serving`. "In process" is the same engine (`lepton.engine.LLMEngine`) driven by `step()` in
   the benchmark process with all W2 requests added at once, timed when a token's text comes out of a step;
   it runs back to back with the served W2 (the server idle meanwhile), twice in alternating order (the
-  second pair on fresh prompts), and the Triton / in-process ratio is that of the pairs' means.
+  second pair on fresh prompts), and the Triton / in-process ratio is that of the pairs' means. A third
+  pair, on fresh prompts again, sends W2 with `perf_analyzer` (Triton's C++ load generator: `--streaming
+  --concurrency-range 16 --request-count 16`, the same requests, times from its `--profile-export-file`)
+  and then runs it in process: on this machine the client shares the server's cores, and perf_analyzer
+  spends about half of `benchmarks.loadgen`'s CPU a token.
 - **llama.cpp** (`build/peers/llama.cpp/bin/llama-server`, built by `scripts/build_peers.sh` from the
   llama.cpp vendored in `llama-cpp-python`'s source package) is driven over HTTP streaming (`/completion`,
   `stream`, `ignore_eos`, `n_predict`, `cache_prompt`, `return_tokens`, prompt as token ids) by the same

@@ -129,8 +129,8 @@ def run_lepton(system: System, ctx: Context) -> dict:
             out["workloads"][w.name] = lepton_peer.run_served(server, w)
             ctx.log(f"[{system.label}] {w.name}: {_line(out['workloads'][w.name])}")
         if "w2" in ctx.workloads:
-            out["w2_pairs"], out["decode_reads"] = _served_and_in_process(system, ctx, server, model,
-                                                                          out["workloads"]["w2"])
+            out["w2_pairs"], out["w2_perf_analyzer"], out["decode_reads"] = _served_and_in_process(
+                system, ctx, server, model, out["workloads"]["w2"], work)
             out["w2_in_process"] = out["w2_pairs"][0]["in_process"]
     finally:
         server.stop()
@@ -148,13 +148,15 @@ def run_lepton(system: System, ctx: Context) -> dict:
     return out
 
 
-def _served_and_in_process(system: System, ctx: Context, server, model: Path,
-                           served: dict) -> tuple[list[dict], dict | None]:
+def _served_and_in_process(system: System, ctx: Context, server, model: Path, served: dict,
+                           work: Path) -> tuple[list[dict], dict, dict | None]:
     """W2 through Triton and the same engine in process, back to back (the server idle meanwhile), twice in
     alternating order: the served W2 just run, then in process; then, with fresh prompts (no prefix cache holds
     them), in process, then served. This machine's speed moves by 20-30 % between minutes, so a ratio of runs
-    taken minutes apart measures the machine, not serving (docs/performance.md). Also returns the bytes of
-    weights the engine's decode step reads (its runner's DecodeReads; None where the runner does not count them)."""
+    taken minutes apart measures the machine, not serving (docs/performance.md). Then a third pair with fresh
+    prompts: W2 sent by perf_analyzer (C++) instead of benchmarks.loadgen (Python), then in process: how much of
+    the served run's loss is the client's CPU on this machine's cores. Also returns the bytes of weights the
+    engine's decode step reads (its runner's DecodeReads; None where the runner does not count them)."""
     engine = lepton_peer.in_process_engine(model, lepton_parameters(system, ctx))
     reads = getattr(engine.runner, "decode_reads", None)
     again = with_fresh_prompts(ctx.factory, ctx.workloads["w2"], "w2-again")
@@ -170,7 +172,15 @@ def _served_and_in_process(system: System, ctx: Context, server, model: Path,
     second = {"in_process": in_process(again)}
     second["served"] = lepton_peer.run_served(server, again)
     ctx.log(f"[{system.label}] w2 served again: {_line(second['served'])}")
-    return [first, second], None if reads is None else asdict(reads)
+    third_workload = with_fresh_prompts(ctx.factory, ctx.workloads["w2"], "w2-perf-analyzer")
+    try:
+        third = {"served": lepton_peer.run_served_perf_analyzer(server, third_workload, work / "perf_analyzer")}
+        ctx.log(f"[{system.label}] w2 served, perf_analyzer's client: {_line(third['served'])}")
+    except Exception as exc:  # NOTE: the comparison stands without it
+        ctx.log(f"[{system.label}] w2 through perf_analyzer failed: {exc}")
+        third = {"served": {"error": f"{type(exc).__name__}: {exc}"[:2000]}}
+    third["in_process"] = in_process(third_workload)
+    return [first, second], third, None if reads is None else asdict(reads)
 
 
 RUNNERS = {"llamacpp": run_llamacpp, "ortgenai": run_ortgenai, "lepton": run_lepton}

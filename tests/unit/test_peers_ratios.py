@@ -126,3 +126,19 @@ def test_fresh_prompts_keep_the_shape_and_share_no_prefix():
     assert {(s.num_prompt_tokens, s.max_tokens) for s in again.specs} == {(s.num_prompt_tokens, s.max_tokens) for s in w2.specs}
     assert not {s.prompt[:40] for s in again.specs} & {s.prompt[:40] for s in w2.specs}
     assert again.specs[0].request_id == "w2-again-0"
+
+
+def test_the_served_run_sent_by_perf_analyzer_is_a_ratio_of_its_own_beside_loadgens():
+    q8_0 = system("lepton", "Lepton q8_0", "8-bit", 400.0, 75.0, 8.0)
+    q8_0["w2_pairs"] = [{"served": {"output_tok_per_s": 400.0}, "in_process": {"output_tok_per_s": 500.0}},
+                        {"served": {"output_tok_per_s": 420.0}, "in_process": {"output_tok_per_s": 520.0}}]
+    q8_0["w2_perf_analyzer"] = {"served": {"output_tok_per_s": 480.0}, "in_process": {"output_tok_per_s": 500.0}}
+    older = system("lepton", "Lepton fp32", "fp32", 300.0, 150.0, 16.0)  # NOTE: a sitting from before it
+    rows = [r for r in ratios.compute(sitting(q8_0, older)) if "through Triton" in r["name"]]
+    assert [(r["name"], r["lepton_system"], r["ratio"], r["met"]) for r in rows] == [
+        ("W2 output tok/s, through Triton / engine in process", "Lepton q8_0", 0.804, False),
+        ("W2 output tok/s, through Triton / engine in process", "Lepton fp32", None, None),
+        ("W2 output tok/s, through Triton (perf_analyzer's client) / engine in process", "Lepton q8_0", 0.96, True)]
+    q8_0["w2_perf_analyzer"]["served"] = {"error": "RuntimeError: perf_analyzer failed (1)"}
+    rows = [r for r in ratios.compute(sitting(q8_0)) if "perf_analyzer" in r["name"]]
+    assert [(r["ratio"], r["met"]) for r in rows] == [(None, None)]
