@@ -336,23 +336,46 @@ def choose(model_dir: Path, exports_root: Path, cache_dir: Path, quality_dir: Pa
     """Time every eligible candidate (or reuse the cached timing) and return the fastest."""
     cpu = cpu_features()
     found, skipped = candidates(model_dir, exports_root, quality_dir, cpu)
+    timings, cached = timed(found, cpu, cache_dir)
+    best = min(timings, key=lambda t: t.score)
+    return Choice(best.candidate, tuple(timings), tuple(skipped), cpu, cached)
+
+
+def kernel_choice(export: Path, num_threads: int, cache_dir: Path, timer=None) -> tuple[str, str]:
+    """The matmul_kernel to serve an ONNX export with on this processor at num_threads, and why: `auto` (what the
+    flags pick), or the other kernel where it timed faster (as `choose` times them); `auto` untimed where
+    only one kernel can compute the export's products. For runs that fix the export and the threads
+    themselves (benchmarks.peers) and still want the products `make serve` would compute them with."""
+    cpu = cpu_features()
+    export = Path(export).resolve()
+    other = kernel_alternative(json.loads((export / "manifest.json").read_text()), cpu)
+    if other is None:
+        return "auto", "one kernel only for this export here"
+    pair = [Candidate(f"{export.name}, {_threads(num_threads)}", "onnxruntime", export, num_threads),
+            Candidate(f"{export.name}, matmul_kernel={other}, {_threads(num_threads)}", "onnxruntime", export,
+                      num_threads, matmul_kernel=other)]
+    timings, cached = timed(pair, cpu, cache_dir, timer)
+    best = min(timings, key=lambda t: t.score)
+    line = "; ".join(f"{t.candidate.matmul_kernel}: {BATCH} decodes {t.decode_batch_ms:.1f} ms, 1 decode "
+                     f"{t.decode_one_ms:.1f}, {PREFILL_TOKENS}-token prompt {t.prefill_ms:.1f}" for t in timings)
+    return best.candidate.matmul_kernel, f"{line} ({'cached timing' if cached else 'timed now'})"
+
+
+def timed(found: list[Candidate], cpu: dict, cache_dir: Path, timer=None) -> tuple[list[Timing], bool]:
+    """The candidates' timings (time_candidates), cached per processor, candidate set and code; whether cached."""
     key = hashlib.sha256(json.dumps([TIMING_METHOD, cpu, [_fingerprint(c) for c in found]],
                                     sort_keys=True).encode()).hexdigest()
     cache_file = Path(cache_dir) / f"{key[:24]}.json"
-    cached = cache_file.is_file()
-    if cached:
+    if cache_file.is_file():
         rows = json.loads(cache_file.read_text())
-        timings = [Timing(c, r["decode_batch_ms"], r["decode_one_ms"], r["prefill_ms"], r["rounds"])
-                   for c, r in zip(found, rows)]
-    else:
-        timings = time_candidates(found)
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        cache_file.write_text(json.dumps([{"candidate": c.name, "decode_batch_ms": t.decode_batch_ms,
-                                           "decode_one_ms": t.decode_one_ms, "prefill_ms": t.prefill_ms,
-                                           "rounds": t.rounds}
-                                          for c, t in zip(found, timings)], indent=1))
-    best = min(timings, key=lambda t: t.score)
-    return Choice(best.candidate, tuple(timings), tuple(skipped), cpu, cached)
+        return [Timing(c, r["decode_batch_ms"], r["decode_one_ms"], r["prefill_ms"], r["rounds"])
+                for c, r in zip(found, rows)], True
+    timings = time_candidates(found, timer=timer or time_candidate)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    cache_file.write_text(json.dumps([{"candidate": c.name, "decode_batch_ms": t.decode_batch_ms,
+                                       "decode_one_ms": t.decode_one_ms, "prefill_ms": t.prefill_ms, "rounds": t.rounds}
+                                      for c, t in zip(found, timings)], indent=1))
+    return timings, False
 
 
 def _fingerprint(candidate: Candidate) -> dict:

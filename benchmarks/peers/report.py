@@ -265,7 +265,10 @@ METHOD = """## How each figure is measured
   pair, on fresh prompts again, sends W2 with `perf_analyzer` (Triton's C++ load generator: `--streaming
   --concurrency-range 16 --request-count 16`, the same requests, times from its `--profile-export-file`)
   and then runs it in process: on this machine the client shares the server's cores, and perf_analyzer
-  spends about half of `benchmarks.loadgen`'s CPU a token.
+  spends about half of `benchmarks.loadgen`'s CPU a token. Each ONNX Runtime variant but the bf16 weights
+  computes its weight products with the kernel `make serve` would take for it here: Lepton's operators or
+  ONNX Runtime's, whichever `lepton.autoselect.kernel_choice` timed faster (`kernel_choice` and
+  `engine_parameters` in the JSON).
 - **llama.cpp** (`build/peers/llama.cpp/bin/llama-server`, built by `scripts/build_peers.sh` from the
   llama.cpp vendored in `llama-cpp-python`'s source package) is driven over HTTP streaming (`/completion`,
   `stream`, `ignore_eos`, `n_predict`, `cache_prompt`, `return_tokens`, prompt as token ids) by the same

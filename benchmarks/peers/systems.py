@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks.loadgen import RequestRecord
 from benchmarks.peers import artifacts, lepton_peer, llamacpp, ortgenai
 from benchmarks.peers.workloads import Workload, with_fresh_prompts
 from benchmarks.stats import summarize
+from lepton.autoselect import kernel_choice
 from lepton.server import PROJECT_ROOT
 
 WORK_DIR = PROJECT_ROOT / "build" / "peers" / "runs"
+AUTOSELECT_DIR = PROJECT_ROOT / "build" / "autoselect"  # NOTE: lepton.autoselect's timings, shared with make serve
 PRECISION = {"f32": "fp32", "bf16": "16-bit", "q8_0": "8-bit", "q4_0": "4-bit", "fp32": "fp32", "int8": "8-bit",
              "int4": "4-bit", "q4_1": "4-bit"}
 
@@ -52,6 +54,7 @@ class Context:
     factory: object
     log: object
     prefix_off_done: bool = False
+    kernels: dict[str, str] = field(default_factory=dict)  # ONNX Runtime variant -> the matmul_kernel it runs with
 
 
 def _summary(records: list[RequestRecord], wall_cpu: dict | None = None) -> dict:
@@ -102,7 +105,10 @@ def lepton_parameters(system: System, ctx: Context, prefix_caching: bool = True)
     # engine's default), ONNX Runtime computes with as many threads as the peers (docs/performance.md,
     # "Threads when served"); --lepton-param num_threads=N overrides both.
     threads = {} if runner == "torch" else {"num_threads": str(ctx.num_threads)}
-    return dtype | threads | {"runner": runner, "max_num_seqs": "64", "max_num_batched_tokens": "512", "kv_cache_memory_bytes": "1G",
+    # NOTE: the weight products' kernel as make serve takes it: timed, not picked by the flags (run_lepton)
+    kernel = ctx.kernels.get(system.variant, "auto")
+    products = {} if kernel == "auto" else {"matmul_kernel": kernel}
+    return dtype | threads | products | {"runner": runner, "max_num_seqs": "64", "max_num_batched_tokens": "512", "kv_cache_memory_bytes": "1G",
             "enable_prefix_caching": str(prefix_caching).lower()} | ctx.lepton_params
 
 
@@ -119,7 +125,11 @@ def run_lepton(system: System, ctx: Context) -> dict:
         note, gate_failed = f"{note}; {quality}", not passed
     else:
         model, note = artifacts.lepton_onnx(ctx.model_dir, precision, ctx.log)
-    out = {"artifact": str(model), "weight_bytes": artifacts.weight_bytes_on_disk(model),
+    kernel_note = ""
+    if runner == "ort" and precision != "bf16":  # NOTE: the products' kernel make serve would take, timed here
+        ctx.kernels[system.variant], kernel_note = kernel_choice(model, ctx.num_threads, AUTOSELECT_DIR)
+        ctx.log(f"[{system.label}] matmul_kernel={ctx.kernels[system.variant]}: {kernel_note}")
+    out = {"artifact": str(model), "kernel_choice": kernel_note, "weight_bytes": artifacts.weight_bytes_on_disk(model),
            "workloads": {}, "engine_parameters": lepton_parameters(system, ctx), "quality_gate": note,
            "gate_failed": gate_failed}
     work = WORK_DIR / "lepton" / system.variant

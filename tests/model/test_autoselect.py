@@ -9,7 +9,7 @@ import pytest
 
 from lepton.autoselect import (
     BATCH, CONTENDER_MARGIN, PREFILL_TOKENS, PROMPT_PER_OUTPUT, Candidate, Timing, candidates, choose,
-    cpu_features, fingerprint, report_path, time_candidate, time_candidates,
+    cpu_features, fingerprint, kernel_choice, report_path, time_candidate, time_candidates,
 )
 
 
@@ -225,3 +225,28 @@ def test_a_candidate_is_served_with_exactly_the_settings_it_was_timed_with(tmp_p
     assert bf16.engine_parameters()["weight_dtype"] == "bfloat16" and torch.engine_parameters()["dtype"] == "bfloat16"
     config = EngineConfig.from_parameters({"model_dir": str(tmp_path), **other.engine_parameters()})
     assert (config.runner.runner, config.runner.num_threads, config.runner.matmul_kernel) == ("onnxruntime", 1, "onnxruntime")
+
+
+def test_a_fixed_export_and_thread_count_get_the_kernel_that_timed_faster_cached(tmp_path):
+    from lepton.native import ops_library
+
+    if ops_library() is None:
+        pytest.skip("lepton/native is not built")
+    model = tmp_path / "model"
+    model.mkdir()
+    export = fake_export(tmp_path / "onnx", "m-q8_0", model, "q8_0", failures=[])
+    int8 = fake_export(tmp_path / "onnx", "m-int8", model, "int8", failures=[])
+    calls = []
+
+    def timer(candidate):  # NOTE: the other kernel twice as fast as auto's, whichever it is on this processor
+        calls.append(candidate.matmul_kernel)
+        return Timing(candidate, *((10.0, 5.0, 50.0) if candidate.matmul_kernel != "auto" else (20.0, 10.0, 100.0)))
+
+    kernel, why = kernel_choice(export, 2, tmp_path / "cache", timer)
+    assert kernel in ("lepton", "onnxruntime") and calls == ["auto", kernel]
+    assert why.startswith(f"auto: {BATCH} decodes 20.0 ms, 1 decode 10.0, {PREFILL_TOKENS}-token prompt 100.0; {kernel}: ")
+    assert why.endswith("(timed now)")
+    again, why = kernel_choice(export, 2, tmp_path / "cache", timer)
+    assert again == kernel and why.endswith("(cached timing)") and len(calls) == 2
+    assert kernel_choice(int8, 2, tmp_path / "cache", timer) == ("auto", "one kernel only for this export here")
+    assert len(calls) == 2

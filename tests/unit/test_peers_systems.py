@@ -1,0 +1,21 @@
+"""benchmarks.peers.systems: the engine parameters each Lepton variant is served with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks.peers.systems import Context, System, lepton_parameters
+
+
+def test_an_onnx_variant_runs_with_the_kernel_timed_for_it_and_an_explicit_setting_wins():
+    ctx = Context(model_dir=Path("m"), workloads={}, ids={}, num_threads=2, lepton_params={}, factory=None, log=print)
+    q8_0, torch = System("lepton", "ort-q8_0"), System("lepton", "torch-fp32")
+    assert lepton_parameters(q8_0, ctx) == {
+        "num_threads": "2", "runner": "onnxruntime", "max_num_seqs": "64", "max_num_batched_tokens": "512",
+        "kv_cache_memory_bytes": "1G", "enable_prefix_caching": "true"}
+    ctx.kernels["ort-q8_0"] = "onnxruntime"
+    assert lepton_parameters(q8_0, ctx)["matmul_kernel"] == "onnxruntime"
+    assert lepton_parameters(q8_0, ctx, prefix_caching=False)["matmul_kernel"] == "onnxruntime"
+    assert "matmul_kernel" not in lepton_parameters(torch, ctx) and "num_threads" not in lepton_parameters(torch, ctx)
+    ctx.lepton_params["matmul_kernel"] = "lepton"
+    assert lepton_parameters(q8_0, ctx)["matmul_kernel"] == "lepton"
