@@ -21,7 +21,8 @@
  * rows (pair j of a tile's rows side by side), then each task computes one panel of 16 outputs for up to 64
  * rows: a product of at most 16 rows (decodes) in one pass over the panel (16 accumulators in registers),
  * more rows 8 at a time (their panel read again from the first-level cache). The panel is prefetched 4 KB
- * ahead: at 16 rows a pass consumes its weights slowly enough that 1 KB ahead arrives late.
+ * ahead: at 16 rows a pass consumes its weights slowly enough that 1 KB ahead arrives late; in passes of at
+ * most PREFETCH_ROWS rows it is not (the processor's prefetcher keeps up, one decode 7.64 -> 6.55 ms without).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -112,7 +113,7 @@ static inline __attribute__((always_inline)) BF16 void bf16_rows(const BProduct 
     __m512 acc[16];
     for (int i = 0; i < mt; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t j = 0; j < pr->pairs_per_row; j++, p += stride) {
-        _mm_prefetch((const char *)(w + j * PAIR_BYTES + PREFETCH_BYTES), _MM_HINT_T0);
+        if (mt > PREFETCH_ROWS) _mm_prefetch((const char *)(w + j * PAIR_BYTES + PREFETCH_BYTES), _MM_HINT_T0);
         const __m512bh wj = (__m512bh)_mm512_loadu_si512((const void *)(w + j * PAIR_BYTES));
         for (int i = 0; i < mt; i++) acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32((int)p[i]), wj);
     }

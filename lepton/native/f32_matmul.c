@@ -17,7 +17,8 @@
  * Work: the rows of A are laid out in tiles (input k of a tile's rows side by side: one pointer and constant
  * offsets for the broadcasts; a single row is read where it is), then each task computes one panel of 16 outputs
  * for up to 64 rows: a product of at most 16 rows (decodes) in one pass over the panel (16 accumulators), more
- * rows 16 at a time (their panel read again from the second-level cache). The panel is prefetched 4 KB ahead.
+ * rows 16 at a time (their panel read again from the second-level cache). The panel is prefetched 4 KB ahead in
+ * passes of more than PREFETCH_ROWS rows (with fewer the processor's prefetcher keeps up: one decode 14.7 -> 13.9 ms).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -87,7 +88,7 @@ static inline __attribute__((always_inline)) AVX512 void f32_rows(const FProduct
     __m512 acc[16];
     for (int i = 0; i < mt; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t j = 0; j < pr->k; j++, x += stride) {
-        _mm_prefetch((const char *)(w + j * LANES) + PREFETCH_BYTES, _MM_HINT_T0);
+        if (mt > PREFETCH_ROWS) _mm_prefetch((const char *)(w + j * LANES) + PREFETCH_BYTES, _MM_HINT_T0);
         const __m512 wj = _mm512_loadu_ps(w + j * LANES);
         for (int i = 0; i < mt; i++) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(x[i]), wj, acc[i]);
     }

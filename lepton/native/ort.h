@@ -264,6 +264,12 @@ static inline void free_kernel(void *kernel) { free(kernel); }
 /* ---- what the weight products share --------------------------------------------------------- */
 
 enum { GATE_PAIR = 32 }; /* a gated product's unit: a gate panel of 16 outputs, then its up panel */
+/* NOTE: the weight products prefetch their panels only in passes of more than this many rows: in fewer the
+ * weights stream in faster than they are computed, the processor's own prefetcher keeps up, and asked-for
+ * lines only take its fill buffers (one decode's products without: q8 5.46 -> 4.61 ms, bf16 7.64 -> 6.55,
+ * f32 14.7 -> 13.9, q4 with int8 activations 3.93 -> 3.82; 4 rows level or better, 8 rows worse without;
+ * `python -m benchmarks.products --library`, 2026-12-07 04:00, docs/performance.md). */
+enum { PREFETCH_ROWS = 4 };
 
 /* AVX-512 F, BW and VL: what every AVX-512 path here also needs. */
 static inline int has_avx512(void) {

@@ -161,7 +161,8 @@ static inline __attribute__((always_inline)) BF16 void q4_rows(const QProduct *p
     for (int i = 0; i < mt; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t blk = 0; blk < pr->blocks; blk++) {
         const uint8_t *w = codes + blk * BLOCK_BYTES;
-        for (int line = 0; line < BLOCK_BYTES; line += 64) _mm_prefetch((const char *)(w + PREFETCH_BYTES + line), _MM_HINT_T0);
+        if (mt > PREFETCH_ROWS)
+            for (int line = 0; line < BLOCK_BYTES; line += 64) _mm_prefetch((const char *)(w + PREFETCH_BYTES + line), _MM_HINT_T0);
         __m512 dot[15];
         for (int i = 0; i < mt; i++) dot[i] = _mm512_setzero_ps();
         for (int g = 0; g < GROUPS; g++) {
@@ -282,7 +283,8 @@ static inline __attribute__((always_inline)) VNNI void int8_rows(const QProduct 
     for (int i = 0; i < mt; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t blk = 0; blk < pr->blocks; blk++) {
         const uint8_t *w = codes + blk * BLOCK_BYTES;
-        for (int line = 0; line < BLOCK_BYTES; line += 64) _mm_prefetch((const char *)(w + PREFETCH_BYTES + line), _MM_HINT_T0);
+        if (mt > PREFETCH_ROWS)
+            for (int line = 0; line < BLOCK_BYTES; line += 64) _mm_prefetch((const char *)(w + PREFETCH_BYTES + line), _MM_HINT_T0);
         __m512i w8[GROUPS];
         for (int v = 0; v < GROUPS / 2; v++) {
             const __m512i x = _mm512_loadu_si512((const void *)(w + v * INT8_VECTOR_BYTES));

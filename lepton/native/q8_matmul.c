@@ -41,7 +41,10 @@ enum { BLOCK = 32, LANES = 16, PANEL_BYTES = BLOCK * LANES, ROW_CHUNK = 64, QUAN
  * constant offsets away, never 16 pointers, and one row's block is 32 bytes in a row. */
 enum { TILE_ROWS = 16 };
 /* NOTE: codes read this far ahead are asked for early (the next panel's, past a panel's end): a 16-decode
- * step of SmolLM2 q8_0 took 20.8 ms with 1,024 bytes, 22.2 without, 21.0 with 4,096 (step_shapes). */
+ * step of SmolLM2 q8_0 took 20.8 ms with 1,024 bytes, 22.2 without, 21.0 with 4,096 (step_shapes). Only in
+ * passes of more than PREFETCH_ROWS rows: with fewer the codes stream faster than they are computed and the
+ * processor's own prefetcher keeps up, while the asked-for lines take fill buffers from it (one decode's
+ * products 5.46 -> 4.61 ms without, 4 rows 5.04 -> 4.95, 8 and 16 rows level; docs/performance.md). */
 enum { PREFETCH_BYTES = 1024 };
 /* NOTE: the products' tasks go one at a time to whichever thread is free: handed out in runs of
  * consecutive panels (ParallelFor's batches), a run waits for its thread when another job holds that core
@@ -232,7 +235,7 @@ static inline __attribute__((always_inline)) VNNI void vnni_rows(const Product *
         const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + blk * LANES)));
         const int8_t *q = aq + blk * BLOCK * pr->tile_rows;
         const int64_t at = blk * pr->tile_rows;
-        vnni_block(w, q, pr->group_stride, offset + at, ascale + at, s, acc, first, 1);
+        vnni_block(w, q, pr->group_stride, offset + at, ascale + at, s, acc, first, mt > PREFETCH_ROWS);
         if (mt > 8) vnni_block(w, q + 8 * 4, pr->group_stride, offset + at + 8, ascale + at + 8, s, acc + 8, mt - 8, 0);
     }
     STORE_ROWS(pr, panel, m, acc, mt);
