@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from benchmarks.loadgen import InFlight, RequestRecord, closed_loop, open_loop
-from benchmarks.peers.workloads import Workload
 from benchmarks.machine import process_tree_cpu_s
+from benchmarks.peers.workloads import Workload
 from benchmarks.serving import measure
 from benchmarks.stats import summarize
 from benchmarks.workload import fixed_requests
@@ -68,13 +68,12 @@ def run_served_perf_analyzer(server: TritonServer, workload: Workload, work_dir:
     (its profile export: when each request went out and each response came back). On a machine whose cores
     also compute, the client's CPU is taken from the server: perf_analyzer spends about half of loadgen's a
     token (docs/performance.md)."""
-    from benchmarks.perf import VENV_BIN, tool_env
+    from benchmarks.perf import VENV_BIN, request_row, tool_env
 
     specs = list(workload.specs)
     work_dir.mkdir(parents=True, exist_ok=True)
     data, export = work_dir / f"{workload.name}-input.json", work_dir / f"{workload.name}-export.json"
-    data.write_text(json.dumps({"data": [{"text_input": [s.prompt], "max_tokens": [s.max_tokens], "temperature": [0.0],
-                                          "ignore_eos": [True], "stream": [True]} for s in specs]}))
+    data.write_text(json.dumps({"data": [request_row("tensor", s.prompt, s.max_tokens) for s in specs]}))
     export.unlink(missing_ok=True)
     command = [str(VENV_BIN / "perf_analyzer"), "-m", "lepton", "-u", server.grpc_url, "-i", "grpc", "--streaming",
                "--input-data", str(data), "--concurrency-range", str(workload.concurrency),
