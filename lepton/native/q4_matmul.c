@@ -225,9 +225,9 @@ static void quantize_rows_int8(void *data, size_t task) {
         }
 }
 
-/* quantize_rows_int8 with AVX-512 (the VNNI path's): the same codes, scales, offsets and sums, a block's 32 values
- * in two registers (as MatMulQ8's quantize_rows_avx512; the float sum's columns x[i] + x[8 + i] + x[16 + i] +
- * x[24 + i] are the registers' halves added in that order, then the same tree). */
+/* quantize_rows_int8 with AVX-512 (the VNNI path's; ort.h quantize_block_avx512): the same codes, scales, offsets
+ * and sums (the float sum's columns x[i] + x[8 + i] + x[16 + i] + x[24 + i] are the registers' halves added in that
+ * order, then the same tree). */
 __attribute__((target("avx512f"))) static inline __m256 high_half(__m512 x) {
     return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1));
 }
@@ -238,13 +238,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) static void quantize_rows_i
         for (int64_t blk = 0; blk < pr->blocks; blk++) {
             const int64_t at = m * pr->blocks + blk;
             const float *x = pr->a + m * pr->k + blk * BLOCK;
+            __m512i v0, v1;
+            const float scale = quantize_block_avx512(x, &v0, &v1);
             const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
-            const __m512 highest = _mm512_max_ps(_mm512_abs_ps(x1), _mm512_max_ps(_mm512_abs_ps(x0), _mm512_setzero_ps()));
-            const float top = _mm512_reduce_max_ps(highest);
-            const float scale = top / 127.0f, inverse = top != 0.0f ? 1.0f / scale : 0.0f;
-            const __m512 times = _mm512_set1_ps(inverse);
-            const __m512i v0 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(x0, times), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            const __m512i v1 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(x1, times), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             int8_t *q = pr->aq + at * BLOCK;
             _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(v0));
             _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtepi32_epi8(v1));

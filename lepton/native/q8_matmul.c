@@ -120,12 +120,9 @@ static void quantize_rows(void *data, size_t task) {
         }
 }
 
-/* quantize_rows with AVX-512 (the VNNI path's): the same codes, scales and offsets, a block's 32 values in two
- * registers. max|a| ignores NaN as the loop's comparison does (vmaxps gives its second operand when the first
- * is NaN); a x (1 / scale) is one product rounded to nearest even by the conversion itself. A decode step's
- * activations are quantized on one thread while the other waits (prepare_then_multiply): the loops' clone took
- * ~23 ns a block here, and this one the 16-row products of a SmolLM2 step from 10.47 to 9.61 ms
- * (benchmarks.products), 16 streams in process 1.03x (docs/performance.md). */
+/* quantize_rows with AVX-512 (the VNNI path's; ort.h quantize_block_avx512): the same codes, scales and offsets.
+ * The 16-row products of a SmolLM2 step 10.47 -> 9.61 ms (benchmarks.products), 16 streams in process 1.03x
+ * (docs/performance.md). */
 __attribute__((target("avx512f,avx512bw,avx512vl"))) static void quantize_rows_avx512(void *data, size_t task) {
     const Product *pr = data;
     const int64_t m0 = (int64_t)task * QUANTIZE_ROWS;
@@ -133,14 +130,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) static void quantize_rows_a
     const int64_t stride = pr->group_stride;
     for (int64_t m = m0; m < m1; m++)
         for (int64_t blk = 0; blk < pr->blocks; blk++) {
-            const float *x = pr->a + m * pr->k + blk * BLOCK;
-            const __m512 x0 = _mm512_loadu_ps(x), x1 = _mm512_loadu_ps(x + 16);
-            const __m512 highest = _mm512_max_ps(_mm512_abs_ps(x1), _mm512_max_ps(_mm512_abs_ps(x0), _mm512_setzero_ps()));
-            const float top = _mm512_reduce_max_ps(highest);
-            const float scale = top / 127.0f, inverse = top != 0.0f ? 1.0f / scale : 0.0f;
-            const __m512 times = _mm512_set1_ps(inverse);
-            const __m512i v0 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(x0, times), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            const __m512i v1 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(x1, times), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m512i v0, v1;
+            const float scale = quantize_block_avx512(pr->a + m * pr->k + blk * BLOCK, &v0, &v1);
             const __m128i c0 = _mm512_cvtepi32_epi8(v0), c1 = _mm512_cvtepi32_epi8(v1);
             int8_t *q = act_codes(pr, m, blk);
             if (stride == 4) {
