@@ -60,7 +60,7 @@ def logits_read(model_dir: Path, repeats: int) -> tuple[float, float]:
     config = EngineConfig.from_parameters({"model_dir": str(model_dir), "runner": "onnxruntime", "num_threads": "1"})
     runner = SlotRunner(model_dir, config)
     runner.slots.reserve(["a"], 256)
-    binding = runner._binding(0, 1)
+    binding = runner._binding(0, 1).io
     for name, array in (("input_ids", np.array([[1]], np.int64)), ("seqlens_k", np.array([9], np.int32)),
                         ("total_sequence_length", np.array(10, np.int32)),
                         ("logits_indices", np.array([0], np.int64))):

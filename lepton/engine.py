@@ -78,6 +78,7 @@ class LLMEngine:
         folder = open_folder(config)
         self.tokenizer = Tokenizer.from_folder(folder)
         self.runner = make_runner(folder, config)
+        self.runner.transient_logits = True  # NOTE: each step's logits are sampled before the next step runs
         model_len = self.runner.model_config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or model_len, model_len)
         self.kv_cache = KVCacheManager(

@@ -23,6 +23,9 @@ class Runner(Protocol):
 
     def execute(self, batch: ModelInput) -> torch.Tensor: ...
 
+    # NOTE: optional, set by a caller that reads a step's logits before it runs the next step (LLMEngine):
+    # transient_logits = True lets a runner return them in memory of its own that the next step overwrites.
+
 
 def _torch_folder(path: Path) -> ModelFolder:
     return ModelFolder.open(path)

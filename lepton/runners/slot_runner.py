@@ -98,6 +98,36 @@ class _Decodes:
     first: int
     generation: int  # SlotCache.generation when they were placed
     slot_array: np.ndarray  # slots as int64, for the copy into the pools
+    in_order: bool  # scheduled row i is in slot first + i (order is the identity)
+
+
+class _Binding:
+    """A binding of the slot graph over slots [first, first + rows) and the inputs of a decode step over them:
+    arrays of its own, bound once and written in place each step (binding the five inputs and the logits every run
+    took ~0.08 ms of a one-decode step, its calls out of cache after the run: docs/performance.md)."""
+
+    def __init__(self, io: ort.SessionIOBinding, rows: int, pools: bool) -> None:
+        self.io, self.rows = io, rows
+        self.decode_inputs = {
+            "input_ids": np.zeros((rows, 1), np.int64),
+            "seqlens_k": np.zeros(rows, np.int32),
+            "total_sequence_length": np.zeros((), np.int32),
+            "logits_indices": np.zeros(rows, np.int64),
+        } | ({"pool_rows": np.full(rows, -1, np.int64)} if pools else {})
+        self.decode_bound = False  # whether io holds decode_inputs (a longer run binds arrays of its own)
+        self.flag: bool | None = None  # the argmax_only flag io holds
+        self.out_bound: np.ndarray | None = None  # the runner's transient logits buffer when io's logits are in it
+
+    def bind_decode_inputs(self) -> dict[str, np.ndarray]:
+        """decode_inputs, bound to io (once, until another run binds other arrays)."""
+        if not self.decode_bound:
+            for name, array in self.decode_inputs.items():
+                value = ort.OrtValue.ortvalue_from_numpy(array)
+                if value.data_ptr() != array.ctypes.data:
+                    raise RuntimeError("onnxruntime copied a decode input; the runner relies on zero-copy binding")
+                self.io.bind_ortvalue_input(name, value)
+            self.decode_bound = True
+        return self.decode_inputs
 
 
 class SlotRunner(OnnxRunner):
@@ -105,6 +135,9 @@ class SlotRunner(OnnxRunner):
     runs the export as it is for steps with several chunks after cached tokens."""
 
     weight_copies = 2  # NOTE: the slot graph's session and the paged one each hold (and prepack) the weights
+    # NOTE: True (the engine sets it): a step of the same decodes as the step before returns its logits in the
+    # runner's own buffer, which the next step overwrites; False: every step's logits are a new array
+    transient_logits = False
 
     def _session(self, path: Path, config: EngineConfig, profile_prefix: str | None) -> ort.InferenceSession:
         cfg = self.model_config
@@ -173,10 +206,11 @@ class SlotRunner(OnnxRunner):
                                max_bytes=min(max(SLOT_BUDGET_POOLS * pool_bytes, SLOT_BUDGET_FLOOR),
                                              available_bytes() // 2),
                                copy_threads=config.runner.compute_threads)
-        self._bindings: dict[tuple[int, int], ort.SessionIOBinding] = {}  # (first slot, rows) -> binding
+        self._bindings: dict[tuple[int, int], _Binding] = {}  # (first slot, rows) -> binding
         self._bindings_generation = self.slots.generation
         self._paged_binding, self.pool_values = bind_pools(self.paged_session, self.k_pools, self.v_pools)
         self._decodes: _Decodes | None = None  # the last step, when it was decodes alone in their slots
+        self._logits = np.empty((0, self.model_config.vocab_size), np.float32)  # transient_logits' buffer
         # NOTE: bound as OrtValues made once: binding a numpy scalar copies it into a new one every run
         self._flags = {flag: ort.OrtValue.ortvalue_from_numpy(np.array(flag)) for flag in (False, True)}
         self.repeated_steps = 0  # steps of the same decodes as the step before (_repeat_decodes)
@@ -237,7 +271,7 @@ class SlotRunner(OnnxRunner):
             slots = [self.slots.index[request] for request in ids]
             order = np.argsort(slots)
             self._decodes = _Decodes(ids, slots, order, np.argsort(order), min(slots), self.slots.generation,
-                                     np.array(slots, np.int64))
+                                     np.array(slots, np.int64), slots == list(range(slots[0], slots[0] + len(slots))))
         return logits
 
     def _repeat_decodes(self, batch: ModelInput) -> np.ndarray | None:
@@ -246,24 +280,30 @@ class SlotRunner(OnnxRunner):
         last = self._decodes
         if last is None or batch.request_ids != last.request_ids or self.slots.generation != last.generation:
             return None
-        count, context_lens = len(last.slots), batch.context_lens
-        if len(batch.logits_indices) != count or int(batch.query_lens.max()) != 1:
+        count = len(last.slots)
+        # NOTE: as many tokens as rows, each at least one: decodes alone (Python over numpy's reductions: after a
+        # graph run each numpy call here costs 10-30 us, its code and data out of cache, docs/performance.md)
+        if len(batch.logits_indices) != count or batch.num_tokens != count:
             return None
         slots = self.slots
-        top = int(context_lens.max())
+        contexts = batch.context_lens.tolist()
+        top = max(contexts)
         if top > slots.capacity or not slots.fits(count, top):
             return None
-        contexts = context_lens.tolist()
         for request, slot, context in zip(last.request_ids, last.slots, contexts):
             if slots.index.get(request) != slot or slots.length[slot] != context - 1:
                 return None
         slots.touch(last.slots)
         self.repeated_steps += 1
-        logits = np.empty((count, self.model_config.vocab_size), np.float32)
-        order = last.order
-        self._run_bound(self._binding(last.first, count), batch.input_ids[order].reshape(count, 1),
-                        context_lens[order], last.graph_rows, logits,
-                        batch.slot_mapping[order] if self.pools_in_graph else None, batch.argmax_only)
+        pools = self.pools_in_graph
+        if last.in_order:
+            ids, context_lens, pool_rows = batch.input_ids, batch.context_lens, batch.slot_mapping if pools else None
+        else:
+            order = last.order
+            ids, context_lens = batch.input_ids[order], batch.context_lens[order]
+            pool_rows = batch.slot_mapping[order] if pools else None
+        logits = self._run_bound(self._binding(last.first, count), ids.reshape(count, 1), context_lens,
+                                 last.graph_rows, None, pool_rows, batch.argmax_only, top)
         for slot, context, table in zip(last.slots, contexts, batch.block_tables):
             slots.commit_next(slot, context, table)
         if not self.pools_in_graph:
@@ -329,29 +369,61 @@ class SlotRunner(OnnxRunner):
         if not consecutive:
             logits[wanted] = out
 
-    def _run_bound(self, binding: ort.SessionIOBinding, input_ids: np.ndarray, context: np.ndarray,
-                   logits_indices: np.ndarray, out: np.ndarray, pool_rows: np.ndarray | None,
-                   argmax_only: bool) -> None:
+    def _run_bound(self, binding: _Binding, input_ids: np.ndarray, context: np.ndarray,
+                   logits_indices: np.ndarray, out: np.ndarray | None, pool_rows: np.ndarray | None,
+                   argmax_only: bool, total: int | None = None) -> np.ndarray:
         """One run of the slot graph over a binding's slots: the rows' ids [rows, S] and contexts after the
-        step, the logits of the graph's flat tokens logits_indices written into out; with pools_in_graph
-        each flat token's K/V into pool row pool_rows (-1: none; None without pools_in_graph); argmax_only:
-        only each row's argmax is read (the draft head's logits, when the graph has one)."""
-        inputs = {
-            "input_ids": np.ascontiguousarray(input_ids),
-            "seqlens_k": (context - 1).astype(np.int32),
-            "total_sequence_length": np.array(context.max(), np.int32),
-            "logits_indices": np.ascontiguousarray(logits_indices, np.int64),
-        }
-        if self.pools_in_graph:
-            inputs["pool_rows"] = np.ascontiguousarray(pool_rows, np.int64)
-        for name, array in inputs.items():
-            binding.bind_cpu_input(name, array)
-        if self.draft_head:
-            binding.bind_ortvalue_input(DRAFT_FLAG, self._flags[argmax_only])
-        binding.bind_output("logits", "cpu", 0, out.dtype, list(out.shape), out.ctypes.data)
-        self.session.run_with_iobinding(binding)
+        step (total: their largest, when the caller has it), the logits of the graph's flat tokens
+        logits_indices written into out and returned (out None: a new array, or with transient_logits the
+        runner's own, which the next run overwrites); with pools_in_graph each flat token's K/V into pool row
+        pool_rows (-1: none; None without pools_in_graph); argmax_only: only each row's argmax is read (the
+        draft head's logits, when the graph has one)."""
+        io = binding.io
+        if input_ids.shape == (binding.rows, 1) and logits_indices.shape == (binding.rows,):
+            # NOTE: a decode step: its inputs written into the arrays the binding holds
+            inputs = binding.bind_decode_inputs()
+            inputs["input_ids"][:] = input_ids
+            np.subtract(context, 1, out=inputs["seqlens_k"], casting="unsafe")
+            inputs["total_sequence_length"][...] = context.max() if total is None else total
+            inputs["logits_indices"][:] = logits_indices
+            if self.pools_in_graph:
+                inputs["pool_rows"][:] = pool_rows
+        else:
+            arrays = {
+                "input_ids": np.ascontiguousarray(input_ids),
+                "seqlens_k": (context - 1).astype(np.int32),
+                "total_sequence_length": np.array(context.max(), np.int32),
+                "logits_indices": np.ascontiguousarray(logits_indices, np.int64),
+            }
+            if self.pools_in_graph:
+                arrays["pool_rows"] = np.ascontiguousarray(pool_rows, np.int64)
+            for name, array in arrays.items():
+                io.bind_cpu_input(name, array)
+            binding.decode_bound = False
+        if self.draft_head and binding.flag != bool(argmax_only):
+            binding.flag = bool(argmax_only)
+            io.bind_ortvalue_input(DRAFT_FLAG, self._flags[binding.flag])
+        rows = logits_indices.shape[0]
+        if out is None and self.transient_logits:
+            out = self._transient_logits(rows)
+            if binding.out_bound is not out.base:  # NOTE: bound once a binding (binding an output costs ~80 us cold)
+                io.bind_output("logits", "cpu", 0, out.dtype, list(out.shape), out.ctypes.data)
+                binding.out_bound = out.base
+        else:
+            if out is None:
+                out = np.empty((rows, self.model_config.vocab_size), np.float32)
+            io.bind_output("logits", "cpu", 0, out.dtype, list(out.shape), out.ctypes.data)
+            binding.out_bound = None
+        self.session.run_with_iobinding(io)
+        return out
 
-    def _binding(self, first: int, count: int) -> ort.SessionIOBinding:
+    def _transient_logits(self, rows: int) -> np.ndarray:
+        """The first rows of the runner's own logits buffer (grown to fit; every binding of a decode step binds it)."""
+        if self._logits.shape[0] < rows:
+            self._logits = np.empty((max(rows, 2 * self._logits.shape[0]), self.model_config.vocab_size), np.float32)
+        return self._logits[:rows]
+
+    def _binding(self, first: int, count: int) -> _Binding:
         """A binding whose past and present caches are slots [first, first + count), shared in place."""
         if self._bindings_generation != self.slots.generation or len(self._bindings) > MAX_BINDINGS:
             self._bindings.clear()  # NOTE: reallocated arrays: the bound views are stale
@@ -374,5 +446,5 @@ class SlotRunner(OnnxRunner):
                     if value.data_ptr() != store.ctypes.data:
                         raise RuntimeError("onnxruntime copied a pool; the runner relies on zero-copy binding")
                     binding.bind_ortvalue_input(f"{kind}_pools", value)
-            self._bindings[key] = binding
+            self._bindings[key] = _Binding(binding, count, self.pools_in_graph)
         return self._bindings[key]

@@ -107,11 +107,13 @@ def test_slots_give_the_paged_graphs_logits_and_pools(tiny_exports, kind, export
     assert slots.repeated_steps == 2, "the second and third of three steps of c, a, b decodes repeat the first"
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["float32", "float16", "int8"])
-def test_decodes_of_the_same_requests_as_the_step_before_give_the_same_bits(tiny_exports, kv_cache_dtype):
+@pytest.mark.parametrize("kv_cache_dtype,transient", [("float32", False), ("float32", True), ("float16", True),
+                                                      ("int8", True)])
+def test_decodes_of_the_same_requests_as_the_step_before_give_the_same_bits(tiny_exports, kv_cache_dtype, transient):
     export_dir, _ = tiny_exports("llama", "torchscript")
     fast, full = (runner(export_dir, "slots", kernel="lepton", kv_cache_dtype=kv_cache_dtype) for _ in range(2))
     full._repeat_decodes = lambda batch: None  # NOTE: every step through run_step's whole bookkeeping
+    fast.transient_logits = transient  # NOTE: as the engine sets it; full's logits are new arrays every step
     plan = Schedule(fast.model_config.vocab_size)
     for request, length in (("a", 21), ("b", 5), ("c", 14)):
         plan.add(request, plan.tokens(length + 40))
@@ -120,9 +122,15 @@ def test_decodes_of_the_same_requests_as_the_step_before_give_the_same_bits(tiny
     steps = [[("a", 21), ("b", 5)]] + [[("a", 1), ("b", 1)]] * 12 + [[("b", 1), ("a", 1)]] * 3
     steps += [[("b", 1), ("a", 1), ("c", 14)]] + [[("b", 1), ("a", 1), ("c", 1)]] * 4 + [[("a", 1), ("c", 1)]] * 3
     expected_repeats = 11 + 2 + 3 + 2
+    kept = []  # NOTE: every step's logits as returned: without transient_logits no step may overwrite another's
     for number, rows in enumerate(steps):
         batch = plan.step(rows)
-        np.testing.assert_array_equal(fast.execute(batch).numpy(), full.execute(batch).numpy(), err_msg=f"step {number}")
+        repeats = fast.repeated_steps
+        got = fast.execute(batch).numpy()
+        np.testing.assert_array_equal(got, full.execute(batch).numpy(), err_msg=f"step {number}")
+        kept.append((got, got.copy()))
+        # NOTE: with transient_logits a repeated step's logits are in the runner's own buffer, any other step's new
+        assert np.shares_memory(got, fast._logits) == (transient and fast.repeated_steps > repeats), number
         ours, theirs = fast.slots, full.slots
         assert (ours.length, ours.owner, ours.last_used) == (theirs.length, theirs.owner, theirs.last_used), number
         assert [t.tolist() for t in ours.tables] == [t.tolist() for t in theirs.tables], number
@@ -132,6 +140,9 @@ def test_decodes_of_the_same_requests_as_the_step_before_give_the_same_bits(tiny
     for ours, theirs in ((fast.slots.key_store, full.slots.key_store), (fast.slots.value_store, full.slots.value_store)):
         np.testing.assert_array_equal(ours, theirs)
     assert fast.repeated_steps == expected_repeats and full.repeated_steps == 0
+    if not transient:
+        for number, (got, copy) in enumerate(kept):
+            np.testing.assert_array_equal(got, copy, err_msg=f"step {number}'s logits changed after it")
     fast.clear()
     full.clear()
     for number in range(3):  # NOTE: after clear() the slots are refilled from the (zeroed) pools, not reused

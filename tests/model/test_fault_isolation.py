@@ -128,7 +128,10 @@ def test_sampling_failure_fails_only_its_request(demo_model_dir, alone, monkeypa
 
     monkeypatch.setattr(lepton.isolation, "sample", sample)
     engine = make_engine(demo_model_dir)
-    results = run_all(engine, four_requests(engine, faulty="r1"))
+    requests = four_requests(engine, faulty="r1")
+    # NOTE: the faulty request draws (greedy rows alone take their argmax without the sampler)
+    requests["r1"] = (requests["r1"][0], params(faulty=True, temperature=1.0, seed=3))
+    results = run_all(engine, requests)
     assert results["r1"][1:] == (FinishReason.ERROR, results["r1"][2]) and isinstance(results["r1"][2], Injected)
     for rid in ("r0", "r2", "r3"):
         assert results[rid] == (alone[rid], FinishReason.LENGTH, None)
