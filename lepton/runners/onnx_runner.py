@@ -270,15 +270,22 @@ class OnnxRunner:
         return run_paged(self.session, self._binding, batch, self.k_pools, self.v_pools)
 
 
+def shared_value(array: np.ndarray, what: str, memory: np.ndarray | None = None) -> ort.OrtValue:
+    """An OrtValue over array's memory (memory's, when array is a view of it: a graph that writes the value writes
+    them); raises if onnxruntime (or a reshape) copied it."""
+    value = ort.OrtValue.ortvalue_from_numpy(array)
+    if value.data_ptr() != (array if memory is None else memory).ctypes.data:
+        raise RuntimeError(f"onnxruntime copied {what}; the runner relies on zero-copy binding")
+    return value
+
+
 def bind_pools(session: ort.InferenceSession, k_pools: list[np.ndarray],
                v_pools: list[np.ndarray]) -> tuple[ort.SessionIOBinding, list[ort.OrtValue]]:
     """A binding of the paged graph with the pools' memory bound as its pool inputs, once (no copy)."""
     binding, values = session.io_binding(), []
     for layer, (k_pool, v_pool) in enumerate(zip(k_pools, v_pools)):
         for name, pool in ((f"k_pool_{layer}", k_pool), (f"v_pool_{layer}", v_pool)):
-            value = ort.OrtValue.ortvalue_from_numpy(pool)
-            if value.data_ptr() != pool.ctypes.data:
-                raise RuntimeError(f"onnxruntime copied pool {name}; the runner relies on zero-copy binding")
+            value = shared_value(pool, f"pool {name}")
             binding.bind_ortvalue_input(name, value)
             values.append(value)
     return binding, values

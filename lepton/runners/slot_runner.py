@@ -37,7 +37,8 @@ from lepton.native import ops_library
 from lepton.runners.draft_head import FLAG as DRAFT_FLAG
 from lepton.runners.draft_head import draft_head_graph
 from lepton.runners.graph_edit import product_weight_bytes
-from lepton.runners.onnx_runner import DecodeReads, OnnxRunner, bind_pools, make_session, open_export_folder, run_paged, sub_batch
+from lepton.runners.onnx_runner import (DecodeReads, OnnxRunner, bind_pools, make_session, open_export_folder, run_paged,
+                                        shared_value, sub_batch)
 from lepton.runners.slot_cache import SlotCache
 from lepton.runners.slot_graph import slot_graph
 
@@ -122,10 +123,7 @@ class _Binding:
         """decode_inputs, bound to io (once, until another run binds other arrays)."""
         if not self.decode_bound:
             for name, array in self.decode_inputs.items():
-                value = ort.OrtValue.ortvalue_from_numpy(array)
-                if value.data_ptr() != array.ctypes.data:
-                    raise RuntimeError("onnxruntime copied a decode input; the runner relies on zero-copy binding")
-                self.io.bind_ortvalue_input(name, value)
+                self.io.bind_ortvalue_input(name, shared_value(array, "a decode input"))
             self.decode_bound = True
         return self.decode_inputs
 
@@ -433,18 +431,13 @@ class SlotRunner(OnnxRunner):
             binding = self.session.io_binding()  # NOTE: each run binds its logits buffer (_run_graph)
             for layer in range(self.model_config.num_layers):
                 for kind, arrays in (("key", self.slots.keys), ("value", self.slots.values)):
-                    view = arrays[layer][first:first + count]
-                    value = ort.OrtValue.ortvalue_from_numpy(view)
-                    if value.data_ptr() != view.ctypes.data:
-                        raise RuntimeError("onnxruntime copied a slot cache; the runner relies on zero-copy binding")
+                    value = shared_value(arrays[layer][first:first + count], "a slot cache")
                     binding.bind_ortvalue_input(f"past_{kind}_{layer}", value)
                     binding.bind_ortvalue_output(f"present_{kind}_{layer}", value)
             if self.pools_in_graph:  # NOTE: the same memory as the paged session's pools (written in place)
                 for kind, store in (("key", self.k_store), ("value", self.v_store)):
                     layers, blocks, block_size = store.shape[:3]
-                    value = ort.OrtValue.ortvalue_from_numpy(store.reshape(layers, blocks * block_size, *store.shape[3:]))
-                    if value.data_ptr() != store.ctypes.data:
-                        raise RuntimeError("onnxruntime copied a pool; the runner relies on zero-copy binding")
+                    value = shared_value(store.reshape(layers, blocks * block_size, *store.shape[3:]), "a pool", store)
                     binding.bind_ortvalue_input(f"{kind}_pools", value)
             self._bindings[key] = _Binding(binding, count, self.pools_in_graph)
         return self._bindings[key]
