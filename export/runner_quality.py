@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="default: build/quality/<model>-torch-<dtype>.json or <reference>-onnxruntime-<dtype>.json")
     parser.add_argument("--if-supported", action="store_true",
-                        help="do nothing (exit 0) on a processor without bfloat16 compute (onnxruntime: AVX512-BF16, "
+                        help="do nothing (exit 0) on a processor without bfloat16 compute (onnxruntime: AVX512-BF16 or AVX2 + FMA, "
                              "or without lepton/native built)")
     args = parser.parse_args(argv)
     if args.runner == "torch" and args.model is None:

@@ -32,7 +32,7 @@ ATTENTION_KERNELS = ("auto", "lepton", "onnxruntime")
 # AVX-512F.
 MATMUL_KERNELS = ("auto", "lepton", "onnxruntime")
 # NOTE: onnxruntime, float32 exports: "bfloat16": the weight products in bfloat16 through lepton/native's
-# MatMulBF16 (AVX-512 BF16; lepton/runners/bf16_graph.py), everything else float32; "export": the export's own
+# MatMulBF16 (AVX-512 BF16, or AVX2 + FMA widening the weights; lepton/runners/bf16_graph.py), everything else float32; "export": the export's own
 # weights (a float32 export's products then by MatMulF32 or MLAS, as matmul_kernel picks).
 WEIGHT_DTYPES = ("export", "bfloat16")
 # NOTE: attention=slots with Lepton's SlotAttention: the dtype of the per-sequence K/V copies ("slots") that

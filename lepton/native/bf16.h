@@ -11,17 +11,20 @@
 
 #define BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")))
 
-/* The operators' isa attribute: 1 plain C, 3 AVX-512 BF16 (0: the best this processor runs). */
-enum { BF16_ISA_GENERIC = 1, BF16_ISA_AVX512 = 3 };
+/* The operators' isa attribute: 1 plain C, 2 AVX2 + FMA (bfloat16 widened to float32, one FMA a product),
+ * 3 AVX-512 BF16 (0: the best this processor runs). */
+enum { BF16_ISA_GENERIC = 1, BF16_ISA_AVX2 = 2, BF16_ISA_AVX512 = 3 };
 
 static inline int bf16_runs(int isa) {
     __builtin_cpu_init();
-    return isa == BF16_ISA_GENERIC || (isa == BF16_ISA_AVX512 && __builtin_cpu_supports("avx512f") &&
-                                       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                                       __builtin_cpu_supports("avx512bf16"));
+    return isa == BF16_ISA_GENERIC || (isa == BF16_ISA_AVX2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ||
+           (isa == BF16_ISA_AVX512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16"));
 }
 
-static inline int bf16_best_isa(void) { return bf16_runs(BF16_ISA_AVX512) ? BF16_ISA_AVX512 : BF16_ISA_GENERIC; }
+static inline int bf16_best_isa(void) {
+    return bf16_runs(BF16_ISA_AVX512) ? BF16_ISA_AVX512 : bf16_runs(BF16_ISA_AVX2) ? BF16_ISA_AVX2 : BF16_ISA_GENERIC;
+}
 
 static inline uint16_t to_bf16(float x) {
     uint32_t u;

@@ -11,7 +11,8 @@
  * Two optional inputs come after the weights (ort.h): R float [..., N], Y = R + A W^T; G float [K], the RMS norm's weight: A's rows
  * normalized first, x g / sqrt(mean(x^2) + epsilon) (attribute epsilon, default 1e-5; lepton/runners/norm_graph.py).
  * Inputs: A float [..., K]; B uint16 (bfloat16 bits) [ceil(N / 16), K / 2, 32]. Attributes: K (even), N;
- * isa (optional): 0 = the best this processor runs, 1 = plain C, 3 = AVX-512 BF16. Every path rounds A the
+ * isa (optional): 0 = the best this processor runs, 1 = plain C, 2 = AVX2 + FMA (the weights widened to float32, the
+ * plain C path's FMAs eight outputs at a time: the same bits), 3 = AVX-512 BF16. Every path rounds A the
  * same (vcvtne2ps2bf16's rounding: nearest even, NaN quiet, denormals flushed to zero) and computes,
  * per output, acc = fma(a[k+1], w[k+1], acc) then fma(a[k], w[k], acc) for k = 0, 2, 4, ... (the order of
  * vdpbf16ps' definition; each product of two bfloat16 values is exact in float32); a processor may round
@@ -37,6 +38,7 @@ enum { LANES = 16, PAIR_BYTES = 2 * LANES * 2, ROW_CHUNK = 64, CONVERT_ROWS = 16
 /* Row tiles: all the rows of a product of at most TILE_ROWS (a decode step's, taken in one pass over each
  * panel), else PASS_ROWS (a prompt's, taken that many at a time, each tile one pass). */
 enum { TILE_ROWS = 16, PASS_ROWS = 8 };
+enum { AVX2_ROWS = 4 }; /* AVX2: rows a pass, 4 x 2 accumulators, 4 weight registers, a row's 2 inputs */
 #define OP "MatMulBF16"
 
 typedef struct BProduct BProduct;
@@ -120,6 +122,47 @@ static inline __attribute__((always_inline)) BF16 void bf16_rows(const BProduct 
     STORE_ROWS(pr, panel, m, acc, mt);
 }
 
+/* AVX2 + FMA: a pair's 64 bytes as two halves of 8 outputs, each widened to its odd and even inputs' float32
+ * weights (an AND and a shift), then per row acc = fma(odd input, odd weight, acc) and fma(even, even, acc), as
+ * the plain C path; AVX2_ROWS rows of one tile a pass. */
+#define AVX2 __attribute__((target("avx2,fma")))
+static inline __attribute__((always_inline)) AVX2 void bf16_rows_avx2(const BProduct *pr, int64_t panel, int64_t m, const int mt) {
+    const uint8_t *w = (const uint8_t *)(pr->b + panel * pr->pairs_per_row * 2 * LANES);
+    const uint32_t *p = row_pairs(pr, m);
+    const int64_t stride = pr->tile_rows;
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+    __m256 lo[FEW_ROWS], hi[FEW_ROWS];
+    for (int i = 0; i < mt; i++) lo[i] = hi[i] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < pr->pairs_per_row; j++, p += stride) {
+        if (mt > PREFETCH_ROWS) _mm_prefetch((const char *)(w + j * PAIR_BYTES + PREFETCH_BYTES), _MM_HINT_T0);
+        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + j * PAIR_BYTES));
+        const __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + j * PAIR_BYTES + 32));
+        const __m256 w0_odd = _mm256_castsi256_ps(_mm256_and_si256(w0, high)), w0_even = _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16));
+        const __m256 w1_odd = _mm256_castsi256_ps(_mm256_and_si256(w1, high)), w1_even = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16));
+        for (int i = 0; i < mt; i++) {
+            const __m256i pair = _mm256_set1_epi32((int)p[i]);
+            const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(pair, high)), even = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
+            lo[i] = _mm256_fmadd_ps(even, w0_even, _mm256_fmadd_ps(odd, w0_odd, lo[i]));
+            hi[i] = _mm256_fmadd_ps(even, w1_even, _mm256_fmadd_ps(odd, w1_odd, hi[i]));
+        }
+    }
+    float out[FEW_ROWS][LANES];
+#pragma GCC unroll 6
+    for (int i = 0; i < mt; i++) _mm256_storeu_ps(out[i], lo[i]), _mm256_storeu_ps(out[i] + 8, hi[i]);
+    for (int i = 0; i < mt; i++) store(pr, panel, m + i, out[i]);
+}
+
+AVX2 static void tile_avx2(const BProduct *pr, int64_t panel, int64_t m0, int64_t m1) {
+    FEW_ROWS_AT_A_TIME(bf16_rows_avx2, pr, panel, m0, m1, AVX2_ROWS); /* NOTE: tiles of 16 or 8 rows: passes of 4 stay in one */
+}
+
+/* convert_rows_generic compiled for AVX2 (the same bits; the rounding's loop vectorizes). */
+AVX2 static void convert_rows_avx2(void *data, size_t task) {
+    const BProduct *pr = data;
+    for (int64_t m = (int64_t)task * CONVERT_ROWS; m < range_end((int64_t)task, CONVERT_ROWS, pr->rows); m++)
+        bf16_pairs_strided(pr->a + m * pr->k, row_pairs(pr, m), pr->k, pr->tile_rows);
+}
+
 BF16 static void tile_bf16(const BProduct *pr, int64_t panel, int64_t m0, int64_t m1) {
     if (pr->rows <= TILE_ROWS) /* NOTE: decodes: one pass over the panel (the tile is all the rows) */
         ROWS_AT_A_TIME(bf16_rows, pr, panel, m0, m1, TILE_ROWS);
@@ -168,14 +211,14 @@ static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const O
     if (!kernel) return out_of_memory(OP);
     int isa = 0;
     OrtStatus *status = product_attributes(OP, info, 2, "K = %lld is not a positive even number (inputs go in pairs of %lld)",
-                                           bf16_runs, bf16_best_isa(), "1 plain C, 3 AVX-512 BF16", &kernel->k, &kernel->n, &isa, &kernel->gated);
+                                           bf16_runs, bf16_best_isa(), "1 plain C, 2 AVX2 + FMA, 3 AVX-512 BF16", &kernel->k, &kernel->n, &isa, &kernel->gated);
     if (!status) status = norm_epsilon(OP, info, &kernel->epsilon);
     if (status) {
         free(kernel);
         return status;
     }
-    kernel->tile = isa == BF16_ISA_AVX512 ? tile_bf16 : tile_generic;
-    kernel->convert = isa == BF16_ISA_AVX512 ? convert_rows_bf16 : convert_rows_generic;
+    kernel->tile = isa == BF16_ISA_AVX512 ? tile_bf16 : isa == BF16_ISA_AVX2 ? tile_avx2 : tile_generic;
+    kernel->convert = isa == BF16_ISA_AVX512 ? convert_rows_bf16 : isa == BF16_ISA_AVX2 ? convert_rows_avx2 : convert_rows_generic;
     *out = kernel;
     return NULL;
 }

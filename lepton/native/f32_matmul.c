@@ -10,7 +10,8 @@
  * Two optional inputs come after the weights (ort.h): R float [..., N], Y = R + A W^T; G float [K], the RMS norm's
  * weight: A's rows normalized first, x g / sqrt(mean(x^2) + epsilon) (attribute epsilon, default 1e-5;
  * lepton/runners/norm_graph.py). Inputs: A float [..., K]; B float [ceil(N / 16), K, 16]. Attributes: K, N;
- * isa (optional): 0 = the best this processor runs, 1 = plain C, 3 = AVX-512F; gated (optional, ort.h). Every
+ * isa (optional): 0 = the best this processor runs, 1 = plain C, 2 = AVX2 + FMA, 3 = AVX-512F; gated (optional,
+ * ort.h). Every
  * path computes, per output, acc = fma(a[k], w[k], acc) for k = 0, 1, 2, ... (one rounding a step): the paths
  * agree bit for bit.
  *
@@ -29,8 +30,10 @@
 #include "ort.h"
 
 enum { LANES = 16, ROW_CHUNK = 64, TILE_ROWS = 16, PREFETCH_BYTES = 4096 };
-enum { F32_ISA_GENERIC = 1, F32_ISA_AVX512 = 3 };
+enum { F32_ISA_GENERIC = 1, F32_ISA_AVX2 = 2, F32_ISA_AVX512 = 3 };
+enum { AVX2_ROWS = 6 }; /* AVX2: rows a pass, 2 x 6 accumulators, 2 weight registers and a broadcast of 16 */
 #define OP "MatMulF32"
+#define AVX2 __attribute__((target("avx2,fma")))
 #define AVX512 __attribute__((target("avx512f,avx2,fma")))
 
 typedef struct FProduct FProduct;
@@ -57,7 +60,12 @@ struct FProduct {
 
 static int f32_runs(int isa) {
     __builtin_cpu_init();
-    return isa == F32_ISA_GENERIC || (isa == F32_ISA_AVX512 && __builtin_cpu_supports("avx512f"));
+    return isa == F32_ISA_GENERIC || (isa == F32_ISA_AVX2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ||
+           (isa == F32_ISA_AVX512 && __builtin_cpu_supports("avx512f"));
+}
+
+static int f32_best_isa(void) {
+    return f32_runs(F32_ISA_AVX512) ? F32_ISA_AVX512 : f32_runs(F32_ISA_AVX2) ? F32_ISA_AVX2 : F32_ISA_GENERIC;
 }
 
 static inline const float *row_inputs(const FProduct *pr, int64_t m) {
@@ -97,6 +105,39 @@ static inline __attribute__((always_inline)) AVX512 void f32_rows(const FProduct
 
 AVX512 static void tile_avx512(const FProduct *pr, int64_t panel, int64_t m0, int64_t m1) {
     ROWS_AT_A_TIME(f32_rows, pr, panel, m0, m1, TILE_ROWS);
+}
+
+/* AVX2 + FMA: the panel's 16 weights of input j as two 8-lane halves times each of `mt` rows' input j
+ * (broadcast); at most AVX2_ROWS rows a pass (the registers hold no more), so a 16-decode step reads each
+ * panel three times, the second and third from the cache. */
+static inline __attribute__((always_inline)) AVX2 void f32_rows_avx2(const FProduct *pr, int64_t panel, int64_t m, const int mt) {
+    const float *w = pr->b + panel * pr->k * LANES;
+    const float *x = row_inputs(pr, m);
+    const int64_t stride = pr->tile_rows;
+    __m256 lo[FEW_ROWS], hi[FEW_ROWS];
+    for (int i = 0; i < mt; i++) lo[i] = hi[i] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < pr->k; j++, x += stride) {
+        if (mt > PREFETCH_ROWS) _mm_prefetch((const char *)(w + j * LANES) + PREFETCH_BYTES, _MM_HINT_T0);
+        const __m256 w0 = _mm256_loadu_ps(w + j * LANES), w1 = _mm256_loadu_ps(w + j * LANES + 8);
+        for (int i = 0; i < mt; i++) {
+            const __m256 xi = _mm256_broadcast_ss(x + i);
+            lo[i] = _mm256_fmadd_ps(xi, w0, lo[i]);
+            hi[i] = _mm256_fmadd_ps(xi, w1, hi[i]);
+        }
+    }
+    float out[FEW_ROWS][LANES];
+#pragma GCC unroll 6
+    for (int i = 0; i < mt; i++) _mm256_storeu_ps(out[i], lo[i]), _mm256_storeu_ps(out[i] + 8, hi[i]);
+    for (int i = 0; i < mt; i++) store(pr, panel, m + i, out[i]);
+}
+
+/* Rows [m0, m1) tile by tile (a pass's rows must share a tile: one pointer and constant offsets). */
+AVX2 static void tile_avx2(const FProduct *pr, int64_t panel, int64_t m0, int64_t m1) {
+    for (int64_t t0 = m0; t0 < m1;) {
+        const int64_t t1 = (t0 / pr->tile_rows + 1) * pr->tile_rows < m1 ? (t0 / pr->tile_rows + 1) * pr->tile_rows : m1;
+        FEW_ROWS_AT_A_TIME(f32_rows_avx2, pr, panel, t0, t1, AVX2_ROWS);
+        t0 = t1;
+    }
 }
 
 PRODUCT_TASK(FProduct)
@@ -165,14 +206,13 @@ static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const O
     if (!kernel) return out_of_memory(OP);
     int isa = 0;
     OrtStatus *status = product_attributes(OP, info, 1, "K = %lld is not a positive number (at least %lld)", f32_runs,
-                                           f32_runs(F32_ISA_AVX512) ? F32_ISA_AVX512 : F32_ISA_GENERIC,
-                                           "1 plain C, 3 AVX-512F", &kernel->k, &kernel->n, &isa, &kernel->gated);
+                                           f32_best_isa(), "1 plain C, 2 AVX2 + FMA, 3 AVX-512F", &kernel->k, &kernel->n, &isa, &kernel->gated);
     if (!status) status = norm_epsilon(OP, info, &kernel->epsilon);
     if (status) {
         free(kernel);
         return status;
     }
-    kernel->tile = isa == F32_ISA_AVX512 ? tile_avx512 : tile_generic;
+    kernel->tile = isa == F32_ISA_AVX512 ? tile_avx512 : isa == F32_ISA_AVX2 ? tile_avx2 : tile_generic;
     *out = kernel;
     return NULL;
 }

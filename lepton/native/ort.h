@@ -309,6 +309,23 @@ static inline int64_t range_end(int64_t index, int64_t size, int64_t rows) {
         }                                                                \
     } while (0)
 
+/* ROWS_AT_A_TIME for a `tile` of at most FEW_ROWS rows (the AVX2 paths'): rows_fn is compiled for 1 .. FEW_ROWS
+ * rows only, so that its accumulator arrays can be sized FEW_ROWS and stay in registers. */
+enum { FEW_ROWS = 6 };
+#define FEW_ROWS_AT_A_TIME(rows_fn, pr, panel, m0, m1, tile)                    \
+    do {                                                                        \
+        int64_t m_ = (m0);                                                      \
+        for (; m_ + (tile) <= (m1); m_ += (tile)) rows_fn(pr, panel, m_, tile); \
+        switch ((m1) - m_) {                                                    \
+        case 5: rows_fn(pr, panel, m_, 5); break;                               \
+        case 4: rows_fn(pr, panel, m_, 4); break;                               \
+        case 3: rows_fn(pr, panel, m_, 3); break;                               \
+        case 2: rows_fn(pr, panel, m_, 2); break;                               \
+        case 1: rows_fn(pr, panel, m_, 1); break;                               \
+        default: break;                                                         \
+        }                                                                       \
+    } while (0)
+
 /* The output Y [..., N] of a product of A [..., K] (dims, rank), made; *rows = the rows of A. An A whose rows
  * do not hold K values is refused. */
 static inline OrtStatus *product_output(const char *op, OrtKernelContext *context, const int64_t *a_dims, size_t a_rank,

@@ -33,7 +33,9 @@
  * block, 4 vectors of 64 bytes, byte 4l + t of vector v = q[l][8v + t] | q[l][8v + 4 + t] << 4, so an AND
  * gives group 2v (16 outputs x 4 inputs, as vpdpbusd multiplies them) and a shift and an AND group 2v + 1;
  * one vpdpbusd a row and group multiplies 64 codes (two vdpbf16ps for bfloat16), 16 rows a pass. isa: 1 =
- * plain C, 3 = AVX-512 VNNI; both give the same integers and the same float operations in the same order.
+ * plain C, 2 = AVX2 (vpmaddubsw of the codes with a row's 4 codes, broadcast, the 8 groups' pair sums added as
+ * 16-bit integers, at most 8 x 2 x 15 x 127 = 30,480: never saturating, then vpmaddwd), 3 = AVX-512 VNNI; all
+ * give the same integers and the same float operations in the same order.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -333,6 +335,59 @@ VNNI static void tile_int8_vnni(const QProduct *pr, int64_t panel, int64_t m0, i
     ROWS_AT_A_TIME(int8_rows, pr, panel, m0, m1, 16);
 }
 
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+enum { AVX2_ROWS = 4 }; /* AVX2: rows a pass (2 x 4 accumulators; a half's 8 groups of codes in registers) */
+
+/* AVX2: per block and half (8 outputs), the 8 groups' codes (an AND, or a shift and an AND, of a vector's 32
+ * bytes) times each of `mt` rows' 4 codes of the group, broadcast, with vpmaddubsw (codes unsigned, activations
+ * signed: 15 x 127 x 2 at most a pair), the groups' 16-bit sums added (at most 30,480), widened and paired with
+ * vpmaddwd, the offset added: the VNNI path's integers; then its float operations. */
+static inline __attribute__((always_inline)) AVX2 void int8_rows_avx2(const QProduct *pr, int64_t panel, int64_t m, const int mt) {
+    const uint8_t *codes = pr->b + panel * pr->blocks * BLOCK_BYTES;
+    const half_t *scales = pr->scales + panel * pr->blocks * LANES, *mins = pr->mins + panel * pr->blocks * LANES;
+    const __m256i nibbles = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    const __m256 zero = _mm256_set1_ps((float)CODE_ZERO);
+    __m256 acc[FEW_ROWS][2];
+    for (int i = 0; i < mt; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int64_t blk = 0; blk < pr->blocks; blk++) {
+        const uint8_t *w = codes + blk * BLOCK_BYTES;
+        if (mt > PREFETCH_ROWS)
+            for (int line = 0; line < BLOCK_BYTES; line += 64) _mm_prefetch((const char *)(w + PREFETCH_BYTES + line), _MM_HINT_T0);
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; h++) {
+            __m256i w8[GROUPS];
+            for (int v = 0; v < GROUPS / 2; v++) {
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(w + v * INT8_VECTOR_BYTES + 32 * h));
+                w8[2 * v] = _mm256_and_si256(x, nibbles);
+                w8[2 * v + 1] = _mm256_and_si256(_mm256_srli_epi16(x, 4), nibbles);
+            }
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + blk * LANES + 8 * h)));
+            const __m256 c = _mm256_fmadd_ps(zero, d, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mins + blk * LANES + 8 * h))));
+            for (int i = 0; i < mt; i++) {
+                const int64_t at = (m + i) * pr->blocks + blk;
+                const int8_t *q = pr->aq + at * BLOCK;
+                __m256i sum16 = _mm256_setzero_si256();
+                for (int g = 0; g < GROUPS; g++) {
+                    int32_t four;
+                    memcpy(&four, q + 4 * g, 4);
+                    sum16 = _mm256_add_epi16(sum16, _mm256_maddubs_epi16(w8[g], _mm256_set1_epi32(four)));
+                }
+                const __m256i dot = _mm256_add_epi32(_mm256_set1_epi32(pr->offset[at]), _mm256_madd_epi16(sum16, ones));
+                acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(pr->ascale[at])), acc[i][h]);
+                acc[i][h] = _mm256_fmadd_ps(_mm256_set1_ps(pr->sums[at]), c, acc[i][h]);
+            }
+        }
+    }
+    float out[FEW_ROWS][LANES];
+#pragma GCC unroll 6
+    for (int i = 0; i < mt; i++) _mm256_storeu_ps(out[i], acc[i][0]), _mm256_storeu_ps(out[i] + 8, acc[i][1]);
+    for (int i = 0; i < mt; i++) store(pr, panel, m + i, out[i]);
+}
+
+AVX2 static void tile_int8_avx2(const QProduct *pr, int64_t panel, int64_t m0, int64_t m1) {
+    FEW_ROWS_AT_A_TIME(int8_rows_avx2, pr, panel, m0, m1, AVX2_ROWS);
+}
+
 PRODUCT_TASK(QProduct)
 
 /* ---- the operator ------------------------------------------------------------------------------ */
@@ -386,11 +441,20 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     return NULL;
 }
 
-/* int8 activations: 1 plain C, 3 AVX-512 VNNI (with F16C for the float16 scales). */
+/* int8 activations: 1 plain C, 2 AVX2 (with FMA and F16C), 3 AVX-512 VNNI (with F16C for the float16 scales). */
 static int int8_runs(int isa) {
     __builtin_cpu_init();
     return isa == BF16_ISA_GENERIC ||
+           (isa == BF16_ISA_AVX2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+            __builtin_cpu_supports("f16c")) ||
            (isa == BF16_ISA_AVX512 && has_avx512() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("f16c"));
+}
+
+/* bfloat16 activations: 1 plain C, 3 AVX-512 BF16 (no AVX2 path: the int8 one serves AVX2 processors). */
+static int bfloat16_runs(int isa) { return isa != BF16_ISA_AVX2 && bf16_runs(isa); }
+
+static int int8_best_isa(void) {
+    return int8_runs(BF16_ISA_AVX512) ? BF16_ISA_AVX512 : int8_runs(BF16_ISA_AVX2) ? BF16_ISA_AVX2 : BF16_ISA_GENERIC;
 }
 
 static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const OrtKernelInfo *info, void **out) {
@@ -406,17 +470,16 @@ static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const O
     int isa = 0;
     OrtStatus *status =
         int8 ? product_attributes(OP, info, BLOCK, "K = %lld is not a positive multiple of the block size %lld", int8_runs,
-                                  int8_runs(BF16_ISA_AVX512) ? BF16_ISA_AVX512 : BF16_ISA_GENERIC,
-                                  "int8 = 1: 1 plain C, 3 AVX-512 VNNI", &kernel->k, &kernel->n, &isa, &kernel->gated)
-             : product_attributes(OP, info, BLOCK, "K = %lld is not a positive multiple of the block size %lld", bf16_runs,
-                                  bf16_best_isa(), "1 plain C, 3 AVX-512 BF16", &kernel->k, &kernel->n, &isa, &kernel->gated);
+                                  int8_best_isa(), "int8 = 1: 1 plain C, 2 AVX2, 3 AVX-512 VNNI", &kernel->k, &kernel->n, &isa, &kernel->gated)
+             : product_attributes(OP, info, BLOCK, "K = %lld is not a positive multiple of the block size %lld", bfloat16_runs,
+                                  bfloat16_runs(BF16_ISA_AVX512) ? BF16_ISA_AVX512 : BF16_ISA_GENERIC, "1 plain C, 3 AVX-512 BF16", &kernel->k, &kernel->n, &isa, &kernel->gated);
     if (!status) status = norm_epsilon(OP, info, &kernel->epsilon);
     if (status) {
         free(kernel);
         return status;
     }
     if (int8) {
-        kernel->tile = isa == BF16_ISA_AVX512 ? tile_int8_vnni : tile_int8_generic;
+        kernel->tile = isa == BF16_ISA_AVX512 ? tile_int8_vnni : isa == BF16_ISA_AVX2 ? tile_int8_avx2 : tile_int8_generic;
         kernel->convert = isa == BF16_ISA_AVX512 ? quantize_rows_int8_avx512 : quantize_rows_int8;
     } else {
         kernel->tile = isa == BF16_ISA_AVX512 ? tile_bf16 : tile_generic;

@@ -4,7 +4,8 @@ RunnerConfig.weight_dtype=bfloat16: every product of an activation with a float3
 (`Gemm` with transB=1 and alpha=1 — what the exporter writes; a bias is added after — or `MatMul` with a
 2-D weight) is rewritten, in memory when the runner builds its session, to MatMulBF16 with the weights
 rounded to bfloat16 (nearest even) and packed for AVX-512 BF16's vdpbf16ps (panels of 16 outputs x pairs
-of inputs); the activations are rounded to bfloat16 per product, the sums stay float32. Everything else
+of inputs; a processor with AVX2 and FMA but no AVX-512 BF16 widens them to float32 as it reads them, half the
+bytes of float32 weights); the activations are rounded to bfloat16 per product, the sums stay float32. Everything else
 (norms, attention, the K/V cache, the embedding lookup) stays float32, as the export wrote it.
 """
 
@@ -24,11 +25,19 @@ def unavailable(cpu: dict | None = None) -> str:
     from lepton.native import ops_library
 
     cpu = cpu_features() if cpu is None else cpu
-    if not (cpu.get("avx512_bf16") and cpu.get("avx512f")):
-        return "no AVX512-BF16 on this processor"
+    if not ((cpu.get("avx512_bf16") and cpu.get("avx512f")) or (cpu.get("avx2") and cpu.get("fma"))):
+        return "neither AVX512-BF16 nor AVX2 + FMA on this processor"
     if ops_library() is None:
         return "lepton/native is not built (scripts/build_native.sh; make setup runs it)"
     return ""
+
+
+def instructions(cpu: dict | None = None) -> str:
+    """The instructions MatMulBF16 computes with here (its best path: lepton/native/bf16_matmul.c)."""
+    from lepton.autoselect import cpu_features
+
+    cpu = cpu_features() if cpu is None else cpu
+    return "AVX-512 BF16" if cpu.get("avx512_bf16") and cpu.get("avx512f") else "AVX2 + FMA"
 
 
 def to_bf16(values: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from lepton.errors import ConfigError, ModelFolderError
 from lepton.memory import advise_huge_pages, aligned_zeros, check_fits, kv_budget_bytes, populate
 from lepton.model_folder import ModelFolder
 from lepton.native import ops_library
-from lepton.runners.bf16_graph import bf16_graph, unavailable as bf16_unavailable
+from lepton.runners.bf16_graph import bf16_graph, instructions as bf16_instructions, unavailable as bf16_unavailable
 from lepton.runners.f32_graph import f32_graph
 from lepton.runners.epilogue_graph import epilogue_graph
 from lepton.runners.norm_graph import norm_graph
@@ -238,7 +238,7 @@ class OnnxRunner:
         count = bf16_graph(model)
         if not count:
             raise ConfigError(f"weight_dtype=bfloat16: {path} has no float32 weight product to rewrite")
-        print(f"[lepton] weight products in bfloat16: Lepton's MatMulBF16 ({count} nodes; AVX-512 BF16)", flush=True)
+        print(f"[lepton] weight products in bfloat16: Lepton's MatMulBF16 ({count} nodes; {bf16_instructions()})", flush=True)
         _print_epilogues(*epilogue_graph(model), norm_graph(model))
         return model, library
 

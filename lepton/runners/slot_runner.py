@@ -184,8 +184,9 @@ class SlotRunner(OnnxRunner):
             print("[lepton] lm_head: as exported for every step (draft_head=false)", flush=True)
             return False
         cpu = cpu_features()
-        if not (cpu.get("avx512_vnni") and cpu.get("avx512f")):
-            print("[lepton] lm_head: as exported for every step (no AVX-512 VNNI for its 4-bit draft)", flush=True)
+        if not ((cpu.get("avx512_vnni") and cpu.get("avx512f")) or (cpu.get("avx2") and cpu.get("fma"))):
+            print("[lepton] lm_head: as exported for every step (neither AVX-512 VNNI nor AVX2 + FMA for its 4-bit "
+                  "draft)", flush=True)
             return False
         draft = draft_head_graph(model)
         if draft:

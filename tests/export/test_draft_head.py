@@ -26,7 +26,8 @@ from tests.export.test_q4_1 import greedy
 EVAL = EvalOptions(num_windows=2, window_len=32, latency_batch=2, latency_context=24, latency_steps=2)
 LENIENT = QualityGate(0.0, math.inf, math.inf, math.inf, math.inf)
 HAS_VNNI = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c"} <= cpu_flags()
-needs_vnni = pytest.mark.skipif(not HAS_VNNI, reason="the draft head runs MatMulQ4's AVX-512 VNNI path only")
+HAS_DRAFT = HAS_VNNI or {"avx2", "fma", "f16c"} <= cpu_flags()
+needs_draft = pytest.mark.skipif(not HAS_DRAFT, reason="the draft head runs MatMulQ4's AVX-512 VNNI or AVX2 path only")
 
 
 @pytest.fixture(scope="module", params=["q8_0", "q4_1", "float32", "bfloat16"])
@@ -102,7 +103,7 @@ def test_argmax_only_is_set_when_every_sampled_row_is_greedy_without_logprobs_or
     assert only(greedy_params.replace(min_tokens=3, max_tokens=8), outputs=3)
 
 
-@needs_vnni
+@needs_draft
 def test_argmax_only_steps_get_the_exported_heads_argmax_and_the_others_its_logits(served):
     draft, plain = runner(served), runner(served, draft_head=False)
     assert draft.draft_head and not plain.draft_head
@@ -133,21 +134,21 @@ def test_argmax_only_steps_get_the_exported_heads_argmax_and_the_others_its_logi
             assert not np.array_equal(got, want)  # NOTE: the tail is the draft's
 
 
-@needs_vnni
+@needs_draft
 def test_greedy_requests_generate_the_same_tokens_with_the_draft(served):
     export_dir, weight_dtype = served
     assert (greedy(export_dir, max_tokens=12, weight_dtype=weight_dtype)
             == greedy(export_dir, max_tokens=12, weight_dtype=weight_dtype, draft_head="false"))
 
 
-@needs_vnni
+@needs_draft
 def test_the_draft_agrees_with_the_head_on_held_out_text(served):
     export_dir, weight_dtype = served
     result = draft_agreement(export_dir, EvalOptions(num_windows=2, window_len=32), weight_dtype)
     assert result["positions"] == 64 and result["disagreements"] == 0 and result["agreement"] == 1.0
 
 
-@needs_vnni
+@needs_draft
 def test_the_draft_is_off_when_asked_and_where_no_head_it_knows_is(served, tiny_exports, capsys):
     assert not runner(served, draft_head=False).draft_head
     assert "lm_head: as exported for every step (draft_head=false)" in capsys.readouterr().out
@@ -168,7 +169,7 @@ def test_an_untied_head_or_the_export_graph_itself_is_left_as_it_is(tiny_exports
         assert draft_head_graph(model) == 0 and model.SerializeToString() == before
 
 
-@needs_vnni
+@needs_draft
 def test_a_greedy_decode_reads_the_drafts_bytes_in_place_of_the_heads(served, capsys):
     # NOTE: the head as each configuration reads it: 8-bit blocks of 32 with a float16 scale (the rescored heads),
     # MatMulF32's float32 or MatMulBF16's bfloat16 rows; the draft: 4-bit codes, float16 d and m a block of 32
@@ -184,7 +185,7 @@ def test_a_greedy_decode_reads_the_drafts_bytes_in_place_of_the_heads(served, ca
         in capsys.readouterr().out
 
 
-@needs_vnni
+@needs_draft
 def test_a_chunk_that_samples_nothing_runs_through_the_draft_beside_greedy_rows(served):
     # NOTE: b's chunks sample nothing; in step 2 its chunk after cached tokens runs alone, asking no logits row
     draft, plain = runner(served), runner(served, draft_head=False)

@@ -24,7 +24,7 @@ from lepton.runners.q8_graph import pack as q8_pack
 from lepton.runners.epilogue_graph import epilogue_graph, gated_graph, interleave, residual_graph
 from tests.export.test_bf16_matmul import HAS_BF16
 from tests.export.test_f32_matmul import HAS_AVX512
-from tests.export.test_q4_matmul import HAS_VNNI, q4_weights
+from tests.export.test_q4_matmul import HAS_AVX2, HAS_VNNI, q4_weights
 from tests.export.test_q8_matmul import random_weights, session
 
 # NOTE: (op, attributes, isa and what it needs): the paths whose tiles store through a gated task's buffer
@@ -32,13 +32,16 @@ PATHS = {
     "MatMulQ4 bfloat16, C": ("MatMulQ4", {"int8": 0, "isa": 1}, True),
     "MatMulQ4 bfloat16, AVX-512 BF16": ("MatMulQ4", {"int8": 0, "isa": 3}, HAS_BF16),
     "MatMulQ4 int8, C": ("MatMulQ4", {"int8": 1, "isa": 1}, True),
+    "MatMulQ4 int8, AVX2": ("MatMulQ4", {"int8": 1, "isa": 2}, HAS_AVX2),
     "MatMulQ4 int8, AVX-512 VNNI": ("MatMulQ4", {"int8": 1, "isa": 3}, HAS_VNNI),
     "MatMulQ8, C": ("MatMulQ8", {"isa": 1}, True),
     "MatMulQ8, AVX2": ("MatMulQ8", {"isa": 2}, True),
     "MatMulQ8, AVX-512 VNNI": ("MatMulQ8", {"isa": 3}, HAS_VNNI),
     "MatMulBF16, C": ("MatMulBF16", {"isa": 1}, True),
+    "MatMulBF16, AVX2": ("MatMulBF16", {"isa": 2}, HAS_AVX2),
     "MatMulBF16, AVX-512 BF16": ("MatMulBF16", {"isa": 3}, HAS_BF16),
     "MatMulF32, C": ("MatMulF32", {"isa": 1}, True),
+    "MatMulF32, AVX2": ("MatMulF32", {"isa": 2}, HAS_AVX2),
     "MatMulF32, AVX-512F": ("MatMulF32", {"isa": 3}, HAS_AVX512),
 }
 ROWS = {"one decode": (1,), "16 decodes": (16,), "70 rows: two chunks, tile remainders": (70,), "rank 3": (2, 9)}

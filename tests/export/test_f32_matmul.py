@@ -23,7 +23,9 @@ from tests.export.test_bf16_matmul import product_model as bf16_product_model
 from tests.export.test_slot_runner import BLOCK_SIZE, run_schedule
 
 HAS_AVX512 = "avx512f" in cpu_flags()
-ISAS = [1, pytest.param(3, marks=pytest.mark.skipif(not HAS_AVX512, reason="no AVX-512F on this processor"))]
+HAS_AVX2 = {"avx2", "fma"} <= cpu_flags()
+ISAS = [1, pytest.param(2, marks=pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 + FMA on this processor")),
+        pytest.param(3, marks=pytest.mark.skipif(not HAS_AVX512, reason="no AVX-512F on this processor"))]
 
 
 def product_model(k: int, n: int, packed: np.ndarray, rank: int = 2, **attrs) -> onnx.ModelProto:
@@ -49,6 +51,7 @@ CASES = {  # name: (K, N, rows shape)
     "SmolLM2's qkv, 16 decodes": (576, 960, (16,)),
     "13 rows in one pass": (100, 40, (13,)),
     "17 rows: a tile of 16, then 1": (66, 20, (17,)),
+    "40 rows: tiles of 16, passes that end at a tile's end": (70, 48, (40,)),
     "SmolLM2's down_proj, rank 3": (1536, 576, (2, 9)),
     "130 rows: chunks and tile remainders": (96, 33, (130,)),
 }
@@ -111,8 +114,11 @@ def test_bad_inputs_are_refused_with_the_input_and_the_limit():
         session(model).run(None, {"a": np.ones((2, 6), np.float32)})
     with pytest.raises(Exception, match=r"MatMulF32: B has 16 rows of 16 weights, expected ceil\(N / 16\) x K / 1 = 8"):
         session(product_model(8, 16, pack(np.ones((32, 8), np.float32)))).run(None, {"a": np.ones((2, 8), np.float32)})
-    with pytest.raises(Exception, match=r"MatMulF32: isa = 2 needs instructions this processor lacks"):
-        session(product_model(8, 16, pack(weight), isa=2))
+    with pytest.raises(Exception, match=r"MatMulF32: isa = 4 needs instructions this processor lacks \(1 plain C, 2 AVX2 \+ FMA, 3"):
+        session(product_model(8, 16, pack(weight), isa=4))
+    if not HAS_AVX2:
+        with pytest.raises(Exception, match="isa = 2 needs instructions this processor lacks"):
+            session(product_model(8, 16, pack(weight), isa=2))
     if not HAS_AVX512:
         with pytest.raises(Exception, match="isa = 3 needs instructions this processor lacks"):
             session(product_model(8, 16, pack(weight), isa=3))
@@ -157,8 +163,9 @@ def test_a_float32_export_serves_its_logits_through_matmulf32(tiny_exports, kind
 
 def test_the_kernel_choice_for_a_float32_export():
     assert matmul_kernel("auto", LIBRARY, {"avx512f": True, "avx2": True}, method="float32") == ("lepton", "AVX-512F")
+    assert matmul_kernel("auto", LIBRARY, {"avx2": True, "fma": True}, method="float32") == ("lepton", "AVX2 + FMA")
     assert matmul_kernel("auto", LIBRARY, {"avx2": True}, method="float32") == (
-        "onnxruntime", "no AVX-512F on this processor")
+        "onnxruntime", "neither AVX-512F nor AVX2 + FMA on this processor")
     assert matmul_kernel("lepton", LIBRARY, {"avx2": True}, method="float32") == ("lepton", "matmul_kernel=lepton")
     assert matmul_kernel("onnxruntime", LIBRARY, {"avx512f": True}, method="float32") == (
         "onnxruntime", "matmul_kernel=onnxruntime")

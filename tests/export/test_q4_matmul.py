@@ -29,7 +29,9 @@ from tests.export.test_slot_runner import BLOCK_SIZE, run_schedule
 HAS_BF16 = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= cpu_flags()
 HAS_VNNI = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c"} <= cpu_flags()
 ISAS = [1, pytest.param(3, marks=pytest.mark.skipif(not HAS_BF16, reason="no AVX-512 BF16 on this processor"))]
-INT8_ISAS = [1, pytest.param(3, marks=pytest.mark.skipif(not HAS_VNNI, reason="no AVX-512 VNNI on this processor"))]
+HAS_AVX2 = {"avx2", "fma", "f16c"} <= cpu_flags()
+INT8_ISAS = [1, pytest.param(2, marks=pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 + FMA + F16C on this processor")),
+             pytest.param(3, marks=pytest.mark.skipif(not HAS_VNNI, reason="no AVX-512 VNNI on this processor"))]
 
 
 def product_model(k: int, n: int, arrays: tuple[np.ndarray, ...], rank: int = 2, **attrs) -> onnx.ModelProto:
@@ -115,6 +117,21 @@ def test_int8_activations_give_the_product_of_block_quantized_activations_and_q4
     assert np.abs(got - bf16).max() > 1e-4 * np.abs(bf16).max()
 
 
+@pytest.mark.parametrize("isa", INT8_ISAS)
+def test_int8_dots_at_their_largest_do_not_saturate(isa):
+    # NOTE: codes 15 and activation codes +-127 everywhere: a pair of products 3,810, a block's 16-bit sum of 8
+    # groups' pairs 30,480 (AVX2 adds them so), the int32 dots +-60,960 less the offset
+    k, n = 96, 32
+    codes = np.full((n, k // 32, 32), 15, np.uint8)
+    scales, mins = np.full((n, k // 32), 0.5, np.float32), np.zeros((n, k // 32), np.float32)
+    a = np.ones((3, k), np.float32)
+    a[1] = -1.0
+    a[2, ::2] = -1.0  # NOTE: signs alternating: pairs that cancel
+    got = session(product_model(k, n, pack(codes, scales, mins, int8=True), int8=1, isa=isa)).run(None, {"a": a})[0]
+    np.testing.assert_array_equal(got, np.array([[7.5 * k] * n, [-7.5 * k] * n, [0.0] * n], np.float32))
+    np.testing.assert_allclose(got, int8_product(a, codes, scales, mins), rtol=1e-7, atol=1e-6)  # NOTE: s = 1 / 127 in float32
+
+
 def test_pack_puts_each_code_where_the_kernel_reads_it():
     n, k = 20, 64
     codes = (np.arange(n * k).reshape(n, k // 32, 32) * 7 % 16).astype(np.uint8)
@@ -166,8 +183,10 @@ def test_bad_inputs_are_refused_with_the_input_and_the_limit():
     if not HAS_BF16:
         with pytest.raises(Exception, match="isa = 3 needs instructions this processor lacks"):
             session(product_model(64, 16, arrays, isa=3))
+    with pytest.raises(Exception, match=r"isa = 2 needs instructions this processor lacks \(1 plain C, 3 AVX-512 BF16"):
+        session(product_model(64, 16, arrays, isa=2))  # NOTE: bfloat16 activations have no AVX2 path
     if not HAS_VNNI:
-        with pytest.raises(Exception, match=r"isa = 3 needs instructions this processor lacks \(int8 = 1: 1 plain C, 3 AVX-512 VNNI"):
+        with pytest.raises(Exception, match=r"isa = 3 needs instructions this processor lacks \(int8 = 1: 1 plain C, 2 AVX2, 3 AVX-512 VNNI"):
             session(product_model(64, 16, arrays, int8=1, isa=3))
 
 
@@ -254,12 +273,19 @@ def test_the_kernel_setting_for_q4_1():
     # NOTE: an export at accuracy level 4 (the preset) computes its products in int8: VNNI is what it needs
     vnni = {"avx512f": True, "avx512_vnni": True}
     assert matmul_kernel("auto", LIBRARY, vnni | bf16, method="q4_1", int8_activations=True) == ("lepton", "AVX-512 VNNI")
-    assert bfloat16_kernels("auto", vnni | bf16) and bfloat16_kernels("lepton", {}) and not bfloat16_kernels("auto", vnni)
+    assert bfloat16_kernels("auto", vnni | bf16) and bfloat16_kernels("lepton", vnni | bf16)
+    # NOTE: MatMulQ4's bfloat16 activations have no path but plain C without AVX-512 BF16, whatever the setting
+    assert not bfloat16_kernels("auto", vnni) and not bfloat16_kernels("lepton", {"avx2": True, "fma": True})
     # NOTE: VNNI without BF16 (Ice Lake, Cascade Lake): the int8 products only; the rest would run plain C
     kernel, why = matmul_kernel("auto", LIBRARY, vnni, method="q4_1", int8_activations=True)
     assert kernel == "lepton" and why.startswith("AVX-512 VNNI; no AVX-512 BF16, so the products at accuracy level 0 stay")
+    # NOTE: AVX2 (Zen 3, Haswell .. Skylake clients): the int8 products by MatMulQ4's AVX2 path, the rest ONNX Runtime's
+    kernel, why = matmul_kernel("auto", LIBRARY, {"avx2": True, "fma": True}, method="q4_1", int8_activations=True)
+    assert kernel == "lepton" and why.startswith("AVX2 + FMA; no AVX-512 BF16, so the products at accuracy level 0 stay")
+    assert matmul_kernel("auto", LIBRARY, {"avx2": True, "fma": True}, method="q4_1") == (
+        "onnxruntime", "no AVX-512 BF16 on this processor")
     assert matmul_kernel("auto", LIBRARY, {"avx2": True}, method="q4_1", int8_activations=True) == (
-        "onnxruntime", "no AVX-512 VNNI on this processor")
+        "onnxruntime", "neither AVX-512 VNNI nor AVX2 + FMA on this processor")
 
 
 @pytest.fixture(scope="module")
@@ -279,13 +305,18 @@ def q4_runner(export_dir, attention: str, kernel: str):
     return make_runner(open_folder(config), config)
 
 
-@pytest.mark.parametrize("head,attention,printed", [
+@pytest.mark.parametrize("head,attention,printed,printed_int8_only", [
     # NOTE: the preset (accuracy level 4, float_share 0.25): of ceil(0.25 x 9) inputs losing most to int8 blocks one
     # is the 8-bit head's (it stays int8), of ceil(0.25 x 8) with a float32 head none: 2 products keep bfloat16
-    ("q8_0", "paged", "8 nodes, 6 with int8 activations, 2 bfloat16; the 8-bit ones, 1: MatMulQ8"),
-    ("q8_0", "slots", "8 nodes, 6 with int8 activations, 2 bfloat16; the 8-bit ones, 1: MatMulQ8"),
-    ("fp32", "slots", "8 nodes, 6 with int8 activations, 2 bfloat16; the float32 products left, 1, in bfloat16: MatMulBF16")])
-def test_a_q4_1_export_serves_its_logits_with_matmulq4(tiny_q4_1, head, attention, printed, capsys):
+    # (without AVX-512 BF16 they stay MatMulNBits, and a float32 head MatMul: bfloat16_kernels)
+    ("q8_0", "paged", "8 nodes, 6 with int8 activations, 2 bfloat16; the 8-bit ones, 1: MatMulQ8",
+     "6 nodes, int8 activations; the 8-bit ones, 1: MatMulQ8"),
+    ("q8_0", "slots", "8 nodes, 6 with int8 activations, 2 bfloat16; the 8-bit ones, 1: MatMulQ8",
+     "6 nodes, int8 activations; the 8-bit ones, 1: MatMulQ8"),
+    ("fp32", "slots", "8 nodes, 6 with int8 activations, 2 bfloat16; the float32 products left, 1, in bfloat16: MatMulBF16",
+     "6 nodes, int8 activations")])
+def test_a_q4_1_export_serves_its_logits_with_matmulq4(tiny_q4_1, head, attention, printed, printed_int8_only, capsys):
+    printed = printed if HAS_BF16 else printed_int8_only
     as_written = q4_runner(tiny_q4_1(head), "paged", "onnxruntime")
     assert "4-bit weight products: ONNX Runtime's MatMulNBits (matmul_kernel=onnxruntime)" in capsys.readouterr().out
     rewritten = q4_runner(tiny_q4_1(head), attention, "lepton")

@@ -223,7 +223,9 @@ def test_the_rewrite_takes_only_what_matmulq8_computes_the_same():
 def test_the_kernel_setting(tmp_path):
     vnni = {"avx512f": True, "avx512_vnni": True}
     assert matmul_kernel("auto", LIBRARY, vnni) == ("lepton", "AVX-512 VNNI")
-    assert matmul_kernel("auto", LIBRARY, {"avx2": True}) == ("onnxruntime", "no AVX-512 VNNI on this processor")
+    assert matmul_kernel("auto", LIBRARY, {"avx2": True, "fma": True}) == ("lepton", "AVX2 + FMA")
+    assert matmul_kernel("auto", LIBRARY, {"avx2": True}) == (
+        "onnxruntime", "neither AVX-512 VNNI nor AVX2 + FMA on this processor")
     assert matmul_kernel("lepton", LIBRARY, {"avx2": True}) == ("lepton", "matmul_kernel=lepton")
     assert matmul_kernel("onnxruntime", LIBRARY, vnni) == ("onnxruntime", "matmul_kernel=onnxruntime")
     assert "scripts/build_native.sh builds it" in matmul_kernel("auto", None, vnni)[1]

@@ -52,7 +52,8 @@ def test_a_reference_of_other_weights_is_refused(tiny, tiny_models):
         evaluate_runner(tiny_models("qwen2"), export_dir, "bfloat16", EVAL)
 
 
-needs_bf16 = pytest.mark.skipif(not {"avx512f", "avx512_bf16"} <= cpu_flags(), reason="weight_dtype=bfloat16 needs AVX-512 BF16")
+needs_bf16 = pytest.mark.skipif(not ({"avx512f", "avx512_bf16"} <= cpu_flags() or {"avx2", "fma"} <= cpu_flags()),
+                                reason="weight_dtype=bfloat16 needs AVX-512 BF16 or AVX2 + FMA")
 
 
 @needs_bf16

@@ -87,7 +87,7 @@ def test_only_exports_of_this_model_that_passed_their_gate_are_candidates(tmp_pa
     assert names == {("torch", "model"), ("onnxruntime", "m"), ("onnxruntime", "m-int8")}
     assert len(skipped) == 4 and any("top-1 agreement" in s for s in skipped) and any("no quality.json" in s for s in skipped)
     assert "torch bf16: no AVX512-BF16 / AMX on this processor" in skipped
-    assert "m (fp32, bf16 weights): no AVX512-BF16 on this processor" in skipped
+    assert "m (fp32, bf16 weights): neither AVX512-BF16 nor AVX2 + FMA on this processor" in skipped
     cores = len(os.sched_getaffinity(0))
     # NOTE: torch leaves a core to Triton's front end; ONNX Runtime is timed with both counts
     assert {c.num_threads for c in found if c.runner == "torch"} == {max(1, cores - 1)}
@@ -173,8 +173,10 @@ def test_bf16_weights_need_the_instructions_the_library_and_a_passed_report_of_t
     assert not skipped and {(c.runner, c.model_dir, c.dtype) for c in found} == {("onnxruntime", export, "float32")}
     assert {c.num_threads for c in found} == {len(os.sched_getaffinity(0)), max(1, len(os.sched_getaffinity(0)) - 1)}
     assert all(c.name.startswith("onnxruntime fp32, bf16 weights, ") for c in found)
+    found, skipped = bf16_weights({"avx2": True, "fma": True})  # NOTE: MatMulBF16's AVX2 path widens the weights
+    assert not skipped and {c.dtype for c in found} == {"float32"}
     found, skipped = bf16_weights({"avx2": True})
-    assert not found and skipped == ["m (fp32, bf16 weights): no AVX512-BF16 on this processor"]
+    assert not found and skipped == ["m (fp32, bf16 weights): neither AVX512-BF16 nor AVX2 + FMA on this processor"]
 
 
 def test_each_export_lepton_can_compute_is_timed_with_both_kernels_not_picked_by_the_flags(tmp_path):
