@@ -282,49 +282,33 @@ static inline int64_t range_end(int64_t index, int64_t size, int64_t rows) {
     return (index + 1) * size < rows ? (index + 1) * size : rows;
 }
 
-/* rows_fn(pr, panel, m, mt) over rows [m0, m1): `tile` (8 or 16) rows at a time, then the remainder in one
- * call, each count a constant the inlined rows_fn is compiled for (rows_fn takes up to 15 rows: the cases
- * past tile - 1 are never taken). */
-#define ROWS_AT_A_TIME(rows_fn, pr, panel, m0, m1, tile)                 \
-    do {                                                                 \
-        int64_t m_ = (m0);                                               \
-        for (; m_ + (tile) <= (m1); m_ += (tile)) rows_fn(pr, panel, m_, tile); \
-        switch ((m1) - m_) {                                             \
-        case 15: rows_fn(pr, panel, m_, 15); break;                      \
-        case 14: rows_fn(pr, panel, m_, 14); break;                      \
-        case 13: rows_fn(pr, panel, m_, 13); break;                      \
-        case 12: rows_fn(pr, panel, m_, 12); break;                      \
-        case 11: rows_fn(pr, panel, m_, 11); break;                      \
-        case 10: rows_fn(pr, panel, m_, 10); break;                      \
-        case 9: rows_fn(pr, panel, m_, 9); break;                        \
-        case 8: rows_fn(pr, panel, m_, 8); break;                        \
-        case 7: rows_fn(pr, panel, m_, 7); break;                        \
-        case 6: rows_fn(pr, panel, m_, 6); break;                        \
-        case 5: rows_fn(pr, panel, m_, 5); break;                        \
-        case 4: rows_fn(pr, panel, m_, 4); break;                        \
-        case 3: rows_fn(pr, panel, m_, 3); break;                        \
-        case 2: rows_fn(pr, panel, m_, 2); break;                        \
-        case 1: rows_fn(pr, panel, m_, 1); break;                        \
-        default: break;                                                  \
-        }                                                                \
-    } while (0)
-
-/* ROWS_AT_A_TIME for a `tile` of at most FEW_ROWS rows (the AVX2 paths'): rows_fn is compiled for 1 .. FEW_ROWS
- * rows only, so that its accumulator arrays can be sized FEW_ROWS and stay in registers. */
+/* rows_fn(pr, panel, m, mt) over rows [m0, m1): `tile` rows at a time, then the remainder in one call, each count
+ * a constant the inlined rows_fn is compiled for: ROWS_AT_A_TIME (tile 8 or 16) compiles rows_fn for 1 .. 15 rows
+ * (the cases past tile - 1 are never taken), FEW_ROWS_AT_A_TIME (a tile of at most FEW_ROWS, the AVX2 paths') for
+ * 1 .. FEW_ROWS only, so that its accumulator arrays can be sized FEW_ROWS and stay in registers. */
 enum { FEW_ROWS = 6 };
-#define FEW_ROWS_AT_A_TIME(rows_fn, pr, panel, m0, m1, tile)                    \
-    do {                                                                        \
-        int64_t m_ = (m0);                                                      \
-        for (; m_ + (tile) <= (m1); m_ += (tile)) rows_fn(pr, panel, m_, tile); \
-        switch ((m1) - m_) {                                                    \
-        case 5: rows_fn(pr, panel, m_, 5); break;                               \
-        case 4: rows_fn(pr, panel, m_, 4); break;                               \
-        case 3: rows_fn(pr, panel, m_, 3); break;                               \
-        case 2: rows_fn(pr, panel, m_, 2); break;                               \
-        case 1: rows_fn(pr, panel, m_, 1); break;                               \
-        default: break;                                                         \
-        }                                                                       \
+#define ROWS_CASE(rows_fn, pr, panel, m, count) \
+    case count: rows_fn(pr, panel, m, count); break;
+#define ROWS_IN_TILES(rows_fn, pr, panel, m0, m1, tile, remainder_cases)           \
+    do {                                                                           \
+        int64_t m_ = (m0);                                                         \
+        for (; m_ + (tile) <= (m1); m_ += (tile)) rows_fn(pr, panel, m_, tile);    \
+        switch ((m1) - m_) {                                                       \
+            remainder_cases(rows_fn, pr, panel, m_)                                \
+        default: break;                                                            \
+        }                                                                          \
     } while (0)
+#define FEW_CASES(rows_fn, pr, panel, m)                                                          \
+    ROWS_CASE(rows_fn, pr, panel, m, 5) ROWS_CASE(rows_fn, pr, panel, m, 4)                       \
+    ROWS_CASE(rows_fn, pr, panel, m, 3) ROWS_CASE(rows_fn, pr, panel, m, 2) ROWS_CASE(rows_fn, pr, panel, m, 1)
+#define ALL_CASES(rows_fn, pr, panel, m)                                                            \
+    ROWS_CASE(rows_fn, pr, panel, m, 15) ROWS_CASE(rows_fn, pr, panel, m, 14)                       \
+    ROWS_CASE(rows_fn, pr, panel, m, 13) ROWS_CASE(rows_fn, pr, panel, m, 12)                       \
+    ROWS_CASE(rows_fn, pr, panel, m, 11) ROWS_CASE(rows_fn, pr, panel, m, 10)                       \
+    ROWS_CASE(rows_fn, pr, panel, m, 9) ROWS_CASE(rows_fn, pr, panel, m, 8)                         \
+    ROWS_CASE(rows_fn, pr, panel, m, 7) ROWS_CASE(rows_fn, pr, panel, m, 6) FEW_CASES(rows_fn, pr, panel, m)
+#define ROWS_AT_A_TIME(rows_fn, pr, panel, m0, m1, tile) ROWS_IN_TILES(rows_fn, pr, panel, m0, m1, tile, ALL_CASES)
+#define FEW_ROWS_AT_A_TIME(rows_fn, pr, panel, m0, m1, tile) ROWS_IN_TILES(rows_fn, pr, panel, m0, m1, tile, FEW_CASES)
 
 /* The output Y [..., N] of a product of A [..., K] (dims, rank), made; *rows = the rows of A. An A whose rows
  * do not hold K values is refused. */

@@ -470,9 +470,11 @@ static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const O
     int isa = 0;
     OrtStatus *status =
         int8 ? product_attributes(OP, info, BLOCK, "K = %lld is not a positive multiple of the block size %lld", int8_runs,
-                                  int8_best_isa(), "int8 = 1: 1 plain C, 2 AVX2, 3 AVX-512 VNNI", &kernel->k, &kernel->n, &isa, &kernel->gated)
+                                  int8_best_isa(), "int8 = 1: 1 plain C, 2 AVX2, 3 AVX-512 VNNI", &kernel->k, &kernel->n, &isa,
+                                  &kernel->gated)
              : product_attributes(OP, info, BLOCK, "K = %lld is not a positive multiple of the block size %lld", bfloat16_runs,
-                                  bfloat16_runs(BF16_ISA_AVX512) ? BF16_ISA_AVX512 : BF16_ISA_GENERIC, "1 plain C, 3 AVX-512 BF16", &kernel->k, &kernel->n, &isa, &kernel->gated);
+                                  bfloat16_runs(BF16_ISA_AVX512) ? BF16_ISA_AVX512 : BF16_ISA_GENERIC, "1 plain C, 3 AVX-512 BF16",
+                                  &kernel->k, &kernel->n, &isa, &kernel->gated);
     if (!status) status = norm_epsilon(OP, info, &kernel->epsilon);
     if (status) {
         free(kernel);

@@ -232,7 +232,7 @@ def int8_attributes(model: onnx.ModelProto) -> list[int]:
             if a.name == "int8"]
 
 
-@pytest.mark.skipif(not HAS_VNNI, reason="no AVX-512 VNNI on this processor")
+@pytest.mark.skipif(not (HAS_VNNI or HAS_AVX2), reason="neither AVX-512 VNNI nor AVX2 on this processor")
 def test_products_at_accuracy_level_4_take_int8_activations():
     model = q4_1_graph(np.random.default_rng(5), accuracy_level=4)
     x = np.random.default_rng(6).standard_normal((20, 64)).astype(np.float32)
@@ -247,7 +247,7 @@ def test_products_at_accuracy_level_4_take_int8_activations():
     assert int8_attributes(level0) == [0, 0]
 
 
-@pytest.mark.skipif(not HAS_VNNI, reason="no AVX-512 VNNI on this processor")
+@pytest.mark.skipif(not (HAS_VNNI or HAS_AVX2), reason="neither AVX-512 VNNI nor AVX2 on this processor")
 def test_without_bfloat16_kernels_only_the_int8_products_are_rewritten():
     model = q4_1_graph(np.random.default_rng(5), accuracy_level=4)
     first = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
