@@ -93,6 +93,7 @@ def markdown(result: dict, images: list[Path], doc_dir: Path) -> str:
              f"parameters per row in the JSON (`engine_parameters`; without `num_threads` the engine's default, all "
              f"cores but one, the last for Triton's front end)",
              f"- **Raw results**: `{result['json']}`"]
+    lines += [f"- **Not run**: {why}" for why in result.get("skipped", [])]
     lines += [f"- **Note** (added after the run): {note}" for note in result.get("notes", [])]
     lines += ["", "## Workloads", ""]
     lines += [f"- **{w['name']}**: {w['title']}; {w['num_requests']} requests" for w in result["workloads"]]
