@@ -26,10 +26,10 @@ ATTENTIONS = ("auto", "slots", "paged")
 ATTENTION_KERNELS = ("auto", "lepton", "onnxruntime")
 # NOTE: onnxruntime, 8-bit exports (q8_0): "lepton": lepton/native's MatMulQ8 (lepton/native/q8_matmul.c)
 # for ONNX Runtime's MatMulNBits; "onnxruntime": MatMulNBits; "auto": lepton's when its library is built
-# and the processor has AVX-512 VNNI (lepton/runners/q8_graph.py). 4-bit exports (q4_1): "lepton": MatMulQ4
-# (lepton/native/q4_matmul.c, lepton/runners/q4_graph.py); "auto": with AVX-512 BF16. float32 exports:
+# and the processor has AVX-512 VNNI or AVX2 + FMA (lepton/runners/q8_graph.py). 4-bit exports (q4_1): "lepton": MatMulQ4
+# (lepton/native/q4_matmul.c, lepton/runners/q4_graph.py); "auto": with AVX-512 VNNI, AVX-512 BF16 or AVX2 + FMA. float32 exports:
 # "lepton": MatMulF32 (lepton/native/f32_matmul.c, lepton/runners/f32_graph.py) for MatMul and Gemm; "auto": with
-# AVX-512F.
+# AVX-512F or AVX2 + FMA.
 MATMUL_KERNELS = ("auto", "lepton", "onnxruntime")
 # NOTE: onnxruntime, float32 exports: "bfloat16": the weight products in bfloat16 through lepton/native's
 # MatMulBF16 (AVX-512 BF16, or AVX2 + FMA widening the weights; lepton/runners/bf16_graph.py), everything else float32; "export": the export's own

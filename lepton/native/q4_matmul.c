@@ -17,9 +17,10 @@
  * panel of 16 outputs and block, 8 groups of 32 bytes, byte 2l + t of group g = q[l][4g + t] |
  * q[l][4g + 2 + t] << 4, so a group's low nibbles are inputs 4g, 4g + 1 and its high ones 4g + 2, 4g + 3 of
  * the 16 outputs, one vdpbf16ps each); scales and mins float16 [ceil(N / 16), K / 32, 16]. Attributes: K
- * (a multiple of 32), N; isa (optional): 0 = the best this processor runs, 1 = plain C, 3 = AVX-512 BF16.
+ * (a multiple of 32), N; isa (optional): 0 = the best this processor runs, 1 = plain C, 2 = AVX2 + FMA (the
+ * nibbles widened to float32 128 + q, plain C's fused multiply-adds in its order: the same bits), 3 = AVX-512 BF16.
  * Each output's sums are formed in the order of vdpbf16ps' definition on every path; a processor may round
- * a pair's sum once instead of twice, so the paths agree to float32 rounding, not bit for bit.
+ * a pair's sum once instead of twice, so AVX-512 BF16 agrees with the others to float32 rounding, not bit for bit.
  *
  * Work: the rows of A are rounded and summed per block once, then each task computes one panel of 16
  * outputs for up to 64 rows, 8 rows at a time (8 block sums and 8 accumulators in registers).
@@ -73,6 +74,7 @@ struct QProduct {
     float *y;
     uint32_t *pairs; /* [rows, K / 2]: each row's inputs as bfloat16 pairs */
     float *sums;     /* [rows, K / 32]: each block's sum of the rounded inputs (int8: of the inputs) */
+    float *rounded;  /* AVX2, bfloat16 activations: [rows, K] the rounded inputs as float32 */
     int8_t *aq;      /* int8: [rows, K / 32, 32] the inputs' codes */
     float *ascale;   /* int8: [rows, K / 32] their scales */
     int32_t *offset; /* int8: [rows, K / 32] -8 x the block's sum of codes */
@@ -388,6 +390,77 @@ AVX2 static void tile_int8_avx2(const QProduct *pr, int64_t panel, int64_t m0, i
     FEW_ROWS_AT_A_TIME(int8_rows_avx2, pr, panel, m0, m1, AVX2_ROWS);
 }
 
+/* ---- bfloat16 activations with AVX2 + FMA (no AVX-512 BF16) ------------------------------------ */
+
+/* convert_rows_generic, then each row's rounded inputs as float32 in input order (rounded), for the AVX2 path to
+ * broadcast from memory. */
+static void convert_rows_rounded(void *data, size_t task) {
+    convert_rows_generic(data, task);
+    const QProduct *pr = data;
+    for (int64_t m = (int64_t)task * CONVERT_ROWS; m < range_end((int64_t)task, CONVERT_ROWS, pr->rows); m++)
+        for (int64_t j = 0; j < pr->pairs_per_row; j++) {
+            const uint32_t pair = pr->pairs[m * pr->pairs_per_row + j];
+            pr->rounded[m * pr->k + 2 * j] = from_bf16((uint16_t)(pair & 0xffffu));
+            pr->rounded[m * pr->k + 2 * j + 1] = from_bf16((uint16_t)(pair >> 16));
+        }
+}
+
+/* Per block and group: the group's 32 bytes (16 outputs x 2 codes' bytes) widened to 2 x 8 words (byte 2l | byte
+ * 2l + 1 << 8), each nibble put into a float32's mantissa under 128's exponent (0x43000000 | q << 16 = 128 + q, the
+ * plain C path's CODE_BIAS + q exactly) with a shift, an AND and an OR, one kind of input at a time (a pair's odd
+ * input, then its even one, low nibbles before high ones: plain C's order); each of `mt` rows' input broadcast
+ * from memory and fma'd into both halves' dots: plain C's operations in plain C's order, lane by lane, so the
+ * same bits. */
+static inline __attribute__((always_inline)) AVX2 void bf16_rows_avx2(const QProduct *pr, int64_t panel, int64_t m, const int mt) {
+    const uint8_t *codes = pr->b + panel * pr->blocks * BLOCK_BYTES;
+    const half_t *scales = pr->scales + panel * pr->blocks * LANES, *mins = pr->mins + panel * pr->blocks * LANES;
+    const float *x = pr->rounded + m * pr->k;
+    const float *sums = pr->sums + m * pr->blocks;
+    const __m256i nibble = _mm256_set1_epi32(0x000f0000), bias = _mm256_set1_epi32(0x43000000);
+    const __m256 minus_bias = _mm256_set1_ps(-CODE_BIAS);
+    /* NOTE: (shift putting the nibble at bit 16, input of the group): odd low, even low, odd high, even high */
+    static const int shift[4] = {8, 16, 4, 12}, input[4] = {1, 0, 3, 2};
+    __m256 acc[FEW_ROWS][2];
+    for (int i = 0; i < mt; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int64_t blk = 0; blk < pr->blocks; blk++) {
+        const uint8_t *w = codes + blk * BLOCK_BYTES;
+        __m256 dot[FEW_ROWS][2];
+        for (int i = 0; i < mt; i++) dot[i][0] = dot[i][1] = _mm256_setzero_ps();
+        for (int g = 0; g < GROUPS; g++) {
+            const __m256i words0 = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + g * GROUP_BYTES)));
+            const __m256i words1 = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + g * GROUP_BYTES + 16)));
+#pragma GCC unroll 4
+            for (int kind = 0; kind < 4; kind++) {
+                const __m128i count = _mm_cvtsi32_si128(shift[kind]);
+                const __m256 w0 = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(_mm256_sll_epi32(words0, count), nibble), bias));
+                const __m256 w1 = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(_mm256_sll_epi32(words1, count), nibble), bias));
+                for (int i = 0; i < mt; i++) {
+                    const __m256 a = _mm256_broadcast_ss(x + i * pr->k + blk * BLOCK + 4 * g + input[kind]);
+                    dot[i][0] = _mm256_fmadd_ps(a, w0, dot[i][0]);
+                    dot[i][1] = _mm256_fmadd_ps(a, w1, dot[i][1]);
+                }
+            }
+        }
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; h++) {
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + blk * LANES + 8 * h)));
+            const __m256 c = _mm256_fmadd_ps(minus_bias, d, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mins + blk * LANES + 8 * h))));
+            for (int i = 0; i < mt; i++) {
+                acc[i][h] = _mm256_fmadd_ps(dot[i][h], d, acc[i][h]);
+                acc[i][h] = _mm256_fmadd_ps(_mm256_set1_ps(sums[i * pr->blocks + blk]), c, acc[i][h]);
+            }
+        }
+    }
+    float out[FEW_ROWS][LANES];
+#pragma GCC unroll 6
+    for (int i = 0; i < mt; i++) _mm256_storeu_ps(out[i], acc[i][0]), _mm256_storeu_ps(out[i] + 8, acc[i][1]);
+    for (int i = 0; i < mt; i++) store(pr, panel, m + i, out[i]);
+}
+
+AVX2 static void tile_bf16_avx2(const QProduct *pr, int64_t panel, int64_t m0, int64_t m1) {
+    FEW_ROWS_AT_A_TIME(bf16_rows_avx2, pr, panel, m0, m1, AVX2_ROWS);
+}
+
 PRODUCT_TASK(QProduct)
 
 /* ---- the operator ------------------------------------------------------------------------------ */
@@ -417,8 +490,10 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     float *normed = NULL;
     TRY(normalized_input(OP, context, 5, pr.rows, pr.k, kernel->epsilon, &pr.a, &normed));
     const size_t values = (size_t)(pr.rows * pr.blocks);
+    const int rounded = kernel->convert == convert_rows_rounded;
     char *buffer = kernel->int8 ? malloc(values * (BLOCK + 3 * sizeof(float)))
-                                : malloc((size_t)(pr.rows * pr.pairs_per_row) * sizeof(uint32_t) + values * sizeof(float));
+                                : malloc((size_t)(pr.rows * pr.pairs_per_row) * sizeof(uint32_t) + values * sizeof(float) +
+                                         (rounded ? (size_t)(pr.rows * pr.k) * sizeof(float) : 0));
     if (!buffer) {
         free(normed);
         return out_of_memory(OP);
@@ -431,6 +506,7 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     } else {
         pr.pairs = (uint32_t *)buffer;
         pr.sums = (float *)(pr.pairs + pr.rows * pr.pairs_per_row);
+        if (rounded) pr.rounded = pr.sums + values;
     }
     pr.tile = kernel->tile;
     pr.chunks = (pr.rows + ROW_CHUNK - 1) / ROW_CHUNK;
@@ -450,8 +526,15 @@ static int int8_runs(int isa) {
            (isa == BF16_ISA_AVX512 && has_avx512() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("f16c"));
 }
 
-/* bfloat16 activations: 1 plain C, 3 AVX-512 BF16 (no AVX2 path: the int8 one serves AVX2 processors). */
-static int bfloat16_runs(int isa) { return isa != BF16_ISA_AVX2 && bf16_runs(isa); }
+/* bfloat16 activations: 1 plain C, 2 AVX2 (with FMA and F16C), 3 AVX-512 BF16. */
+static int bfloat16_runs(int isa) {
+    __builtin_cpu_init();
+    return bf16_runs(isa) && (isa != BF16_ISA_AVX2 || __builtin_cpu_supports("f16c"));
+}
+
+static int bfloat16_best_isa(void) {
+    return bfloat16_runs(BF16_ISA_AVX512) ? BF16_ISA_AVX512 : bfloat16_runs(BF16_ISA_AVX2) ? BF16_ISA_AVX2 : BF16_ISA_GENERIC;
+}
 
 static int int8_best_isa(void) {
     return int8_runs(BF16_ISA_AVX512) ? BF16_ISA_AVX512 : int8_runs(BF16_ISA_AVX2) ? BF16_ISA_AVX2 : BF16_ISA_GENERIC;
@@ -473,7 +556,7 @@ static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const O
                                   int8_best_isa(), "int8 = 1: 1 plain C, 2 AVX2, 3 AVX-512 VNNI", &kernel->k, &kernel->n, &isa,
                                   &kernel->gated)
              : product_attributes(OP, info, BLOCK, "K = %lld is not a positive multiple of the block size %lld", bfloat16_runs,
-                                  bfloat16_runs(BF16_ISA_AVX512) ? BF16_ISA_AVX512 : BF16_ISA_GENERIC, "1 plain C, 3 AVX-512 BF16",
+                                  bfloat16_best_isa(), "1 plain C, 2 AVX2, 3 AVX-512 BF16",
                                   &kernel->k, &kernel->n, &isa, &kernel->gated);
     if (!status) status = norm_epsilon(OP, info, &kernel->epsilon);
     if (status) {
@@ -484,8 +567,8 @@ static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const O
         kernel->tile = isa == BF16_ISA_AVX512 ? tile_int8_vnni : isa == BF16_ISA_AVX2 ? tile_int8_avx2 : tile_int8_generic;
         kernel->convert = isa == BF16_ISA_AVX512 ? quantize_rows_int8_avx512 : quantize_rows_int8;
     } else {
-        kernel->tile = isa == BF16_ISA_AVX512 ? tile_bf16 : tile_generic;
-        kernel->convert = isa == BF16_ISA_AVX512 ? convert_rows_bf16 : convert_rows_generic;
+        kernel->tile = isa == BF16_ISA_AVX512 ? tile_bf16 : isa == BF16_ISA_AVX2 ? tile_bf16_avx2 : tile_generic;
+        kernel->convert = isa == BF16_ISA_AVX512 ? convert_rows_bf16 : isa == BF16_ISA_AVX2 ? convert_rows_rounded : convert_rows_generic;
     }
     *out = kernel;
     return NULL;

@@ -108,7 +108,7 @@ def _q4_1_products(graph: onnx.GraphProto, initializers: dict) -> list[tuple[onn
 
 def q4_graph(model: onnx.ModelProto, bfloat16: bool = True) -> tuple[int, int]:
     """Rewrite every q4_1 product to MatMulQ4 and the float32 weight products then left to MatMulBF16, in
-    place; returns how many of each. bfloat16=False (a processor with AVX-512 VNNI but no AVX-512 BF16, where
+    place; returns how many of each. bfloat16=False (a processor with neither AVX-512 BF16 nor AVX2 + FMA, where
     MatMulQ4's bfloat16 path and MatMulBF16 would run plain C): only the products at accuracy level 4 (int8
     activations) become MatMulQ4; those at level 0 stay ONNX Runtime's MatMulNBits and the float32 ones
     MatMul."""

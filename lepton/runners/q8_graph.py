@@ -95,7 +95,7 @@ def matmul_kernel(setting: str, library: Path | None, cpu: dict | None = None,
     "auto" takes Lepton's operator when its library is built and the processor has what it was measured
     faster with (docs/performance.md): AVX-512 VNNI, or AVX2 + FMA, for q8_0's MatMulQ8 and for a q4_1 export
     with int8 activations (accuracy level 4; its products at level 0 and a float32 head too where AVX-512 BF16
-    is there, see bfloat16_kernels), AVX-512 BF16 for q4_1's MatMulQ4 with bfloat16 ones
+    or AVX2 + FMA is there, see bfloat16_kernels), AVX-512 BF16 or AVX2 + FMA for q4_1's MatMulQ4 with bfloat16 ones
     (lepton/runners/q4_graph.py), AVX-512F, or AVX2 + FMA, for a float32 export's MatMulF32 (method "float32",
     lepton/runners/f32_graph.py); elsewhere the operators run plain C, which only an explicit
     matmul_kernel=lepton asks for."""
@@ -116,9 +116,9 @@ def matmul_kernel(setting: str, library: Path | None, cpu: dict | None = None,
             return "lepton", "AVX-512F"
         return ("lepton", "AVX2 + FMA") if avx2 else ("onnxruntime", "neither AVX-512F nor AVX2 + FMA on this processor")
     if method == "q4_1" and not int8_activations:
-        if not (cpu.get("avx512_bf16") and cpu.get("avx512f")):
-            return "onnxruntime", "no AVX-512 BF16 on this processor"
-        return "lepton", "AVX-512 BF16"
+        if cpu.get("avx512_bf16") and cpu.get("avx512f"):
+            return "lepton", "AVX-512 BF16"
+        return ("lepton", "AVX2 + FMA") if avx2 else ("onnxruntime", "neither AVX-512 BF16 nor AVX2 + FMA on this processor")
     if cpu.get("avx512_vnni") and cpu.get("avx512f"):
         name = "AVX-512 VNNI"
     elif avx2:
@@ -126,15 +126,16 @@ def matmul_kernel(setting: str, library: Path | None, cpu: dict | None = None,
     else:
         return "onnxruntime", "neither AVX-512 VNNI nor AVX2 + FMA on this processor"
     if method == "q4_1" and not bfloat16_kernels(setting, cpu):
-        return "lepton", (f"{name}; no AVX-512 BF16, so the products at accuracy level 0 stay ONNX Runtime's "
-                          f"MatMulNBits and the float32 ones MatMul")
+        return "lepton", (f"{name}; neither AVX-512 BF16 nor AVX2 + FMA, so the products at accuracy level 0 stay "
+                          f"ONNX Runtime's MatMulNBits and the float32 ones MatMul")
     return "lepton", name
 
 
 def bfloat16_kernels(setting: str, cpu: dict | None = None) -> bool:
     """Whether Lepton's bfloat16 paths (MatMulQ4 at accuracy level 0, MatMulBF16) take a q4_1 export's
-    products beside its int8 ones: where the processor has AVX-512 BF16, with matmul_kernel auto or lepton
-    (elsewhere MatMulQ4's bfloat16 activations have plain C only, ~10x slower: lepton/runners/q4_graph.py
-    leaves those products to ONNX Runtime)."""
+    products beside its int8 ones: where the processor has AVX-512 BF16 or AVX2 + FMA (both operators' AVX2
+    paths widen to float32: 30 level-0 products of 576 x 960 on an AVX2-only EPYC, one row, 29 us a node
+    against MatMulNBits' 122), with matmul_kernel auto or lepton (elsewhere MatMulQ4's bfloat16 activations
+    have plain C only, ~10x slower: lepton/runners/q4_graph.py leaves those products to ONNX Runtime)."""
     cpu = cpu_features() if cpu is None else cpu
-    return bool(cpu.get("avx512_bf16") and cpu.get("avx512f"))
+    return bool((cpu.get("avx512_bf16") and cpu.get("avx512f")) or (cpu.get("avx2") and cpu.get("fma")))

@@ -31,6 +31,7 @@ from tests.export.test_q8_matmul import random_weights, session
 PATHS = {
     "MatMulQ4 bfloat16, C": ("MatMulQ4", {"int8": 0, "isa": 1}, True),
     "MatMulQ4 bfloat16, AVX-512 BF16": ("MatMulQ4", {"int8": 0, "isa": 3}, HAS_BF16),
+    "MatMulQ4 bfloat16, AVX2": ("MatMulQ4", {"int8": 0, "isa": 2}, HAS_AVX2),
     "MatMulQ4 int8, C": ("MatMulQ4", {"int8": 1, "isa": 1}, True),
     "MatMulQ4 int8, AVX2": ("MatMulQ4", {"int8": 1, "isa": 2}, HAS_AVX2),
     "MatMulQ4 int8, AVX-512 VNNI": ("MatMulQ4", {"int8": 1, "isa": 3}, HAS_VNNI),

@@ -28,8 +28,9 @@ from tests.export.test_slot_runner import BLOCK_SIZE, run_schedule
 
 HAS_BF16 = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= cpu_flags()
 HAS_VNNI = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c"} <= cpu_flags()
-ISAS = [1, pytest.param(3, marks=pytest.mark.skipif(not HAS_BF16, reason="no AVX-512 BF16 on this processor"))]
 HAS_AVX2 = {"avx2", "fma", "f16c"} <= cpu_flags()
+ISAS = [1, pytest.param(2, marks=pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 + FMA + F16C on this processor")),
+        pytest.param(3, marks=pytest.mark.skipif(not HAS_BF16, reason="no AVX-512 BF16 on this processor"))]
 INT8_ISAS = [1, pytest.param(2, marks=pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 + FMA + F16C on this processor")),
              pytest.param(3, marks=pytest.mark.skipif(not HAS_VNNI, reason="no AVX-512 VNNI on this processor"))]
 
@@ -75,6 +76,8 @@ def test_every_path_gives_the_product_of_rounded_activations_and_q4_1_weights(ca
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.sqrt(k) * np.abs(want).max())
     if isa != 1:
         plain = session(product_model(k, n, pack(codes, scales, mins), rank=len(rows) + 1, isa=1)).run(None, {"a": a})[0]
+        if isa == 2:  # NOTE: AVX2 widens to float32 and fma's in plain C's order: the same bits
+            np.testing.assert_array_equal(got, plain)
         np.testing.assert_allclose(got, plain, rtol=0, atol=1e-6 * np.abs(plain).max())
 
 
@@ -183,8 +186,11 @@ def test_bad_inputs_are_refused_with_the_input_and_the_limit():
     if not HAS_BF16:
         with pytest.raises(Exception, match="isa = 3 needs instructions this processor lacks"):
             session(product_model(64, 16, arrays, isa=3))
-    with pytest.raises(Exception, match=r"isa = 2 needs instructions this processor lacks \(1 plain C, 3 AVX-512 BF16"):
-        session(product_model(64, 16, arrays, isa=2))  # NOTE: bfloat16 activations have no AVX2 path
+    if not HAS_AVX2:
+        with pytest.raises(Exception, match=r"isa = 2 needs instructions this processor lacks \(1 plain C, 2 AVX2, 3 AVX-512 BF16"):
+            session(product_model(64, 16, arrays, isa=2))
+    with pytest.raises(Exception, match=r"isa = 4 .*\(1 plain C, 2 AVX2, 3 AVX-512 BF16"):
+        session(product_model(64, 16, arrays, isa=4))
     if not HAS_VNNI:
         with pytest.raises(Exception, match=r"isa = 3 needs instructions this processor lacks \(int8 = 1: 1 plain C, 2 AVX2, 3 AVX-512 VNNI"):
             session(product_model(64, 16, arrays, int8=1, isa=3))
@@ -247,7 +253,6 @@ def test_products_at_accuracy_level_4_take_int8_activations():
     assert int8_attributes(level0) == [0, 0]
 
 
-@pytest.mark.skipif(not (HAS_VNNI or HAS_AVX2), reason="neither AVX-512 VNNI nor AVX2 on this processor")
 def test_without_bfloat16_kernels_only_the_int8_products_are_rewritten():
     model = q4_1_graph(np.random.default_rng(5), accuracy_level=4)
     first = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
@@ -268,22 +273,22 @@ def test_the_kernel_setting_for_q4_1():
     bf16 = {"avx512f": True, "avx512_bf16": True}
     assert matmul_kernel("auto", LIBRARY, bf16, method="q4_1") == ("lepton", "AVX-512 BF16")
     assert matmul_kernel("auto", LIBRARY, {"avx512f": True, "avx512_vnni": True}, method="q4_1") == (
-        "onnxruntime", "no AVX-512 BF16 on this processor")
+        "onnxruntime", "neither AVX-512 BF16 nor AVX2 + FMA on this processor")
     assert matmul_kernel("lepton", LIBRARY, {}, method="q4_1") == ("lepton", "matmul_kernel=lepton")
     # NOTE: an export at accuracy level 4 (the preset) computes its products in int8: VNNI is what it needs
     vnni = {"avx512f": True, "avx512_vnni": True}
     assert matmul_kernel("auto", LIBRARY, vnni | bf16, method="q4_1", int8_activations=True) == ("lepton", "AVX-512 VNNI")
     assert bfloat16_kernels("auto", vnni | bf16) and bfloat16_kernels("lepton", vnni | bf16)
-    # NOTE: MatMulQ4's bfloat16 activations have no path but plain C without AVX-512 BF16, whatever the setting
-    assert not bfloat16_kernels("auto", vnni) and not bfloat16_kernels("lepton", {"avx2": True, "fma": True})
-    # NOTE: VNNI without BF16 (Ice Lake, Cascade Lake): the int8 products only; the rest would run plain C
+    # NOTE: MatMulQ4's bfloat16 activations have AVX-512 BF16 and AVX2 + FMA paths, else plain C only, whatever the setting
+    avx2 = {"avx2": True, "fma": True}
+    assert bfloat16_kernels("auto", avx2) and bfloat16_kernels("lepton", vnni | avx2)
+    assert not bfloat16_kernels("auto", vnni) and not bfloat16_kernels("lepton", {"avx2": True})
+    # NOTE: VNNI without BF16 or AVX2 (flags no processor has, but the rule): the int8 products only
     kernel, why = matmul_kernel("auto", LIBRARY, vnni, method="q4_1", int8_activations=True)
-    assert kernel == "lepton" and why.startswith("AVX-512 VNNI; no AVX-512 BF16, so the products at accuracy level 0 stay")
-    # NOTE: AVX2 (Zen 3, Haswell .. Skylake clients): the int8 products by MatMulQ4's AVX2 path, the rest ONNX Runtime's
-    kernel, why = matmul_kernel("auto", LIBRARY, {"avx2": True, "fma": True}, method="q4_1", int8_activations=True)
-    assert kernel == "lepton" and why.startswith("AVX2 + FMA; no AVX-512 BF16, so the products at accuracy level 0 stay")
-    assert matmul_kernel("auto", LIBRARY, {"avx2": True, "fma": True}, method="q4_1") == (
-        "onnxruntime", "no AVX-512 BF16 on this processor")
+    assert kernel == "lepton" and why.startswith("AVX-512 VNNI; neither AVX-512 BF16 nor AVX2 + FMA, so the products at accuracy level 0 stay")
+    # NOTE: AVX2 (Zen 3, Haswell .. Skylake clients): every product by MatMulQ4's AVX2 paths
+    assert matmul_kernel("auto", LIBRARY, avx2, method="q4_1", int8_activations=True) == ("lepton", "AVX2 + FMA")
+    assert matmul_kernel("auto", LIBRARY, avx2, method="q4_1") == ("lepton", "AVX2 + FMA")
     assert matmul_kernel("auto", LIBRARY, {"avx2": True}, method="q4_1", int8_activations=True) == (
         "onnxruntime", "neither AVX-512 VNNI nor AVX2 + FMA on this processor")
 
@@ -308,7 +313,7 @@ def q4_runner(export_dir, attention: str, kernel: str):
 @pytest.mark.parametrize("head,attention,printed,printed_int8_only", [
     # NOTE: the preset (accuracy level 4, float_share 0.25): of ceil(0.25 x 9) inputs losing most to int8 blocks one
     # is the 8-bit head's (it stays int8), of ceil(0.25 x 8) with a float32 head none: 2 products keep bfloat16
-    # (without AVX-512 BF16 they stay MatMulNBits, and a float32 head MatMul: bfloat16_kernels)
+    # (with neither AVX-512 BF16 nor AVX2 + FMA they stay MatMulNBits, and a float32 head MatMul: bfloat16_kernels)
     ("q8_0", "paged", "8 nodes, 6 with int8 activations, 2 bfloat16; the 8-bit ones, 1: MatMulQ8",
      "6 nodes, int8 activations; the 8-bit ones, 1: MatMulQ8"),
     ("q8_0", "slots", "8 nodes, 6 with int8 activations, 2 bfloat16; the 8-bit ones, 1: MatMulQ8",
@@ -316,7 +321,7 @@ def q4_runner(export_dir, attention: str, kernel: str):
     ("fp32", "slots", "8 nodes, 6 with int8 activations, 2 bfloat16; the float32 products left, 1, in bfloat16: MatMulBF16",
      "6 nodes, int8 activations")])
 def test_a_q4_1_export_serves_its_logits_with_matmulq4(tiny_q4_1, head, attention, printed, printed_int8_only, capsys):
-    printed = printed if HAS_BF16 else printed_int8_only
+    printed = printed if HAS_BF16 or HAS_AVX2 else printed_int8_only
     as_written = q4_runner(tiny_q4_1(head), "paged", "onnxruntime")
     assert "4-bit weight products: ONNX Runtime's MatMulNBits (matmul_kernel=onnxruntime)" in capsys.readouterr().out
     rewritten = q4_runner(tiny_q4_1(head), attention, "lepton")
