@@ -340,6 +340,15 @@ VNNI static void tile_int8_vnni(const QProduct *pr, int64_t panel, int64_t m0, i
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
 enum { AVX2_ROWS = 4 }; /* AVX2: rows a pass (2 x 4 accumulators; a half's 8 groups of codes in registers) */
 
+/* The AVX2 paths' `mt` rows of two 8-output halves into Y (through store: the epilogues). */
+static inline __attribute__((always_inline)) AVX2 void store_avx2(const QProduct *pr, int64_t panel, int64_t m, __m256 (*acc)[2],
+                                                                   const int mt) {
+    float out[FEW_ROWS][LANES];
+#pragma GCC unroll 6
+    for (int i = 0; i < mt; i++) _mm256_storeu_ps(out[i], acc[i][0]), _mm256_storeu_ps(out[i] + 8, acc[i][1]);
+    for (int i = 0; i < mt; i++) store(pr, panel, m + i, out[i]);
+}
+
 /* AVX2: per block and half (8 outputs), the 8 groups' codes (an AND, or a shift and an AND, of a vector's 32
  * bytes) times each of `mt` rows' 4 codes of the group, broadcast, with vpmaddubsw (codes unsigned, activations
  * signed: 15 x 127 x 2 at most a pair), the groups' 16-bit sums added (at most 30,480), widened and paired with
@@ -380,10 +389,7 @@ static inline __attribute__((always_inline)) AVX2 void int8_rows_avx2(const QPro
             }
         }
     }
-    float out[FEW_ROWS][LANES];
-#pragma GCC unroll 6
-    for (int i = 0; i < mt; i++) _mm256_storeu_ps(out[i], acc[i][0]), _mm256_storeu_ps(out[i] + 8, acc[i][1]);
-    for (int i = 0; i < mt; i++) store(pr, panel, m + i, out[i]);
+    store_avx2(pr, panel, m, acc, mt);
 }
 
 AVX2 static void tile_int8_avx2(const QProduct *pr, int64_t panel, int64_t m0, int64_t m1) {
@@ -451,10 +457,7 @@ static inline __attribute__((always_inline)) AVX2 void bf16_rows_avx2(const QPro
             }
         }
     }
-    float out[FEW_ROWS][LANES];
-#pragma GCC unroll 6
-    for (int i = 0; i < mt; i++) _mm256_storeu_ps(out[i], acc[i][0]), _mm256_storeu_ps(out[i] + 8, acc[i][1]);
-    for (int i = 0; i < mt; i++) store(pr, panel, m + i, out[i]);
+    store_avx2(pr, panel, m, acc, mt);
 }
 
 AVX2 static void tile_bf16_avx2(const QProduct *pr, int64_t panel, int64_t m0, int64_t m1) {
