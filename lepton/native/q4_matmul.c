@@ -338,7 +338,7 @@ VNNI static void tile_int8_vnni(const QProduct *pr, int64_t panel, int64_t m0, i
 }
 
 #define AVX2 __attribute__((target("avx2,fma,f16c")))
-enum { AVX2_ROWS = 4 }; /* AVX2: rows a pass (2 x 4 accumulators; a half's 8 groups of codes in registers) */
+enum { AVX2_ROWS = 4 }; /* AVX2: rows a pass (int8: 8 16-bit sums and a vector's 4 groups of codes in registers) */
 
 /* The AVX2 paths' `mt` rows of two 8-output halves into Y (through store: the epilogues). */
 static inline __attribute__((always_inline)) AVX2 void store_avx2(const QProduct *pr, int64_t panel, int64_t m, __m256 (*acc)[2],
