@@ -125,6 +125,11 @@ struct CustomOp {
 #define CLONED __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #endif
 
+/* An integer vector sum kept as it is, in a register, at this point: GCC reassociates a chain of integer adds
+ * (sum += p0; sum += p1; ...) into a tree of all the products, which with 8 sums a pass puts every product on
+ * the stack first (AVX2's vpmaddubsw loops: a store and a load per product). Costs no instruction. */
+#define IN_REGISTER(a, b) __asm__("" : "+x"(a), "+x"(b))
+
 /* A status naming what is wrong (format: the operator's name first, then two numbers). */
 static inline OrtStatus *invalid(const char *format, long long a, long long b) {
     char message[256];

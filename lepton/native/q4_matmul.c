@@ -355,7 +355,9 @@ static inline __attribute__((always_inline)) AVX2 void store_avx2(const QProduct
  * added in registers (at most 30,480), then per half widened and paired with vpmaddwd, the offset added: the VNNI
  * path's integers; then its float operations. NOTE: the rows inside the groups' loop, not the halves: with the
  * halves outside it GCC kept each row's broadcasts for the second half on the stack (16 rows 33.99 -> 32.24 ms a
- * step's products, 128 rows 241.1 -> 213.4; docs/performance.md). */
+ * step's products, 128 rows 241.1 -> 213.4); and the sums IN_REGISTER after each group: without it GCC summed a
+ * block's 64 products as a tree, each stored and reloaded (16 rows 576 x 16,384 3,817 -> 2,461 us, 128 rows
+ * 576 x 3,072 6,195 -> 2,893; docs/performance.md). */
 static inline __attribute__((always_inline)) AVX2 void int8_rows_avx2(const QProduct *pr, int64_t panel, int64_t m, const int mt) {
     const uint8_t *codes = pr->b + panel * pr->blocks * BLOCK_BYTES;
     const half_t *scales = pr->scales + panel * pr->blocks * LANES, *mins = pr->mins + panel * pr->blocks * LANES;
@@ -385,6 +387,7 @@ static inline __attribute__((always_inline)) AVX2 void int8_rows_avx2(const QPro
                 const __m256i a1 = _mm256_set1_epi32(four);
                 sum16[i][0] = _mm256_add_epi16(sum16[i][0], _mm256_maddubs_epi16(hi0, a1));
                 sum16[i][1] = _mm256_add_epi16(sum16[i][1], _mm256_maddubs_epi16(hi1, a1));
+                IN_REGISTER(sum16[i][0], sum16[i][1]);
             }
         }
 #pragma GCC unroll 2
