@@ -4,7 +4,8 @@ step), as one ONNX Runtime graph of Lepton's MatMulBF16, MatMulF32 (f32), MatMul
 (MLAS: fp32).
 q4: the layers' MatMulQ4 with bfloat16 activations and the lm_head's MatMulBF16; q4-int8 the same with int8
 activations (MatMulQ4's int8 = 1, accuracy level 4; the q4_1 preset serves 90 of its 120 layer products so, 30
-with bfloat16 activations, and its lm_head in 8 bits, MatMulQ8).
+with bfloat16 activations, and its lm_head in 8 bits, MatMulQ8); q4-int16 the same with int16 activations
+(MatMulQ4's int16 = 1: what those 30 take on a processor with AVX2 but no AVX-512 BF16).
 
     python -m benchmarks.products --kind bf16 --rows 1,16,128
 
@@ -54,13 +55,13 @@ def products_model(kind: str, layers: int = 30, seed: int = 0):
             scales = rng.uniform(1e-3, 2e-2, (panels, k // 32, 16)).astype(np.float16)
             initializers += [numpy_helper.from_array(codes, f"w{i}"), numpy_helper.from_array(scales, f"s{i}")]
             nodes.append(helper.make_node("MatMulQ8", [f"a{k}", f"w{i}", f"s{i}"], [f"y{i}"], domain=DOMAIN, K=k, N=n))
-        elif kind in ("q4", "q4-int8"):
+        elif kind in ("q4", "q4-int8", "q4-int16"):
             codes = rng.integers(0, 256, (panels, k // 32, 256), dtype=np.uint8)
             scales = rng.uniform(1e-3, 2e-2, (2, panels, k // 32, 16)).astype(np.float16)
             initializers += [numpy_helper.from_array(codes, f"w{i}"), numpy_helper.from_array(scales[0], f"s{i}"),
                              numpy_helper.from_array(-8 * scales[1], f"m{i}")]
             nodes.append(helper.make_node("MatMulQ4", [f"a{k}", f"w{i}", f"s{i}", f"m{i}"], [f"y{i}"], domain=DOMAIN,
-                                          K=k, N=n, int8=int(kind == "q4-int8")))
+                                          K=k, N=n, **({"int16": 1} if kind == "q4-int16" else {"int8": int(kind == "q4-int8")})))
         else:
             weight = (rng.standard_normal((n, k)) * 0.02).astype(np.float32)
             initializers.append(numpy_helper.from_array(weight, f"w{i}"))
@@ -74,7 +75,7 @@ def products_model(kind: str, layers: int = 30, seed: int = 0):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.products", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kind", choices=("bf16", "f32", "q8", "q4", "q4-int8", "fp32"), required=True)
+    parser.add_argument("--kind", choices=("bf16", "f32", "q8", "q4", "q4-int8", "q4-int16", "fp32"), required=True)
     parser.add_argument("--rows", default="1,16,128", help="rows (tokens) of each timed run, comma separated")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)

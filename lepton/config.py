@@ -27,7 +27,8 @@ ATTENTION_KERNELS = ("auto", "lepton", "onnxruntime")
 # NOTE: onnxruntime, 8-bit exports (q8_0): "lepton": lepton/native's MatMulQ8 (lepton/native/q8_matmul.c)
 # for ONNX Runtime's MatMulNBits; "onnxruntime": MatMulNBits; "auto": lepton's when its library is built
 # and the processor has AVX-512 VNNI or AVX2 + FMA (lepton/runners/q8_graph.py). 4-bit exports (q4_1): "lepton": MatMulQ4
-# (lepton/native/q4_matmul.c, lepton/runners/q4_graph.py); "auto": with AVX-512 VNNI, AVX-512 BF16 or AVX2 + FMA. float32 exports:
+# (lepton/native/q4_matmul.c, lepton/runners/q4_graph.py; level-0 products with int16 activations where AVX2 has no
+# AVX-512 BF16); "auto": with AVX-512 VNNI, AVX-512 BF16 or AVX2 + FMA. float32 exports:
 # "lepton": MatMulF32 (lepton/native/f32_matmul.c, lepton/runners/f32_graph.py) for MatMul and Gemm; "auto": with
 # AVX-512F or AVX2 + FMA.
 MATMUL_KERNELS = ("auto", "lepton", "onnxruntime")

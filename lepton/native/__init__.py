@@ -10,7 +10,8 @@ Domain ai.lepton:
   them, with the weights packed for AVX-512 VNNI (lepton/runners/q8_graph.py);
 - `MatMulQ4` (q4_matmul.c): the 4-bit weight products of q4_1 exports (w = d q + m per block of 32), the
   activations rounded to bfloat16, packed for AVX-512 BF16, or (a product at accuracy level 4, int8 = 1)
-  quantized to int8 per block of 32, packed for AVX-512 VNNI (lepton/runners/q4_graph.py), and the 4-bit
+  quantized to int8 per block of 32, packed for AVX-512 VNNI (lepton/runners/q4_graph.py), or (level 0 on a
+  processor with AVX2 but no AVX-512 BF16, int16 = 1) quantized to int16 per block of 32, and the 4-bit
   draft of an lm_head that greedy steps read (lepton/runners/draft_head.py);
 - `MatMulBF16` (bf16_matmul.c): a float32 export's weight products in bfloat16 (weight_dtype=bfloat16),
   packed for AVX-512 BF16 (lepton/runners/bf16_graph.py);

@@ -37,6 +37,17 @@
  * plain C, 2 = AVX2 (vpmaddubsw of the codes with a row's 4 codes, broadcast, the 8 groups' pair sums added as
  * 16-bit integers, at most 8 x 2 x 15 x 127 = 30,480: never saturating, then vpmaddwd), 3 = AVX-512 VNNI; all
  * give the same integers and the same float operations in the same order.
+ *
+ * int16 activations (attribute int16 = 1; what the runner asks for at accuracy level 0 on a processor with AVX2
+ * but no AVX-512 BF16, lepton/runners/q4_graph.py): each row of A is quantized per block of 32 to int16 (scale
+ * s = max|a| / 32767, codes rint(a / s), nearest even; an error of at most s / 2, below bfloat16's half unit
+ * in the last place for every input within 128x of its block's largest) and per block y += d s (sum q a_q) +
+ * m sum(a), sum(a) the float sum of the block's inputs. B is packed as for bfloat16 activations: a group's 16
+ * bytes of 8 outputs widened to 16-bit words, an AND gives each output's codes of inputs 4g, 4g + 1 as the
+ * pair vpmaddwd multiplies with a row's two codes of them, a shift its codes of 4g + 2, 4g + 3: 16 products
+ * an instruction, exact in int32 (at most 32 x 15 x 32,767 = 15,728,160 a block, below 2^24: its float32 is
+ * exact too), against 8 an FMA on the bfloat16 path. isa: 1 = plain C, 2 = AVX2 (with F16C); both give the same
+ * integers and the same float operations in the same order.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -62,6 +73,7 @@ typedef struct {
     int64_t k, n;
     int gated;     /* attribute gated = 1 */
     int int8;      /* 1: int8 activations (accuracy level 4) */
+    int int16;     /* 1: int16 activations */
     float epsilon; /* the RMS norm's (input 5, optional) */
     QTileFn tile;
     ConvertFn convert;
@@ -72,11 +84,12 @@ struct QProduct {
     const uint8_t *b;
     const half_t *scales, *mins;
     float *y;
-    uint32_t *pairs; /* [rows, K / 2]: each row's inputs as bfloat16 pairs */
-    float *sums;     /* [rows, K / 32]: each block's sum of the rounded inputs (int8: of the inputs) */
+    uint32_t *pairs; /* [rows, K / 2]: each row's inputs as bfloat16 pairs; int16: as int16 pairs (the even input
+                      * in the low half), AVX2_ROWS rows interleaved, pair by pair ([rows / AVX2_ROWS][K / 2][AVX2_ROWS]) */
+    float *sums;     /* [rows, K / 32]: each block's sum of the rounded inputs (int8, int16: of the inputs) */
     float *rounded;  /* AVX2, bfloat16 activations: [rows / AVX2_ROWS, K, AVX2_ROWS] the rounded inputs as float32 */
     int8_t *aq;      /* int8: [rows, K / 32, 32] the inputs' codes */
-    float *ascale;   /* int8: [rows, K / 32] their scales */
+    float *ascale;   /* int8, int16: [rows, K / 32] their scales */
     int32_t *offset; /* int8: [rows, K / 32] -8 x the block's sum of codes */
     int64_t rows, k, n, blocks, pairs_per_row, panels, chunks;
     const float *residual;       /* NULL, or R [rows, N]: Y = R + A W^T */
@@ -482,6 +495,123 @@ AVX2 static void tile_bf16_avx2(const QProduct *pr, int64_t panel, int64_t m0, i
     FEW_ROWS_AT_A_TIME(bf16_rows_avx2, pr, panel, m0, m1, AVX2_ROWS);
 }
 
+/* ---- int16 activations (AVX2 without AVX-512 BF16) --------------------------------------------- */
+
+enum { INT16_TOP = 32767 }; /* the largest int16 code */
+
+/* Row m's int16 pairs, AVX2_ROWS rows interleaved (QProduct.pairs). */
+static inline uint32_t *int16_pairs(const QProduct *pr, int64_t m) {
+    return pr->pairs + m / AVX2_ROWS * pr->pairs_per_row * AVX2_ROWS + m % AVX2_ROWS;
+}
+
+/* Rows [CONVERT_ROWS task, ...) of A to int16 per block of 32 (scale max|a| / 32767, a x (1 / scale) rounded to
+ * nearest even: the same codes from every clone), into their interleaved pairs; each block's scale and its float
+ * sum of the inputs (quantize_rows_int8's order). */
+CLONED
+static void quantize_rows_int16(void *data, size_t task) {
+    const QProduct *pr = data;
+    for (int64_t m = (int64_t)task * CONVERT_ROWS; m < range_end((int64_t)task, CONVERT_ROWS, pr->rows); m++) {
+        uint32_t *p = int16_pairs(pr, m);
+        for (int64_t blk = 0; blk < pr->blocks; blk++) {
+            const int64_t at = m * pr->blocks + blk;
+            const float *x = pr->a + m * pr->k + blk * BLOCK;
+            float top = 0.0f;
+#pragma omp simd reduction(max : top)
+            for (int i = 0; i < BLOCK; i++) top = fabsf(x[i]) > top ? fabsf(x[i]) : top;
+            const float scale = top / (float)INT16_TOP, inverse = top != 0.0f ? 1.0f / scale : 0.0f;
+            int16_t q[BLOCK];
+#pragma omp simd
+            for (int i = 0; i < BLOCK; i++) q[i] = (int16_t)__builtin_rintf(x[i] * inverse);
+            for (int j = 0; j < PAIRS; j++)
+                p[(blk * PAIRS + j) * AVX2_ROWS] = (uint32_t)(uint16_t)q[2 * j] | (uint32_t)(uint16_t)q[2 * j + 1] << 16;
+            float part[8]; /* NOTE: quantize_rows_int8's fixed order: 8 columns, then a tree */
+            for (int i = 0; i < 8; i++) part[i] = ((x[i] + x[8 + i]) + x[16 + i]) + x[24 + i];
+            pr->ascale[at] = scale;
+            pr->sums[at] = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+        }
+    }
+}
+
+static inline int32_t int16_low(uint32_t pair) { return (int16_t)(uint16_t)(pair & 0xffffu); }
+static inline int32_t int16_high(uint32_t pair) { return (int16_t)(uint16_t)(pair >> 16); }
+
+/* Plain C: per output and block the integer dot, then acc = fma(dot, d s, acc) and fma(sum, m, acc), as the AVX2 path. */
+static void tile_int16_generic(const QProduct *pr, int64_t panel, int64_t m0, int64_t m1) {
+    const uint8_t *codes = pr->b + panel * pr->blocks * BLOCK_BYTES;
+    const half_t *scales = pr->scales + panel * pr->blocks * LANES, *mins = pr->mins + panel * pr->blocks * LANES;
+    for (int64_t m = m0; m < m1; m++) {
+        const uint32_t *p = int16_pairs(pr, m);
+        float acc[LANES] = {0};
+        for (int64_t blk = 0; blk < pr->blocks; blk++) {
+            const int64_t at = m * pr->blocks + blk;
+            const uint8_t *w = codes + blk * BLOCK_BYTES;
+            for (int l = 0; l < LANES; l++) {
+                int32_t dot = 0;
+                for (int g = 0; g < GROUPS; g++)
+                    for (int half = 0; half < 2; half++) { /* NOTE: low nibbles: inputs 4g, 4g + 1 (pair 2g); high: pair 2g + 1 */
+                        const uint32_t pair = p[(blk * PAIRS + 2 * g + half) * AVX2_ROWS];
+                        const int shift = 4 * half;
+                        dot += ((w[g * GROUP_BYTES + 2 * l] >> shift) & 15) * int16_low(pair) +
+                               ((w[g * GROUP_BYTES + 2 * l + 1] >> shift) & 15) * int16_high(pair);
+                    }
+                const float d = (float)scales[blk * LANES + l];
+                acc[l] = fmaf((float)dot, d * pr->ascale[at], acc[l]);
+                acc[l] = fmaf(pr->sums[at], (float)mins[blk * LANES + l], acc[l]);
+            }
+        }
+        store(pr, panel, m, acc);
+    }
+}
+
+/* AVX2: per block and group, each 8-output half's 16 bytes widened to words (an AND: the codes of the pair 2g, a
+ * shift: of 2g + 1, as vpmaddwd pairs them) times each of `mt` rows' two pairs, broadcast, with vpmaddwd, added
+ * into int32 dots (IN_REGISTER: see int8_rows_avx2); per block the dots scaled into acc: plain C's integers and
+ * float operations (harness, one thread, 1,536 x 576: 1 row 61.5 -> 23.6 us, 16 rows 550 -> 259, 128 rows 4,595 ->
+ * 2,053 against the bfloat16 path; docs/performance.md). */
+static inline __attribute__((always_inline)) AVX2 void int16_rows_avx2(const QProduct *pr, int64_t panel, int64_t m, const int mt) {
+    const uint8_t *codes = pr->b + panel * pr->blocks * BLOCK_BYTES;
+    const half_t *scales = pr->scales + panel * pr->blocks * LANES, *mins = pr->mins + panel * pr->blocks * LANES;
+    const int32_t *p = (const int32_t *)int16_pairs(pr, m); /* NOTE: m is a multiple of AVX2_ROWS */
+    const __m256i nibble = _mm256_set1_epi16(0x000f);
+    __m256 acc[FEW_ROWS][2];
+    for (int i = 0; i < mt; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int64_t blk = 0; blk < pr->blocks; blk++) {
+        const uint8_t *w = codes + blk * BLOCK_BYTES;
+        __m256i dot[FEW_ROWS][2];
+        for (int i = 0; i < mt; i++) dot[i][0] = dot[i][1] = _mm256_setzero_si256();
+        for (int g = 0; g < GROUPS; g++) {
+            const __m256i b0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(w + g * GROUP_BYTES)));
+            const __m256i b1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(w + g * GROUP_BYTES + 16)));
+            const __m256i lo0 = _mm256_and_si256(b0, nibble), lo1 = _mm256_and_si256(b1, nibble);
+            const __m256i hi0 = _mm256_srli_epi16(b0, 4), hi1 = _mm256_srli_epi16(b1, 4);
+            for (int i = 0; i < mt; i++) {
+                const __m256i a0 = _mm256_set1_epi32(p[(blk * PAIRS + 2 * g) * AVX2_ROWS + i]);
+                const __m256i a1 = _mm256_set1_epi32(p[(blk * PAIRS + 2 * g + 1) * AVX2_ROWS + i]);
+                dot[i][0] = _mm256_add_epi32(dot[i][0], _mm256_madd_epi16(lo0, a0));
+                dot[i][1] = _mm256_add_epi32(dot[i][1], _mm256_madd_epi16(lo1, a0));
+                dot[i][0] = _mm256_add_epi32(dot[i][0], _mm256_madd_epi16(hi0, a1));
+                dot[i][1] = _mm256_add_epi32(dot[i][1], _mm256_madd_epi16(hi1, a1));
+                IN_REGISTER(dot[i][0], dot[i][1]);
+            }
+        }
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; h++) {
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scales + blk * LANES + 8 * h)));
+            const __m256 c = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mins + blk * LANES + 8 * h)));
+            for (int i = 0; i < mt; i++) {
+                const int64_t at = (m + i) * pr->blocks + blk;
+                acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[i][h]), _mm256_mul_ps(d, _mm256_set1_ps(pr->ascale[at])), acc[i][h]);
+                acc[i][h] = _mm256_fmadd_ps(_mm256_set1_ps(pr->sums[at]), c, acc[i][h]);
+            }
+        }
+    }
+    store_avx2(pr, panel, m, acc, mt);
+}
+
+AVX2 static void tile_int16_avx2(const QProduct *pr, int64_t panel, int64_t m0, int64_t m1) {
+    FEW_ROWS_AT_A_TIME(int16_rows_avx2, pr, panel, m0, m1, AVX2_ROWS);
+}
+
 PRODUCT_TASK(QProduct)
 
 /* ---- the operator ------------------------------------------------------------------------------ */
@@ -512,8 +642,10 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     TRY(normalized_input(OP, context, 5, pr.rows, pr.k, kernel->epsilon, &pr.a, &normed));
     const size_t values = (size_t)(pr.rows * pr.blocks);
     const int rounded = kernel->convert == convert_rows_rounded;
-    char *buffer = kernel->int8 ? malloc(values * (BLOCK + 3 * sizeof(float)))
-                                : malloc((size_t)(pr.rows * pr.pairs_per_row) * sizeof(uint32_t) + values * sizeof(float) +
+    const size_t interleaved = (size_t)((pr.rows + AVX2_ROWS - 1) / AVX2_ROWS * AVX2_ROWS * pr.pairs_per_row); /* NOTE: int16 pairs */
+    char *buffer = kernel->int8    ? malloc(values * (BLOCK + 3 * sizeof(float)))
+                   : kernel->int16 ? malloc(interleaved * sizeof(uint32_t) + 2 * values * sizeof(float))
+                                   : malloc((size_t)(pr.rows * pr.pairs_per_row) * sizeof(uint32_t) + values * sizeof(float) +
                                          (rounded ? (size_t)((pr.rows + AVX2_ROWS - 1) / AVX2_ROWS * AVX2_ROWS * pr.k) * sizeof(float) : 0));
     if (!buffer) {
         free(normed);
@@ -524,6 +656,10 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
         pr.ascale = pr.sums + values;
         pr.offset = (int32_t *)(pr.ascale + values);
         pr.aq = (int8_t *)(pr.offset + values);
+    } else if (kernel->int16) { /* NOTE: the last pairs' rows past `rows` are never read */
+        pr.pairs = (uint32_t *)buffer;
+        pr.sums = (float *)(pr.pairs + interleaved);
+        pr.ascale = pr.sums + values;
     } else {
         pr.pairs = (uint32_t *)buffer;
         pr.sums = (float *)(pr.pairs + pr.rows * pr.pairs_per_row);
@@ -557,6 +693,15 @@ static int bfloat16_best_isa(void) {
     return bfloat16_runs(BF16_ISA_AVX512) ? BF16_ISA_AVX512 : bfloat16_runs(BF16_ISA_AVX2) ? BF16_ISA_AVX2 : BF16_ISA_GENERIC;
 }
 
+/* int16 activations: 1 plain C, 2 AVX2 (with FMA and F16C). */
+static int int16_runs(int isa) {
+    __builtin_cpu_init();
+    return isa == BF16_ISA_GENERIC || (isa == BF16_ISA_AVX2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                                         __builtin_cpu_supports("f16c"));
+}
+
+static int int16_best_isa(void) { return int16_runs(BF16_ISA_AVX2) ? BF16_ISA_AVX2 : BF16_ISA_GENERIC; }
+
 static int int8_best_isa(void) {
     return int8_runs(BF16_ISA_AVX512) ? BF16_ISA_AVX512 : int8_runs(BF16_ISA_AVX2) ? BF16_ISA_AVX2 : BF16_ISA_GENERIC;
 }
@@ -571,9 +716,21 @@ static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const O
         return invalid(OP ": int8 = %lld, expected 0 (bfloat16 activations) or %lld (int8 activations)", (long long)int8, 1);
     }
     kernel->int8 = (int)int8;
+    const int64_t int16 = optional_int(info, "int16", 0);
+    if (int16 != 0 && int16 != 1) {
+        free(kernel);
+        return invalid(OP ": int16 = %lld, expected 0 (bfloat16 activations) or %lld (int16 activations)", (long long)int16, 1);
+    }
+    if (int8 && int16) {
+        free(kernel);
+        return invalid(OP ": int8 = %lld and int16 = %lld: one kind of activations, not both", 1, 1);
+    }
+    kernel->int16 = (int)int16;
     int isa = 0;
     OrtStatus *status =
-        int8 ? product_attributes(OP, info, BLOCK, "K = %lld is not a positive multiple of the block size %lld", int8_runs,
+        int16 ? product_attributes(OP, info, BLOCK, "K = %lld is not a positive multiple of the block size %lld", int16_runs,
+                                   int16_best_isa(), "int16 = 1: 1 plain C, 2 AVX2", &kernel->k, &kernel->n, &isa, &kernel->gated)
+        : int8 ? product_attributes(OP, info, BLOCK, "K = %lld is not a positive multiple of the block size %lld", int8_runs,
                                   int8_best_isa(), "int8 = 1: 1 plain C, 2 AVX2, 3 AVX-512 VNNI", &kernel->k, &kernel->n, &isa,
                                   &kernel->gated)
              : product_attributes(OP, info, BLOCK, "K = %lld is not a positive multiple of the block size %lld", bfloat16_runs,
@@ -584,7 +741,10 @@ static OrtStatus *create_kernel(const CustomOp *op, const void *ort_api, const O
         free(kernel);
         return status;
     }
-    if (int8) {
+    if (int16) {
+        kernel->tile = isa == BF16_ISA_AVX2 ? tile_int16_avx2 : tile_int16_generic;
+        kernel->convert = quantize_rows_int16;
+    } else if (int8) {
         kernel->tile = isa == BF16_ISA_AVX512 ? tile_int8_vnni : isa == BF16_ISA_AVX2 ? tile_int8_avx2 : tile_int8_generic;
         kernel->convert = isa == BF16_ISA_AVX512 ? quantize_rows_int8_avx512 : quantize_rows_int8;
     } else {

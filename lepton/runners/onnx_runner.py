@@ -23,7 +23,7 @@ from lepton.runners.f32_graph import f32_graph
 from lepton.runners.epilogue_graph import epilogue_graph
 from lepton.runners.norm_graph import norm_graph
 from lepton.runners.q4_graph import INT8_LEVEL, q4_graph
-from lepton.runners.q8_graph import bfloat16_kernels, matmul_kernel, q8_graph
+from lepton.runners.q8_graph import bfloat16_kernels, int16_activations, matmul_kernel, q8_graph
 from lepton.runners.rescore_graph import rescore_graph
 
 INDEX_INPUTS = (
@@ -165,16 +165,16 @@ class OnnxRunner:
                                     int8_activations=quantization.accuracy_level == INT8_LEVEL)
         if kernel == "lepton" and self.manifest.external_data is not None:
             kernel, why = "onnxruntime", "the export keeps its weights in an external file"
-        count, head, head8, int8, epilogues, rescored = 0, 0, 0, 0, (0, 0, 0), 0
+        count, head, head8, int8, int16, epilogues, rescored = 0, 0, 0, 0, 0, (0, 0, 0), 0
         if kernel == "lepton":
             model = onnx.load(str(path / self.manifest.model_file)) if model is None else model
             if method == "q8_0":
                 count = q8_graph(model)
             else:  # NOTE: an 8-bit lm_head (--lm-head q8_0) beside the 4-bit layers goes to MatMulQ8
-                count, head = q4_graph(model, bfloat16_kernels(config.runner.matmul_kernel))
+                count, head = q4_graph(model, bfloat16_kernels(config.runner.matmul_kernel), int16_activations())
                 head8 = q8_graph(model) if count else 0
-                int8 = sum(node.op_type == "MatMulQ4" and any(a.name == "int8" and a.i for a in node.attribute)
-                           for node in model.graph.node)
+                int8, int16 = (sum(node.op_type == "MatMulQ4" and any(a.name == name and a.i for a in node.attribute)
+                                   for node in model.graph.node) for name in ("int8", "int16"))
             if not count:
                 why = ("no MatMulNBits node of 8 bits, blocks of 32, accuracy level 4" if method == "q8_0"
                        else "no q4_1 product (4-bit MatMulNBits in blocks of 32 plus its offsets)")
@@ -186,8 +186,9 @@ class OnnxRunner:
         else:
             rest = (f"; the float32 products left, {head}, in bfloat16: MatMulBF16" if head else "") + (
                 f"; the 8-bit ones, {head8}: MatMulQ8" if head8 else "")
-            activations = (f", {int8} with int8 activations, {count - int8} bfloat16" if int8 and int8 < count
-                           else ", int8 activations" if int8 else "")
+            others = "int16" if int16 else "bfloat16"
+            activations = (f", {int8} with int8 activations, {count - int8} {others}" if int8 and int8 < count
+                           else ", int8 activations" if int8 else ", int16 activations" if int16 else "")
             what = (f"Lepton's MatMulQ4 ({count} nodes{activations}{rest}; {why})" if count
                     else f"ONNX Runtime's MatMulNBits ({why})")
             print(f"[lepton] 4-bit weight products: {what}", flush=True)

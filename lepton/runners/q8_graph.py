@@ -139,3 +139,13 @@ def bfloat16_kernels(setting: str, cpu: dict | None = None) -> bool:
     have plain C only, ~10x slower: lepton/runners/q4_graph.py leaves those products to ONNX Runtime)."""
     cpu = cpu_features() if cpu is None else cpu
     return bool((cpu.get("avx512_bf16") and cpu.get("avx512f")) or (cpu.get("avx2") and cpu.get("fma")))
+
+
+def int16_activations(cpu: dict | None = None) -> bool:
+    """Whether MatMulQ4's products at accuracy level 0 take int16 activations (int16 = 1) rather than bfloat16:
+    where the processor has AVX2 + FMA but no AVX-512 BF16. There the bfloat16 path widens the codes to float32
+    and multiplies with FMAs (8 products an instruction), int16 codes with vpmaddwd (16, exact in int32), and
+    int16 per block of 32 is the more exact rounding (lepton/native/q4_matmul.c; an AVX2-only EPYC, one thread,
+    1,536 x 576: 16 rows 550 -> 259 us, docs/performance.md). With AVX-512 BF16, vdpbf16ps (32 products) stays."""
+    cpu = cpu_features() if cpu is None else cpu
+    return bool(not (cpu.get("avx512_bf16") and cpu.get("avx512f")) and cpu.get("avx2") and cpu.get("fma"))

@@ -35,6 +35,8 @@ PATHS = {
     "MatMulQ4 int8, C": ("MatMulQ4", {"int8": 1, "isa": 1}, True),
     "MatMulQ4 int8, AVX2": ("MatMulQ4", {"int8": 1, "isa": 2}, HAS_AVX2),
     "MatMulQ4 int8, AVX-512 VNNI": ("MatMulQ4", {"int8": 1, "isa": 3}, HAS_VNNI),
+    "MatMulQ4 int16, C": ("MatMulQ4", {"int16": 1, "isa": 1}, True),
+    "MatMulQ4 int16, AVX2": ("MatMulQ4", {"int16": 1, "isa": 2}, HAS_AVX2),
     "MatMulQ8, C": ("MatMulQ8", {"isa": 1}, True),
     "MatMulQ8, AVX2": ("MatMulQ8", {"isa": 2}, True),
     "MatMulQ8, AVX-512 VNNI": ("MatMulQ8", {"isa": 3}, HAS_VNNI),

@@ -21,7 +21,7 @@ from lepton.native import DOMAIN, LIBRARY
 from lepton.runners import make_runner, open_folder
 from lepton.runners.bf16_graph import from_bf16, to_bf16
 from lepton.runners.q4_graph import pack, q4_graph, unpack_codes
-from lepton.runners.q8_graph import bfloat16_kernels, matmul_kernel
+from lepton.runners.q8_graph import bfloat16_kernels, int16_activations, matmul_kernel
 from tests.export.conftest import cpu_flags
 from tests.export.test_bf16_matmul import CASES as BF16_CASES, session
 from tests.export.test_slot_runner import BLOCK_SIZE, run_schedule
@@ -31,6 +31,7 @@ HAS_VNNI = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c"} <= cpu_fla
 HAS_AVX2 = {"avx2", "fma", "f16c"} <= cpu_flags()
 ISAS = [1, pytest.param(2, marks=pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 + FMA + F16C on this processor")),
         pytest.param(3, marks=pytest.mark.skipif(not HAS_BF16, reason="no AVX-512 BF16 on this processor"))]
+INT16_ISAS = [1, pytest.param(2, marks=pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 + FMA + F16C on this processor"))]
 INT8_ISAS = [1, pytest.param(2, marks=pytest.mark.skipif(not HAS_AVX2, reason="no AVX2 + FMA + F16C on this processor")),
              pytest.param(3, marks=pytest.mark.skipif(not HAS_VNNI, reason="no AVX-512 VNNI on this processor"))]
 
@@ -135,6 +136,61 @@ def test_int8_dots_at_their_largest_do_not_saturate(isa):
     np.testing.assert_allclose(got, int8_product(a, codes, scales, mins), rtol=1e-7, atol=1e-6)  # NOTE: s = 1 / 127 in float32
 
 
+def int16_product(a: np.ndarray, codes, scales, mins) -> np.ndarray:
+    """What int16 = 1 computes, in float64: per block of 32, codes c = rint(a / s) (s = max|a| / 32767 in
+    float32, rounded as the kernel rounds a x (1 / s)), then d s sum q c + m sum(a)."""
+    n, blocks, _ = codes.shape
+    x = a.reshape(-1, blocks, 32)
+    top = np.abs(x).max(-1, keepdims=True)
+    scale = top / np.float32(32767)
+    inverse = np.where(top != 0, np.float32(1) / np.where(top != 0, scale, 1), 0).astype(np.float32)
+    c = np.rint(x * inverse).astype(np.float64)
+    assert np.abs(c).max() <= 32767
+    dots = np.einsum("rbi,nbi->rbn", c, codes.astype(np.float64)) * scale.astype(np.float64)  # [rows, blocks, N]
+    y = (dots * scales.T.astype(np.float64)).sum(1) + x.astype(np.float64).sum(-1) @ mins.T.astype(np.float64)
+    return y.reshape(*a.shape[:-1], n)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("isa", INT16_ISAS)
+def test_int16_activations_give_the_product_of_block_quantized_activations_and_q4_1_weights(case, isa):
+    k, n, rows = CASES[case]
+    rng = np.random.default_rng(len(case) + 2)
+    codes, scales, mins = q4_weights(rng, n, k)
+    a = rng.standard_normal((*rows, k)).astype(np.float32)
+    if a.size > 32:
+        a.reshape(-1, k)[0, :32] = 0.0  # NOTE: a block of zeros: scale 0, codes 0
+    a.reshape(-1, k)[-1, -32:] *= 300.0  # NOTE: an outlier block
+    want = int16_product(a, codes, scales, mins)
+    arrays = pack(codes, scales, mins)  # NOTE: packed as for bfloat16 activations
+    got = session(product_model(k, n, arrays, rank=len(rows) + 1, int16=1, isa=isa)).run(None, {"a": a})[0]
+    assert got.shape == (*rows, n)
+    # NOTE: integer dots are exact (and their float32), float32 scaling and sums per block
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.sqrt(k) * np.abs(want).max())
+    if isa != 1:  # NOTE: the same integers and float operations in the same order as plain C
+        plain = session(product_model(k, n, arrays, rank=len(rows) + 1, int16=1, isa=1)).run(None, {"a": a})[0]
+        np.testing.assert_array_equal(got, plain)
+    # NOTE: nearer the exact product than bfloat16 activations are
+    exact = a.astype(np.float64) @ dequantized(codes, scales, mins).T
+    bf16 = from_bf16(to_bf16(a)).astype(np.float64) @ dequantized(codes, scales, mins).T
+    if k >= 32 * 2:
+        assert np.abs(got - exact).max() < 0.1 * np.abs(bf16 - exact).max()
+
+
+@pytest.mark.parametrize("isa", INT16_ISAS)
+def test_int16_dots_at_their_largest_stay_exact(isa):
+    # NOTE: codes 15 and activation codes +-32767 everywhere: a block's dot +-15,728,160, exact in int32 and float32
+    k, n = 96, 32
+    codes = np.full((n, k // 32, 32), 15, np.uint8)
+    scales, mins = np.full((n, k // 32), 0.5, np.float32), np.zeros((n, k // 32), np.float32)
+    a = np.ones((3, k), np.float32)
+    a[1] = -1.0
+    a[2, ::2] = -1.0  # NOTE: signs alternating: pairs that cancel
+    got = session(product_model(k, n, pack(codes, scales, mins), int16=1, isa=isa)).run(None, {"a": a})[0]
+    np.testing.assert_allclose(got, np.array([[7.5 * k] * n, [-7.5 * k] * n, [0.0] * n]), rtol=1e-6, atol=0)
+    np.testing.assert_allclose(got, int16_product(a, codes, scales, mins), rtol=1e-7, atol=0)
+
+
 def test_pack_puts_each_code_where_the_kernel_reads_it():
     n, k = 20, 64
     codes = (np.arange(n * k).reshape(n, k // 32, 32) * 7 % 16).astype(np.uint8)
@@ -183,6 +239,12 @@ def test_bad_inputs_are_refused_with_the_input_and_the_limit():
         pack(codes + 1, scales, mins)
     with pytest.raises(Exception, match=r"MatMulQ4: int8 = 2, expected 0 \(bfloat16 activations\) or 1 \(int8 activations\)"):
         session(product_model(64, 16, arrays, int8=2))
+    with pytest.raises(Exception, match=r"MatMulQ4: int16 = 2, expected 0 \(bfloat16 activations\) or 1 \(int16 activations\)"):
+        session(product_model(64, 16, arrays, int16=2))
+    with pytest.raises(Exception, match=r"MatMulQ4: int8 = 1 and int16 = 1: one kind of activations, not both"):
+        session(product_model(64, 16, arrays, int8=1, int16=1))
+    with pytest.raises(Exception, match=r"isa = 3 needs instructions this processor lacks \(int16 = 1: 1 plain C, 2 AVX2"):
+        session(product_model(64, 16, arrays, int16=1, isa=3))
     if not HAS_BF16:
         with pytest.raises(Exception, match="isa = 3 needs instructions this processor lacks"):
             session(product_model(64, 16, arrays, isa=3))
@@ -233,9 +295,33 @@ def test_the_rewrite_takes_the_q4_1_products_and_leaves_the_head_to_matmulbf16()
     np.testing.assert_allclose(got[0], want[0], rtol=0, atol=0.02 * np.abs(want[0]).max())
 
 
-def int8_attributes(model: onnx.ModelProto) -> list[int]:
+def int8_attributes(model: onnx.ModelProto, name: str = "int8") -> list[int]:
     return [helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "MatMulQ4" for a in n.attribute
-            if a.name == "int8"]
+            if a.name == name]
+
+
+def test_with_int16_the_products_at_accuracy_level_0_take_int16_activations():
+    model = q4_1_graph(np.random.default_rng(5), accuracy_level=4)
+    first = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+    next(a for a in first.attribute if a.name == "accuracy_level").i = 0  # NOTE: a product kept in float (float_share)
+    x = np.random.default_rng(6).standard_normal((20, 64)).astype(np.float32)
+    want = session(model).run(None, {"x": x})
+    assert q4_graph(model, int16=True) == (2, 1)
+    # NOTE: the level-4 product keeps int8, the level-0 one takes int16 (and no int8 attribute)
+    assert int8_attributes(model) == [1] and int8_attributes(model, "int16") == [1]
+    got = session(model).run(None, {"x": x})
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], rtol=0, atol=0.02 * np.abs(want[0]).max())
+    level0 = q4_1_graph(np.random.default_rng(5))
+    q4_graph(level0, int16=True)
+    assert int8_attributes(level0) == [] and int8_attributes(level0, "int16") == [1, 1]
+
+
+def test_int16_activations_where_avx2_has_no_avx512_bf16():
+    avx2 = {"avx2": True, "fma": True}
+    assert int16_activations(avx2) and int16_activations(avx2 | {"avx512f": True, "avx512_vnni": True})
+    assert not int16_activations(avx2 | {"avx512f": True, "avx512_bf16": True})
+    assert not int16_activations({"avx2": True}) and not int16_activations({})
 
 
 @pytest.mark.skipif(not (HAS_VNNI or HAS_AVX2), reason="neither AVX-512 VNNI nor AVX2 on this processor")
@@ -322,6 +408,8 @@ def q4_runner(export_dir, attention: str, kernel: str):
      "6 nodes, int8 activations")])
 def test_a_q4_1_export_serves_its_logits_with_matmulq4(tiny_q4_1, head, attention, printed, printed_int8_only, capsys):
     printed = printed if HAS_BF16 or HAS_AVX2 else printed_int8_only
+    if HAS_AVX2 and not HAS_BF16:  # NOTE: the level-0 products take int16 activations there (int16_activations)
+        printed = printed.replace("2 bfloat16", "2 int16")
     as_written = q4_runner(tiny_q4_1(head), "paged", "onnxruntime")
     assert "4-bit weight products: ONNX Runtime's MatMulNBits (matmul_kernel=onnxruntime)" in capsys.readouterr().out
     rewritten = q4_runner(tiny_q4_1(head), attention, "lepton")
