@@ -60,6 +60,8 @@ struct BProduct {
     float *y;
     uint32_t *pairs; /* each row's inputs as bfloat16 pairs (low half the even input), in tiles of tile_rows rows:
                       * [tiles, K / 2, tile_rows], so that a tile's rows are one pointer and constant offsets */
+    float *rounded;  /* AVX2 (instead of pairs): each row's inputs rounded to bfloat16, as float32, in the same tiles:
+                      * [tiles, K, tile_rows] */
     int64_t rows, k, n, pairs_per_row, panels, chunks, tile_rows;
     const float *residual;       /* NULL, or R [rows, N]: Y = R + A W^T */
     int64_t gated, row0, panel0; /* gated: Y [rows, N / 2] = silu(gate) x up (ort.h PRODUCT_TASK) */
@@ -124,26 +126,31 @@ static inline __attribute__((always_inline)) BF16 void bf16_rows(const BProduct 
 
 /* AVX2 + FMA: a pair's 64 bytes as two halves of 8 outputs, each widened to its odd and even inputs' float32
  * weights (an AND and a shift), then per row acc = fma(odd input, odd weight, acc) and fma(even, even, acc), as
- * the plain C path; AVX2_ROWS rows of one tile a pass. */
+ * the plain C path, the inputs broadcast from the rows' rounded float32 (convert_rows_avx2); AVX2_ROWS rows of one
+ * tile a pass. NOTE: with the rows' bfloat16 pairs split in the loop (a broadcast, an AND and a shift a row and
+ * pair) the loop needed one register more than AVX2's 16 and spilled (harness, one thread, 1,536 x 576: 4 rows
+ * 116 -> 85 us, 16 rows 422 -> 366, 128 rows 3,714 -> 3,247; docs/performance.md). */
 #define AVX2 __attribute__((target("avx2,fma")))
 static inline __attribute__((always_inline)) AVX2 void bf16_rows_avx2(const BProduct *pr, int64_t panel, int64_t m, const int mt) {
     const uint8_t *w = (const uint8_t *)(pr->b + panel * pr->pairs_per_row * 2 * LANES);
-    const uint32_t *p = row_pairs(pr, m);
     const int64_t stride = pr->tile_rows;
+    const float *x = pr->rounded + (m / stride) * pr->k * stride + m % stride; /* NOTE: input k of row m + i: x[k stride + i] */
     const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
     __m256 lo[FEW_ROWS], hi[FEW_ROWS];
     for (int i = 0; i < mt; i++) lo[i] = hi[i] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < pr->pairs_per_row; j++, p += stride) {
+    for (int64_t j = 0; j < pr->pairs_per_row; j++, x += 2 * stride) {
         if (mt > PREFETCH_ROWS) _mm_prefetch((const char *)(w + j * PAIR_BYTES + PREFETCH_BYTES), _MM_HINT_T0);
         const __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + j * PAIR_BYTES));
         const __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + j * PAIR_BYTES + 32));
         const __m256 w0_odd = _mm256_castsi256_ps(_mm256_and_si256(w0, high)), w0_even = _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16));
         const __m256 w1_odd = _mm256_castsi256_ps(_mm256_and_si256(w1, high)), w1_even = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16));
         for (int i = 0; i < mt; i++) {
-            const __m256i pair = _mm256_set1_epi32((int)p[i]);
-            const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(pair, high)), even = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
-            lo[i] = _mm256_fmadd_ps(even, w0_even, _mm256_fmadd_ps(odd, w0_odd, lo[i]));
-            hi[i] = _mm256_fmadd_ps(even, w1_even, _mm256_fmadd_ps(odd, w1_odd, hi[i]));
+            const __m256 odd = _mm256_broadcast_ss(x + stride + i);
+            lo[i] = _mm256_fmadd_ps(odd, w0_odd, lo[i]);
+            hi[i] = _mm256_fmadd_ps(odd, w1_odd, hi[i]);
+            const __m256 even = _mm256_broadcast_ss(x + i);
+            lo[i] = _mm256_fmadd_ps(even, w0_even, lo[i]);
+            hi[i] = _mm256_fmadd_ps(even, w1_even, hi[i]);
         }
     }
     float out[FEW_ROWS][LANES];
@@ -156,11 +163,15 @@ AVX2 static void tile_avx2(const BProduct *pr, int64_t panel, int64_t m0, int64_
     FEW_ROWS_AT_A_TIME(bf16_rows_avx2, pr, panel, m0, m1, AVX2_ROWS); /* NOTE: tiles of 16 or 8 rows: passes of 4 stay in one */
 }
 
-/* convert_rows_generic compiled for AVX2 (the same bits; the rounding's loop vectorizes). */
+/* Rows [CONVERT_ROWS x task, ...) of A rounded as convert_rows_generic rounds them (the same bits), kept as float32
+ * in their tiles of `rounded`. */
 AVX2 static void convert_rows_avx2(void *data, size_t task) {
     const BProduct *pr = data;
-    for (int64_t m = (int64_t)task * CONVERT_ROWS; m < range_end((int64_t)task, CONVERT_ROWS, pr->rows); m++)
-        bf16_pairs_strided(pr->a + m * pr->k, row_pairs(pr, m), pr->k, pr->tile_rows);
+    for (int64_t m = (int64_t)task * CONVERT_ROWS; m < range_end((int64_t)task, CONVERT_ROWS, pr->rows); m++) {
+        const float *a = pr->a + m * pr->k;
+        float *x = pr->rounded + (m / pr->tile_rows) * pr->k * pr->tile_rows + m % pr->tile_rows;
+        for (int64_t i = 0; i < pr->k; i++) x[i * pr->tile_rows] = from_bf16(to_bf16(a[i]));
+    }
 }
 
 BF16 static void tile_bf16(const BProduct *pr, int64_t panel, int64_t m0, int64_t m1) {
@@ -191,8 +202,13 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     TRY(normalized_input(OP, context, 3, pr.rows, pr.k, kernel->epsilon, &pr.a, &normed));
     pr.tile_rows = pr.rows <= TILE_ROWS ? pr.rows : PASS_ROWS;
     const int64_t padded = (pr.rows + pr.tile_rows - 1) / pr.tile_rows * pr.tile_rows; /* NOTE: the last tile's rows past `rows` are never read */
-    pr.pairs = malloc((size_t)(padded * pr.pairs_per_row) * sizeof(uint32_t));
-    if (!pr.pairs) {
+    const int rounded = kernel->convert == convert_rows_avx2;
+    void *buffer = malloc((size_t)(padded * pr.pairs_per_row) * (rounded ? 2 * sizeof(float) : sizeof(uint32_t)));
+    if (rounded)
+        pr.rounded = buffer;
+    else
+        pr.pairs = buffer;
+    if (!buffer) {
         free(normed);
         return out_of_memory(OP);
     }
@@ -200,7 +216,7 @@ static OrtStatus *compute(void *kernel_data, OrtKernelContext *context) {
     pr.chunks = (pr.rows + ROW_CHUNK - 1) / ROW_CHUNK;
     prepare_then_multiply(context, kernel->convert, (size_t)((pr.rows + CONVERT_ROWS - 1) / CONVERT_ROWS), pr.rows * pr.k,
                           product_task, product_tasks(&pr), &pr);
-    free(pr.pairs);
+    free(buffer);
     free(normed);
     return NULL;
 }
