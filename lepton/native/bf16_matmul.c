@@ -19,7 +19,7 @@
  * the pair's sum once instead of twice, so paths agree to float32 rounding, not bit for bit.
  *
  * Work: the rows of A are rounded once (on ONNX Runtime's intra-op threads when there are many) into tiles of
- * rows (pair j of a tile's rows side by side), then each task computes one panel of 16 outputs for up to 64
+ * rows (pair j of a tile's rows side by side; on the AVX2 path input k as float32), then each task computes one panel of 16 outputs for up to 64
  * rows: a product of at most 16 rows (decodes) in one pass over the panel (16 accumulators in registers),
  * more rows 8 at a time (their panel read again from the first-level cache). The panel is prefetched 4 KB
  * ahead: at 16 rows a pass consumes its weights slowly enough that 1 KB ahead arrives late; in passes of at

@@ -211,6 +211,21 @@ BF16 static void tile_bf16(const QProduct *pr, int64_t panel, int64_t m0, int64_
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 #define CODE_ZERO 8 /* the codes' centre in the integer dot (MatMulNBits' zero point) */
 
+/* A block's largest |x|. */
+static inline __attribute__((always_inline)) float block_top(const float *x) {
+    float top = 0.0f;
+#pragma omp simd reduction(max : top)
+    for (int i = 0; i < BLOCK; i++) top = fabsf(x[i]) > top ? fabsf(x[i]) : top;
+    return top;
+}
+
+/* A block's float sum in a fixed order that vectorizes: 8 columns, then a tree (the AVX-512 quantizer's order too). */
+static inline __attribute__((always_inline)) float block_sum(const float *x) {
+    float part[8];
+    for (int i = 0; i < 8; i++) part[i] = ((x[i] + x[8 + i]) + x[16 + i]) + x[24 + i];
+    return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
 /* Rows [CONVERT_ROWS task, ...) of A to int8 per block of 32 (scale max|a| / 127, a x (1 / scale) rounded to
  * nearest even: a product and a rounding, the same codes from every clone), each block's -8 sum of codes and
  * its float sum of the inputs (in one fixed order). */
@@ -222,9 +237,7 @@ static void quantize_rows_int8(void *data, size_t task) {
             const int64_t at = m * pr->blocks + blk;
             const float *x = pr->a + m * pr->k + blk * BLOCK;
             int8_t *q = pr->aq + at * BLOCK;
-            float top = 0.0f;
-#pragma omp simd reduction(max : top)
-            for (int i = 0; i < BLOCK; i++) top = fabsf(x[i]) > top ? fabsf(x[i]) : top;
+            const float top = block_top(x);
             const float scale = top / 127.0f, inverse = top != 0.0f ? 1.0f / scale : 0.0f;
             int32_t codes = 0;
 #pragma omp simd reduction(+ : codes)
@@ -233,9 +246,7 @@ static void quantize_rows_int8(void *data, size_t task) {
                 q[i] = (int8_t)v;
                 codes += v;
             }
-            float part[8]; /* NOTE: the float sum in a fixed order that vectorizes: 8 columns, then a tree */
-            for (int i = 0; i < 8; i++) part[i] = ((x[i] + x[8 + i]) + x[16 + i]) + x[24 + i];
-            const float sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+            const float sum = block_sum(x);
             pr->ascale[at] = scale;
             pr->offset[at] = -CODE_ZERO * codes;
             pr->sums[at] = sum;
@@ -515,19 +526,15 @@ static void quantize_rows_int16(void *data, size_t task) {
         for (int64_t blk = 0; blk < pr->blocks; blk++) {
             const int64_t at = m * pr->blocks + blk;
             const float *x = pr->a + m * pr->k + blk * BLOCK;
-            float top = 0.0f;
-#pragma omp simd reduction(max : top)
-            for (int i = 0; i < BLOCK; i++) top = fabsf(x[i]) > top ? fabsf(x[i]) : top;
+            const float top = block_top(x);
             const float scale = top / (float)INT16_TOP, inverse = top != 0.0f ? 1.0f / scale : 0.0f;
             int16_t q[BLOCK];
 #pragma omp simd
             for (int i = 0; i < BLOCK; i++) q[i] = (int16_t)__builtin_rintf(x[i] * inverse);
             for (int j = 0; j < PAIRS; j++)
                 p[(blk * PAIRS + j) * AVX2_ROWS] = (uint32_t)(uint16_t)q[2 * j] | (uint32_t)(uint16_t)q[2 * j + 1] << 16;
-            float part[8]; /* NOTE: quantize_rows_int8's fixed order: 8 columns, then a tree */
-            for (int i = 0; i < 8; i++) part[i] = ((x[i] + x[8 + i]) + x[16 + i]) + x[24 + i];
             pr->ascale[at] = scale;
-            pr->sums[at] = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+            pr->sums[at] = block_sum(x);
         }
     }
 }

@@ -82,19 +82,25 @@ def test_every_path_gives_the_product_of_rounded_activations_and_q4_1_weights(ca
         np.testing.assert_allclose(got, plain, rtol=0, atol=1e-6 * np.abs(plain).max())
 
 
-def int8_product(a: np.ndarray, codes, scales, mins) -> np.ndarray:
-    """What int8 = 1 computes, in float64: per block of 32, codes c = rint(a / s) (s = max|a| / 127 in float32,
-    rounded as the kernel rounds a x (1 / s)), then d s sum (q - 8) c + (m + 8 d) sum(a)."""
+def block_quantized_product(a: np.ndarray, codes, scales, mins, top_code: int, centre: int) -> np.ndarray:
+    """In float64, per block of 32: codes c = rint(a / s) (s = max|a| / top_code in float32, rounded as the kernel
+    rounds a x (1 / s)), then d s sum (q - centre) c + (m + centre d) sum(a)."""
     n, blocks, _ = codes.shape
     x = a.reshape(-1, blocks, 32)
     top = np.abs(x).max(-1, keepdims=True)
-    scale = top / np.float32(127)
+    scale = top / np.float32(top_code)
     inverse = np.where(top != 0, np.float32(1) / np.where(top != 0, scale, 1), 0).astype(np.float32)
     c = np.rint(x * inverse).astype(np.float64)
-    centred = codes.astype(np.float64) - 8  # [N, blocks, 32]
+    assert np.abs(c).max() <= top_code
+    centred = codes.astype(np.float64) - centre  # [N, blocks, 32]
     dots = np.einsum("rbi,nbi->rbn", c, centred) * scale.astype(np.float64)  # [rows, blocks, N]
-    y = (dots * scales.T.astype(np.float64)).sum(1) + x.astype(np.float64).sum(-1) @ (mins + 8 * scales).T.astype(np.float64)
+    y = (dots * scales.T.astype(np.float64)).sum(1) + x.astype(np.float64).sum(-1) @ (mins + centre * scales).T.astype(np.float64)
     return y.reshape(*a.shape[:-1], n)
+
+
+def int8_product(a: np.ndarray, codes, scales, mins) -> np.ndarray:
+    """What int8 = 1 computes: codes of max|a| / 127, the weights' codes centred on 8."""
+    return block_quantized_product(a, codes, scales, mins, 127, 8)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -137,18 +143,8 @@ def test_int8_dots_at_their_largest_do_not_saturate(isa):
 
 
 def int16_product(a: np.ndarray, codes, scales, mins) -> np.ndarray:
-    """What int16 = 1 computes, in float64: per block of 32, codes c = rint(a / s) (s = max|a| / 32767 in
-    float32, rounded as the kernel rounds a x (1 / s)), then d s sum q c + m sum(a)."""
-    n, blocks, _ = codes.shape
-    x = a.reshape(-1, blocks, 32)
-    top = np.abs(x).max(-1, keepdims=True)
-    scale = top / np.float32(32767)
-    inverse = np.where(top != 0, np.float32(1) / np.where(top != 0, scale, 1), 0).astype(np.float32)
-    c = np.rint(x * inverse).astype(np.float64)
-    assert np.abs(c).max() <= 32767
-    dots = np.einsum("rbi,nbi->rbn", c, codes.astype(np.float64)) * scale.astype(np.float64)  # [rows, blocks, N]
-    y = (dots * scales.T.astype(np.float64)).sum(1) + x.astype(np.float64).sum(-1) @ mins.T.astype(np.float64)
-    return y.reshape(*a.shape[:-1], n)
+    """What int16 = 1 computes: codes of max|a| / 32767, the weights' codes as they are."""
+    return block_quantized_product(a, codes, scales, mins, 32767, 0)
 
 
 @pytest.mark.parametrize("case", CASES)
